@@ -1,0 +1,200 @@
+"""Configuration: frozen dataclasses with defaults in code, named presets, YAML diffs and key=value overrides.
+
+Resolution order (later wins): dataclass defaults → preset → YAML file (only what differs) → CLI flags →
+``key=value`` overrides. Unknown keys anywhere are a :class:`RegtokError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from regtok.errors import RegtokError
+
+T = TypeVar("T")
+
+NESTED_DROPOUT_MODES = ("power_of_two", "uniform", "none")
+LOSS_TYPES = ("contrastive", "flow_matching", "combined")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The register-token model (one module per modality, a shared embedding, optional flow head).
+
+    Defaults are the design card's hyper-parameters (shared/000_*.txt).
+    """
+
+    n_registers: int = 32
+    n_shared: int = 8
+    n_layers: int = 4
+    hidden_dim: int = 512
+    n_heads: int = 8
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False
+    embed_dim: int = 512  # width of the L2-normalised shared embedding
+    decoder_layers: int = 1  # blocks of the preservation decoder
+    nested_dropout_mode: str = "power_of_two"
+    loss_type: str = "contrastive"
+    preservation_weight: float = 0.5
+    flow_weight: float = 0.5
+    flow_hidden_dim: int = 512
+    flow_layers: int = 3
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    mrl: bool = False  # sum the contrastive loss over every power-of-two prefix
+
+    def __post_init__(self) -> None:
+        if self.nested_dropout_mode not in NESTED_DROPOUT_MODES:
+            raise RegtokError(f"nested_dropout_mode must be one of {NESTED_DROPOUT_MODES}, got {self.nested_dropout_mode!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise RegtokError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if not 0 < self.n_shared <= self.n_registers:
+            raise RegtokError(f"need 0 < n_shared <= n_registers, got {self.n_shared} and {self.n_registers}")
+        if self.hidden_dim % self.n_heads:
+            raise RegtokError(f"hidden_dim ({self.hidden_dim}) must be divisible by n_heads ({self.n_heads})")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run on a cached feature store."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    feature_kind: str = "pooled"  # "pooled" or "tokens": which cached arrays the registers attend to
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0
+    seed: int = 0
+    val_fraction: float = 0.1
+    log_every: int = 10  # steps between metrics.jsonl lines
+    device: str = "auto"
+    compile: bool = False
+    max_memory_fraction: float = 0.5  # of free device memory the in-memory store may take before streaming
+    nan_at_step: int = -1  # testing aid: inject a NaN into the loss at this step (-1: never)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed's hyper-parameters: the dataclass defaults.
+    "default": {},
+    # Small enough for unit tests and the CPU demo; same code paths.
+    "tiny": {
+        "model": {
+            "n_registers": 8,
+            "n_shared": 2,
+            "n_layers": 2,
+            "hidden_dim": 64,
+            "n_heads": 4,
+            "embed_dim": 64,
+            "flow_hidden_dim": 128,
+            "flow_layers": 2,
+        },
+        "batch_size": 64,
+        "epochs": 5,
+        "warmup_steps": 10,
+        "lr": 2e-3,
+    },
+}
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, JSON-serialisable dict of a (nested) config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build ``cls`` from a (partial) nested dict; unknown keys are an error that names them."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise RegtokError(f"unknown config key {where}{unknown[0]!r}; allowed: {', '.join(sorted(names))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise RegtokError(f"config key {where}{name!r} must be a mapping, got {value!r}")
+            kwargs[name] = from_dict(tp, value, where=f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def merge(cfg: T, diff: dict[str, Any] | None) -> T:
+    """Apply a nested dict of changes to a config (unknown keys are an error)."""
+    base = to_dict(cfg)
+    _deep_update(base, diff or {})
+    return from_dict(type(cfg), base)
+
+
+def parse_overrides(items: typing.Iterable[str]) -> dict[str, Any]:
+    """``["model.n_layers=2", "lr=1e-3"]`` → nested dict; values parsed as YAML scalars."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RegtokError(f"override {item!r} is not of the form key=value")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else raw
+    return out
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config diff (a mapping of only what differs from the defaults)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise RegtokError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise RegtokError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RegtokError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def resolve(cls: type[T], preset: str | None = None, *diffs: dict[str, Any] | None) -> T:
+    """Defaults → preset → each diff in order. Returns the frozen config."""
+    cfg = cls()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise RegtokError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        cfg = merge(cfg, PRESETS[preset])
+    for diff in diffs:
+        cfg = merge(cfg, diff)
+    return cfg
+
+
+def _deep_update(base: dict[str, Any], diff: dict[str, Any]) -> None:
+    for key, value in diff.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check/convert a scalar to the annotated type (int→float is allowed, bool↔int is not)."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
+            raise RegtokError(f"config key {name!r} must be {tp.__name__}, got {value!r}")
+    return value
