@@ -47,7 +47,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.nested_dropout_mode not in NESTED_DROPOUT_MODES:
-            raise RegtokError(f"nested_dropout_mode must be one of {NESTED_DROPOUT_MODES}, got {self.nested_dropout_mode!r}")
+            raise RegtokError(
+                f"nested_dropout_mode must be one of {NESTED_DROPOUT_MODES}, got {self.nested_dropout_mode!r}"
+            )
         if self.loss_type not in LOSS_TYPES:
             raise RegtokError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if not 0 < self.n_shared <= self.n_registers:
@@ -115,7 +117,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise RegtokError(f"unknown config key {where}{unknown[0]!r}; allowed: {', '.join(sorted(names))}")
+        raise RegtokError(f"unknown config key '{where}{unknown[0]}'; allowed: {', '.join(sorted(names))}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         tp = hints[name]
