@@ -53,5 +53,48 @@ def main() -> None:
 # ── pipeline: demo, show, verify, rerun ─────────────────────────────────────────────────────────────
 
 
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True))
+def show(manifest: str) -> None:
+    """Print the chain of manifests behind MANIFEST (a file or a stage directory) back to the shards."""
+    from rich.console import Console
+    from rich.tree import Tree
+
+    from pipeline.lineage import lineage, summary_line
+
+    def add(tree: Tree, node) -> None:
+        mark = {"ok": "[green]✓[/]", "missing": "[red]missing[/]", "changed": "[red]changed since recorded[/]"}
+        kind = node.manifest["kind"] if node.manifest else "?"
+        label = f"[bold]{kind}[/] {node.path}  {mark.get(node.status, node.status)}"
+        if node.manifest:
+            label += f"\n[dim]{summary_line(node.manifest)}[/]"
+        branch = tree.add(label)
+        for parent in node.parents:
+            add(branch, parent)
+        shards = (node.manifest or {}).get("shards") or []
+        if shards:
+            names = [s.get("path", "?") for s in shards]
+            branch.add(f"[dim]shards: {', '.join(names[:4])}{' …' if len(names) > 4 else ''} ({len(names)})[/]")
+
+    root = Tree("lineage")
+    add(root, lineage(manifest))
+    Console().print(root)
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True))
+def verify(manifest: str) -> None:
+    """Check that every file MANIFEST records (inputs, shards, parts, outputs) still matches its sha256."""
+    from pipeline.lineage import verify as verify_files
+
+    checks = verify_files(manifest)
+    bad = [c for c in checks if c.status != "ok"]
+    for c in checks:
+        click.echo(f"{c.status:8s} {c.role:7s} {c.recorded}")
+    click.echo(f"{len(checks) - len(bad)}/{len(checks)} files match their recorded sha256", err=True)
+    if bad:
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
     main()
