@@ -41,6 +41,9 @@ class ModelConfig:
     flow_weight: float = 0.5
     flow_hidden_dim: int = 512
     flow_layers: int = 3
+    flow_stop_grad: bool = True  # detach the flow's endpoint: each encoder is trained only as a transport source
+    flow_var_weight: float = 1.0  # anti-collapse variance term on the shared embeddings (flow losses)
+    flow_cov_weight: float = 0.04  # anti-collapse covariance term on the shared embeddings (flow losses)
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     mrl: bool = False  # sum the contrastive loss over every power-of-two prefix
@@ -63,7 +66,7 @@ class TrainConfig:
     """One training run on a cached feature store."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    feature_kind: str = "pooled"  # "pooled" or "tokens": which cached arrays the registers attend to
+    feature_kind: str = "auto"  # "pooled", "tokens", or "auto" (tokens when the store has them, else pooled)
     epochs: int = 20
     batch_size: int = 256
     lr: float = 5e-4
@@ -76,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     log_every: int = 10  # steps between metrics.jsonl lines
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: only at the end of each epoch)
     device: str = "auto"
     compile: bool = False
     max_memory_fraction: float = 0.5  # of free device memory the in-memory store may take before streaming

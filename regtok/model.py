@@ -1,0 +1,242 @@
+"""The register-token model: one :class:`RegisterModule` per modality, joined by :class:`RegTok`.
+
+A module projects the cached feature tokens to ``hidden_dim``, appends ``n_registers`` learned register tokens
+and runs pre-norm transformer blocks under a prefix-causal mask (features see features; register i sees the
+features and registers 0..i). Registers [0:n_shared] are shared (aligned across modalities), the rest private
+(they help the preservation decoder reconstruct the module's input). Nested dropout keeps a per-sample prefix
+of k registers and replaces the rest by one learned mask token; because registers are causal, masking after
+the transformer equals encoding with k registers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from regtok.blocks import Block, CrossBlock, prefix_causal_mask
+from regtok.config import ModelConfig, from_dict, to_dict
+from regtok.errors import RegtokError
+from regtok.flow import VelocityNet, direction_index, euler_sample
+from regtok.losses import flow_matching_loss, info_nce, mrl_info_nce, preservation_loss, total_loss, variance_covariance
+
+
+@dataclass
+class RegisterOutput:
+    """What one modality's module returns."""
+
+    registers: Tensor  # (B, R, d) register outputs, slots >= keep replaced by the mask token
+    keep: Tensor  # (B,) long, number of kept registers per sample
+    shared: Tensor  # (B, E) L2-normalised shared embedding (masked mean over min(keep, n_shared) shared regs)
+    recon: Tensor  # (B, T, D_in) reconstruction of the module's input tokens (T = 1 for pooled)
+
+
+def allowed_keeps(n_registers: int, mode: str) -> list[int]:
+    """Prefix lengths nested dropout can draw: powers of two up to R (and R itself), 1..R, or just R."""
+    if mode == "power_of_two":
+        keeps = [2**i for i in range(n_registers.bit_length()) if 2**i <= n_registers]
+        return keeps if keeps[-1] == n_registers else [*keeps, n_registers]
+    if mode == "uniform":
+        return list(range(1, n_registers + 1))
+    if mode == "none":
+        return [n_registers]
+    raise RegtokError(f"unknown nested_dropout_mode {mode!r}")
+
+
+def sample_keep(
+    batch: int, n_registers: int, mode: str, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """Per-sample prefix lengths (B,) long, uniform over :func:`allowed_keeps`, drawn from ``generator``."""
+    choices = torch.tensor(allowed_keeps(n_registers, mode), dtype=torch.long)  # (C,)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    idx = torch.randint(len(choices), (batch,), generator=generator, device=gen_device).cpu()  # (B,)
+    return choices[idx].to(device)
+
+
+def mrl_prefixes(n_shared: int) -> list[int]:
+    """The shared-prefix lengths the MRL contrastive mode sums over: powers of two up to n_shared, and n_shared."""
+    return allowed_keeps(n_shared, "power_of_two")
+
+
+class PreservationDecoder(nn.Module):
+    """T learned query tokens cross-attend to the (masked) register set and reconstruct the input: (B, T, D_in)."""
+
+    def __init__(self, cfg: ModelConfig, n_tokens: int, d_in: int) -> None:
+        super().__init__()
+        d = cfg.hidden_dim
+        self.queries = nn.Parameter(torch.empty(n_tokens, d))
+        nn.init.trunc_normal_(self.queries, std=0.02)
+        self.blocks = nn.ModuleList(
+            CrossBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.decoder_layers)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, d_in)
+
+    def forward(self, registers: Tensor) -> Tensor:
+        """registers: (B, R, d) → (B, T, D_in)."""
+        q = self.queries.unsqueeze(0).expand(registers.shape[0], -1, -1)  # (B, T, d)
+        for block in self.blocks:
+            q = block(q, registers)  # (B, T, d)
+        return self.out(self.norm(q))  # (B, T, D_in)
+
+
+class RegisterModule(nn.Module):
+    """Register tokens over one modality's cached features (pooled (B, D_in) or tokens (B, T, D_in))."""
+
+    def __init__(self, cfg: ModelConfig, n_tokens: int, d_in: int) -> None:
+        super().__init__()
+        self.cfg, self.n_tokens, self.d_in = cfg, n_tokens, d_in
+        d, r = cfg.hidden_dim, cfg.n_registers
+        self.in_proj = nn.Linear(d_in, d)
+        self.pos_embed = nn.Parameter(torch.empty(n_tokens, d))
+        self.register_tokens = nn.Parameter(torch.empty(r, d))
+        self.mask_token = nn.Parameter(torch.empty(d))
+        for p in (self.pos_embed, self.register_tokens, self.mask_token):
+            nn.init.trunc_normal_(p, std=0.02)
+        self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(d)
+        self.shared_proj = nn.Linear(d, cfg.embed_dim)
+        self.decoder = PreservationDecoder(cfg, n_tokens, d_in)
+        # Built once for this (n_tokens, n_registers); moves with .to(device); not part of the checkpoint.
+        self.register_buffer("attn_mask", prefix_causal_mask(n_tokens, r), persistent=False)
+
+    def as_tokens(self, x: Tensor) -> Tensor:
+        """(B, D_in) or (B, T, D_in) → (B, T, D_in) in the module's dtype; shape-checked."""
+        x = x.unsqueeze(1) if x.dim() == 2 else x
+        if tuple(x.shape[1:]) != (self.n_tokens, self.d_in):
+            raise RegtokError(f"expected input of shape (B, {self.n_tokens}, {self.d_in}), got {tuple(x.shape)}")
+        return x.to(self.in_proj.weight.dtype)
+
+    def encode(self, x: Tensor, n_registers: int | None = None) -> Tensor:
+        """The transformer over [tokens; first n registers] (default all): (B, T + n, d), final norm applied."""
+        x = self.as_tokens(x)  # (B, T, D_in)
+        n = self.cfg.n_registers if n_registers is None else n_registers
+        b, t = x.shape[0], self.n_tokens
+        tokens = self.in_proj(x) + self.pos_embed  # (B, T, d)
+        regs = self.register_tokens[:n].unsqueeze(0).expand(b, -1, -1)  # (B, n, d)
+        h = torch.cat([tokens, regs], dim=1)  # (B, T+n, d)
+        mask = self.attn_mask[: t + n, : t + n]  # (T+n, T+n)
+        for block in self.blocks:
+            h = block(h, mask)  # (B, T+n, d)
+        return self.norm(h)
+
+    def resolve_keep(self, keep: int | Tensor | None, generator: torch.Generator | None, batch: int,
+                     device: torch.device) -> Tensor:
+        """keep → (B,) long: int k for all, a tensor as given, None → nested dropout (training) or all (eval)."""
+        r = self.cfg.n_registers
+        if isinstance(keep, Tensor):
+            return keep.to(device=device, dtype=torch.long)
+        if keep is None and self.training:
+            return sample_keep(batch, r, self.cfg.nested_dropout_mode, generator, device)
+        k = r if keep is None else int(keep)
+        if not 1 <= k <= r:
+            raise RegtokError(f"keep must be in 1..{r}, got {k}")
+        return torch.full((batch,), k, dtype=torch.long, device=device)
+
+    def embed_shared(self, registers: Tensor, keep: Tensor) -> Tensor:
+        """Masked mean over the first min(keep, n_shared) shared registers → projection → L2 norm. (B, E)."""
+        s = self.cfg.n_shared
+        w = (torch.arange(s, device=registers.device) < keep[:, None]).to(registers.dtype)  # (B, S)
+        mean = (registers[:, :s] * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True)  # (B, d); keep >= 1
+        return F.normalize(self.shared_proj(mean), dim=-1)  # (B, E)
+
+    def forward(self, x: Tensor, keep: int | Tensor | None = None,
+                generator: torch.Generator | None = None) -> RegisterOutput:
+        """x: (B, D_in) or (B, T, D_in). See the module docstring for ``keep``."""
+        h = self.encode(x)  # (B, T+R, d)
+        regs = h[:, self.n_tokens:]  # (B, R, d)
+        keep_t = self.resolve_keep(keep, generator, h.shape[0], h.device)  # (B,)
+        kept = torch.arange(self.cfg.n_registers, device=h.device) < keep_t[:, None]  # (B, R)
+        regs = torch.where(kept[..., None], regs, self.mask_token.to(regs.dtype))  # (B, R, d)
+        return RegisterOutput(
+            registers=regs, keep=keep_t, shared=self.embed_shared(regs, keep_t), recon=self.decoder(regs)
+        )
+
+
+class RegTok(nn.Module):
+    """The two-modality model: a register module per modality, a logit scale, an optional flow head."""
+
+    def __init__(self, cfg: ModelConfig, inputs: dict[str, tuple[int, int]]) -> None:
+        super().__init__()
+        if len(inputs) != 2:
+            raise RegtokError(f"RegTok aligns exactly two modalities, got {list(inputs)}")
+        self.cfg = cfg
+        self.inputs = {m: (int(t), int(d)) for m, (t, d) in inputs.items()}
+        self.modalities: tuple[str, str] = tuple(inputs)  # type: ignore[assignment]
+        self.encoders = nn.ModuleDict({m: RegisterModule(cfg, t, d) for m, (t, d) in self.inputs.items()})
+        self.uses_contrastive = cfg.loss_type in ("contrastive", "combined")
+        self.has_flow = cfg.loss_type in ("flow_matching", "combined")
+        # Only the parameters the loss type uses exist, so every parameter gets a gradient (DDP requires it).
+        if self.uses_contrastive:
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        self.flow = VelocityNet(cfg.embed_dim, cfg.flow_hidden_dim, cfg.flow_layers) if self.has_flow else None
+
+    def logit_scale(self) -> Tensor:
+        """exp of the learnable log-scale, clamped at cfg.max_logit_scale. ()."""
+        return torch.clamp(self.log_logit_scale, max=math.log(self.cfg.max_logit_scale)).exp()
+
+    def forward(self, batch: dict[str, Tensor], keep: int | Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, RegisterOutput]:
+        """Encode both modalities. In training with keep None, one prefix length per sample serves both."""
+        a = batch[self.modalities[0]]
+        if keep is None and self.training:
+            keep = sample_keep(a.shape[0], self.cfg.n_registers, self.cfg.nested_dropout_mode, generator, a.device)
+        return {m: self.encoders[m](batch[m], keep=keep) for m in self.modalities}
+
+    def losses(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Every loss term (detached diagnostics included) and "loss", the total to backpropagate."""
+        cfg = self.cfg
+        outs = self(batch, generator=generator)
+        oa, ob = (outs[m] for m in self.modalities)
+        terms: dict[str, Tensor] = {}
+        for m in self.modalities:
+            terms[f"preservation/{m}"] = preservation_loss(outs[m].recon, self.encoders[m].as_tokens(batch[m]))
+        terms["preservation"] = torch.stack([terms[f"preservation/{m}"] for m in self.modalities]).mean()
+        if self.uses_contrastive:
+            scale = self.logit_scale()
+            if cfg.mrl:
+                ea, eb = self.encoders[self.modalities[0]], self.encoders[self.modalities[1]]
+                prefixes = {
+                    k: (ea.embed_shared(oa.registers, oa.keep.clamp(max=k)),
+                        eb.embed_shared(ob.registers, ob.keep.clamp(max=k)))
+                    for k in mrl_prefixes(cfg.n_shared)
+                }
+                terms.update(mrl_info_nce(prefixes, scale))
+            else:
+                terms.update(info_nce(oa.shared, ob.shared, scale))
+            terms["logit_scale"] = scale.detach()
+        if self.has_flow:
+            terms.update(flow_matching_loss(self.flow, oa.shared, ob.shared, generator, cfg.flow_stop_grad))
+            vc = [variance_covariance(o.shared) for o in (oa, ob)]
+            terms["variance"] = (vc[0]["variance"] + vc[1]["variance"]) / 2
+            terms["covariance"] = (vc[0]["covariance"] + vc[1]["covariance"]) / 2
+        terms["loss"] = total_loss(terms, cfg)
+        return terms
+
+    @torch.no_grad()
+    def transport(self, shared: Tensor, direction: str, steps: int) -> Tensor:
+        """Carry shared embeddings (B, E) across modalities ("a_to_b" | "b_to_a") with ``steps`` Euler steps.
+
+        Returns L2-normalised (B, E).
+        """
+        if self.flow is None:
+            raise RegtokError(f"this model has no flow head (loss_type {self.cfg.loss_type!r})")
+        x = euler_sample(self.flow, shared, direction_index(direction), steps)  # (B, E)
+        return F.normalize(x, dim=-1)
+
+    def spec(self) -> dict:
+        """JSON-able description, enough to rebuild the model with :meth:`from_spec`."""
+        return {"config": to_dict(self.cfg), "inputs": {m: list(s) for m, s in self.inputs.items()}}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> RegTok:
+        """Rebuild a (randomly initialised) model from :meth:`spec`'s output; load weights separately."""
+        try:
+            cfg = from_dict(ModelConfig, spec["config"], where="model.")
+            inputs = {m: (int(s[0]), int(s[1])) for m, s in spec["inputs"].items()}
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise RegtokError(f"invalid model spec: {e!r}") from None
+        return cls(cfg, inputs)
