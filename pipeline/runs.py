@@ -1,0 +1,196 @@
+"""The run directory: weights, resolved config, metrics, resume state and the run manifest.
+
+    RUN_DIR/checkpoint.safetensors   model weights (logit scale and flow head included); metadata: step
+    RUN_DIR/state.pt                 resume state: optimizer state, step, RNG states (tensors/dicts only,
+                                     loadable with ``weights_only=True``)
+    RUN_DIR/config.json              {"train": TrainConfig, "model_spec": model.spec(), "modalities", "feature_kind"}
+    RUN_DIR/metrics.jsonl            one JSON object per logging step and per epoch
+    RUN_DIR/manifest.json            the run manifest (kind "run")
+
+Every file is written to a temporary name and renamed into place, so a crash leaves the previous version whole.
+The weights and the resume state are two files: ``state.pt`` records the step of the weights it belongs to and
+:func:`load_resume` refuses a mismatched pair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.manifest import (
+    environment,
+    file_record,
+    input_ref,
+    manifest_path,
+    new_manifest,
+    read_manifest,
+    write_json_atomic,
+    write_manifest,
+)
+from regtok.config import TrainConfig, from_dict, to_dict
+from regtok.errors import RegtokError
+from regtok.train import ResumeState
+
+CHECKPOINT = "checkpoint.safetensors"
+STATE = "state.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class LoadedRun:
+    model: nn.Module  # RegTok, eval mode, on the CPU
+    train_config: TrainConfig
+    manifest: dict[str, Any]
+    feature_kind: str
+    modalities: tuple[str, ...] = ()
+    step: int = 0
+
+
+def write_config(run_dir: str | os.PathLike, cfg: TrainConfig, model: nn.Module, modalities: tuple[str, ...],
+                 feature_kind: str) -> dict[str, Any]:
+    """Write ``config.json``: everything needed to rebuild the model with nothing else."""
+    data = {"train": to_dict(cfg), "model_spec": model.spec(), "modalities": list(modalities),
+            "feature_kind": feature_kind}
+    write_json_atomic(Path(run_dir) / CONFIG, data)
+    return data
+
+
+def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: ResumeState) -> None:
+    """Atomically write the weights and the resume state of ``state.step``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = run_dir / f".{CHECKPOINT}.{os.getpid()}.tmp"
+    save_file(weights, str(tmp), metadata={"step": str(state.step)})
+    _fsync(tmp)
+    payload = {"step": state.step, "optimizer": _to_cpu(state.optimizer), "rng": _to_cpu(state.rng)}
+    tmp_state = run_dir / f".{STATE}.{os.getpid()}.tmp"
+    torch.save(payload, tmp_state)
+    _fsync(tmp_state)
+    # Each file is whole at any instant; a crash between the two renames leaves a pair of different steps,
+    # which load_resume detects from the step both record.
+    os.replace(tmp_state, run_dir / STATE)
+    os.replace(tmp, run_dir / CHECKPOINT)
+
+
+def checkpoint_step(run_dir: str | os.PathLike) -> int:
+    """The step recorded in ``checkpoint.safetensors``."""
+    with safe_open(str(Path(run_dir) / CHECKPOINT), framework="pt") as f:
+        return int((f.metadata() or {}).get("step", 0))
+
+
+def load_weights(model: nn.Module, run_dir: str | os.PathLike) -> None:
+    """Load ``checkpoint.safetensors`` into ``model`` (strict: every key must match)."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise RegtokError(f"{run_dir}: no {CHECKPOINT}")
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if missing or unexpected:
+        raise RegtokError(f"{path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_resume(run_dir: str | os.PathLike) -> ResumeState:
+    """The resume state saved beside the weights; an error when absent or not of the same step."""
+    run_dir = Path(run_dir)
+    if not (run_dir / STATE).is_file() or not (run_dir / CHECKPOINT).is_file():
+        raise RegtokError(f"{run_dir}: nothing to resume (need {CHECKPOINT} and {STATE})")
+    payload = torch.load(run_dir / STATE, map_location="cpu", weights_only=True)
+    if int(payload["step"]) != checkpoint_step(run_dir):
+        raise RegtokError(f"{run_dir}: {STATE} (step {payload['step']}) and {CHECKPOINT} "
+                          f"(step {checkpoint_step(run_dir)}) differ; the run was interrupted while saving")
+    return ResumeState(int(payload["step"]), payload["optimizer"], payload["rng"])
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed per line)."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep_until_step: int | None = None):
+        """Open for appending; with ``keep_until_step`` drop lines after that step first (for resume)."""
+        self.path = Path(run_dir) / METRICS
+        if keep_until_step is not None and self.path.is_file():
+            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_until_step]
+            tmp = self.path.with_name(f".{METRICS}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, self.path)
+        elif keep_until_step is None:
+            self.path.write_text("")
+        self._file = open(self.path, "a")
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every line of ``metrics.jsonl``."""
+    path = Path(run_dir) / METRICS
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def load_run(run_dir: str | os.PathLike) -> LoadedRun:
+    """Rebuild a trained model from a run directory (weights + config.json); eval mode, CPU."""
+    from regtok.model import RegTok
+
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        run_dir = run_dir.parent
+    try:
+        config = json.loads((run_dir / CONFIG).read_text())
+    except OSError:
+        raise RegtokError(f"{run_dir} is not a run directory (no readable {CONFIG})") from None
+    except json.JSONDecodeError as e:
+        raise RegtokError(f"{run_dir / CONFIG} is not valid JSON ({e.msg})") from None
+    model = RegTok.from_spec(config["model_spec"])
+    load_weights(model, run_dir)
+    model.eval()
+    manifest = read_manifest(run_dir / MANIFEST, kind="run") if (run_dir / MANIFEST).is_file() else {}
+    return LoadedRun(model=model, train_config=from_dict(TrainConfig, config["train"]), manifest=manifest,
+                     feature_kind=config["feature_kind"], modalities=tuple(config["modalities"]),
+                     step=checkpoint_step(run_dir))
+
+
+def write_run_manifest(run_dir: str | os.PathLike, *, command: list[str], config: dict[str, Any],
+                       features: str | os.PathLike, val_features: str | os.PathLike | None,
+                       metrics: dict[str, Any], timings: dict[str, Any], device: str, **extra: Any) -> Path:
+    """Write ``manifest.json`` (kind "run"): inputs are the features manifests with their hashes."""
+    run_dir = Path(run_dir)
+    inputs = [input_ref("features", manifest_path(features), run_dir)]
+    if val_features is not None:
+        inputs.append(input_ref("val_features", manifest_path(val_features), run_dir))
+    files = [file_record(run_dir / name, run_dir) for name in (CHECKPOINT, CONFIG, METRICS, STATE)
+             if (run_dir / name).is_file()]
+    manifest = new_manifest("run", command=command, config=config, inputs=inputs,
+                            outputs={"files": files, "checkpoint": files[0] if files else None},
+                            environment_=environment(device), timings=timings, metrics=metrics, **extra)
+    path = run_dir / MANIFEST
+    write_manifest(path, manifest)
+    return path
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu")
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())

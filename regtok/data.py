@@ -1,0 +1,183 @@
+"""Training batches from a cached feature store, drawn without per-sample reads.
+
+The whole store (every modality of the chosen feature kind) is read once, in large contiguous reads, into
+device memory as float16; each epoch draws batches from a seeded random permutation made on the device. A store
+larger than ``max_memory_fraction`` of the available memory is streamed instead: each chunk of the same
+permutation is read with one sorted read per modality. Under DDP each rank takes its slice of every global batch.
+
+The store is any object with ``modalities``, ``n``, ``shape(kind, modality)`` and ``read(kind, modality, rows)``
+(``pipeline.store.FeatureStore``); nothing here knows the file format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+READ_CHUNK_BYTES = 256 << 20  # one contiguous read from the store
+STREAM_CHUNK_BATCHES = 64  # global batches per sorted read when streaming
+
+
+class StoreLike(Protocol):
+    modalities: tuple[str, ...]
+    n: int
+
+    def shape(self, kind: str, modality: str) -> tuple[int, int]: ...
+    def read(self, kind: str, modality: str, rows: Any = None) -> np.ndarray: ...
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed that is a pure function of ``seed`` and ``parts`` (e.g. ``"perm", epoch``)."""
+    text = "/".join(str(p) for p in (seed, *parts)).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
+    """The order of the ``n`` training rows in ``epoch``: a pure function of (seed, epoch), made on ``device``."""
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(seed, "perm", epoch))
+    return torch.randperm(n, generator=g, device=device)  # (n,)
+
+
+def split_rows(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation split of ``range(n)``; both parts sorted. ``val_fraction`` 0 → no validation."""
+    n_val = int(round(n * val_fraction)) if val_fraction > 0 else 0
+    n_val = min(max(n_val, 2 if val_fraction > 0 else 0), n - 1)
+    order = np.random.default_rng(derive_seed(seed, "split")).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on ``device`` (GPU: free device memory; CPU: MemAvailable, else free physical pages)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def store_bytes(store: StoreLike, kind: str, rows: int | None = None) -> int:
+    """Bytes the float16 arrays of ``kind`` take for ``rows`` rows (default: all)."""
+    per_row = sum(int(np.prod(_row_shape(store, kind, m))) for m in store.modalities) * 2
+    return per_row * (store.n if rows is None else rows)
+
+
+def read_to_device(store: StoreLike, kind: str, modality: str, device: torch.device) -> Tensor:
+    """The whole ``(n, D)`` or ``(n, T, D)`` array of one modality, as float16 on ``device``, in large reads."""
+    shape = (store.n, *_row_shape(store, kind, modality))
+    out = torch.empty(shape, dtype=torch.float16, device=device)
+    step = max(1, READ_CHUNK_BYTES // max(1, 2 * int(np.prod(shape[1:]))))
+    for start in range(0, store.n, step):
+        stop = min(store.n, start + step)
+        block = np.ascontiguousarray(store.read(kind, modality, slice(start, stop)), dtype=np.float16)
+        out[start:stop].copy_(torch.from_numpy(block), non_blocking=False)
+    return out
+
+
+@dataclass
+class Batches:
+    """Seeded batches of the rows ``rows`` of a store, for one rank.
+
+    ``batch_size`` is the global batch (all ranks together); each rank yields ``batch_size // world_size`` rows
+    of every global batch. The last incomplete global batch of an epoch is dropped, so every step has the same
+    shape. ``arrays`` holds the whole store in device memory; ``None`` means streaming from ``store``.
+    """
+
+    store: StoreLike
+    kind: str
+    rows: np.ndarray  # (N,) store rows this split uses
+    batch_size: int
+    seed: int
+    device: torch.device
+    arrays: dict[str, Tensor] | None
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.store.modalities)
+
+    @property
+    def streaming(self) -> bool:
+        return self.arrays is None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.rows) // self.batch_size
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Tensor]]:
+        """The batches of ``epoch`` from its ``start_step``-th on: ``{modality: (B_rank, …) float32}``."""
+        perm_device = self.device if self.arrays is not None else torch.device("cpu")
+        perm = epoch_permutation(len(self.rows), self.seed, epoch, perm_device)  # (N,)
+        local = self.batch_size // self.world_size
+        lo, hi = self.rank * local, (self.rank + 1) * local
+        if self.arrays is not None:
+            rows = torch.as_tensor(self.rows, device=self.device)[perm]  # (N,)
+            for step in range(start_step, self.steps_per_epoch):
+                idx = rows[step * self.batch_size + lo: step * self.batch_size + hi]  # (B_rank,)
+                yield {m: a[idx].float() for m, a in self.arrays.items()}
+            return
+        rows = self.rows[perm.numpy()]
+        for first in range(start_step, self.steps_per_epoch, STREAM_CHUNK_BATCHES):
+            last = min(self.steps_per_epoch, first + STREAM_CHUNK_BATCHES)
+            chunk = np.stack([rows[s * self.batch_size + lo: s * self.batch_size + hi] for s in range(first, last)])
+            arrays = self._read_sorted(chunk.reshape(-1))
+            for i in range(last - first):
+                yield {m: a[i * local:(i + 1) * local].float() for m, a in arrays.items()}
+
+    def all(self, batch_size: int = 1024) -> Iterator[dict[str, Tensor]]:
+        """Every row once, in order (for validation), float32 on the device."""
+        for start in range(0, len(self.rows), batch_size):
+            idx = self.rows[start:start + batch_size]
+            if self.arrays is not None:
+                t = torch.as_tensor(idx, device=self.device)
+                yield {m: a[t].float() for m, a in self.arrays.items()}
+            else:
+                yield {m: a.float() for m, a in self._read_sorted(idx).items()}
+
+    def _read_sorted(self, rows: np.ndarray) -> dict[str, Tensor]:
+        """Rows in the given order, read from the store with one sorted read per modality."""
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        out = {}
+        for m in self.modalities:
+            block = torch.from_numpy(np.ascontiguousarray(self.store.read(self.kind, m, uniq), dtype=np.float16))
+            out[m] = block[torch.from_numpy(inverse)].to(self.device, non_blocking=True)
+        return out
+
+
+def make_batches(store: StoreLike, kind: str, rows: np.ndarray, batch_size: int, seed: int, device: torch.device,
+                 max_memory_fraction: float = 0.5, rank: int = 0, world_size: int = 1,
+                 arrays: dict[str, Tensor] | None = None) -> Batches:
+    """Batches of ``rows``; reads the whole store into ``device`` memory unless it is too large (then streams).
+
+    Pass ``arrays`` from an earlier call to share one in-memory copy between train and validation splits.
+    The effective global batch is ``min(batch_size, len(rows))`` rounded down to a multiple of ``world_size``.
+    """
+    batch_size = min(batch_size, len(rows)) // world_size * world_size
+    if batch_size < 1:
+        raise ValueError(f"{len(rows)} rows cannot make a batch for {world_size} rank(s)")
+    if arrays is None and fits_in_memory(store, kind, device, max_memory_fraction):
+        arrays = {m: read_to_device(store, kind, m, device) for m in store.modalities}
+    return Batches(store, kind, np.asarray(rows, dtype=np.int64), batch_size, seed, device, arrays, rank, world_size)
+
+
+def fits_in_memory(store: StoreLike, kind: str, device: torch.device, max_memory_fraction: float) -> bool:
+    """Whether the store's ``kind`` arrays fit in ``max_memory_fraction`` of the device's available memory."""
+    return store_bytes(store, kind) <= max_memory_fraction * available_memory(device)
+
+
+def _row_shape(store: StoreLike, kind: str, modality: str) -> tuple[int, ...]:
+    n_tokens, dim = store.shape(kind, modality)
+    return (dim,) if kind == "pooled" else (n_tokens, dim)

@@ -1,0 +1,233 @@
+"""The trainer: a function of (model, batches, config, callbacks) → result.
+
+One step: the model's losses (bf16 autocast on CUDA) → backward (DDP averages gradients; the model's contrastive
+loss is exact across ranks) → gradient norm and clipping → one sync that reads every loss term (averaged over
+ranks) → stop on a non-finite value *before* the update, so the weights on hand are the last good ones → AdamW
+step at the learning rate of :func:`lr_at`. Batches, dropout and the learning rate are pure functions of
+(seed, epoch, step, rank), and the global RNG state travels in :class:`ResumeState`, so a resumed run ends
+bit-identical to an uninterrupted one. Files are the caller's business (``callbacks``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from regtok.config import TrainConfig
+from regtok.data import Batches, derive_seed
+
+
+@dataclass
+class ResumeState:
+    """What a checkpoint needs beyond the weights to continue exactly: optimizer state, step, global RNG."""
+
+    step: int
+    optimizer: dict[str, Any]
+    rng: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    status: str  # "done" or "nonfinite"
+    step: int  # optimizer steps taken
+    metrics: dict[str, float]  # the last epoch record (or the failing step's terms)
+    message: str = ""
+
+
+class Callbacks:
+    """Hooks the trainer calls; the default does nothing. Only rank 0 should be given one that writes."""
+
+    def on_step(self, step: int, total: int, record: dict[str, float]) -> None:
+        """After every optimizer step; ``record`` holds every loss term, lr, grad norm, samples/s."""
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        """A metrics line: every ``log_every`` steps (``type`` "step") and at each epoch end (``type`` "epoch")."""
+
+    def on_checkpoint(self, model: nn.Module, state: ResumeState) -> None:
+        """Save ``model``'s weights and ``state`` (epoch ends, every ``checkpoint_every`` steps, before a stop)."""
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up to ``cfg.lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (fused where available); no weight decay on 1-d (and 0-d) parameters or the logit scale."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device/dtype
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+class LossModule(nn.Module):
+    """``model.losses`` as a forward, so DDP and ``torch.compile`` see the whole loss computation."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return self.model.losses(batch, generator=generator)
+
+
+def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callbacks | None = None,
+          val: Batches | None = None, resume: ResumeState | None = None) -> TrainResult:
+    """Train ``model`` (already on ``data.device``) for ``cfg.epochs`` epochs of ``data``; see the module doc."""
+    cb = callbacks or Callbacks()
+    device, world = data.device, data.world_size
+    net: nn.Module = LossModule(model)
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=True)
+    if cfg.compile:
+        net = torch.compile(net)
+    opt = make_optimizer(model, cfg)
+    spe = data.steps_per_epoch
+    total = cfg.epochs * spe
+    step = 0
+    if resume is not None:
+        opt.load_state_dict(resume.optimizer)
+        set_rng_state(resume.rng, device)
+        step = resume.step
+    gen = torch.Generator(device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    epoch_record: dict[str, float] = {}
+    while step < total:
+        epoch, offset = divmod(step, spe)
+        model.train()
+        sums: dict[str, float] = {}
+        t_epoch = t_log = time.perf_counter()
+        for batch in data.epoch(epoch, offset):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg, total)
+            gen.manual_seed(derive_seed(cfg.seed, "dropout", step, data.rank))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                terms = net(batch, generator=gen)
+            if step == cfg.nan_at_step:  # testing aid (config override), never set in real runs
+                terms = {**terms, "loss": terms["loss"] * float("nan")}
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            record = _read_terms(terms, norm, world)  # the step's one sync
+            if not all(math.isfinite(v) for v in record.values()):
+                cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device)))
+                bad = ", ".join(f"{k}={v:.4g}" for k, v in record.items())
+                return TrainResult("nonfinite", step, record, f"non-finite loss at step {step} ({bad})")
+            opt.step()
+            step += 1
+            for k, v in record.items():
+                sums[k] = sums.get(k, 0.0) + v
+            record.update(lr=opt.param_groups[0]["lr"], samples_per_s=data.batch_size / (time.perf_counter() - t_log))
+            t_log = time.perf_counter()
+            cb.on_step(step, total, record)
+            if step % cfg.log_every == 0:
+                cb.on_log({"type": "step", "step": step, "epoch": epoch, **record})
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % spe:
+                cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device)))
+        seconds = time.perf_counter() - t_epoch
+        n_steps = spe - offset
+        epoch_record = {k: v / n_steps for k, v in sums.items()}
+        epoch_record.update(samples_per_s=n_steps * data.batch_size / seconds, seconds=seconds)
+        if val is not None and data.rank == 0:
+            epoch_record.update(validate(model, val))
+        cb.on_log({"type": "epoch", "step": step, "epoch": epoch, **epoch_record})
+        cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device)))
+    return TrainResult("done", step, epoch_record)
+
+
+def _read_terms(terms: dict[str, Tensor], grad_norm: Tensor, world: int) -> dict[str, float]:
+    """Every loss term (mean over ranks) and the gradient norm as floats, in one device→host copy."""
+    names = [*terms, "grad_norm"]
+    values = torch.stack([*(t.detach().float().reshape(()) for t in terms.values()), grad_norm.detach().float()])
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world  # the gradient norm is the same on every rank, so its mean is itself
+    return dict(zip(names, values.tolist(), strict=True))
+
+
+@torch.no_grad()
+def validate(model: nn.Module, val: Batches) -> dict[str, float]:
+    """Cross-modal retrieval R@1 (both directions) at the full register prefix and at k = 1."""
+    was_training = model.training
+    model.eval()
+    a_name, b_name = val.modalities[:2]
+    out: dict[str, float] = {}
+    for label, keep in (("full", None), ("k1", 1)):
+        shared: dict[str, list[Tensor]] = {a_name: [], b_name: []}
+        for batch in val.all():
+            with torch.autocast(val.device.type, dtype=torch.bfloat16, enabled=val.device.type == "cuda"):
+                outputs = model(batch, keep=keep)
+            for m in shared:
+                shared[m].append(outputs[m].shared.float())
+        a, b = torch.cat(shared[a_name]), torch.cat(shared[b_name])  # (N, E) each
+        out[f"val_r1_{label}_a_to_b"] = recall_at_1(a, b)
+        out[f"val_r1_{label}_b_to_a"] = recall_at_1(b, a)
+    model.train(was_training)
+    return out
+
+
+def recall_at_1(queries: Tensor, gallery: Tensor, chunk: int = 4096) -> float:
+    """Fraction of queries whose paired gallery item (same row) scores highest; ties count as hits."""
+    hits = 0
+    for start in range(0, len(queries), chunk):
+        q = queries[start:start + chunk]  # (C, E)
+        scores = q @ gallery.T  # (C, N)
+        own = scores[torch.arange(len(q)), torch.arange(start, start + len(q))]  # (C,)
+        hits += int(((scores > own[:, None]).sum(1) == 0).sum())
+    return hits / max(1, len(queries))
+
+
+def rng_state(device: torch.device) -> dict[str, Tensor]:
+    """The global RNG states a step may touch (CPU, and the CUDA device's)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    if "cpu" in state:
+        torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; a named device is checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); joins the torchrun process group when ``WORLD_SIZE`` > 1 (NCCL or gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
