@@ -47,6 +47,83 @@ def main() -> None:
 # ── stage 2: train ──────────────────────────────────────────────────────────────────────────────────
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--features", required=True, type=click.Path(exists=True), help="Feature store (dir or manifest).")
+@click.option("--val-features", type=click.Path(exists=True), help="Held-out store for per-epoch validation.")
+@click.option("--val-fraction", type=float, help="Else hold out this seeded fraction of --features.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML config diff.")
+@click.option("--preset", type=click.Choice(["tiny", "default"]), help="Named preset applied before the YAML.")
+@click.option("--loss", type=click.Choice(["contrastive", "flow_matching", "combined"]), help="model.loss_type")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int, help="Global batch (all ranks together).")
+@click.option("--lr", type=float)
+@click.option("--seed", type=int)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint (same config).")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the loss step.")
+@click.argument("overrides", nargs=-1)
+def train(features: str, val_features: str | None, val_fraction: float | None, out: str, config_file: str | None,
+          preset: str | None, loss: str | None, epochs: int | None, batch_size: int | None, lr: float | None,
+          seed: int | None, device: str | None, resume: bool, compile_: bool | None,
+          overrides: tuple[str, ...]) -> None:
+    """Train the register modules on a cached feature store; prints the run manifest's path.
+
+    \b
+    Config: defaults → --preset → --config YAML → flags → key=value overrides (e.g. model.n_layers=2 lr=1e-3).
+    Under `torchrun --nproc_per_node=N --no-python regtok train …` it runs DDP; rank 0 writes RUN_DIR.
+    """
+    import os
+
+    import yaml
+
+    from pipeline.console import stderr_console
+    from pipeline.runs import saved_train_config, train_run
+    from regtok.config import TrainConfig, load_yaml, parse_overrides, resolve, to_dict
+
+    flags = {"val_fraction": val_fraction, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+             "device": device, "compile": compile_}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if loss is not None:
+        flags["model"] = {"loss_type": loss}
+    saved = saved_train_config(out) if resume else None
+    cfg = resolve(TrainConfig, preset, saved, load_yaml(config_file) if config_file else None, flags,
+                  parse_overrides(overrides))
+    console = stderr_console()
+    is_main = os.environ.get("RANK", "0") == "0"
+    if is_main:
+        console.print("[bold]resolved config[/]\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    with _train_progress(console, disable=not is_main) as on_step:
+        manifest, result = train_run(features, out, cfg, val_features=val_features, resume=resume,
+                                     on_step=on_step, notify=lambda msg: is_main and console.print(msg))
+    if manifest is not None:
+        shown = {k: v for k, v in result.metrics.items() if "/" not in k}
+        console.print("[bold]done[/] " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+        click.echo(str(manifest))
+
+
+def _train_progress(console, disable: bool):
+    """A context manager yielding an ``on_step(step, total, record)`` that drives a rich progress bar."""
+    import contextlib
+
+    from rich.progress import TextColumn
+
+    from pipeline.console import progress
+
+    @contextlib.contextmanager
+    def run():
+        with progress(console, TextColumn("{task.fields[info]}"), disable=disable) as bar:
+            task = bar.add_task("train", total=None, info="")
+
+            def on_step(step: int, total: int, record: dict) -> None:
+                terms = "  ".join(f"{k} {v:.3f}" for k, v in record.items() if "/" not in k and k != "samples_per_s")
+                bar.update(task, completed=step, total=total, info=f"{terms}  {record['samples_per_s']:.0f} samples/s")
+
+            yield on_step
+
+    return run()
+
+
 # ── stage 3: eval ───────────────────────────────────────────────────────────────────────────────────
 
 

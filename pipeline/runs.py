@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -36,8 +41,9 @@ from pipeline.manifest import (
     write_manifest,
 )
 from regtok.config import TrainConfig, from_dict, to_dict
+from regtok.data import make_batches, split_rows, store_bytes
 from regtok.errors import RegtokError
-from regtok.train import ResumeState
+from regtok.train import Callbacks, ResumeState, TrainResult, init_distributed, train
 
 CHECKPOINT = "checkpoint.safetensors"
 STATE = "state.pt"
@@ -194,3 +200,138 @@ def _to_cpu(obj: Any) -> Any:
 def _fsync(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+class RunWriter(Callbacks):
+    """Rank 0's callbacks: metrics lines, atomic checkpoints, and an optional per-step progress hook."""
+
+    def __init__(self, run_dir: Path, metrics: MetricsLog, on_step: Callable[[int, int, dict], None] | None = None):
+        self.run_dir, self.metrics, self._on_step = run_dir, metrics, on_step
+        self.checkpoints = 0
+
+    def on_step(self, step: int, total: int, record: dict[str, float]) -> None:
+        if self._on_step is not None:
+            self._on_step(step, total, record)
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        self.metrics.append(record)
+
+    def on_checkpoint(self, model: nn.Module, state: ResumeState) -> None:
+        save_checkpoint(self.run_dir, model, state)
+        self.checkpoints += 1
+
+
+def pick_feature_kind(store: Any, requested: str) -> str:
+    """``auto`` → tokens when the store has them, else pooled; an explicit kind must be in the store."""
+    if requested == "auto":
+        return "tokens" if store.has("tokens") else "pooled"
+    if requested not in ("pooled", "tokens"):
+        raise RegtokError(f"feature_kind must be auto, pooled or tokens, got {requested!r}")
+    if not store.has(requested):
+        have = store.manifest.get("feature_kinds")
+        raise RegtokError(f"{store.root}: the store has no {requested} features (it has {have})")
+    return requested
+
+
+def check_compatible(train_store: Any, val_store: Any, kind: str) -> None:
+    """The validation store must have the same modalities (in order) and feature shapes as the training one."""
+    if tuple(val_store.modalities) != tuple(train_store.modalities):
+        raise RegtokError(f"validation store modalities {list(val_store.modalities)} differ from "
+                          f"{list(train_store.modalities)}")
+    for m in train_store.modalities:
+        if not val_store.has(kind) or val_store.shape(kind, m) != train_store.shape(kind, m):
+            raise RegtokError(f"validation store {kind} features of {m!r} do not match the training store's")
+
+
+RESUME_FREE_KEYS = ("device", "compile", "log_every", "checkpoint_every")  # may change on --resume
+
+
+def saved_train_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``train`` section of a run's ``config.json``, or None when there is none."""
+    path = Path(run_dir) / CONFIG
+    return json.loads(path.read_text())["train"] if path.is_file() else None
+
+
+def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig, *,
+              val_features: str | os.PathLike | None = None, resume: bool = False, command: list[str] | None = None,
+              on_step: Callable[[int, int, dict], None] | None = None,
+              notify: Callable[[str], None] = lambda msg: None) -> tuple[Path | None, TrainResult]:
+    """Train on a feature store into ``out``; returns (manifest path on rank 0 else None, result).
+
+    Under ``torchrun`` every rank calls this; rank 0 writes the files. A non-finite loss is a RegtokError
+    raised after the last good state has been saved.
+    """
+    from pipeline.store import open_store
+    from regtok.model import RegTok
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    rank, world, device = init_distributed(cfg.device)
+    try:
+        store = open_store(features)
+        if len(store.modalities) != 2:
+            raise RegtokError(f"{features}: training needs exactly two modalities, the store has {store.modalities}")
+        kind = pick_feature_kind(store, cfg.feature_kind)
+        val_store = open_store(val_features) if val_features is not None else store
+        if val_features is not None:
+            check_compatible(store, val_store, kind)
+            train_rows, val_rows = np.arange(store.n), np.arange(val_store.n)
+        else:
+            train_rows, val_rows = split_rows(store.n, cfg.val_fraction, cfg.seed)
+        data = make_batches(store, kind, train_rows, cfg.batch_size, cfg.seed, device, cfg.max_memory_fraction,
+                            rank, world)
+        if data.streaming:
+            notify(f"the store's {kind} features ({store_bytes(store, kind) / 2**30:.2f} GiB) exceed "
+                   f"max_memory_fraction={cfg.max_memory_fraction} of free {device.type} memory: streaming batches")
+        val = None
+        if rank == 0 and len(val_rows):
+            val = make_batches(val_store, kind, val_rows, cfg.batch_size, cfg.seed, device, cfg.max_memory_fraction,
+                               arrays=data.arrays if val_store is store else None)
+        torch.manual_seed(cfg.seed)
+        model = RegTok(cfg.model, {m: tuple(store.shape(kind, m)) for m in store.modalities})
+        state = _resume_state(out, cfg, model) if resume else None
+        model.to(device)
+        writer = None
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            write_config(out, cfg, model, tuple(store.modalities), kind)
+            writer = RunWriter(out, MetricsLog(out, keep_until_step=state.step if state else None), on_step)
+        t_train = time.perf_counter()
+        notify(f"training on {len(train_rows)} samples ({kind} features, {data.steps_per_epoch} steps/epoch of "
+               f"{data.batch_size}), validating on {len(val_rows)}, device {device}, {world} rank(s)")
+        result = train(model, data, cfg, writer, val=val, resume=state)
+        if writer is not None:
+            writer.metrics.close()
+        if result.status != "done":
+            where = f"; last good state (step {result.step}) saved in {out}" if rank == 0 else ""
+            raise RegtokError(f"{result.message}; stopped{where}")
+        if not result.metrics:  # resumed a finished run
+            epochs = [r for r in read_metrics(out) if r.get("type") == "epoch"]
+            result.metrics = {k: v for k, v in (epochs[-1] if epochs else {}).items() if k not in ("type", "epoch")}
+        if rank != 0:
+            return None, result
+        timings = {"seconds": time.perf_counter() - t0, "load_seconds": t_train - t0,
+                   "train_seconds": time.perf_counter() - t_train}
+        path = write_run_manifest(out, command=command if command is not None else list(sys.argv),
+                                  config=to_dict(cfg), features=features, val_features=val_features,
+                                  metrics={**result.metrics, "step": result.step}, timings=timings,
+                                  device=str(device), feature_kind=kind, modalities=list(store.modalities),
+                                  world_size=world, streaming=data.streaming, val_samples=len(val_rows),
+                                  train_samples=len(train_rows))
+        return path, result
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _resume_state(out: Path, cfg: TrainConfig, model: nn.Module) -> ResumeState:
+    """Load weights and resume state from ``out``; the run's saved config must match ``cfg``."""
+    saved = saved_train_config(out)
+    if saved is None:
+        raise RegtokError(f"{out}: nothing to resume (no {CONFIG})")
+    now = to_dict(cfg)
+    diff = [k for k in now if k not in RESUME_FREE_KEYS and now[k] != saved.get(k)]
+    if diff:
+        raise RegtokError(f"--resume with a config that differs from the run's in {', '.join(diff)}")
+    load_weights(model, out)
+    return load_resume(out)
