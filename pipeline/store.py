@@ -1,0 +1,235 @@
+"""The HDF5 feature store: one part per shard, a virtual-dataset index over all parts, and a reader.
+
+Layout (contracts.md)::
+
+    STORE_DIR/parts/<shard-stem>.h5   /<modality>/pooled (n, D) f16, /<modality>/tokens (n, T, Dt) f16,
+                                      /keys (n,) utf-8, /labels/<name> (n,) float64 (NaN where absent)
+    STORE_DIR/features.h5             the same names over all parts in shard order (virtual datasets;
+                                      /keys is copied, it is small), openable by any h5py user
+    STORE_DIR/manifest.json           the features manifest
+
+Parts are written (:class:`PartWriter`) to a temporary name, fsynced and renamed, so a part under its final
+name is complete.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from regtok.errors import RegtokError
+
+INDEX_NAME = "features.h5"
+PARTS_DIR = "parts"
+CHUNK_ROWS = 1024
+KINDS = ("pooled", "tokens")
+_GAP = 256  # rows: a gap this small between wanted rows is read through rather than seeked over
+
+
+class PartWriter:
+    """Write one part incrementally: rows are appended batch by batch, so a shard's features never sit in
+    memory at once; :meth:`close` writes keys and labels, fsyncs and renames the file to its final name."""
+
+    def __init__(self, path: str | os.PathLike, shapes: dict[str, dict[str, tuple[int, ...]]]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.file = h5py.File(self.tmp, "w")
+        self.keys: list[str] = []
+        self.labels: list[dict[str, float]] = []
+        for modality, kinds in shapes.items():
+            for kind, row_shape in kinds.items():
+                row_bytes = 2 * int(np.prod(row_shape))
+                rows = int(np.clip((1 << 20) // max(row_bytes, 1), 1, CHUNK_ROWS))  # ~1 MiB chunks
+                self.file.create_dataset(f"{modality}/{kind}", shape=(0, *row_shape), maxshape=(None, *row_shape),
+                                         dtype=np.float16, chunks=(rows, *row_shape))
+
+    def append(self, keys: list[str], features: dict[str, dict[str, np.ndarray]],
+               labels: list[dict[str, float]]) -> None:
+        """Append rows: ``features[modality][kind]`` is ``(b, ...)``; ``labels`` one dict per row."""
+        start, b = len(self.keys), len(keys)
+        for modality, kinds in features.items():
+            for kind, arr in kinds.items():
+                ds = self.file[f"{modality}/{kind}"]
+                if arr.shape != (b, *ds.shape[1:]):
+                    raise ValueError(f"{modality}/{kind}: got {arr.shape}, expected {(b, *ds.shape[1:])}")
+                ds.resize(start + b, axis=0)
+                ds[start:start + b] = arr
+        self.keys.extend(keys)
+        self.labels.extend(labels)
+
+    def close(self) -> int:
+        """Finish the part (keys, labels as float64 with NaN where absent, chunk shrink) and rename it."""
+        f, n = self.file, len(self.keys)
+        f.create_dataset("keys", data=np.array(self.keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        for name in sorted({k for row in self.labels for k in row}):
+            f.create_dataset(f"labels/{name}", data=np.array([row.get(name, np.nan) for row in self.labels],
+                                                            dtype=np.float64))
+        f.close()
+        with open(self.tmp, "rb+") as raw:
+            os.fsync(raw.fileno())
+        os.replace(self.tmp, self.path)
+        return n
+
+    def abort(self) -> None:
+        """Drop the temporary file."""
+        try:
+            self.file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def part_rows(path: str | os.PathLike) -> int:
+    """Number of rows of a part file."""
+    with h5py.File(path, "r") as f:
+        return int(f["keys"].shape[0])
+
+
+def write_index(root: str | os.PathLike, parts: list[str], shapes: dict[str, dict[str, tuple[int, ...]]],
+                label_names: list[str]) -> int:
+    """Write ``root/features.h5``: virtual datasets over ``parts`` (paths relative to ``root``) in order.
+
+    ``shapes`` is ``{modality: {kind: per-row shape}}``. Labels a part lacks read as NaN. Returns the rows.
+    """
+    root = Path(root)
+    counts, keys = [], []
+    for rel in parts:
+        with h5py.File(root / rel, "r") as f:
+            keys.extend(k.decode() if isinstance(k, bytes) else k for k in f["keys"][:])
+            present = set(f["labels"].keys()) if "labels" in f else set()
+            counts.append((int(f["keys"].shape[0]), present))
+    n = sum(c for c, _ in counts)
+    tmp = root / f".{INDEX_NAME}.{os.getpid()}.tmp"
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        for modality, kinds in shapes.items():
+            for kind, row_shape in kinds.items():
+                _virtual(f, f"{modality}/{kind}", parts, counts, n, tuple(row_shape), np.float16, 0)
+        for name in label_names:
+            _virtual(f, f"labels/{name}", parts, counts, n, (), np.float64, np.nan, label=name)
+    os.replace(tmp, root / INDEX_NAME)
+    return n
+
+
+def _virtual(f: h5py.File, name: str, parts: list[str], counts: list, n: int, row_shape: tuple[int, ...],
+             dtype, fill, label: str | None = None) -> None:
+    layout = h5py.VirtualLayout(shape=(n, *row_shape), dtype=dtype)
+    offset = 0
+    for rel, (rows, present) in zip(parts, counts, strict=True):
+        if rows and (label is None or label in present):
+            layout[offset:offset + rows] = h5py.VirtualSource(rel, name, shape=(rows, *row_shape))
+        offset += rows
+    f.create_virtual_dataset(name, layout, fillvalue=fill)
+
+
+@dataclass
+class FeatureStore:
+    """A read-only view of a feature store (see the module docstring)."""
+
+    root: Path
+    manifest: dict
+    modalities: tuple[str, ...]
+    n: int
+
+    def keys(self) -> list[str]:
+        """Sample keys in row order."""
+        with self._open() as f:
+            return [k.decode() if isinstance(k, bytes) else k for k in f["keys"][:]]
+
+    def has(self, kind: str) -> bool:
+        """Whether the store holds ``kind`` ("pooled" or "tokens") features."""
+        return kind in self.manifest.get("feature_kinds", ["pooled"])
+
+    def shape(self, kind: str, modality: str) -> tuple[int, int]:
+        """``(n_tokens, dim)`` of one row; pooled features are ``(1, D)``."""
+        enc = self._encoder(modality)
+        if kind == "pooled":
+            return (1, int(enc["pooled_dim"]))
+        self._check_kind(kind)
+        t, d = enc["token_shape"]
+        return (int(t), int(d))
+
+    def read(self, kind: str, modality: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """float16 features: pooled ``(n, D)``, tokens ``(n, T, D)``; ``rows`` selects and orders rows."""
+        self._check_kind(kind)
+        self._encoder(modality)
+        with self._open() as f:
+            ds = f[f"{modality}/{kind}"]
+            if rows is None:
+                return ds[:]
+            if isinstance(rows, slice):
+                idx = np.arange(self.n)[rows]
+                if len(idx) and (len(idx) == 1 or np.all(np.diff(idx) == 1)):
+                    return ds[idx[0]:idx[-1] + 1]
+                rows = idx
+            return read_rows(ds, np.asarray(rows), self.n)
+
+    def labels(self) -> dict[str, np.ndarray]:
+        """``{name: (n,)}``: int64 for categorical labels without gaps, else float64 with NaN where absent."""
+        schema = self.manifest.get("labels") or {}
+        out = {}
+        with self._open() as f:
+            for name in f["labels"].keys() if "labels" in f else []:
+                arr = f[f"labels/{name}"][:]
+                categorical = (schema.get(name) or {}).get("type") == "categorical"
+                out[name] = arr.astype(np.int64) if categorical and np.isfinite(arr).all() else arr
+        return out
+
+    def nbytes(self, kind: str) -> int:
+        """Bytes the ``kind`` features of all modalities take in memory (float16)."""
+        self._check_kind(kind)
+        return sum(self.n * int(np.prod(self.shape(kind, m))) * 2 for m in self.modalities)
+
+    def _open(self) -> h5py.File:
+        try:
+            return h5py.File(self.root / INDEX_NAME, "r")
+        except OSError as e:
+            raise RegtokError(f"{self.root / INDEX_NAME}: cannot open the store index ({e})") from None
+
+    def _encoder(self, modality: str) -> dict:
+        enc = self.manifest.get("encoders", {}).get(modality)
+        if enc is None:
+            raise RegtokError(f"store {self.root} has no modality {modality!r} (has: {', '.join(self.modalities)})")
+        return enc
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown feature kind {kind!r}")
+        if not self.has(kind):
+            raise RegtokError(f"store {self.root} holds no {kind} features (extract with --tokens)")
+
+
+def read_rows(ds, rows: np.ndarray, n: int) -> np.ndarray:
+    """``ds[rows]`` for any integer/bool index array, read as a few sorted contiguous ranges."""
+    if rows.dtype == bool:
+        rows = np.flatnonzero(rows)
+    rows = rows.astype(np.int64)
+    if len(rows) and (rows.min() < -n or rows.max() >= n):
+        raise IndexError(f"row index out of range for {n} rows")
+    rows = np.where(rows < 0, rows + n, rows)
+    uniq = np.unique(rows)  # sorted
+    out = np.empty((len(uniq), *ds.shape[1:]), dtype=ds.dtype)
+    if len(uniq):
+        breaks = np.flatnonzero(np.diff(uniq) > _GAP) + 1
+        for run in np.split(np.arange(len(uniq)), breaks):
+            lo, hi = uniq[run[0]], uniq[run[-1]]
+            out[run] = ds[lo:hi + 1][uniq[run] - lo]
+    return out[np.searchsorted(uniq, rows)]
+
+
+def open_store(path: str | os.PathLike) -> FeatureStore:
+    """Open a feature store by its directory or its manifest.json; RegtokError if it is not one."""
+    from pipeline.manifest import manifest_path, read_manifest
+
+    mpath = manifest_path(path)
+    if not mpath.is_file():
+        raise RegtokError(f"{path}: not a feature store (no manifest.json)")
+    m = read_manifest(mpath, kind="features")
+    root = mpath.parent
+    if not (root / INDEX_NAME).is_file():
+        raise RegtokError(f"{root}: feature store index {INDEX_NAME} is missing")
+    return FeatureStore(root=root, manifest=m, modalities=tuple(m["modalities"]), n=int(m["samples"]))
