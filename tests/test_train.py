@@ -1,0 +1,243 @@
+"""`regtok train`: the data path, the schedule, and end-to-end runs through the CLI on small stores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from cli import main
+from pipeline.manifest import new_manifest, read_manifest, sha256_file, write_manifest
+from regtok.config import TrainConfig, resolve
+from regtok.data import epoch_permutation, make_batches, split_rows
+from regtok.train import lr_at, make_optimizer
+
+MODALITIES = ("vision", "tactile")
+TINY = ["--preset", "tiny", "--epochs", "2", "--batch-size", "32", "--val-fraction", "0.2", "log_every=2",
+        "model.n_layers=1"]
+
+
+def write_store(root: Path, n: int = 100, dim: int = 12, seed: int = 0, tokens: bool = False) -> Path:
+    """A feature store in the contract's layout (two parts + a virtual index + manifest), written with h5py.
+
+    The features are a shared latent seen through two noisy linear maps, so retrieval can be learned.
+    """
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 4))
+    feats = {f"{m}/pooled": (z @ rng.normal(size=(4, dim)) + 0.3 * rng.normal(size=(n, dim))).astype(np.float16)
+             for m in MODALITIES}
+    if tokens:
+        feats.update({f"{m}/tokens": rng.normal(size=(n, 3, dim)).astype(np.float16) for m in MODALITIES})
+    feats["labels/material"] = (z[:, 0] > 0).astype(np.float64)
+    keys = np.array([f"k{j:05d}" for j in range(n)], dtype=object)
+    parts = []
+    for i, rows in enumerate([slice(0, n // 2), slice(n // 2, n)]):
+        rel = f"parts/shard-{i:06d}.h5"
+        (root / "parts").mkdir(parents=True, exist_ok=True)
+        with h5py.File(root / rel, "w") as f:
+            f.create_dataset("keys", data=keys[rows], dtype=h5py.string_dtype("utf-8"))
+            for name, arr in feats.items():
+                f.create_dataset(name, data=arr[rows])
+        parts.append({"path": rel, "shard": f"shard-{i:06d}.tar", "samples": n // 2,
+                      "bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)})
+    with h5py.File(root / "features.h5", "w") as f:
+        f.create_dataset("keys", data=keys, dtype=h5py.string_dtype("utf-8"))
+        for name, arr in feats.items():
+            layout = h5py.VirtualLayout(shape=arr.shape, dtype=arr.dtype)
+            for i, p in enumerate(parts):
+                layout[i * (n // 2):(i + 1) * (n // 2)] = h5py.VirtualSource(p["path"], name, (n // 2, *arr.shape[1:]))
+            f.create_virtual_dataset(name, layout)
+    encoders = {m: {"spec": "test:linear", "pooled_dim": dim, "token_shape": [3, dim] if tokens else None,
+                    "weights_sha256": None} for m in MODALITIES}
+    manifest = new_manifest("features", command=["test"], modalities=list(MODALITIES), encoders=encoders,
+                            feature_kinds=["pooled", "tokens"] if tokens else ["pooled"], samples=n, skipped=[],
+                            parts=parts, labels={"material": {"type": "categorical", "classes": ["a", "b"]}})
+    write_manifest(root / "manifest.json", manifest)
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return write_store(tmp_path_factory.mktemp("store"))
+
+
+def run_train(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, ["train", *args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+class Crash(Exception):
+    pass
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoint.safetensors"))
+
+
+# ── the data path and the schedule ──────────────────────────────────────────────────────────────────
+
+
+class ArrayStore:
+    """A store stand-in backed by arrays (what regtok.data reads through)."""
+
+    def __init__(self, n: int = 50, dim: int = 3):
+        self.modalities, self.n = MODALITIES, n
+        self.arrays = {m: np.arange(n * dim, dtype=np.float16).reshape(n, dim) + i for i, m in enumerate(MODALITIES)}
+
+    def shape(self, kind, modality):
+        return (1, self.arrays[modality].shape[1])
+
+    def read(self, kind, modality, rows=None):
+        return self.arrays[modality] if rows is None else self.arrays[modality][rows]
+
+
+def test_permutation_is_a_pure_function_of_seed_and_epoch():
+    cpu = torch.device("cpu")
+    assert torch.equal(epoch_permutation(40, 3, 1, cpu), epoch_permutation(40, 3, 1, cpu))
+    assert not torch.equal(epoch_permutation(40, 3, 1, cpu), epoch_permutation(40, 3, 2, cpu))
+    train, val = split_rows(40, 0.25, seed=0)
+    assert len(val) == 10 and not set(train) & set(val) and len(train) + len(val) == 40
+
+
+def test_streaming_and_rank_shards_give_the_in_memory_batches():
+    store, cpu = ArrayStore(), torch.device("cpu")
+    rows = np.arange(3, 47)
+    mem = make_batches(store, "pooled", rows, 8, seed=1, device=cpu)
+    stream = make_batches(store, "pooled", rows, 8, seed=1, device=cpu, max_memory_fraction=0.0)
+    assert not mem.streaming and stream.streaming and mem.steps_per_epoch == 5
+    ranks = [make_batches(store, "pooled", rows, 8, seed=1, device=cpu, rank=r, world_size=2) for r in (0, 1)]
+    for a, b, r0, r1 in zip(mem.epoch(2), stream.epoch(2), ranks[0].epoch(2), ranks[1].epoch(2), strict=True):
+        for m in MODALITIES:
+            assert torch.equal(a[m], b[m])
+            assert torch.equal(a[m], torch.cat([r0[m], r1[m]]))
+    seen = torch.cat([b["vision"][:, 0] for b in mem.epoch(0)])
+    assert len(set(seen.tolist())) == 40 and set(seen.tolist()) <= set((rows * 3).tolist())  # no repeats, drop last
+    resumed = [b["vision"] for b in mem.epoch(2, start_step=3)]
+    assert torch.equal(torch.cat(resumed), torch.cat([b["vision"] for b in mem.epoch(2)][3:]))
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = resolve(TrainConfig, None, {"lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1})
+    lrs = [lr_at(s, cfg, 100) for s in range(100)]
+    assert lrs[9] == pytest.approx(1.0) and all(a < b for a, b in zip(lrs[:9], lrs[1:10], strict=True))
+    assert all(a >= b for a, b in zip(lrs[10:-1], lrs[11:], strict=True)) and lr_at(100, cfg, 100) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_vectors_and_the_logit_scale():
+    from regtok.model import RegTok
+
+    cfg = resolve(TrainConfig, "tiny")
+    model = RegTok(cfg.model, {m: (1, 8) for m in MODALITIES})
+    opt = make_optimizer(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed and all(model.get_parameter(n).ndim >= 2 and "logit_scale" not in n for n in decayed)
+    assert opt.defaults["betas"] == (cfg.beta1, cfg.beta2)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+# ── end to end through the CLI ──────────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("loss", ["contrastive", "flow_matching", "combined"])
+def test_tiny_run_per_loss_type(store, tmp_path, loss):
+    from pipeline.runs import load_run, read_metrics
+
+    run = tmp_path / "run"
+    code, out, err = run_train("--features", str(store), "--out", str(run), "--loss", loss, *TINY)
+    assert code == 0, err
+    assert Path(out.strip()) == run / "manifest.json"
+    m = read_manifest(run / "manifest.json", kind="run")
+    assert m["inputs"][0]["sha256"] == sha256_file(store / "manifest.json")
+    assert m["config"]["model"]["loss_type"] == loss and m["feature_kind"] == "pooled"
+    assert {f["path"] for f in m["outputs"]["files"]} >= {"checkpoint.safetensors", "config.json", "metrics.jsonl"}
+    assert m["outputs"]["checkpoint"]["sha256"] == sha256_file(run / "checkpoint.safetensors")
+    lines = read_metrics(run)
+    epochs = [r for r in lines if r["type"] == "epoch"]
+    assert len(epochs) == 2 and len([r for r in lines if r["type"] == "step"]) == 2  # 2 steps/epoch, every 2nd
+    terms = {"loss", "preservation"} | ({"contrastive"} if loss != "flow_matching" else set())
+    assert terms <= set(epochs[-1]) and "val_r1_full_a_to_b" in epochs[-1] and "val_r1_k1_b_to_a" in epochs[-1]
+    assert all(np.isfinite(v) for r in lines for v in r.values() if isinstance(v, float))
+    loaded = load_run(run)
+    assert not loaded.model.training and loaded.feature_kind == "pooled" and loaded.train_config.epochs == 2
+    assert loaded.model.has_flow == (loss != "contrastive")
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, weights(run)[k])
+
+
+def test_same_seed_same_weights_and_resume_equals_uninterrupted(store, tmp_path, monkeypatch):
+    import pipeline.runs
+
+    args = ["--features", str(store), *TINY, "--epochs", "3", "--batch-size", "16"]
+    for name in ("a", "b"):
+        assert run_train(*args, "--out", str(tmp_path / name))[0] == 0
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = tmp_path / "seed1"
+    assert run_train(*args, "--out", str(other), "--seed", "1")[0] == 0
+    assert not all(torch.equal(a[k], weights(other)[k]) for k in a)
+
+    # Crash at step 4 (5 steps/epoch; the last checkpoint is mid-epoch, at step 3), then --resume.
+    crash = tmp_path / "crash"
+
+    def crashing_step(*a, on_step=None, **kw):
+        def step(s, total, record):
+            if s == 4:
+                raise Crash
+        return real(*a, on_step=step, **kw)
+
+    real = pipeline.runs.train_run
+    monkeypatch.setattr(pipeline.runs, "train_run", crashing_step)
+    with pytest.raises(Crash):
+        run_train(*args, "--out", str(crash), "checkpoint_every=3")
+    monkeypatch.setattr(pipeline.runs, "train_run", real)
+    assert pipeline.runs.checkpoint_step(crash) == 3
+    code, _, err = run_train("--features", str(store), "--out", str(crash), "--resume")
+    assert code == 0, err
+    c = weights(crash)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    steps = [(r["type"], r["step"]) for r in pipeline.runs.read_metrics(crash)]
+    assert steps == [(r["type"], r["step"]) for r in pipeline.runs.read_metrics(tmp_path / "a")]
+
+
+def test_nan_stops_with_a_clear_error_and_the_last_good_checkpoint(store, tmp_path):
+    from pipeline.runs import checkpoint_step, load_resume
+
+    run = tmp_path / "run"
+    code, out, err = run_train("--features", str(store), "--out", str(run), *TINY, "nan_at_step=3")
+    assert code == 2 and out == ""
+    assert "non-finite loss at step 3" in err and "last good state" in err and "Traceback" not in err
+    assert checkpoint_step(run) == 3 and load_resume(run).step == 3
+    assert all(torch.isfinite(v).all() for v in weights(run).values())
+    assert not (run / "manifest.json").exists()
+
+
+def test_unknown_config_key_is_a_one_line_error(store, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    code, out, err = run_train("--features", str(store), "--out", str(tmp_path / "run"), "--config", str(cfg))
+    assert code == 2 and out == ""
+    assert err.strip().count("\n") == 0 and "learning_rate" in err
+    code, _, err = run_train("--features", str(store), "--out", str(tmp_path / "run"), "model.n_layer=2")
+    assert code == 2 and "n_layer" in err
+
+
+def test_tokens_are_used_when_the_store_has_them(tmp_path):
+    from pipeline.runs import load_run
+
+    store = write_store(tmp_path / "store", n=64, tokens=True)
+    run = tmp_path / "run"
+    code, _, err = run_train("--features", str(store), "--out", str(run), *TINY, "--epochs", "1")
+    assert code == 0, err
+    loaded = load_run(run)
+    assert loaded.feature_kind == "tokens"
+    assert json.loads((run / "config.json").read_text())["model_spec"]["inputs"]["vision"] == [3, 12]
