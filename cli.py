@@ -127,6 +127,55 @@ def _train_progress(console, disable: bool):
 # ── stage 3: eval ───────────────────────────────────────────────────────────────────────────────────
 
 
+def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    """"1,2,4" → (1, 2, 4); a bad list is a usage error (exit 2)."""
+    try:
+        items = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not items or min(items) < 1:
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return items
+
+
+@main.command(name="eval", context_settings=CONTEXT)
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True), help="Run directory (regtok train).")
+@click.option("--features", required=True, type=click.Path(exists=True), help="Held-out feature store.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory.")
+@click.option("--prefixes", default="1,2,4,8,16,32", callback=_int_list,
+              help="Prefix lengths k (<= n_registers) for probes; retrieval uses those <= n_shared.")
+@click.option("--flow-steps", default="1,4,16", callback=_int_list, help="Euler steps for flow transport.")
+@click.option("--save-embeddings", is_flag=True, help="Also write embeddings.h5 (shared embedding per k).")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", default=0, type=int, help="Seed of the probe split.")
+@click.option("--probe-test-fraction", default=0.3, type=float, help="Held-out part of the split for probes.")
+@click.option("--probe-max-samples", default=10_000, type=int, help="Probes use a seeded subset (0: all).")
+@click.option("--batch-size", default=512, type=int, help="Samples per model forward.")
+@click.option("--chunk-size", default=4096, type=int, help="Retrieval queries per score matrix chunk.")
+def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow_steps: tuple[int, ...],
+          save_embeddings: bool, device: str, seed: int, probe_test_fraction: float, probe_max_samples: int,
+          batch_size: int, chunk_size: int) -> None:
+    """Retrieval per shared prefix (both directions), flow transport, prefix probes; prints report.json's path.
+
+    \b
+    Writes OUT/report.json, report.md, prefix.png (with matplotlib), manifest.json, and embeddings.h5 with
+    --save-embeddings. The feature store must match the run's modalities, encoders and dims.
+    """
+    import sys
+    from pathlib import Path
+
+    from pipeline.console import stderr_console
+    from pipeline.report import run_eval
+    from regtok.evaluate import EvalConfig
+
+    cfg = EvalConfig(prefixes=prefixes, flow_steps=flow_steps, probe_test_fraction=probe_test_fraction,
+                     probe_max_samples=probe_max_samples, seed=seed, chunk_size=chunk_size, batch_size=batch_size,
+                     device=device)
+    run_eval(run_dir, features, out, cfg, save_embeddings=save_embeddings, command=["regtok", *sys.argv[1:]],
+             console=stderr_console())
+    click.echo(str(Path(out) / "report.json"))
+
+
 # ── pipeline: demo, show, verify, rerun ─────────────────────────────────────────────────────────────
 
 
