@@ -1,0 +1,186 @@
+"""`regtok eval`: the report dict from a random-init model, and the whole stage through the CLI on tiny stores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from pipeline.manifest import new_manifest, read_manifest, sha256_file, write_manifest
+from pipeline.report import render_markdown
+from pipeline.store import PartWriter, write_index
+from regtok.config import ModelConfig, TrainConfig, merge, resolve
+from regtok.evaluate import EvalConfig, evaluate
+from regtok.model import RegTok
+
+MODS = ("vision", "tactile")
+TOP_KEYS = {"n", "retrieval", "baselines", "flow", "probes", "reconstruction", "modalities"}
+METRICS = {"R@1", "R@5", "R@10", "median_rank", "mean_rank"}
+SCHEMA = {"material": {"type": "categorical", "classes": ["a", "b", "c"]},
+          "hardness": {"type": "continuous", "range": [-3.0, 3.0]}}
+
+
+def _tiny_model(loss: str = "combined", dims: tuple[int, int] = (12, 12)) -> RegTok:
+    cfg = merge(resolve(TrainConfig, "tiny").model, {"loss_type": loss, "n_layers": 1})
+    torch.manual_seed(0)
+    return RegTok(cfg, {MODS[0]: (1, dims[0]), MODS[1]: (1, dims[1])})
+
+
+def _data(n: int, dims: tuple[int, int] = (12, 12), seed: int = 0):
+    """Two noisy linear views of a shared latent; material = sign pattern of the latent, hardness = a coordinate."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 4))
+    maps = [rng.normal(size=(4, d)) for d in dims]
+    maps[1] = maps[0] if dims[0] == dims[1] else maps[1]  # one map: raw cosine retrieval works when dims match
+    feats = {m: (z @ w + 0.3 * rng.normal(size=(n, w.shape[1]))).astype(np.float16)
+             for m, w in zip(MODS, maps, strict=True)}
+    labels = {"material": np.digitize(z[:, 0], [-0.5, 0.5]).astype(np.int64), "hardness": z[:, 1]}
+    return feats, labels
+
+
+# ── the library: evaluate() on a random-init model ──────────────────────────────────────────────────
+
+
+def test_report_has_every_key_and_the_documented_shapes() -> None:
+    model = _tiny_model()
+    feats, labels = _data(120)
+    sunk: dict[tuple[str, int], np.ndarray] = {}
+    cfg = EvalConfig(prefixes=(1, 2, 4, 8, 16), flow_steps=(1, 2), device="cpu", batch_size=50)
+    rep = evaluate(model, feats, labels, SCHEMA, cfg, embeddings_sink=lambda m, k, e: sunk.setdefault((m, k), e))
+    assert TOP_KEYS <= set(rep) and rep["n"] == 120 and rep["modalities"] == list(MODS)
+    n_shared = model.cfg.n_shared  # tiny: 2 shared of 8 registers
+    assert [r["k"] for r in rep["retrieval"]] == [1, 2]  # k <= n_shared; 16 > n_registers is dropped
+    for r in rep["retrieval"] + rep["flow"]:
+        for d in ("a_to_b", "b_to_a"):
+            assert set(r[d]) == METRICS and all(0.0 <= r[d][f"R@{k}"] <= 1.0 for k in (1, 5, 10))
+            assert 1.0 <= r[d]["median_rank"] <= 120
+    assert [(f["k"], f["steps"]) for f in rep["flow"]] == [(2, 1), (2, 2)]
+    assert set(rep["baselines"]) == {"chance", "raw_pooled"} and set(rep["baselines"]["raw_pooled"]) == {
+        "a_to_b", "b_to_a"}
+    assert rep["baselines"]["chance"]["a_to_b"]["R@1"] == pytest.approx(1 / 120)
+    assert rep["baselines"]["raw_pooled"]["a_to_b"]["R@1"] > 5 / 120  # the raw views do share a latent
+    probes = {(p["k"], p["modality"], p["group"], p["label"]): p for p in rep["probes"]}
+    assert len(probes) == 4 * 2 * 3 * 2  # k in 1,2,4,8 × modalities × groups × labels
+    for (k, _, group, label), p in probes.items():
+        assert p["metric"] == ("accuracy" if label == "material" else "r2")
+        assert (p["value"] is None) == (group == "private" and k <= n_shared)
+    assert rep["probe_split"]["train"] + rep["probe_split"]["test"] == 120
+    assert {(r["k"], r["modality"]) for r in rep["reconstruction"]} == {(k, m) for k in (1, 2, 4, 8) for m in MODS}
+    assert all(-1.0 <= r["cosine"] <= 1.0 for r in rep["reconstruction"])
+    assert set(sunk) == {(m, k) for m in MODS for k in (1, 2)}
+    e = sunk[("vision", 2)]
+    assert e.shape == (120, model.cfg.embed_dim) and e.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    json.dumps(rep)  # JSON-able as it stands
+
+
+def test_no_flow_head_no_flow_rows_and_mismatched_dims_skip_the_raw_baseline() -> None:
+    model = _tiny_model("contrastive", dims=(12, 10))
+    feats, labels = _data(60, dims=(12, 10))
+    rep = evaluate(model, feats, labels, SCHEMA, EvalConfig(prefixes=(1, 8), device="cpu"))
+    assert rep["flow"] == [] and "skipped" in rep["baselines"]["raw_pooled"]
+    assert "12 vs 10" in rep["baselines"]["raw_pooled"]["skipped"]
+
+
+def test_markdown_renders_the_tables() -> None:
+    feats, labels = _data(80)
+    rep = evaluate(_tiny_model(), feats, labels, SCHEMA, EvalConfig(prefixes=(1, 2, 4), flow_steps=(1,), device="cpu"))
+    md = render_markdown(rep)
+    for title in ("## Retrieval", "## Prefix probes", "## Reconstruction"):
+        assert title in md
+    table_lines = [line for line in md.splitlines() if line.startswith("|")]
+    widths = {line.count("|") for line in table_lines}
+    assert len(widths) == 3  # three tables, each with rows of one width
+    for row in ("| k=1 |", "| k=2 |", "| flow k=2 s=1 |", "| raw pooled |", "| chance |"):
+        assert row in md
+    assert "| material | accuracy | vision | private | — | — |" in md
+
+
+# ── the stage through the CLI ───────────────────────────────────────────────────────────────────────
+
+
+def write_store(root: Path, n: int, seed: int, dims: tuple[int, int] = (12, 12), spec: str = "test:linear") -> Path:
+    """A feature store written with pipeline.store's own writer: two parts, the index, the manifest."""
+    feats, labels = _data(n, dims, seed)
+    shapes = {m: {"pooled": (d,)} for m, d in zip(MODS, dims, strict=True)}
+    parts, half = [], n // 2
+    for i, rows in enumerate((slice(0, half), slice(half, n))):
+        rel = f"parts/shard-{i:06d}.h5"
+        writer = PartWriter(root / rel, shapes)
+        idx = range(n)[rows]
+        writer.append([f"s{j:05d}" for j in idx], {m: {"pooled": feats[m][rows]} for m in MODS},
+                      [{name: float(col[j]) for name, col in labels.items()} for j in idx])
+        writer.close()
+        parts.append({"path": rel, "shard": f"shard-{i:06d}.tar", "samples": len(idx),
+                      "bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)})
+    write_index(root, [p["path"] for p in parts], shapes, sorted(labels))
+    encoders = {m: {"spec": spec, "pooled_dim": d, "token_shape": None, "weights_sha256": None}
+                for m, d in zip(MODS, dims, strict=True)}
+    write_manifest(root / "manifest.json", new_manifest(
+        "features", command=["test"], modalities=list(MODS), encoders=encoders, feature_kinds=["pooled"], samples=n,
+        parts=parts, skipped=[], labels=SCHEMA))
+    return root
+
+
+def _invoke(*args: str):
+    result = CliRunner().invoke(main, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval")
+    train = write_store(root / "train_store", n=96, seed=1)
+    out = root / "run"
+    r = _invoke("train", "--features", str(train), "--out", str(out), "--preset", "tiny", "--epochs", "1",
+                "--batch-size", "32", "--loss", "combined", "model.n_layers=1")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_eval_cli_writes_every_report_file(run_dir: Path, tmp_path: Path) -> None:
+    store = write_store(tmp_path / "heldout", n=64, seed=2)
+    out = tmp_path / "report"
+    r = _invoke("eval", "--run", str(run_dir), "--features", str(store), "--out", str(out), "--prefixes",
+                "1,2,4,8,16,32", "--flow-steps", "1,4", "--save-embeddings", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str(out / "report.json")
+    rep = json.loads((out / "report.json").read_text())
+    assert TOP_KEYS <= set(rep) and rep["n"] == 64 and [f["steps"] for f in rep["flow"]] == [1, 4]
+    assert {p["label"] for p in rep["probes"]} == {"material", "hardness"}
+    assert "## Retrieval" in (out / "report.md").read_text()
+    assert (out / "prefix.png").read_bytes()[:4] == b"\x89PNG"
+    with h5py.File(out / "embeddings.h5") as f:
+        assert f["vision/k2"].shape == (64, 64) and f["tactile/k1"].dtype == np.float32
+        assert [k.decode() for k in f["keys"][:3]] == ["s00000", "s00001", "s00002"]
+    m = read_manifest(out / "manifest.json", kind="eval")
+    roles = {i["role"]: i for i in m["inputs"]}
+    assert roles["run"]["sha256"] == sha256_file(run_dir / "manifest.json")
+    assert roles["features"]["sha256"] == sha256_file(store / "manifest.json")
+    assert {Path(f["path"]).name for f in m["outputs"]["files"]} >= {"report.json", "report.md", "embeddings.h5"}
+
+
+@pytest.mark.parametrize("change", ["dims", "spec"])
+def test_incompatible_features_are_a_one_line_error(run_dir: Path, tmp_path: Path, change: str) -> None:
+    kwargs = {"dims": (12, 10)} if change == "dims" else {"spec": "test:other"}
+    store = write_store(tmp_path / "other", n=40, seed=3, **kwargs)
+    r = _invoke("eval", "--run", str(run_dir), "--features", str(store), "--out", str(tmp_path / "rep"))
+    assert r.exit_code == 2
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert ("expects" in r.stderr) if change == "dims" else ("encoder differs" in r.stderr)
+
+
+def test_model_config_is_what_the_report_prefixes_follow() -> None:
+    assert ModelConfig().n_shared == 8  # the default plan: retrieval at 1, 2, 4, 8; probes up to 32
+    from regtok.evaluate import prefix_plan
+
+    assert prefix_plan(EvalConfig(), 32, 8) == ([1, 2, 4, 8, 16, 32], [1, 2, 4, 8])
+    assert prefix_plan(EvalConfig(), 8, 2) == ([1, 2, 4, 8], [1, 2])
