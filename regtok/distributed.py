@@ -8,6 +8,8 @@ the full-batch loss. A plain ``all_gather`` (no gradient through other ranks' co
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -37,7 +39,10 @@ def gather_with_grad(x: Tensor) -> Tensor:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)  # (W*B, ...)
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the exact public one
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(x.contiguous())
+    return torch.cat(parts, dim=0)  # (W*B, ...)
 
 
 def local_offset(batch: int) -> int:
