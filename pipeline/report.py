@@ -225,6 +225,10 @@ def _md_probes(report: dict[str, Any]) -> list[str]:
         cells.setdefault((p["label"], p["metric"], p["modality"], p["group"]), {})[p["k"]] = p["value"]
     for (label, metric, m, g), by_k in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][2])):
         lines.append(_md_row([label, metric, m, g, *[_fmt(metric, by_k.get(k)) for k in ks]]))
+    chance = {p["label"]: _fmt(p["metric"], p["chance"]) for p in report["probes"] if p.get("chance") is not None}
+    if chance:
+        lines += ["", "Constant predictor (train-part majority class or mean) on the same rows: "
+                  + ", ".join(f"{label} {v}" for label, v in sorted(chance.items())) + "."]
     return lines
 
 

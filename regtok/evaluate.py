@@ -58,11 +58,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def prefix_plan(cfg: EvalConfig, n_registers: int, n_shared: int) -> tuple[list[int], list[int]]:
-    """(probe prefixes, retrieval prefixes): the configured ks <= n_registers, and those <= n_shared."""
+    """(probe prefixes, retrieval prefixes): the configured ks <= n_registers, and those <= n_shared.
+
+    When no configured k is <= n_shared, retrieval uses k = n_shared (the whole shared embedding).
+    """
     ks = sorted({k for k in cfg.prefixes if k <= n_registers})
     if not ks:
         raise RegtokError(f"no prefix in {list(cfg.prefixes)} is <= n_registers ({n_registers})")
-    return ks, [k for k in ks if k <= n_shared]
+    return ks, [k for k in ks if k <= n_shared] or [n_shared]
 
 
 def evaluate(model: Any, features: Mapping[str, Any], labels: Mapping[str, np.ndarray],
@@ -150,15 +153,16 @@ def _encode_all(model: Any, features: Mapping[str, Any], mods: Sequence[str], pr
         log(f"encode {end}/{n}")
         batch = {m: torch.from_numpy(np.asarray(features[m][start:end])).to(device, torch.float32) for m in mods}
         sel = in_probe[start:end].to(device)  # (B,)
-        for k in probe_ks:
+        for k in sorted(set(probe_ks) | set(retr_ks)):
             outs = model(batch, keep=k)
             for m in mods:
                 o = outs[m]
-                recon[m][k] += float(_recon_cosine(o.recon, batch[m]).sum())
                 if k in shared[m]:
                     shared[m][k].append(o.shared.float().cpu())
-                for g, feat in _group_means(o.registers[sel], k, n_shared).items():
-                    groups[m][k].setdefault(g, []).append(feat)
+                if k in recon[m]:
+                    recon[m][k] += float(_recon_cosine(o.recon, batch[m]).sum())
+                    for g, feat in _group_means(o.registers[sel], k, n_shared).items():
+                        groups[m][k].setdefault(g, []).append(feat)
     return _Encoded(
         shared={m: {k: torch.cat(v) for k, v in per.items()} for m, per in shared.items()},
         groups={m: {k: {g: torch.cat(v) for g, v in gs.items()} for k, gs in per.items()} for m, per in groups.items()},

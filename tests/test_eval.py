@@ -184,3 +184,11 @@ def test_model_config_is_what_the_report_prefixes_follow() -> None:
 
     assert prefix_plan(EvalConfig(), 32, 8) == ([1, 2, 4, 8, 16, 32], [1, 2, 4, 8])
     assert prefix_plan(EvalConfig(), 8, 2) == ([1, 2, 4, 8], [1, 2])
+    assert prefix_plan(EvalConfig(prefixes=(16, 32)), 32, 8) == ([16, 32], [8])  # whole shared embedding
+
+
+def test_retrieval_at_n_shared_when_no_prefix_is_that_small() -> None:
+    feats, labels = _data(40)
+    rep = evaluate(_tiny_model(), feats, labels, SCHEMA, EvalConfig(prefixes=(4, 8), flow_steps=(1,), device="cpu"))
+    assert [r["k"] for r in rep["retrieval"]] == [2] and [f["k"] for f in rep["flow"]] == [2]
+    assert {p["k"] for p in rep["probes"]} == {4, 8} and {r["k"] for r in rep["reconstruction"]} == {4, 8}
