@@ -192,3 +192,15 @@ def test_retrieval_at_n_shared_when_no_prefix_is_that_small() -> None:
     rep = evaluate(_tiny_model(), feats, labels, SCHEMA, EvalConfig(prefixes=(4, 8), flow_steps=(1,), device="cpu"))
     assert [r["k"] for r in rep["retrieval"]] == [2] and [f["k"] for f in rep["flow"]] == [2]
     assert {p["k"] for p in rep["probes"]} == {4, 8} and {r["k"] for r in rep["reconstruction"]} == {4, 8}
+
+
+def test_token_features_with_pooled_features_for_the_baseline() -> None:
+    cfg = merge(resolve(TrainConfig, "tiny").model, {"n_layers": 1})
+    model = RegTok(cfg, {m: (3, 12) for m in MODS})
+    pooled, labels = _data(50)
+    rng = np.random.default_rng(0)
+    tokens = {m: (pooled[m][:, None, :] + rng.normal(size=(50, 3, 12))).astype(np.float16) for m in MODS}
+    rep = evaluate(model, tokens, labels, SCHEMA, EvalConfig(prefixes=(2, 4), device="cpu"), pooled=pooled)
+    assert "a_to_b" in rep["baselines"]["raw_pooled"] and rep["flow"] == []
+    bare = evaluate(model, tokens, labels, SCHEMA, EvalConfig(prefixes=(2,), device="cpu"))
+    assert "tokens" in bare["baselines"]["raw_pooled"]["skipped"]
