@@ -44,6 +44,62 @@ def main() -> None:
 # ── stage 1: extract ────────────────────────────────────────────────────────────────────────────────
 
 
+def _encoder_pair(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in value:
+        modality, sep, spec = item.partition("=")
+        if not sep or not modality.strip() or not spec.strip():
+            raise click.BadParameter(f"{item!r}: expected MODALITY=SPEC, e.g. tactile=tiny")
+        pairs.append((modality.strip(), spec.strip()))
+    return tuple(pairs)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--shards", required=True, help="Brace pattern (data/shard-{000000..000015}.tar), a directory of "
+              ".tar files, or a dataset.json from `regtok synth`/`regtok pack`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Feature store directory.")
+@click.option("--encoder", "encoders", multiple=True, required=True, callback=_encoder_pair,
+              metavar="MODALITY=SPEC", help="One per modality, in pair order (A first). SPEC: open_clip:MODEL@TAG, "
+              "open_clip:MODEL@/path/weights, timm:MODEL@/path/weights.{pth,safetensors}, "
+              "tvl:MODEL@/path/ckpt.pth (TVL Stage-1 tactile encoder), tiny[:SEED] (random-init test encoder).")
+@click.option("--tokens", is_flag=True, help="Also store token features (n, T, D_tok) per modality.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader workers decoding shards.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--max-skip-fraction", type=click.FloatRange(0, 1), default=0.01,
+              help="Exit non-zero (after writing the store) when more input than this was skipped.")
+def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens: bool, batch_size: int,
+            workers: int, device: str, max_skip_fraction: float) -> None:
+    """Run frozen encoders over WebDataset shards into an HDF5 feature store (one part per shard).
+
+    Rerunning the same command resumes: finished parts are kept. Under `torchrun --nproc_per_node=N`
+    the ranks split the shards. Prints the store's manifest path on stdout.
+    """
+    import os
+    import sys
+    from pathlib import Path
+
+    from pipeline.console import stderr_console
+    from pipeline.extract import ExtractConfig, run_extract
+
+    spec = "::".join(str(Path(part).absolute()) for part in shards.split("::"))  # reruns may start elsewhere
+    config = ExtractConfig(shards=spec, out=str(Path(out).absolute()), encoders=encoders, tokens=tokens,
+                           batch_size=batch_size, workers=workers, device=device,
+                           max_skip_fraction=max_skip_fraction)
+    console = stderr_console()
+    path, manifest = run_extract(config, command=["regtok", *sys.argv[1:]], console=console,
+                                 show_progress=os.environ.get("REGTOK_NO_PROGRESS") is None)
+    if manifest is None:
+        return  # a torchrun rank other than 0
+    t = manifest["timings"]
+    dims = ", ".join(f"{m} {e['pooled_dim']}" + (f" tok {tuple(e['token_shape'])}" if e["token_shape"] else "")
+                     for m, e in manifest["encoders"].items())
+    console.print(f"extracted {manifest['samples']} samples in {len(manifest['parts'])} parts ({dims}); "
+                  f"skipped {manifest['skip_count']}; {t['images_per_s']} images/s over {t['seconds']} s")
+    click.echo(str(path))
+
+
+
 # ── stage 2: train ──────────────────────────────────────────────────────────────────────────────────
 
 
@@ -97,8 +153,13 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
         manifest, result = train_run(features, out, cfg, val_features=val_features, resume=resume,
                                      on_step=on_step, notify=lambda msg: is_main and console.print(msg))
     if manifest is not None:
-        shown = {k: v for k, v in result.metrics.items() if "/" not in k}
-        console.print("[bold]done[/] " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+        from rich.table import Table
+
+        table = Table("final epoch", "value", title=f"{out}: {result.step} steps")
+        for k, v in result.metrics.items():
+            if "/" not in k or k == "val/R@1":
+                table.add_row(k, f"{v:.4g}")
+        console.print(table)
         click.echo(str(manifest))
 
 
@@ -116,8 +177,10 @@ def _train_progress(console, disable: bool):
             task = bar.add_task("train", total=None, info="")
 
             def on_step(step: int, total: int, record: dict) -> None:
-                terms = "  ".join(f"{k} {v:.3f}" for k, v in record.items() if "/" not in k and k != "samples_per_s")
-                bar.update(task, completed=step, total=total, info=f"{terms}  {record['samples_per_s']:.0f} samples/s")
+                skip = ("samples_per_s", "epoch", "lr", "grad_norm", "logit_scale", "loss")
+                terms = " ".join(f"{k[:5]} {v:.3f}" for k, v in record.items() if "/" not in k and k not in skip)
+                bar.update(task, completed=step, total=total, description=f"epoch {record['epoch'] + 1}",
+                           info=f"loss {record['loss']:.3f} ({terms}) {record['samples_per_s']:.0f}/s")
 
             yield on_step
 

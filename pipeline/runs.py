@@ -266,6 +266,8 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
 
     t0 = time.perf_counter()
     out = Path(out)
+    if not resume and (out / CHECKPOINT).exists():
+        raise RegtokError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     rank, world, device = init_distributed(cfg.device)
     try:
         store = open_store(features)
@@ -310,6 +312,9 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
             result.metrics = {k: v for k, v in (epochs[-1] if epochs else {}).items() if k not in ("type", "epoch")}
         if rank != 0:
             return None, result
+        full = [v for k, v in result.metrics.items() if k.startswith("val_r1_full_")]
+        if full:  # one headline number for summaries: full-prefix R@1, mean of both directions
+            result.metrics["val/R@1"] = sum(full) / len(full)
         timings = {"seconds": time.perf_counter() - t0, "load_seconds": t_train - t0,
                    "train_seconds": time.perf_counter() - t_train}
         path = write_run_manifest(out, command=command if command is not None else list(sys.argv),

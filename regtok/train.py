@@ -134,11 +134,12 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
             step += 1
             for k, v in record.items():
                 sums[k] = sums.get(k, 0.0) + v
-            record.update(lr=opt.param_groups[0]["lr"], samples_per_s=data.batch_size / (time.perf_counter() - t_log))
+            record.update(lr=opt.param_groups[0]["lr"], samples_per_s=data.batch_size / (time.perf_counter() - t_log),
+                          epoch=epoch)
             t_log = time.perf_counter()
             cb.on_step(step, total, record)
             if step % cfg.log_every == 0:
-                cb.on_log({"type": "step", "step": step, "epoch": epoch, **record})
+                cb.on_log({"type": "step", "step": step, **record})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % spe:
                 cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device)))
         seconds = time.perf_counter() - t_epoch
@@ -189,7 +190,8 @@ def recall_at_1(queries: Tensor, gallery: Tensor, chunk: int = 4096) -> float:
     for start in range(0, len(queries), chunk):
         q = queries[start:start + chunk]  # (C, E)
         scores = q @ gallery.T  # (C, N)
-        own = scores[torch.arange(len(q)), torch.arange(start, start + len(q))]  # (C,)
+        rows = torch.arange(len(q), device=q.device)  # (C,)
+        own = scores[rows, rows + start]  # (C,)
         hits += int(((scores > own[:, None]).sum(1) == 0).sum())
     return hits / max(1, len(queries))
 

@@ -166,6 +166,7 @@ def test_tiny_run_per_loss_type(store, tmp_path, loss):
     assert len(epochs) == 2 and len([r for r in lines if r["type"] == "step"]) == 2  # 2 steps/epoch, every 2nd
     terms = {"loss", "preservation"} | ({"contrastive"} if loss != "flow_matching" else set())
     assert terms <= set(epochs[-1]) and "val_r1_full_a_to_b" in epochs[-1] and "val_r1_k1_b_to_a" in epochs[-1]
+    assert 0 <= m["metrics"]["val/R@1"] <= 1 and m["metrics"]["step"] == 4
     assert all(np.isfinite(v) for r in lines for v in r.values() if isinstance(v, float))
     loaded = load_run(run)
     assert not loaded.model.training and loaded.feature_kind == "pooled" and loaded.train_config.epochs == 2
@@ -207,6 +208,17 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(store, tmp_path,
     assert all(torch.equal(a[k], c[k]) for k in a)
     steps = [(r["type"], r["step"]) for r in pipeline.runs.read_metrics(crash)]
     assert steps == [(r["type"], r["step"]) for r in pipeline.runs.read_metrics(tmp_path / "a")]
+
+
+def test_streaming_fallback_says_so_and_trains_the_same(store, tmp_path):
+    args = ["--features", str(store), *TINY, "--epochs", "1"]
+    code, _, err = run_train(*args, "--out", str(tmp_path / "mem"))
+    assert code == 0 and "streaming" not in err
+    code, _, err = run_train(*args, "--out", str(tmp_path / "stream"), "max_memory_fraction=0")
+    assert code == 0 and "streaming" in err
+    assert read_manifest(tmp_path / "stream" / "manifest.json")["streaming"] is True
+    a, b = weights(tmp_path / "mem"), weights(tmp_path / "stream")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_nan_stops_with_a_clear_error_and_the_last_good_checkpoint(store, tmp_path):
