@@ -34,6 +34,10 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     qk_norm: bool = False
     embed_dim: int = 512  # width of the L2-normalised shared embedding
+    # 0: registers stay hidden_dim wide. >0: each register is read out through a bottleneck of this width and
+    # lifted back by a per-position map (FlexTok-style low-capacity tokens), so k registers carry k×register_dim
+    # numbers and the prefix length matters; without it one register can hold as much as all of them.
+    register_dim: int = 0
     decoder_layers: int = 1  # blocks of the preservation decoder
     nested_dropout_mode: str = "power_of_two"
     loss_type: str = "contrastive"
@@ -57,6 +61,8 @@ class ModelConfig:
             raise RegtokError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if not 0 < self.n_shared <= self.n_registers:
             raise RegtokError(f"need 0 < n_shared <= n_registers, got {self.n_shared} and {self.n_registers}")
+        if self.register_dim < 0:
+            raise RegtokError(f"register_dim must be >= 0 (0 = no bottleneck), got {self.register_dim}")
         if self.hidden_dim % self.n_heads:
             raise RegtokError(f"hidden_dim ({self.hidden_dim}) must be divisible by n_heads ({self.n_heads})")
 
@@ -98,6 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "hidden_dim": 64,
             "n_heads": 4,
             "embed_dim": 64,
+            "register_dim": 8,
             "flow_hidden_dim": 128,
             "flow_layers": 2,
         },

@@ -69,6 +69,7 @@ class PreservationDecoder(nn.Module):
         d = cfg.hidden_dim
         self.queries = nn.Parameter(torch.empty(n_tokens, d))
         nn.init.trunc_normal_(self.queries, std=0.02)
+        self.summary = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
         self.blocks = nn.ModuleList(
             CrossBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.decoder_layers)
         )
@@ -77,7 +78,10 @@ class PreservationDecoder(nn.Module):
 
     def forward(self, registers: Tensor) -> Tensor:
         """registers: (B, R, d) → (B, T, D_in)."""
-        q = self.queries.unsqueeze(0).expand(registers.shape[0], -1, -1)  # (B, T, d)
+        # The queries start from a summary of the whole (masked) register set, so every kept register reaches
+        # the reconstruction additively, not only the few a softmax read picks out.
+        summary = self.summary(registers.mean(dim=1))  # (B, d)
+        q = self.queries.unsqueeze(0) + summary.unsqueeze(1)  # (B, T, d)
         for block in self.blocks:
             q = block(q, registers)  # (B, T, d)
         return self.out(self.norm(q))  # (B, T, D_in)
@@ -98,6 +102,12 @@ class RegisterModule(nn.Module):
             nn.init.trunc_normal_(p, std=0.02)
         self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(d)
+        if cfg.register_dim:
+            self.down = nn.Parameter(torch.empty(r, d, cfg.register_dim))  # one read-out per register position
+            nn.init.normal_(self.down, std=d**-0.5)
+            self.up = nn.Parameter(torch.empty(r, cfg.register_dim, d))  # one lift per register position
+            nn.init.normal_(self.up, std=cfg.register_dim**-0.5)
+            self.up_bias = nn.Parameter(torch.zeros(r, d))
         self.shared_proj = nn.Linear(d, cfg.embed_dim)
         self.decoder = PreservationDecoder(cfg, n_tokens, d_in)
         # Built once for this (n_tokens, n_registers); moves with .to(device); not part of the checkpoint.
@@ -123,6 +133,15 @@ class RegisterModule(nn.Module):
             h = block(h, mask)  # (B, T+n, d)
         return self.norm(h)
 
+    def readout(self, h: Tensor) -> Tensor:
+        """Register states from :meth:`encode`'s output (B, T + n, d) → (B, n, d), through the bottleneck if any."""
+        regs = h[:, self.n_tokens:]  # (B, n, d)
+        if not self.cfg.register_dim:
+            return regs
+        n = regs.shape[1]
+        codes = torch.einsum("bnd,ndc->bnc", regs, self.down[:n])  # (B, n, c)
+        return torch.einsum("bnc,ncd->bnd", codes, self.up[:n]) + self.up_bias[:n]  # (B, n, d)
+
     def resolve_keep(self, keep: int | Tensor | None, generator: torch.Generator | None, batch: int,
                      device: torch.device) -> Tensor:
         """keep → (B,) long: int k for all, a tensor as given, None → nested dropout (training) or all (eval)."""
@@ -147,7 +166,7 @@ class RegisterModule(nn.Module):
                 generator: torch.Generator | None = None) -> RegisterOutput:
         """x: (B, D_in) or (B, T, D_in). See the module docstring for ``keep``."""
         h = self.encode(x)  # (B, T+R, d)
-        regs = h[:, self.n_tokens:]  # (B, R, d)
+        regs = self.readout(h)  # (B, R, d)
         keep_t = self.resolve_keep(keep, generator, h.shape[0], h.device)  # (B,)
         kept = torch.arange(self.cfg.n_registers, device=h.device) < keep_t[:, None]  # (B, R)
         regs = torch.where(kept[..., None], regs, self.mask_token.to(regs.dtype))  # (B, R, d)

@@ -59,13 +59,14 @@ def test_feature_tokens_ignore_registers_and_registers_read_features():
     assert not torch.allclose(m.encode(x2)[:, m.n_tokens], m.encode(x)[:, m.n_tokens])  # register 0 sees it
 
 
-def test_k_register_encoding_equals_prefix_of_full_encoding():
-    m = module()
+@pytest.mark.parametrize("register_dim", [0, 8])
+def test_k_register_encoding_equals_prefix_of_full_encoding(register_dim):
+    m = module(register_dim=register_dim)
     x = batch()["tactile"]
-    t, r = m.n_tokens, m.cfg.n_registers
+    r = m.cfg.n_registers
     full = m(x)
     for k in range(1, r + 1):
-        alone = m.encode(x, n_registers=k)[:, t:]  # (B, k, d): only k register tokens exist
+        alone = m.readout(m.encode(x, n_registers=k))  # (B, k, d): only k register tokens exist
         out = m(x, keep=k)
         torch.testing.assert_close(out.registers[:, :k], alone, rtol=0, atol=1e-12)
         torch.testing.assert_close(out.registers[:, :k], full.registers[:, :k], rtol=0, atol=1e-12)
@@ -79,7 +80,7 @@ def test_shared_embedding_is_masked_mean_of_kept_shared_registers():
     s = m.cfg.n_shared
     keep = torch.tensor([1, 2, 8, 1, 4, 2])
     out = m(x, keep=keep)
-    full = m.encode(x)[:, m.n_tokens:]  # (B, R, d)
+    full = m.readout(m.encode(x))  # (B, R, d)
     for i, k in enumerate(keep.tolist()):
         mean = full[i, : min(k, s)].mean(dim=0)
         expected = torch.nn.functional.normalize(m.shared_proj(mean), dim=-1)
