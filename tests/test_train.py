@@ -68,6 +68,20 @@ def store(tmp_path_factory) -> Path:
     return write_store(tmp_path_factory.mktemp("store"))
 
 
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory) -> Path:
+    """The real thing, kept tiny: `regtok synth` shards through `regtok extract` with the tiny encoders."""
+    from pipeline.synth import synthesize
+
+    root = tmp_path_factory.mktemp("extracted")
+    synthesize(root / "shards", samples=96, shards=2, seed=0)
+    result = CliRunner().invoke(main, ["extract", "--shards", str(root / "shards" / "dataset.json"), "--out",
+                                       str(root / "store"), "--encoder", "vision=tiny:0", "--encoder",
+                                       "tactile=tiny:1", "--tokens", "--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    return root / "store"
+
+
 def run_train(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(main, ["train", *args])
     if result.exception and not isinstance(result.exception, SystemExit):
@@ -149,11 +163,12 @@ def test_no_weight_decay_on_vectors_and_the_logit_scale():
 
 
 @pytest.mark.parametrize("loss", ["contrastive", "flow_matching", "combined"])
-def test_tiny_run_per_loss_type(store, tmp_path, loss):
+def test_tiny_run_per_loss_type(extracted, tmp_path, loss):
     from pipeline.runs import load_run, read_metrics
 
-    run = tmp_path / "run"
-    code, out, err = run_train("--features", str(store), "--out", str(run), "--loss", loss, *TINY)
+    store, run = extracted, tmp_path / "run"
+    code, out, err = run_train("--features", str(store), "--out", str(run), "--loss", loss, *TINY,
+                               "feature_kind=pooled")
     assert code == 0, err
     assert Path(out.strip()) == run / "manifest.json"
     m = read_manifest(run / "manifest.json", kind="run")
@@ -243,13 +258,16 @@ def test_unknown_config_key_is_a_one_line_error(store, tmp_path):
     assert code == 2 and "n_layer" in err
 
 
-def test_tokens_are_used_when_the_store_has_them(tmp_path):
+def test_tokens_are_used_when_the_store_has_them(extracted, tmp_path):
     from pipeline.runs import load_run
 
-    store = write_store(tmp_path / "store", n=64, tokens=True)
     run = tmp_path / "run"
-    code, _, err = run_train("--features", str(store), "--out", str(run), *TINY, "--epochs", "1")
+    code, _, err = run_train("--features", str(extracted), "--out", str(run), *TINY, "--epochs", "1")
     assert code == 0, err
     loaded = load_run(run)
     assert loaded.feature_kind == "tokens"
-    assert json.loads((run / "config.json").read_text())["model_spec"]["inputs"]["vision"] == [3, 12]
+    tokens = json.loads((run / "config.json").read_text())["model_spec"]["inputs"]["vision"]
+    assert tokens == list(read_manifest(extracted / "manifest.json")["encoders"]["vision"]["token_shape"])
+    code, _, err = run_train("--features", str(write_store(tmp_path / "pooled_only")), "--out",
+                             str(tmp_path / "r2"), *TINY, "feature_kind=tokens")
+    assert code == 2 and "no tokens features" in err
