@@ -41,6 +41,72 @@ def main() -> None:
 # ── data: synth, pack ───────────────────────────────────────────────────────────────────────────────
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--samples", default=2000, type=int, help="Number of vision/tactile pairs.")
+@click.option("--shards", default=4, type=int, help="Number of tar shards (samples split evenly, in key order).")
+@click.option("--seed", default=0, type=int, help="Seed; each sample's generator is derived from (seed, index).")
+@click.option("--image-size", default=64, type=int, help="Width and height of both images, in pixels.")
+def synth(out_dir: str, samples: int, shards: int, seed: int, image_size: int) -> None:
+    """Write the embedded synthetic set: paired photo / GelSight-style images of procedural surfaces.
+
+    Shared factors (material family, roughness, frequency, orientation) shape both images; albedo, light and
+    camera noise change only the photo; press depth, gel blur and sensor noise only the touch. KEY.json holds
+    every factor. Same arguments give byte-identical shards. Prints the path of OUT_DIR/dataset.json.
+    """
+    from pathlib import Path
+
+    from pipeline.console import progress, stderr_console
+    from pipeline.synth import synthesize
+
+    console = stderr_console()
+    with progress(console) as bar:
+        task = bar.add_task("synth", total=samples)
+        m = synthesize(out_dir, samples, shards, seed, image_size, progress=lambda n: bar.advance(task, n))
+    size = sum(s["bytes"] for s in m["shards"])
+    console.print(f"Wrote {m['samples']:,} vision/tactile pairs ({image_size} px PNG, "
+                  f"{len(m['labels']['material']['classes'])} material families) in {len(m['shards'])} shard(s), "
+                  f"{size / 1e6:.1f} MB, in {m['timings']['seconds']:.1f} s with seed {seed}. "
+                  f"Labels: {', '.join(m['labels'])}.")
+    click.echo(str(Path(out_dir) / "dataset.json"))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("csv_path", metavar="CSV", type=click.Path(dir_okay=False))
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="Folder the CSV's image paths are relative to  [default: the CSV's folder]")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--vision-col", default="url", help="CSV column with the vision image path.")
+@click.option("--tactile-col", default="tactile", help="CSV column with the tactile image path.")
+@click.option("--label-col", "label_cols", multiple=True,
+              help="Label column (repeatable): numeric columns stay numbers, text columns become class indices.")
+@click.option("--samples-per-shard", default=1000, type=int, help="Samples per tar shard.")
+def pack(csv_path: str, root: str | None, out_dir: str, vision_col: str, tactile_col: str,
+         label_cols: tuple[str, ...], samples_per_shard: int) -> None:
+    """Pack a paired dataset given as a CSV of relative image paths (TVL / SSVTP layout) into shards.
+
+    Image bytes are copied unchanged after a decode check; every CSV column goes into KEY.json. Rows with a
+    missing or unreadable image are skipped and listed in dataset.json. Prints the path of OUT_DIR/dataset.json.
+    """
+    from pathlib import Path
+
+    from pipeline.console import progress, stderr_console
+    from pipeline.pack import pack as pack_csv
+
+    console = stderr_console()
+    with progress(console) as bar:
+        task = bar.add_task("pack", total=None)
+        m = pack_csv(csv_path, root, out_dir, vision_col=vision_col, tactile_col=tactile_col,
+                     label_cols=label_cols, samples_per_shard=samples_per_shard,
+                     progress=lambda n: bar.advance(task, n), on_rows=lambda n: bar.update(task, total=n))
+    skipped = m["skipped"]
+    console.print(f"Packed {m['samples']:,} of {m['source']['rows']:,} rows into {len(m['shards'])} shard(s) "
+                  f"in {m['timings']['seconds']:.1f} s; skipped {len(skipped)}"
+                  + (f" (first: row {skipped[0]['row']}, {skipped[0]['reason']})" if skipped else "")
+                  + f". Labels: {', '.join(m['labels']) or 'none'}.")
+    click.echo(str(Path(out_dir) / "dataset.json"))
+
+
 # ── stage 1: extract ────────────────────────────────────────────────────────────────────────────────
 
 

@@ -1,0 +1,191 @@
+"""Pack a real paired dataset laid out as a CSV of relative image paths (TVL / SSVTP style) into shards.
+
+Each CSV row becomes one sample ``KEY.vision.<ext>``, ``KEY.tactile.<ext>``, ``KEY.json``: the image bytes
+are copied unchanged (after checking that they decode), the json holds every CSV column, and the label
+columns are turned into numbers (numeric columns as floats, string columns as class indices whose names
+go into the manifest's ``labels``). A row whose image is missing or unreadable is skipped and recorded.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.manifest import environment, file_record, input_ref, new_manifest, write_manifest
+from pipeline.shards import shard_name, write_shard
+from pipeline.synth import prepare_out_dir, remove_stale_shards
+from regtok.errors import RegtokError
+
+Sample = tuple[str, list[tuple[str, bytes]]]
+
+
+def read_rows(csv_path: Path, columns: Sequence[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and rows of a CSV; RegtokError if the file is missing or lacks one of ``columns``."""
+    if not csv_path.is_file():
+        raise RegtokError(f"CSV not found: {csv_path}")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise RegtokError(f"cannot read CSV {csv_path}: {e}") from None
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise RegtokError(f"{csv_path}: no column {', '.join(map(repr, missing))} "
+                          f"(columns: {', '.join(header) or 'none'})")
+    return header, rows
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def label_schema(rows: list[dict[str, str]], label_cols: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per label column: continuous with its range if every non-empty value is numeric, else categorical
+    with its sorted distinct values as classes. Empty cells are missing labels (null in the json)."""
+    labels: dict[str, dict[str, Any]] = {}
+    for col in label_cols:
+        values = [(r.get(col) or "").strip() for r in rows]
+        present = [v for v in values if v]
+        if present and all(_is_number(v) for v in present):
+            nums = [float(v) for v in present]
+            labels[col] = {"type": "continuous", "range": [min(nums), max(nums)]}
+        else:
+            labels[col] = {"type": "categorical", "classes": sorted(set(present))}
+    return labels
+
+
+def label_values(row: dict[str, str], labels: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The json fields of a row's labels: a number (or null) per label, plus ``<col>_name`` for categories."""
+    out: dict[str, Any] = {}
+    for col, spec in labels.items():
+        text = (row.get(col) or "").strip()
+        if spec["type"] == "continuous":
+            out[col] = float(text) if text else None
+        else:
+            out[col] = spec["classes"].index(text) if text else None
+            out[f"{col}_name"] = text
+    return out
+
+
+def member_ext(path: Path) -> str:
+    """The member extension of an image file: its suffix, lower case, ``jpeg`` spelled ``jpg``."""
+    ext = path.suffix.lower().lstrip(".") or "img"
+    return "jpg" if ext == "jpeg" else ext
+
+
+def load_image(path: Path) -> bytes:
+    """The file's bytes after checking that they decode as an image; ValueError(reason) otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise ValueError(f"missing image {path}")
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # verify() does not catch truncated pixel data
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"unreadable image {path}: {e}") from None
+    return data
+
+
+def iter_samples(rows: list[dict[str, str]], root: Path, columns: dict[str, str],
+                 labels: dict[str, dict[str, Any]], skipped: list[dict[str, Any]],
+                 progress: Callable[[int], None] | None = None) -> Iterator[Sample]:
+    """Yield the packable rows as samples; append ``{"row", "key", "reason"}`` to ``skipped`` for the rest.
+
+    ``columns`` maps modality name -> CSV column. Rows are numbered from 1 (the header is not a row) and the
+    key is that number, zero-padded, so keys point back to the CSV whatever is skipped.
+    """
+    width = max(6, len(str(len(rows))))
+    for number, row in enumerate(rows, start=1):
+        key = f"{number:0{width}d}"
+        try:
+            members = []
+            for modality, col in columns.items():
+                rel = (row.get(col) or "").strip()
+                if not rel:
+                    raise ValueError(f"empty {col!r} cell")
+                path = root / rel
+                members.append((f"{modality}.{member_ext(path)}", load_image(path)))
+        except (ValueError, OSError) as e:
+            skipped.append({"row": number, "key": key, "reason": str(e)})
+        else:
+            record = {"key": key, "row": number, **{k: v for k, v in row.items() if k is not None},
+                      **label_values(row, labels)}
+            members.append(("json", json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()))
+            yield key, members
+        if progress is not None:
+            progress(1)
+
+
+def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, vision_col: str = "url",
+         tactile_col: str = "tactile", label_cols: Sequence[str] = (), samples_per_shard: int = 1000,
+         progress: Callable[[int], None] | None = None,
+         on_rows: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Pack ``csv_path`` (image paths relative to ``root``, default: the CSV's folder) into ``out_dir``.
+
+    Writes ``shard-000000.tar`` … of up to ``samples_per_shard`` samples and ``out_dir/dataset.json``, and
+    returns that manifest. ``on_rows`` is told the number of CSV rows once they are read; ``progress`` is
+    called with 1 per row handled.
+    """
+    csv_path = Path(csv_path)
+    root = csv_path.parent if root is None else Path(root)
+    if samples_per_shard < 1:
+        raise RegtokError(f"--samples-per-shard must be at least 1 (got {samples_per_shard})")
+    if not root.is_dir():
+        raise RegtokError(f"image root is not a directory: {root}")
+    columns = {"vision": vision_col, "tactile": tactile_col}
+    header, rows = read_rows(csv_path, [vision_col, tactile_col, *label_cols])
+    if on_rows is not None:
+        on_rows(len(rows))
+    out = Path(out_dir)
+    prepare_out_dir(out)
+    start = time.perf_counter()
+    labels = label_schema(rows, label_cols)
+    skipped: list[dict[str, Any]] = []
+    samples = iter_samples(rows, root, columns, labels, skipped, progress)
+    records = []
+    while (first := next(samples, None)) is not None:
+        path = out / shard_name(len(records))
+        n = write_shard(path, itertools.chain([first], itertools.islice(samples, samples_per_shard - 1)))
+        records.append({"samples": n, **file_record(path, out)})
+    if not records:
+        reason = skipped[0]["reason"] if skipped else "the CSV has no rows"
+        raise RegtokError(f"{csv_path}: no row could be packed ({len(skipped)} skipped; first: {reason})")
+    remove_stale_shards(out, [out / r["path"] for r in records])
+    seconds = time.perf_counter() - start
+    total = sum(r["samples"] for r in records)
+    config = {"csv": str(csv_path), "root": str(root), "vision_col": vision_col, "tactile_col": tactile_col,
+              "label_cols": list(label_cols), "samples_per_shard": samples_per_shard}
+    manifest = new_manifest(
+        "dataset",
+        config=config,
+        inputs=[input_ref("csv", csv_path, out)],
+        outputs={"files": [{k: r[k] for k in ("path", "bytes", "sha256")} for r in records]},
+        environment_=environment(),
+        timings={"seconds": round(seconds, 3)},
+        shards=[{"path": r["path"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
+                for r in records],
+        samples=total,
+        modalities=list(columns),
+        labels=labels,
+        skipped=skipped,
+        source={"csv": str(csv_path.absolute()), "root": str(root.absolute()), "rows": len(rows),
+                "columns": header, "image_columns": columns},
+    )
+    write_manifest(out / "dataset.json", manifest)
+    return manifest

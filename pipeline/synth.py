@@ -1,0 +1,201 @@
+"""The embedded synthetic visuo-tactile dataset: paired photo / GelSight-style images of procedural surfaces.
+
+Each sample draws its factors from a generator seeded by ``(seed, global index)``, so a sample's content does
+not depend on how the samples are split into shards, and the same arguments give byte-identical shards.
+Shared factors (material, roughness, frequency, orientation) shape the surface both modalities see;
+vision-only factors (albedo, light, camera noise) and tactile-only factors (press depth, gel blur, sensor
+noise) change only one view.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from pipeline import surfaces
+from pipeline.manifest import environment, file_record, new_manifest, write_manifest
+from pipeline.shards import shard_name, write_shard
+from regtok.errors import RegtokError
+
+GENERATOR_NAME = "regtok.synth"
+GENERATOR_VERSION = "1"
+
+# name -> (low, high, group); uniform draws. Degrees for angles; gel_blur in pixels at 64 px.
+FACTORS = MappingProxyType({
+    "roughness": (0.3, 1.0, "shared"),
+    "frequency": (2.5, 6.5, "shared"),
+    "orientation": (0.0, 180.0, "shared"),
+    "albedo_hue": (0.0, 1.0, "vision"),
+    "albedo_saturation": (0.1, 0.45, "vision"),
+    "albedo_value": (0.5, 0.9, "vision"),
+    "light_azimuth": (0.0, 360.0, "vision"),
+    "light_elevation": (35.0, 70.0, "vision"),
+    "camera_noise": (0.0, 0.02, "vision"),
+    "press_depth": (0.5, 1.0, "tactile"),
+    "gel_blur": (0.5, 1.5, "tactile"),
+    "sensor_noise": (0.0, 0.015, "tactile"),
+})
+RELIEF = 0.25  # relief height as a fraction of the pattern period: shading contrast depends on roughness only
+MODALITIES = ("vision", "tactile")
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator of sample ``index``: independent of shard count and of the order samples are made in."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
+
+
+def draw_factors(rng: np.random.Generator) -> dict[str, Any]:
+    """One sample's factor values: material class and name, then every continuous factor (rounded to 1e-6)."""
+    material = int(rng.integers(len(surfaces.FAMILIES)))
+    out: dict[str, Any] = {"material": material, "material_name": surfaces.FAMILIES[material]}
+    for name, (lo, hi, _) in FACTORS.items():
+        out[name] = round(float(rng.uniform(lo, hi)), 6)
+    return out
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
+    k = (np.array([5.0, 3.0, 1.0]) + h * 6.0) % 6.0
+    return (v - v * s * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)).astype(np.float32)
+
+
+def render_pair(factors: dict[str, Any], size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The (vision, tactile) images of one sample, each ``(size, size, 3)`` uint8."""
+    h = surfaces.height_field(factors["material"], size, factors["frequency"],
+                              np.deg2rad(factors["orientation"]), rng)
+    relief_px = RELIEF * factors["roughness"] * size / factors["frequency"]
+    albedo = _hsv_to_rgb(factors["albedo_hue"], factors["albedo_saturation"], factors["albedo_value"])
+    vision = surfaces.render_photo(h, relief_px, albedo, np.deg2rad(factors["light_azimuth"]),
+                                   np.deg2rad(factors["light_elevation"]), factors["camera_noise"], rng)
+    centre = (float(rng.uniform(-0.15, 0.15)), float(rng.uniform(-0.15, 0.15)))
+    indent = surfaces.press_into_gel(h, relief_px, factors["press_depth"], centre)
+    tactile = surfaces.render_gelsight(indent, factors["gel_blur"] * size / 64, factors["sensor_noise"], rng)
+    return vision, tactile
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """PNG bytes with fixed settings and no metadata (no timestamps), so equal pixels give equal bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img, mode="RGB").save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def key_width(samples: int) -> int:
+    """Digits of a sample key: at least 6, enough for the largest global index."""
+    return max(6, len(str(max(samples - 1, 0))))
+
+
+def make_sample(seed: int, index: int, size: int, width: int = 6) -> tuple[str, list[tuple[str, bytes]]]:
+    """Sample ``index`` as ``(key, [(ext, bytes), …])``: vision.png, tactile.png, json."""
+    rng = sample_rng(seed, index)
+    factors = draw_factors(rng)
+    vision, tactile = render_pair(factors, size, rng)
+    key = f"{index:0{width}d}"
+    record = {"key": key, "index": index, **factors}
+    return key, [("vision.png", encode_png(vision)), ("tactile.png", encode_png(tactile)),
+                 ("json", json.dumps(record, separators=(",", ":")).encode())]
+
+
+def shard_ranges(samples: int, shards: int) -> list[range]:
+    """Contiguous global-index ranges, one per shard, sizes differing by at most one."""
+    return [range(i * samples // shards, (i + 1) * samples // shards) for i in range(shards)]
+
+
+def label_schema() -> dict[str, dict[str, Any]]:
+    """The ``labels`` block of the dataset manifest: material is categorical, every other factor continuous."""
+    labels: dict[str, dict[str, Any]] = {"material": {"type": "categorical", "classes": list(surfaces.FAMILIES)}}
+    for name, (lo, hi, group) in FACTORS.items():
+        labels[name] = {"type": "continuous", "range": [lo, hi], "group": group}
+    return labels
+
+
+def generator_params(samples: int, shards: int, seed: int, image_size: int) -> dict[str, Any]:
+    """Every parameter that determines the output, including the factor ranges and the encoder versions."""
+    from PIL import __version__ as pillow_version
+
+    return {"samples": samples, "shards": shards, "seed": seed, "image_size": image_size,
+            "families": list(surfaces.FAMILIES), "factors": {k: list(v) for k, v in FACTORS.items()},
+            "relief": RELIEF, "png": {"compress_level": 6, "optimize": False},
+            "numpy": np.__version__, "pillow": pillow_version}
+
+
+def _check_args(samples: int, shards: int, image_size: int) -> None:
+    if samples < 1:
+        raise RegtokError(f"--samples must be at least 1 (got {samples})")
+    if not 1 <= shards <= samples:
+        raise RegtokError(f"--shards must be between 1 and the number of samples ({samples}), got {shards}")
+    if not 16 <= image_size <= 1024:
+        raise RegtokError(f"--image-size must be between 16 and 1024 pixels (got {image_size})")
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create ``out``; refuse a folder holding tar files that no earlier regtok run (dataset.json) accounts for."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "dataset.json").is_file():
+        foreign = sorted(p.name for p in out.glob("*.tar"))
+        if foreign:
+            raise RegtokError(f"{out} already holds {foreign[0]} (and {len(foreign) - 1} more .tar) but no "
+                              f"dataset.json; write to an empty or new folder")
+
+
+def remove_stale_shards(out: Path, written: list[Path]) -> None:
+    """Delete ``shard-NNNNNN.tar`` files left in ``out`` by an earlier, larger run."""
+    keep = {p.name for p in written}
+    for p in out.glob("shard-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+        if p.name not in keep:
+            p.unlink()
+
+
+def _samples(seed: int, indices: range, size: int, width: int,
+             progress: Callable[[int], None] | None) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    for index in indices:
+        yield make_sample(seed, index, size, width)
+        if progress is not None:
+            progress(1)
+
+
+def synthesize(out_dir: str | Path, samples: int, shards: int, seed: int, image_size: int = 64,
+               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Write ``shards`` tar shards of ``samples`` pairs and ``OUT_DIR/dataset.json``; return that manifest.
+
+    ``progress`` (optional) is called with the number of samples just finished.
+    """
+    _check_args(samples, shards, image_size)
+    out = Path(out_dir)
+    prepare_out_dir(out)
+    start = time.perf_counter()
+    width = key_width(samples)
+    records = []
+    for i, indices in enumerate(shard_ranges(samples, shards)):
+        path = out / shard_name(i)
+        n = write_shard(path, _samples(seed, indices, image_size, width, progress))
+        records.append({**file_record(path, out), "samples": n})
+    remove_stale_shards(out, [out / r["path"] for r in records])
+    seconds = time.perf_counter() - start
+    params = generator_params(samples, shards, seed, image_size)
+    manifest = new_manifest(
+        "dataset",
+        command=["regtok", "synth", str(out), "--samples", str(samples), "--shards", str(shards),
+                 "--seed", str(seed), "--image-size", str(image_size)],
+        config={"samples": samples, "shards": shards, "seed": seed, "image_size": image_size},
+        outputs={"files": [{k: r[k] for k in ("path", "bytes", "sha256")} for r in records]},
+        environment_=environment(),
+        timings={"seconds": round(seconds, 3), "samples_per_second": round(samples / max(seconds, 1e-9), 1)},
+        shards=[{"path": r["path"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
+                for r in records],
+        samples=samples,
+        modalities=list(MODALITIES),
+        labels=label_schema(),
+        skipped=[],
+        generator={"name": GENERATOR_NAME, "version": GENERATOR_VERSION, "params": params},
+    )
+    write_manifest(out / "dataset.json", manifest)
+    return manifest
