@@ -57,8 +57,9 @@ def synth(out_dir: str, samples: int, shards: int, seed: int, image_size: int) -
     from pathlib import Path
 
     from pipeline.console import progress, stderr_console
-    from pipeline.synth import synthesize
+    from pipeline.synth import check_args, synthesize
 
+    check_args(samples, shards, image_size)  # before the progress bar shows, so an error is one line
     console = stderr_console()
     with progress(console) as bar:
         task = bar.add_task("synth", total=samples)
@@ -94,11 +95,18 @@ def pack(csv_path: str, root: str | None, out_dir: str, vision_col: str, tactile
     from pipeline.pack import pack as pack_csv
 
     console = stderr_console()
-    with progress(console) as bar:
-        task = bar.add_task("pack", total=None)
+    bar = progress(console)
+
+    def start(rows: int) -> None:  # once the CSV and its columns are checked, so an error there is one line
+        bar.start()
+        bar.add_task("pack", total=rows)
+
+    try:
         m = pack_csv(csv_path, root, out_dir, vision_col=vision_col, tactile_col=tactile_col,
                      label_cols=label_cols, samples_per_shard=samples_per_shard,
-                     progress=lambda n: bar.advance(task, n), on_rows=lambda n: bar.update(task, total=n))
+                     progress=lambda n: bar.advance(bar.task_ids[0], n), on_rows=start)
+    finally:
+        bar.stop()
     skipped = m["skipped"]
     console.print(f"Packed {m['samples']:,} of {m['source']['rows']:,} rows into {len(m['shards'])} shard(s) "
                   f"in {m['timings']['seconds']:.1f} s; skipped {len(skipped)}"

@@ -53,7 +53,10 @@ def _is_number(text: str) -> bool:
 
 def label_schema(rows: list[dict[str, str]], label_cols: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per label column: continuous with its range if every non-empty value is numeric, else categorical
-    with its sorted distinct values as classes. Empty cells are missing labels (null in the json)."""
+    with its sorted distinct values as classes. Empty cells are missing labels (null in the json).
+
+    Every CSV row counts, skipped or not, so a class keeps its index when a broken image is fixed later.
+    """
     labels: dict[str, dict[str, Any]] = {}
     for col in label_cols:
         values = [(r.get(col) or "").strip() for r in rows]

@@ -127,7 +127,8 @@ def generator_params(samples: int, shards: int, seed: int, image_size: int) -> d
             "numpy": np.__version__, "pillow": pillow_version}
 
 
-def _check_args(samples: int, shards: int, image_size: int) -> None:
+def check_args(samples: int, shards: int, image_size: int) -> None:
+    """RegtokError unless the arguments of :func:`synthesize` make sense."""
     if samples < 1:
         raise RegtokError(f"--samples must be at least 1 (got {samples})")
     if not 1 <= shards <= samples:
@@ -168,7 +169,7 @@ def synthesize(out_dir: str | Path, samples: int, shards: int, seed: int, image_
 
     ``progress`` (optional) is called with the number of samples just finished.
     """
-    _check_args(samples, shards, image_size)
+    check_args(samples, shards, image_size)
     out = Path(out_dir)
     prepare_out_dir(out)
     start = time.perf_counter()

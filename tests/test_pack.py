@@ -1,0 +1,121 @@
+"""regtok pack: a TVL/SSVTP-style CSV of relative image paths becomes shards; bad rows are skipped and listed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import main
+from pipeline.manifest import read_manifest, sha256_file
+from pipeline.shards import iter_shard
+
+
+def _image(path, seed, fmt):
+    rgb = np.random.default_rng(seed).integers(0, 255, size=(12, 16, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+
+
+@pytest.fixture
+def tvl(tmp_path):
+    """root/images/…: rows 1, 2, 4, 5 are good; row 3 lacks its tactile image; row 6's vision image is garbage."""
+    root = tmp_path / "data"
+    rows = []
+    materials = ["wood", "metal", "wood", "fabric", "metal", "wood"]
+    for i, material in enumerate(materials, start=1):
+        vision, tactile = f"images/{i}/rgb.jpg", f"images/{i}/tac.png"
+        _image(root / vision, i, "JPEG")
+        if i != 3:
+            _image(root / tactile, 100 + i, "PNG")
+        rows.append({"url": vision, "tactile": tactile, "caption": f"surface {i}, rough",
+                     "material": material, "force": str(0.5 * i)})
+    (root / "images/6/rgb.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    path = tmp_path / "train.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["url", "tactile", "caption", "material", "force"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path, root
+
+
+def _pack(csv_path, root, out, *extra):
+    args = ["pack", str(csv_path), "--root", str(root), "--out", str(out), "--label-col", "material",
+            "--label-col", "force", *extra]
+    return CliRunner().invoke(main, args)
+
+
+def test_pack_copies_images_and_labels_and_lists_skipped_rows(tvl, tmp_path):
+    csv_path, root = tvl
+    result = _pack(csv_path, root, tmp_path / "out", "--samples-per-shard", "3")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(tmp_path / "out" / "dataset.json")
+    assert "skipped 2" in result.stderr
+    m = read_manifest(tmp_path / "out" / "dataset.json", kind="dataset")
+    assert m["samples"] == 4 and [s["samples"] for s in m["shards"]] == [3, 1]
+    assert [(s["row"], s["reason"].split()[0]) for s in m["skipped"]] == [(3, "missing"), (6, "unreadable")]
+    assert m["labels"]["material"] == {"type": "categorical", "classes": ["fabric", "metal", "wood"]}
+    # label classes and ranges come from every CSV row, so class indices do not change when a row is skipped
+    assert m["labels"]["force"] == {"type": "continuous", "range": [0.5, 3.0]}
+    assert m["source"]["rows"] == 6 and m["modalities"] == ["vision", "tactile"]
+    assert m["inputs"][0]["sha256"] == sha256_file(csv_path)
+
+    samples = [s for shard in m["shards"] for s in iter_shard(tmp_path / "out" / shard["path"])]
+    assert [s.key for s in samples] == ["000001", "000002", "000004", "000005"]
+    first = samples[0]
+    assert set(first.files) == {"vision.jpg", "tactile.png", "json"}
+    assert first.files["vision.jpg"] == (root / "images/1/rgb.jpg").read_bytes()  # bytes copied, not re-encoded
+    assert first.files["tactile.png"] == (root / "images/1/tac.png").read_bytes()
+    record = json.loads(samples[2].files["json"])
+    assert record["caption"] == "surface 4, rough" and record["row"] == 4
+    assert record["material"] == 0 and record["material_name"] == "fabric" and record["force"] == 2.0
+
+
+def test_pack_reads_back_with_webdataset(tvl, tmp_path):
+    wds = pytest.importorskip("webdataset")
+    csv_path, root = tvl
+    assert _pack(csv_path, root, tmp_path / "out").exit_code == 0
+    got = list(wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in got] == ["000001", "000002", "000004", "000005"]
+    assert all({"vision.jpg", "tactile.png", "json"} <= set(s) for s in got)
+
+
+def test_pack_is_deterministic(tvl, tmp_path):
+    csv_path, root = tvl
+    a, b = _pack(csv_path, root, tmp_path / "a"), _pack(csv_path, root, tmp_path / "b")
+    assert a.exit_code == b.exit_code == 0
+    assert (tmp_path / "a/shard-000000.tar").read_bytes() == (tmp_path / "b/shard-000000.tar").read_bytes()
+
+
+@pytest.mark.parametrize("case", ["bad column", "bad label column", "missing csv", "missing root"])
+def test_user_errors_are_one_line_and_exit_2(tvl, tmp_path, case):
+    csv_path, root = tvl
+    if case == "bad column":
+        result = _pack(csv_path, root, tmp_path / "out", "--tactile-col", "gelsight")
+        expected = "no column 'gelsight'"
+    elif case == "bad label column":
+        result = _pack(csv_path, root, tmp_path / "out", "--label-col", "hardness")
+        expected = "no column 'hardness'"
+    elif case == "missing csv":
+        result = _pack(tmp_path / "nope.csv", root, tmp_path / "out")
+        expected = "CSV not found"
+    else:
+        result = _pack(csv_path, tmp_path / "nowhere", tmp_path / "out")
+        expected = "image root"
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
+    assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+def test_a_csv_whose_rows_all_fail_is_an_error(tvl, tmp_path):
+    csv_path, _ = tvl
+    result = _pack(csv_path, tmp_path, tmp_path / "out")  # wrong root: every image is missing
+    assert result.exit_code == 2 and "no row could be packed" in result.stderr
