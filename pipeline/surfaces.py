@@ -193,16 +193,17 @@ def _to_uint8(img: Field) -> np.ndarray:
 
 
 def render_photo(h: Field, relief_px: float, albedo: np.ndarray, light_azimuth: float, light_elevation: float,
-                 noise: float, rng: np.random.Generator) -> np.ndarray:
+                 noise: float, rng: np.random.Generator, occlusion: float = 0.6) -> np.ndarray:
     """A camera photo of the surface: ``(S, S, 3)`` uint8.
 
     Lambertian shading of ``h * relief_px`` under one distant light, times an RGB ``albedo`` darkened in
-    cavities (a cheap ambient-occlusion term), plus ambient light and Gaussian camera noise.
+    cavities by up to ``occlusion`` (a cheap ambient-occlusion term; deeper relief, darker cavities), plus
+    ambient light and Gaussian camera noise.
     """
     nx, ny, nz = _normals(h * np.float32(relief_px))
     light = _direction(light_azimuth, light_elevation)
     lambert = np.clip(nx * light[0] + ny * light[1] + nz * light[2], 0.0, None) / light[2]  # flat = 1
-    shade = (0.3 + 0.7 * lambert) * (0.4 + 0.6 * h)  # (S, S); cavities darker whatever the light
+    shade = (0.3 + 0.7 * lambert) * (1.0 - occlusion * (1.0 - h))  # (S, S); cavities dark whatever the light
     img = shade[..., None] * albedo[None, None, :].astype(np.float32)  # (S, S, 3)
     img += rng.normal(0.0, noise, size=img.shape).astype(np.float32)
     return _to_uint8(img)

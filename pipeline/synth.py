@@ -43,7 +43,10 @@ FACTORS = MappingProxyType({
     "sensor_noise": (0.0, 0.015, "tactile"),
 })
 RELIEF = 0.25  # relief height as a fraction of the pattern period: shading contrast depends on roughness only
+OCCLUSION = 0.35  # extra cavity darkening in the photo per unit roughness: deeper relief, darker cavities
 MODALITIES = ("vision", "tactile")
+# Circular factors (period in degrees) also get <name>_cos / <name>_sin labels, which a linear probe can read.
+CIRCULAR = MappingProxyType({"orientation": 180.0, "light_azimuth": 360.0})
 
 
 def sample_rng(seed: int, index: int) -> np.random.Generator:
@@ -57,6 +60,9 @@ def draw_factors(rng: np.random.Generator) -> dict[str, Any]:
     out: dict[str, Any] = {"material": material, "material_name": surfaces.FAMILIES[material]}
     for name, (lo, hi, _) in FACTORS.items():
         out[name] = round(float(rng.uniform(lo, hi)), 6)
+    for name, period in CIRCULAR.items():
+        angle = 2 * np.pi * out[name] / period
+        out[f"{name}_cos"], out[f"{name}_sin"] = round(float(np.cos(angle)), 6), round(float(np.sin(angle)), 6)
     return out
 
 
@@ -72,7 +78,8 @@ def render_pair(factors: dict[str, Any], size: int, rng: np.random.Generator) ->
     relief_px = RELIEF * factors["roughness"] * size / factors["frequency"]
     albedo = _hsv_to_rgb(factors["albedo_hue"], factors["albedo_saturation"], factors["albedo_value"])
     vision = surfaces.render_photo(h, relief_px, albedo, np.deg2rad(factors["light_azimuth"]),
-                                   np.deg2rad(factors["light_elevation"]), factors["camera_noise"], rng)
+                                   np.deg2rad(factors["light_elevation"]), factors["camera_noise"], rng,
+                                   occlusion=0.4 + OCCLUSION * factors["roughness"])
     centre = (float(rng.uniform(-0.15, 0.15)), float(rng.uniform(-0.15, 0.15)))
     indent = surfaces.press_into_gel(h, relief_px, factors["press_depth"], centre)
     tactile = surfaces.render_gelsight(indent, factors["gel_blur"] * size / 64, factors["sensor_noise"], rng)
@@ -110,10 +117,17 @@ def shard_ranges(samples: int, shards: int) -> list[range]:
 
 
 def label_schema() -> dict[str, dict[str, Any]]:
-    """The ``labels`` block of the dataset manifest: material is categorical, every other factor continuous."""
+    """The ``labels`` block of the dataset manifest: material is categorical, every other factor continuous.
+
+    Each continuous label says its ``group``: ``shared`` (both views), ``vision`` or ``tactile`` (one view).
+    """
     labels: dict[str, dict[str, Any]] = {"material": {"type": "categorical", "classes": list(surfaces.FAMILIES)}}
     for name, (lo, hi, group) in FACTORS.items():
         labels[name] = {"type": "continuous", "range": [lo, hi], "group": group}
+        if name in CIRCULAR:
+            for part in ("cos", "sin"):
+                labels[f"{name}_{part}"] = {"type": "continuous", "range": [-1.0, 1.0], "group": group,
+                                            "derived_from": name}
     return labels
 
 
@@ -123,7 +137,7 @@ def generator_params(samples: int, shards: int, seed: int, image_size: int) -> d
 
     return {"samples": samples, "shards": shards, "seed": seed, "image_size": image_size,
             "families": list(surfaces.FAMILIES), "factors": {k: list(v) for k, v in FACTORS.items()},
-            "relief": RELIEF, "png": {"compress_level": 6, "optimize": False},
+            "relief": RELIEF, "occlusion": OCCLUSION, "png": {"compress_level": 6, "optimize": False},
             "numpy": np.__version__, "pillow": pillow_version}
 
 
