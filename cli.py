@@ -346,6 +346,42 @@ def show(manifest: str) -> None:
 
 @main.command()
 @click.argument("manifest", type=click.Path(exists=True))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="New directory for the rerun [default: a fresh temporary directory].")
+@click.option("--root", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Directory the manifest may read from [default: the directory holding the stage's directory].")
+@click.option("--allow-outside", is_flag=True, help="Let the manifest name files outside --root.")
+def rerun(manifest: str, out: str | None, root: str | None, allow_outside: bool) -> None:
+    """Re-execute the stage that wrote MANIFEST into a new directory and compare the results.
+
+    \b
+    dataset:  shards byte-identical          features: arrays identical
+    run:      weights identical (CPU)        eval:     report numbers identical
+    A GPU training run is compared by its final metrics within a tolerance. Exit status 1 on a difference.
+    """
+    import tempfile
+
+    from rich.console import Console
+
+    from pipeline.rerun import rerun as rerun_stage
+
+    console = Console(stderr=True)
+    target = out or tempfile.mkdtemp(prefix="regtok-rerun-")
+    result = rerun_stage(manifest, target, root=root, allow_outside=allow_outside,
+                         log=lambda msg: console.print(f"[dim]{msg}[/]"))
+    for c in result.checks:
+        mark = "[green]match[/]" if c.matched else "[red]DIFFERS[/]"
+        console.print(f"{mark:>20s}  {c.what}  [dim]{c.detail}[/]")
+    verdict = "reproduced" if result.ok else "NOT reproduced"
+    console.print(f"[bold]{result.kind} {verdict}[/]: {sum(c.matched for c in result.checks)}/{len(result.checks)} "
+                  f"checks match; rerun in {result.out}")
+    click.echo(result.out)
+    if not result.ok:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True))
 def verify(manifest: str) -> None:
     """Check that every file MANIFEST records (inputs, shards, parts, outputs) still matches its sha256."""
     from pipeline.lineage import verify as verify_files

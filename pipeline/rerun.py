@@ -1,0 +1,263 @@
+"""`regtok rerun`: re-execute a stage from its manifest alone into a new directory, and compare the results.
+
+What "the same" means per kind:
+
+- dataset (synth or pack): every shard byte-identical (sha256);
+- features: every array of ``features.h5`` identical (keys, labels, pooled and token features), same skips;
+- run: identical weights when the run and the rerun are both on the CPU; otherwise final metrics within
+  ``METRIC_TOLERANCE`` (GPU kernels are not bit-reproducible);
+- eval: identical report numbers.
+
+Manifests are data, not code: before anything runs, every path the stage would read is checked. Shard specs
+that execute commands (``pipe:``) or name URLs are refused; paths outside the manifest's tree (the directory
+that holds the stage's directory, or ``root``) are refused unless ``allow_outside``; encoder checkpoints are
+loaded the only way regtok loads them (``weights_only=True`` / safetensors), so a file that needs arbitrary
+unpickling fails to load instead of running code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.manifest import ManifestError, manifest_path, read_manifest, resolve_path
+from regtok.errors import RegtokError
+
+METRIC_TOLERANCE = 0.02  # absolute, for metrics of non-CPU training reruns
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One comparison between the recorded result and the rerun's."""
+
+    what: str
+    matched: bool
+    detail: str = ""
+
+
+@dataclass
+class RerunResult:
+    kind: str
+    out: Path
+    checks: list[Check]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.matched for c in self.checks)
+
+
+class PathGuard:
+    """Refuses paths outside ``root`` (unless allowed) and anything that is a command or a URL."""
+
+    def __init__(self, root: Path, allow_outside: bool) -> None:
+        self.root, self.allow_outside = root.resolve(), allow_outside
+
+    def check(self, path: str | Path, what: str) -> Path:
+        text = str(path)
+        if _SCHEME.match(text) and not text.startswith("file:"):
+            raise RegtokError(f"refusing {what} {text!r}: manifests may name local files only (no 'pipe:' or URLs)")
+        p = Path(text.removeprefix("file:")).resolve()
+        if not self.allow_outside and not p.is_relative_to(self.root):
+            raise RegtokError(f"refusing {what} {text}: it lies outside the manifest's tree {self.root} "
+                              f"(pass --allow-outside or --root to permit it)")
+        return p
+
+
+def rerun(path: str | Path, out: str | Path, *, root: str | Path | None = None, allow_outside: bool = False,
+          log: Callable[[str], None] = lambda msg: None) -> RerunResult:
+    """Re-execute the stage recorded in the manifest at ``path`` into ``out`` and compare."""
+    mpath = manifest_path(path)
+    m = read_manifest(mpath)
+    out = Path(out).absolute()
+    if out.exists() and any(out.iterdir()):
+        raise RegtokError(f"{out} is not empty; rerun writes into a new directory")
+    guard = PathGuard(Path(root) if root else mpath.absolute().parent.parent, allow_outside)
+    if out.resolve() == mpath.absolute().parent.resolve():
+        raise RegtokError("rerun must write into a new directory, not over the recorded result")
+    runner = {"dataset": _rerun_dataset, "features": _rerun_features, "run": _rerun_run, "eval": _rerun_eval}
+    try:
+        checks = runner[m["kind"]](mpath, m, out, guard, log)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ManifestError(f"{mpath}: the manifest does not describe a runnable {m['kind']} stage "
+                            f"({type(e).__name__}: {e}); was it edited?") from None
+    return RerunResult(m["kind"], out, checks)
+
+
+def _config(m: dict[str, Any]) -> dict[str, Any]:
+    cfg = m["config"]
+    if not isinstance(cfg, dict) or not cfg:
+        raise KeyError("config")
+    return cfg
+
+
+def _input(mpath: Path, m: dict[str, Any], role: str, guard: PathGuard) -> Path:
+    for ref in m["inputs"]:
+        if ref.get("role") == role:
+            return guard.check(resolve_path(mpath, ref["path"]), f"{role} input")
+    raise KeyError(f"no input with role {role!r}")
+
+
+# ── per kind ────────────────────────────────────────────────────────────────────────────────────────
+
+
+def _rerun_dataset(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
+    if m.get("generator"):
+        from pipeline.synth import synthesize
+
+        p = m["generator"]["params"]
+        log(f"synth: {p['samples']} samples in {p['shards']} shards, seed {p['seed']}")
+        new = synthesize(out, samples=int(p["samples"]), shards=int(p["shards"]), seed=int(p["seed"]),
+                         image_size=int(p["image_size"]))
+    else:
+        from pipeline.pack import pack
+
+        src, cfg = m["source"], _config(m)
+        log(f"pack: {src['csv']}")
+        new = pack(guard.check(src["csv"], "CSV"), guard.check(src["root"], "image root"), out,
+                   **{k: v for k, v in cfg.items() if k not in ("csv", "root", "out")})
+    old_shards = {s["path"]: s["sha256"] for s in m["shards"]}
+    new_shards = {s["path"]: s["sha256"] for s in new["shards"]}
+    checks = [Check("shard list", list(old_shards) == list(new_shards), f"{len(new_shards)} shards")]
+    for name, sha in old_shards.items():
+        checks.append(Check(f"shard {name}", new_shards.get(name) == sha, "sha256"))
+    return checks
+
+
+def _rerun_features(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
+    from pipeline.encoders import parse_spec
+    from pipeline.extract import ExtractConfig, SkipLimitError, run_extract
+
+    cfg = dict(_config(m))
+    for part in str(cfg["shards"]).split("::"):
+        guard.check(part, "shard spec")
+    encoders = cfg["encoders"].items() if isinstance(cfg["encoders"], dict) else cfg["encoders"]
+    for modality, spec in encoders:
+        source = parse_spec(spec).source
+        if source and (source.startswith("/") or source.startswith(".")):
+            guard.check(source, f"{modality} encoder weights")
+    cfg["out"] = str(out)
+    log(f"extract: {cfg['shards']} with {dict(encoders)}")
+    try:
+        run_extract(ExtractConfig.from_dict(cfg), command=list(m["command"]), show_progress=True)
+    except SkipLimitError:
+        pass  # the recorded run may have exceeded the limit too; the comparison below says whether it matches
+    new = read_manifest(out / "manifest.json", kind="features")
+    checks = [Check("samples", new["samples"] == m["samples"], f"{new['samples']} vs {m['samples']}"),
+              Check("skipped samples", _skips(new) == _skips(m), f"{len(new['skipped'])} recorded skips")]
+    checks += compare_h5(mpath.parent / m["outputs"].get("index", "features.h5"), out / "features.h5")
+    return checks
+
+
+def _rerun_run(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
+    from pipeline.runs import train_run
+    from regtok.config import TrainConfig, from_dict
+
+    cfg = from_dict(TrainConfig, _config(m))
+    features = _input(mpath, m, "features", guard).parent
+    val = next((r for r in m["inputs"] if r.get("role") == "val_features"), None)
+    val_features = _input(mpath, m, "val_features", guard).parent if val else None
+    log(f"train: {features} ({cfg.model.loss_type}, {cfg.epochs} epochs, seed {cfg.seed})")
+    path, result = train_run(features, out, cfg, val_features=val_features, command=list(m["command"]))
+    new = read_manifest(path, kind="run")
+    old_device, new_device = m["environment"].get("device", ""), new["environment"].get("device", "")
+    if old_device == new_device == "cpu":
+        return compare_weights(mpath.parent / "checkpoint.safetensors", out / "checkpoint.safetensors")
+    log(f"recorded on {old_device!r}, rerun on {new_device!r}: comparing metrics within {METRIC_TOLERANCE}")
+    return compare_numbers(m.get("metrics") or {}, new.get("metrics") or {}, "metrics", tol=METRIC_TOLERANCE)
+
+
+def _rerun_eval(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
+    from pipeline.report import run_eval
+    from regtok.config import from_dict
+    from regtok.evaluate import EvalConfig
+
+    cfg = from_dict(EvalConfig, _config(m))
+    run_ref = next(r for r in m["inputs"] if r.get("role") in ("run", "run_config"))
+    run_dir = guard.check(resolve_path(mpath, run_ref["path"]), "run").parent
+    features = _input(mpath, m, "features", guard).parent
+    save_embeddings = any(Path(f["path"]).name == "embeddings.h5" for f in m["outputs"].get("files", []))
+    log(f"eval: run {run_dir} on {features}")
+    new = run_eval(run_dir, features, out, cfg, save_embeddings=save_embeddings, command=list(m["command"]))
+    old = json.loads((mpath.parent / "report.json").read_text())
+    return compare_numbers(old, json.loads(json.dumps(new)), "report", tol=0.0)
+
+
+def _skips(m: dict) -> list[tuple]:
+    return sorted((str(s.get("shard")), str(s.get("key")), str(s.get("reason"))) for s in m.get("skipped", []))
+
+
+# ── comparisons ─────────────────────────────────────────────────────────────────────────────────────
+
+
+def compare_h5(old: Path, new: Path) -> list[Check]:
+    """Every dataset of two HDF5 files (virtual datasets read through) compared for exact equality."""
+    import h5py
+    import numpy as np
+
+    checks = []
+    with h5py.File(old, "r") as a, h5py.File(new, "r") as b:
+        names: list[str] = []
+        a.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        extra = set()
+        b.visititems(lambda name, obj: extra.add(name) if isinstance(obj, h5py.Dataset) else None)
+        for name in names:
+            if name not in b:
+                checks.append(Check(f"array /{name}", False, "missing in the rerun"))
+                continue
+            x, y = a[name][()], b[name][()]
+            same = x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y)
+            detail = f"{x.shape} {x.dtype}"
+            if not same and x.shape == y.shape and np.issubdtype(x.dtype, np.number):
+                detail += f", max |diff| {float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max()):.3g}"
+            checks.append(Check(f"array /{name}", same, detail))
+        for name in sorted(extra - set(names)):
+            checks.append(Check(f"array /{name}", False, "only in the rerun"))
+    return checks
+
+
+def compare_weights(old: Path, new: Path) -> list[Check]:
+    """Every tensor of two safetensors checkpoints compared for exact equality."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(old)), load_file(str(new))
+    checks = [Check("parameter names", sorted(a) == sorted(b), f"{len(a)} tensors")]
+    differing = [k for k in a if k in b and not (a[k].shape == b[k].shape and bool((a[k] == b[k]).all()))]
+    checks.append(Check("weights identical", not differing and sorted(a) == sorted(b),
+                        f"{len(differing)} differ: {', '.join(differing[:3])}" if differing else "bit-identical"))
+    return checks
+
+
+def compare_numbers(old: Any, new: Any, where: str, tol: float) -> list[Check]:
+    """Walk two JSON trees; every number equal within ``tol`` (absolute), everything else equal."""
+    diffs: list[str] = []
+    _walk(old, new, where, tol, diffs)
+    return [Check(where, not diffs, "; ".join(diffs[:5]) + (f" (+{len(diffs) - 5} more)" if len(diffs) > 5 else "")
+                  if diffs else "all numbers identical" if tol == 0 else f"all within {tol}")]
+
+
+def _walk(a: Any, b: Any, where: str, tol: float, diffs: list[str]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k in ("seconds", "timings") or k.endswith("_seconds"):
+                continue
+            if k not in a or k not in b:
+                diffs.append(f"{where}.{k} only in {'rerun' if k in b else 'recorded'}")
+            else:
+                _walk(a[k], b[k], f"{where}.{k}", tol, diffs)
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            diffs.append(f"{where}: {len(a)} vs {len(b)} items")
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
+            _walk(x, y, f"{where}[{i}]", tol, diffs)
+    elif isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        both_nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+        if not both_nan and abs(a - b) > tol:
+            diffs.append(f"{where}: {a} vs {b}")
+    elif a != b:
+        diffs.append(f"{where}: {a!r} vs {b!r}")
