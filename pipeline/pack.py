@@ -178,7 +178,7 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
         "dataset",
         config=config,
         inputs=[input_ref("csv", csv_path, out)],
-        outputs={"files": [{k: r[k] for k in ("path", "bytes", "sha256")} for r in records]},
+        outputs={"samples": total, "shards": len(records)},  # the shard files are listed in "shards"
         environment_=environment(),
         timings={"seconds": round(seconds, 3)},
         shards=[{"path": r["path"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
