@@ -107,7 +107,6 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
         set_rng_state(resume.rng, device)
         step = resume.step
     gen = torch.Generator(device=device)
-    params = [p for p in model.parameters() if p.requires_grad]
     epoch_record: dict[str, float] = {}
     while step < total:
         epoch, offset = divmod(step, spe)
@@ -118,14 +117,7 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg, total)
             gen.manual_seed(derive_seed(cfg.seed, "dropout", step, data.rank))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                terms = net(batch, generator=gen)
-            if step == cfg.nan_at_step:  # testing aid (config override), never set in real runs
-                terms = {**terms, "loss": terms["loss"] * float("nan")}
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            record = _read_terms(terms, norm, world)  # the step's one sync
+            record = _gradients(net, opt, batch, gen, cfg, step == cfg.nan_at_step, world)
             if not all(math.isfinite(v) for v in record.values()):
                 cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device)))
                 bad = ", ".join(f"{k}={v:.4g}" for k, v in record.items())
@@ -151,6 +143,21 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
         cb.on_log({"type": "epoch", "step": step, "epoch": epoch, **epoch_record})
         cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device)))
     return TrainResult("done", step, epoch_record)
+
+
+def _gradients(net: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, Tensor], gen: torch.Generator,
+               cfg: TrainConfig, inject_nan: bool, world: int) -> dict[str, float]:
+    """Forward, backward and clipping (no update); returns every loss term and the gradient norm."""
+    device = next(iter(batch.values())).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        terms = net(batch, generator=gen)
+    if inject_nan:  # testing aid (config override nan_at_step), never set in real runs
+        terms = {**terms, "loss": terms["loss"] * float("nan")}
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    return _read_terms(terms, norm, world)  # the step's one sync
 
 
 def _read_terms(terms: dict[str, Tensor], grad_norm: Tensor, world: int) -> dict[str, float]:
