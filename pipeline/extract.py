@@ -1,0 +1,358 @@
+"""Stage 1, extract: frozen encoders over WebDataset shards into an HDF5 feature store.
+
+One part per shard (``parts/<shard>.h5``) plus a completion record (``parts/<shard>.json``: counts, skipped
+samples, hashes, and a fingerprint of the encoders) written after the part is renamed into place. A rerun
+skips shards whose record matches, so a crash loses at most the shards in flight. ``torchrun`` ranks split
+the shard list (rank r takes r::world); rank 0 writes ``features.h5`` and ``manifest.json`` after a barrier.
+
+A truncated shard keeps its complete samples and is listed in ``skipped`` (with ``key: null``); it counts
+for the samples it is known to have lost (from the dataset manifest) or for one sample when that is unknown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.encoders import Encoder, load_encoder, parse_spec
+from pipeline.manifest import (
+    environment,
+    input_ref,
+    new_manifest,
+    read_manifest,
+    write_json_atomic,
+    write_manifest,
+)
+from pipeline.samples import LabelRules, ShardBatch, ShardStream
+from pipeline.shards import expand_shards
+from pipeline.store import INDEX_NAME, PARTS_DIR, PartWriter, write_index
+from regtok.errors import RegtokError
+
+PAUSE_ENV = "REGTOK_EXTRACT_PAUSE_AFTER_PART"  # seconds; lets crash tests kill a run between parts
+
+
+class SkipLimitError(RegtokError):
+    """More samples were skipped than ``max_skip_fraction`` allows (the store was still written)."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that determines an extraction's output (paths resolved, encoders in pair order)."""
+
+    shards: str
+    out: str
+    encoders: tuple[tuple[str, str], ...]  # ((modality, spec), ...) in pair order A, B, ...
+    tokens: bool = False
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "auto"
+    max_skip_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        mods = [m for m, _ in self.encoders]
+        if len(mods) < 2 or len(set(mods)) != len(mods):
+            raise RegtokError(f"need --encoder for at least two distinct modalities, got {mods or 'none'}")
+        for _, spec in self.encoders:
+            parse_spec(spec)
+        if self.batch_size < 1 or self.workers < 0 or not 0 <= self.max_skip_fraction <= 1:
+            raise RegtokError("batch size must be >= 1, workers >= 0, max skip fraction in [0, 1]")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise RegtokError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["encoders"] = {m: s for m, s in self.encoders}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExtractConfig:
+        d = dict(d)
+        enc = d.pop("encoders")
+        return cls(encoders=tuple(enc.items() if isinstance(enc, dict) else map(tuple, enc)), **d)
+
+
+@dataclass
+class Job:
+    """The resolved inputs of one extraction, shared by every rank."""
+
+    config: ExtractConfig
+    shards: list[Path]
+    names: list[str]  # part names, unique, in shard order
+    expected: dict[int, int] = field(default_factory=dict)  # shard index -> samples (from a dataset manifest)
+    dataset: dict | None = None
+    dataset_path: Path | None = None
+
+
+def resolve_job(config: ExtractConfig) -> Job:
+    """Expand the shard spec and read the dataset manifest when the spec is one."""
+    shards = [p.absolute() for p in expand_shards(config.shards)]
+    stems = [p.stem for p in shards]
+    names = stems if len(set(stems)) == len(stems) else [f"{i:06d}-{s}" for i, s in enumerate(stems)]
+    job = Job(config, shards, names)
+    spec = Path(config.shards)
+    if spec.suffix == ".json" and spec.is_file():
+        from pipeline.manifest import resolve_path
+
+        job.dataset, job.dataset_path = read_manifest(spec, kind="dataset"), spec.absolute()
+        by_path = {resolve_path(spec, s["path"]).absolute(): s.get("samples") for s in job.dataset["shards"]}
+        job.expected = {i: int(by_path[p]) for i, p in enumerate(shards) if isinstance(by_path.get(p), int)}
+    return job
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    """``auto`` -> this rank's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RegtokError("--device cuda requested but CUDA is not available")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    return torch.device("cpu")
+
+
+def load_encoders(config: ExtractConfig, device: torch.device) -> dict[str, Encoder]:
+    """One encoder per modality; modalities with the same spec share one loaded model."""
+    loaded: dict[str, Encoder] = {}
+    out = {}
+    for modality, spec in config.encoders:
+        if spec not in loaded:
+            loaded[spec] = load_encoder(spec, device)
+        enc = loaded[spec]
+        if config.tokens and enc.token_shape is None:
+            raise RegtokError(f"encoder {spec} ({modality}) does not expose token features; drop --tokens")
+        out[modality] = enc
+    return out
+
+
+def fingerprint(config: ExtractConfig, encoders: dict[str, Encoder]) -> str:
+    """What a finished part depends on besides its shard: encoders, weights, feature kinds."""
+    key = {"tokens": config.tokens, "encoders": {m: [str(e.spec), e.weights_sha256] for m, e in encoders.items()}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def record_path(root: Path, name: str) -> Path:
+    return root / PARTS_DIR / f"{name}.json"
+
+
+def finished(root: Path, name: str, fp: str) -> bool:
+    """Whether a shard's part is complete for this fingerprint; RegtokError if it belongs to another run."""
+    rec_path, part = record_path(root, name), root / PARTS_DIR / f"{name}.h5"
+    if not (rec_path.is_file() and part.is_file()):
+        return False
+    try:
+        rec = json.loads(rec_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if rec.get("fingerprint") != fp:
+        raise RegtokError(f"{root} holds parts extracted with other encoders or feature kinds; use a new --out")
+    return True
+
+
+def extract_shards(job: Job, encoders: dict[str, Encoder], rank: int, world: int, fp: str,
+                   on_batch=None) -> dict:
+    """Encode this rank's unfinished shards; write a part and a completion record per shard.
+
+    ``on_batch(samples, skipped)`` is called after every batch (for progress). Returns counters.
+    """
+    cfg, root = job.config, Path(job.config.out)
+    (root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    mine = list(range(rank, len(job.shards), world))
+    for i in mine:  # temporaries of a crashed run of this shard
+        for tmp in (root / PARTS_DIR).glob(f".{job.names[i]}.h5.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    todo = [(i, job.shards[i]) for i in mine if not finished(root, job.names[i], fp)]
+    stats = {"shards": len(todo), "resumed_shards": len(mine) - len(todo), "samples": 0, "skipped": 0}
+    if not todo:
+        return stats
+    preps = {m: e.prep for m, e in encoders.items()}
+    rules = LabelRules(job.dataset.get("labels") if job.dataset else None)
+    stream = ShardStream(todo, preps, cfg.batch_size, rules)
+    workers = min(cfg.workers, len(todo))
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                         prefetch_factor=4 if workers else None, persistent_workers=False)
+    shapes = {m: {"pooled": (e.pooled_dim,), **({"tokens": e.token_shape} if cfg.tokens else {})}
+              for m, e in encoders.items()}
+    writers: dict[int, PartWriter] = {}
+    skipped: dict[int, list[dict]] = {}
+    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    try:
+        for batch in loader:
+            name = job.names[batch.shard]
+            if batch.shard not in writers:
+                writers[batch.shard] = PartWriter(root / PARTS_DIR / f"{name}.h5", shapes)
+            writer = writers[batch.shard]
+            if batch.keys:
+                writer.append(batch.keys, encode_batch(batch, encoders, cfg.tokens), batch.labels)
+            skipped.setdefault(batch.shard, []).extend(batch.skipped)
+            stats["samples"] += len(batch.keys)
+            stats["skipped"] += len(batch.skipped)
+            if batch.done:
+                finish_part(job, batch, writers.pop(batch.shard), skipped.pop(batch.shard), fp)
+                if pause:
+                    time.sleep(pause)
+            if on_batch is not None:
+                on_batch(len(batch.keys), len(batch.skipped) + (1 if batch.done and batch.error else 0))
+    finally:
+        for w in writers.values():
+            w.abort()
+    return stats
+
+
+def encode_batch(batch: ShardBatch, encoders: dict[str, Encoder], tokens: bool) -> dict:
+    """``{modality: {"pooled": (b, D), "tokens": (b, T, Dt)}}`` float16 numpy."""
+    out = {}
+    for m, enc in encoders.items():
+        pooled, toks = enc.encode(batch.images[m], tokens)  # (b, D), (b, T, Dt) | None
+        out[m] = {"pooled": pooled.to(torch.float16).cpu().numpy()}
+        if tokens:
+            out[m]["tokens"] = toks.to(torch.float16).cpu().numpy()
+    return out
+
+
+def finish_part(job: Job, batch: ShardBatch, writer: PartWriter, bad: list[dict], fp: str) -> None:
+    """Rename the part into place, then write its completion record."""
+    from pipeline.manifest import sha256_file
+
+    n = writer.close()
+    skipped = [{"shard": job.names[batch.shard], **s} for s in bad]
+    lost = None
+    if batch.error:
+        expected = job.expected.get(batch.shard)
+        lost = max(expected - batch.read, 0) if expected is not None else None
+        skipped.append({"shard": job.names[batch.shard], "key": None, "reason": batch.error, "lost": lost})
+    record = {"fingerprint": fp, "shard": str(job.shards[batch.shard]), "shard_sha256": batch.sha256,
+              "part": f"{PARTS_DIR}/{writer.path.name}", "samples": n, "read": batch.read,
+              "labels": sorted({k for row in writer.labels for k in row}),
+              "bytes": writer.path.stat().st_size, "sha256": sha256_file(writer.path), "skipped": skipped,
+              "skip_count": len(bad) + ((lost if lost else 1) if batch.error else 0)}
+    write_json_atomic(record_path(Path(job.config.out), job.names[batch.shard]), record)
+
+
+def run_extract(config: ExtractConfig, *, command: list[str] | None = None, show_progress: bool = True,
+                console=None) -> tuple[Path, dict | None]:
+    """Run the stage on this process's rank; rank 0 returns ``(manifest path, manifest)``, others ``None``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks join a process group (gloo on CPU, nccl on CUDA).
+    Raises :class:`SkipLimitError` on rank 0, after writing the store, when too much input was skipped.
+    """
+    import torch.distributed as dist
+
+    t0 = time.perf_counter()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", 0)))
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        job = resolve_job(config)
+        encoders = load_encoders(config, device)
+        fp = fingerprint(config, encoders)
+        t_loaded = time.perf_counter()
+        total = sum(job.expected.get(i, 0) for i in range(rank, len(job.shards), world)) or None
+        with extract_progress(total, enabled=show_progress and rank == 0, console=console) as on_batch:
+            stats = extract_shards(job, encoders, rank, world, fp, on_batch)
+        counts = torch.tensor([stats["samples"], stats["skipped"], stats["shards"]], dtype=torch.float64,
+                              device=device if world > 1 and device.type == "cuda" else "cpu")
+        if world > 1:
+            dist.all_reduce(counts)  # also the barrier: every rank's parts are in place after it
+        t_done = time.perf_counter()
+        if rank != 0:
+            return Path(config.out) / "manifest.json", None
+        samples, images = int(counts[0]), int(counts[0]) * len(encoders)
+        seconds = t_done - t0
+        timings = {"seconds": round(seconds, 3), "load_seconds": round(t_loaded - t0, 3),
+                   "encode_seconds": round(t_done - t_loaded, 3), "samples_encoded": samples,
+                   "shards_encoded": int(counts[2]), "samples_per_s": round(samples / seconds, 2) if seconds else None,
+                   "images_per_s": round(images / seconds, 2) if seconds else None, "ranks": world}
+        return write_store(job, encoders, fp, timings, command, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def write_store(job: Job, encoders: dict[str, Encoder], fp: str, timings: dict, command: list[str] | None,
+                device: torch.device) -> tuple[Path, dict]:
+    """Check every shard has a finished part, write the index and the manifest; enforce the skip limit."""
+    cfg, root = job.config, Path(job.config.out)
+    records = []
+    for name in job.names:
+        if not finished(root, name, fp):
+            raise RegtokError(f"shard {name} has no finished part; rerun the same command to complete the store")
+        records.append(json.loads(record_path(root, name).read_text()))
+    shapes = {m: {"pooled": (e.pooled_dim,), **({"tokens": e.token_shape} if cfg.tokens else {})}
+              for m, e in encoders.items()}
+    label_names = sorted({n for r in records for n in r["labels"]})
+    n = write_index(root, [r["part"] for r in records], shapes, label_names)
+    skipped = [s for r in records for s in r["skipped"]]
+    skip_count = sum(r["skip_count"] for r in records)
+    from pipeline.manifest import file_record
+
+    inputs = [input_ref("dataset", job.dataset_path, root)] if job.dataset_path else []
+    inputs += [{"role": "shard", "path": r["shard"], "sha256": r["shard_sha256"], "samples": r["read"]}
+               for r in records]
+    manifest = new_manifest(
+        "features", command=command, config=cfg.to_dict(), inputs=inputs,
+        outputs={"files": [file_record(root / INDEX_NAME, root)], "index": INDEX_NAME},
+        environment_=environment(str(device)), timings=timings,
+        modalities=list(encoders), encoders={m: e.describe() for m, e in encoders.items()},
+        feature_kinds=["pooled", "tokens"] if cfg.tokens else ["pooled"], samples=n,
+        parts=[{"path": r["part"], "shard": name, "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
+               for name, r in zip(job.names, records, strict=True)],
+        skipped=skipped, skip_count=skip_count, labels=label_schema(root, label_names, job.dataset),
+    )
+    path = root / "manifest.json"
+    write_manifest(path, manifest)
+    total = n + skip_count
+    if total == 0 or skip_count / total > cfg.max_skip_fraction:
+        raise SkipLimitError(f"skipped {skip_count} of {total} samples ({skip_count / max(total, 1):.1%}), more than "
+                             f"--max-skip-fraction {cfg.max_skip_fraction}; the store was written: {path}")
+    return path, manifest
+
+
+def label_schema(root: Path, names: list[str], dataset: dict | None) -> dict:
+    """The dataset manifest's label schema when there is one, else every label as continuous with its range."""
+    if dataset and isinstance(dataset.get("labels"), dict):
+        return {k: v for k, v in dataset["labels"].items() if k in names}
+    import h5py
+    import numpy as np
+
+    out = {}
+    with h5py.File(root / INDEX_NAME, "r") as f:
+        for name in names:
+            arr = f[f"labels/{name}"][:]
+            arr = arr[np.isfinite(arr)]
+            out[name] = {"type": "continuous", "range": [float(arr.min()), float(arr.max())] if len(arr) else None}
+    return out
+
+
+@contextmanager
+def extract_progress(total: int | None, enabled: bool, console=None) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr (samples, samples/s, skipped); yields the ``on_batch`` callback."""
+    if not enabled:
+        yield lambda samples, skipped: None
+        return
+    from rich.progress import TextColumn
+
+    from pipeline.console import progress
+
+    bar = progress(console, TextColumn("{task.fields[rate]} samples/s"), TextColumn("skipped {task.fields[skipped]}"))
+    t0, seen = time.perf_counter(), [0, 0]
+    with bar:
+        task = bar.add_task("extract", total=total, rate="-", skipped=0)
+
+        def on_batch(samples: int, skipped: int) -> None:
+            seen[0] += samples
+            seen[1] += skipped
+            rate = seen[0] / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=samples + skipped, rate=f"{rate:.1f}", skipped=seen[1])
+
+        yield on_batch
