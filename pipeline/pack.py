@@ -174,8 +174,12 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
     total = sum(r["samples"] for r in records)
     config = {"csv": str(csv_path), "root": str(root), "vision_col": vision_col, "tactile_col": tactile_col,
               "label_cols": list(label_cols), "samples_per_shard": samples_per_shard}
+    command = ["regtok", "pack", str(csv_path), "--root", str(root), "--out", str(out), "--vision-col", vision_col,
+               "--tactile-col", tactile_col, *(x for c in label_cols for x in ("--label-col", c)),
+               "--samples-per-shard", str(samples_per_shard)]
     manifest = new_manifest(
         "dataset",
+        command=command,
         config=config,
         inputs=[input_ref("csv", csv_path, out)],
         outputs={"samples": total, "shards": len(records)},  # the shard files are listed in "shards"
