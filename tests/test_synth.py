@@ -155,3 +155,22 @@ def test_cli_prints_the_manifest_path_and_a_summary(tmp_path):
     assert "Wrote 4" in result.stderr
     bad = CliRunner().invoke(main, ["synth", str(tmp_path / "e"), "--samples", "2", "--shards", "3"])
     assert bad.exit_code == 2 and bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error:")
+
+
+
+def test_demo_manifest_matches_the_generator(tmp_path):
+    """data_manifests/demo.json must be regenerated whenever the generator's output changes."""
+    from pathlib import Path
+
+    from pipeline.shards import write_shard
+
+    demo = read_manifest(Path(__file__).resolve().parent.parent / "data_manifests" / "demo.json", kind="dataset")
+    assert demo["labels"] == synth.label_schema()
+    if demo["generator"]["params"]["numpy"] != np.__version__:
+        pytest.skip("byte-identical shards are promised for the numpy version demo.json records")
+    cfg = demo["config"]
+    first = synth.shard_ranges(cfg["samples"], cfg["shards"])[0]  # the first shard only, not all 2,000 samples
+    width = synth.key_width(cfg["samples"])
+    write_shard(tmp_path / "s.tar", (synth.make_sample(cfg["seed"], i, cfg["image_size"], width) for i in first))
+    assert sha256_file(tmp_path / "s.tar") == demo["shards"][0]["sha256"], \
+        "the generator changed: regenerate data_manifests/demo.json (see data_manifests/README.md)"
