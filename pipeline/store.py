@@ -31,8 +31,11 @@ _GAP = 256  # rows: a gap this small between wanted rows is read through rather 
 
 
 class PartWriter:
-    """Write one part incrementally: rows are appended batch by batch, so a shard's features never sit in
-    memory at once; :meth:`close` writes keys and labels, fsyncs and renames the file to its final name."""
+    """Write one part incrementally, so a shard's features never sit in memory at once.
+
+    Rows are held back until a full chunk (about 1 MiB, at most 1024 rows) is there, so every dataset is chunked
+    ``(min(n, chunk), ...)``; :meth:`close` writes keys and labels, fsyncs and renames the file into place.
+    """
 
     def __init__(self, path: str | os.PathLike, shapes: dict[str, dict[str, tuple[int, ...]]]) -> None:
         self.path = Path(path)
@@ -41,30 +44,45 @@ class PartWriter:
         self.file = h5py.File(self.tmp, "w")
         self.keys: list[str] = []
         self.labels: list[dict[str, float]] = []
-        for modality, kinds in shapes.items():
-            for kind, row_shape in kinds.items():
-                row_bytes = 2 * int(np.prod(row_shape))
-                rows = int(np.clip((1 << 20) // max(row_bytes, 1), 1, CHUNK_ROWS))  # ~1 MiB chunks
-                self.file.create_dataset(f"{modality}/{kind}", shape=(0, *row_shape), maxshape=(None, *row_shape),
-                                         dtype=np.float16, chunks=(rows, *row_shape))
+        self.shapes = {f"{m}/{k}": tuple(shape) for m, kinds in shapes.items() for k, shape in kinds.items()}
+        self.chunk = {name: int(np.clip((1 << 20) // (2 * max(int(np.prod(s)), 1)), 1, CHUNK_ROWS))
+                      for name, s in self.shapes.items()}
+        self.pending: dict[str, list[np.ndarray]] = {name: [] for name in self.shapes}
+        self.written = dict.fromkeys(self.shapes, 0)
 
     def append(self, keys: list[str], features: dict[str, dict[str, np.ndarray]],
                labels: list[dict[str, float]]) -> None:
         """Append rows: ``features[modality][kind]`` is ``(b, ...)``; ``labels`` one dict per row."""
-        start, b = len(self.keys), len(keys)
-        for modality, kinds in features.items():
-            for kind, arr in kinds.items():
-                ds = self.file[f"{modality}/{kind}"]
-                if arr.shape != (b, *ds.shape[1:]):
-                    raise ValueError(f"{modality}/{kind}: got {arr.shape}, expected {(b, *ds.shape[1:])}")
-                ds.resize(start + b, axis=0)
-                ds[start:start + b] = arr
+        b = len(keys)
+        given = {f"{m}/{k}": arr for m, kinds in features.items() for k, arr in kinds.items()}
+        if given.keys() != self.shapes.keys():
+            raise ValueError(f"features {sorted(given)} do not match the part's {sorted(self.shapes)}")
+        for name, arr in given.items():
+            if arr.shape != (b, *self.shapes[name]):
+                raise ValueError(f"{name}: got {arr.shape}, expected {(b, *self.shapes[name])}")
+            self.pending[name].append(arr.astype(np.float16, copy=False))
+            if sum(len(a) for a in self.pending[name]) >= self.chunk[name]:
+                self._flush(name)
         self.keys.extend(keys)
         self.labels.extend(labels)
 
+    def _flush(self, name: str) -> None:
+        rows = np.concatenate(self.pending[name]) if self.pending[name] else np.zeros((0, *self.shapes[name]))
+        self.pending[name] = []
+        if name not in self.file:
+            chunk = (max(min(len(rows), self.chunk[name]), 1), *self.shapes[name])
+            self.file.create_dataset(name, shape=(0, *self.shapes[name]), maxshape=(None, *self.shapes[name]),
+                                     dtype=np.float16, chunks=chunk)
+        ds, start = self.file[name], self.written[name]
+        ds.resize(start + len(rows), axis=0)
+        ds[start:] = rows
+        self.written[name] = start + len(rows)
+
     def close(self) -> int:
-        """Finish the part (keys, labels as float64 with NaN where absent, chunk shrink) and rename it."""
+        """Finish the part (features, keys, labels as float64 with NaN where absent) and rename it into place."""
         f, n = self.file, len(self.keys)
+        for name in self.shapes:
+            self._flush(name)
         f.create_dataset("keys", data=np.array(self.keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
         for name in sorted({k for row in self.labels for k in row}):
             f.create_dataset(f"labels/{name}", data=np.array([row.get(name, np.nan) for row in self.labels],

@@ -76,8 +76,8 @@ def test_tiny_pooled_features_keep_information():
 
 
 def _save_timm(tmp_path, num_classes: int = 7):
-    import timm
     import safetensors.torch
+    import timm
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes).eval()
     safetensors.torch.save_file(model.state_dict(), tmp_path / "w.safetensors")

@@ -1,0 +1,198 @@
+"""`regtok extract` end to end on shards the tests write: layout, values, bad input, resume, the store API."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import main
+from pipeline.encoders import tiny_encoder
+from pipeline.extract import PAUSE_ENV, ExtractConfig, SkipLimitError, run_extract
+from pipeline.manifest import sha256_file
+from pipeline.shards import write_shard
+from pipeline.store import open_store
+from regtok.errors import RegtokError
+
+ENCODERS = (("vision", "tiny:0"), ("tactile", "tiny:1"))
+
+
+def png(rng: np.random.Generator, size: int = 24) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample(rng: np.random.Generator, key: str, index: int) -> tuple[str, list[tuple[str, bytes]]]:
+    record = {"key": key, "material": index % 3, "roughness": round(index / 10, 3), "name": "x"}
+    return key, [("vision.png", png(rng)), ("tactile.png", png(rng)), ("json", json.dumps(record).encode())]
+
+
+def write_shards(root: Path, counts: list[int], seed: int = 0) -> list[Path]:
+    rng, paths, index = np.random.default_rng(seed), [], 0
+    for s, n in enumerate(counts):
+        items = []
+        for _ in range(n):
+            items.append(sample(rng, f"s{index:05d}", index))
+            index += 1
+        paths.append(root / f"shard-{s:06d}.tar")
+        write_shard(paths[-1], items)
+    return paths
+
+
+def extract(shards: str, out: Path, **kw) -> tuple[Path, dict]:
+    cfg = ExtractConfig(shards=shards, out=str(out), encoders=ENCODERS, batch_size=kw.pop("batch_size", 4),
+                        workers=kw.pop("workers", 0), **kw)
+    return run_extract(cfg, command=["regtok", "extract"], show_progress=False)
+
+
+def arrays(store_dir: Path) -> dict[str, np.ndarray]:
+    with h5py.File(store_dir / "features.h5", "r") as f:
+        out = {}
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[:]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    write_shards(root, [5, 3, 6])
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("store") / "st"
+    extract(str(shards / "shard-{000000..000002}.tar"), out, tokens=True, workers=2)
+    return out
+
+
+def test_layout_shapes_dtypes_keys_labels(store, shards):
+    m = json.loads((store / "manifest.json").read_text())
+    assert m["kind"] == "features" and m["modalities"] == ["vision", "tactile"] and m["samples"] == 14
+    assert m["feature_kinds"] == ["pooled", "tokens"] and m["skipped"] == []
+    assert [p["samples"] for p in m["parts"]] == [5, 3, 6]
+    for part in m["parts"]:
+        assert sha256_file(store / part["path"]) == part["sha256"]
+    assert [i["sha256"] for i in m["inputs"]] == [sha256_file(p) for p in sorted(shards.glob("*.tar"))]
+    assert m["config"]["encoders"] == dict(ENCODERS) and m["timings"]["samples_per_s"] > 0
+    a = arrays(store)
+    assert a["vision/pooled"].dtype == np.float16 and a["vision/pooled"].shape == (14, 512)
+    assert a["tactile/tokens"].shape == (14, 64, 64) and a["tactile/tokens"].dtype == np.float16
+    assert [k.decode() for k in a["keys"]] == [f"s{i:05d}" for i in range(14)]
+    assert np.array_equal(a["labels/material"], np.arange(14) % 3)
+    np.testing.assert_allclose(a["labels/roughness"], np.arange(14) / 10)
+    assert set(m["labels"]) == {"material", "roughness"}  # numeric fields only; "key"/"name" are strings
+    with h5py.File(store / "parts" / "shard-000001.h5", "r") as f:
+        assert f["vision/pooled"].shape == (3, 512) and f["vision/pooled"].chunks[0] == 3
+
+
+def test_features_equal_the_encoder_on_the_images(store, shards):
+    from pipeline.shards import iter_shard
+
+    samples = [s for p in sorted(shards.glob("*.tar")) for s in iter_shard(p)]
+    for modality, seed in (("vision", 0), ("tactile", 1)):
+        enc = tiny_encoder(seed)
+        x = torch.stack([enc.prep.to_uint8(s.files[f"{modality}.png"]) for s in samples])  # (14, 3, 64, 64)
+        pooled, tokens = enc.encode(x, tokens=True)
+        a = arrays(store)
+        np.testing.assert_array_equal(a[f"{modality}/pooled"], pooled.half().numpy())
+        np.testing.assert_array_equal(a[f"{modality}/tokens"], tokens.half().numpy())
+
+
+def test_feature_store_api(store):
+    s = open_store(store / "manifest.json")
+    a = arrays(store)
+    assert s.n == 14 and s.modalities == ("vision", "tactile") and s.has("tokens") and s.has("pooled")
+    assert s.keys() == [k.decode() for k in a["keys"]]
+    assert s.shape("pooled", "vision") == (1, 512) and s.shape("tokens", "tactile") == (64, 64)
+    np.testing.assert_array_equal(s.read("pooled", "vision"), a["vision/pooled"])
+    rows = np.array([13, 0, 5, 5, 2])
+    np.testing.assert_array_equal(s.read("tokens", "tactile", rows), a["tactile/tokens"][rows])
+    np.testing.assert_array_equal(s.read("pooled", "tactile", slice(3, 9)), a["tactile/pooled"][3:9])
+    np.testing.assert_array_equal(s.read("pooled", "tactile", slice(None, None, 3)), a["tactile/pooled"][::3])
+    labels = s.labels()
+    assert labels["material"].dtype == np.float64 and set(labels) == {"material", "roughness"}
+    assert s.nbytes("pooled") == 14 * 512 * 2 * 2
+    with pytest.raises(RegtokError):
+        s.read("pooled", "audio")
+    with pytest.raises(RegtokError, match="not a feature store"):
+        open_store(store / "parts")
+
+
+def test_corrupt_sample_and_truncated_shard(tmp_path):
+    rng = np.random.default_rng(1)
+    good = [sample(rng, f"g{i}", i) for i in range(6)]
+    corrupt = ("bad0", [("vision.png", b"not a png"), ("tactile.png", png(rng)), ("json", b"{}")])
+    no_tactile = ("bad1", [("vision.png", png(rng)), ("json", b"{}")])
+    bad_json = ("bad2", [("vision.png", png(rng)), ("tactile.png", png(rng)), ("json", b"{oops")])
+    write_shard(tmp_path / "in" / "a.tar", [good[0], corrupt, good[1], no_tactile, bad_json, good[2]])
+    write_shard(tmp_path / "in" / "b.tar", good[3:])
+    data = (tmp_path / "in" / "b.tar").read_bytes()
+    (tmp_path / "in" / "b.tar").write_bytes(data[: len(data) * 3 // 4])  # cuts into the last sample
+    runner = CliRunner()
+    args = ["extract", "--shards", str(tmp_path / "in"), "--out", str(tmp_path / "st"), "--encoder", "vision=tiny",
+            "--encoder", "tactile=tiny:1", "--workers", "0"]
+    res = runner.invoke(main, args)
+    assert res.exit_code == 2 and "max-skip-fraction" in res.output  # default 0.01: fails, after writing
+    m = json.loads((tmp_path / "st" / "manifest.json").read_text())
+    reasons = {s["key"]: s["reason"] for s in m["skipped"]}
+    assert set(reasons) == {"bad0", "bad1", "bad2", None}
+    assert "undecodable" in reasons["bad0"] and "missing modality 'tactile'" in reasons["bad1"]
+    assert "bad json" in reasons["bad2"] and "unreadable shard" in reasons[None]
+    assert m["samples"] == 3 + 2 and m["skip_count"] == 4  # b.tar keeps its two complete samples
+    assert open_store(tmp_path / "st").keys() == ["g0", "g1", "g2", "g3", "g4"]
+    res = runner.invoke(main, [*args, "--max-skip-fraction", "0.5"])  # resumes: nothing to redo
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == str(tmp_path / "st" / "manifest.json")
+
+
+def test_other_encoders_refuse_an_existing_store(store, tmp_path):
+    cfg = ExtractConfig(shards=json.loads((store / "manifest.json").read_text())["config"]["shards"],
+                        out=str(store), encoders=(("vision", "tiny:5"), ("tactile", "tiny:1")), workers=0)
+    with pytest.raises(RegtokError, match="other encoders"):
+        run_extract(cfg, show_progress=False)
+
+
+def test_skip_limit_error_is_a_regtok_error():
+    assert issubclass(SkipLimitError, RegtokError)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_uninterrupted_run(shards, store, tmp_path):
+    out = tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "cli", "extract", "--shards", str(shards / "shard-{000000..000002}.tar"),
+           "--out", str(out), "--encoder", "vision=tiny:0", "--encoder", "tactile=tiny:1", "--tokens",
+           "--workers", "0", "--batch-size", "4"]
+    env = {**os.environ, PAUSE_ENV: "30", "REGTOK_NO_PROGRESS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        record = out / "parts" / "shard-000000.json"
+        while not record.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (out / "manifest.json").exists() and not (out / "parts" / "shard-000001.json").exists()
+    res = subprocess.run(cmd, env={**os.environ, "REGTOK_NO_PROGRESS": "1"}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["timings"]["shards_encoded"] == 2  # the finished part was kept
+    a, b = arrays(out), arrays(store)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
