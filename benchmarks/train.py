@@ -213,6 +213,7 @@ def main() -> None:
     feeders = {
         "regtok batches": batches_per_s((b for e in itertools.count() for b in data.epoch(e)), device, 200),
         "DataLoader batches": batches_per_s(dataloader(store, cfg, args.workers), device, 20),
+        "encoder batches": batches_per_s(encoded_from_shards(shards, store, cfg, device), device, 5),
     }
     print(f"embedded set: {store.n} pairs, pooled dims {[store.shape('pooled', m)[1] for m in store.modalities]}, "
           f"default model, batch {cfg.batch_size}, device {device}, {args.threads} threads, work dir {work}")
@@ -224,6 +225,8 @@ def main() -> None:
     print(f"   regtok data path / DataLoader data path = "
           f"{feeders['regtok batches'] / feeders['DataLoader batches']:.1f}x  (target >= 20x)")
     print(f"3. regtok train / encoders on every step  = {r / rates['encoders step']:.3f}")
+    print(f"   regtok data path / encoders data path   = "
+          f"{feeders['regtok batches'] / feeders['encoder batches']:.1f}x")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
