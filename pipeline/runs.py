@@ -160,7 +160,8 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
         raise RegtokError(f"{run_dir} is not a run directory (no readable {CONFIG})") from None
     except json.JSONDecodeError as e:
         raise RegtokError(f"{run_dir / CONFIG} is not valid JSON ({e.msg})") from None
-    model = RegTok.from_spec(config["model_spec"])
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
+        model = RegTok.from_spec(config["model_spec"])
     load_weights(model, run_dir)
     model.eval()
     manifest = read_manifest(run_dir / MANIFEST, kind="run") if (run_dir / MANIFEST).is_file() else {}

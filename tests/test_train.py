@@ -271,3 +271,19 @@ def test_tokens_are_used_when_the_store_has_them(extracted, tmp_path):
     code, _, err = run_train("--features", str(write_store(tmp_path / "pooled_only")), "--out",
                              str(tmp_path / "r2"), *TINY, "feature_kind=tokens")
     assert code == 2 and "no tokens features" in err
+
+
+def test_run_dir_guards(store, tmp_path):
+    from pipeline.runs import STATE, load_resume
+
+    run = tmp_path / "run"
+    args = ["--features", str(store), "--out", str(run), *TINY, "--epochs", "1"]
+    assert run_train(*args)[0] == 0
+    code, _, err = run_train(*args)
+    assert code == 2 and "--resume" in err  # never overwrite a run silently
+    code, _, err = run_train(*args, "--resume", "--lr", "0.1")
+    assert code == 2 and "differs" in err and "lr" in err
+    payload = torch.load(run / STATE, weights_only=True)
+    torch.save({**payload, "step": payload["step"] + 1}, run / STATE)
+    with pytest.raises(Exception, match="interrupted while saving"):
+        load_resume(run)
