@@ -287,3 +287,17 @@ def test_run_dir_guards(store, tmp_path):
     torch.save({**payload, "step": payload["step"] + 1}, run / STATE)
     with pytest.raises(Exception, match="interrupted while saving"):
         load_resume(run)
+
+
+def test_held_out_store_validates_and_must_match(store, tmp_path):
+    held_out = write_store(tmp_path / "held_out", n=40, seed=1)
+    run = tmp_path / "run"
+    code, _, err = run_train("--features", str(store), "--val-features", str(held_out), "--out", str(run), *TINY)
+    assert code == 0, err
+    m = read_manifest(run / "manifest.json")
+    assert [r["role"] for r in m["inputs"]] == ["features", "val_features"]
+    assert m["val_samples"] == 40 and m["train_samples"] == 100
+    other = write_store(tmp_path / "other", n=40, dim=10)
+    code, _, err = run_train("--features", str(store), "--val-features", str(other), "--out",
+                             str(tmp_path / "r2"), *TINY)
+    assert code == 2 and "do not match" in err
