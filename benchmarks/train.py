@@ -1,6 +1,6 @@
 """How much the cached-feature training loop gains, as ratios measured side by side (issue 5).
 
-    python benchmarks/train.py [--samples 2000] [--batch-size 64] [--steps 4] [--device cpu] [--threads 2]
+    python benchmarks/train.py [--samples 2000] [--batch-size 32] [--steps 2] [--repeats 3] [--device cpu]
 
 Builds the embedded set (``regtok synth`` → ``regtok extract`` with the tiny encoders, pooled features) in a
 temporary directory (or reuses ``--work``), then measures with the default model size:
@@ -188,9 +188,10 @@ def _member(files: dict[str, bytes], modality: str) -> bytes:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=2000)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers of the plain baseline")
@@ -203,22 +204,31 @@ def main() -> None:
     store = open_store(store_dir)
     cfg = resolve(TrainConfig, "default", {"batch_size": args.batch_size, "warmup_steps": 10})
     w, s = args.warmup, args.steps
-    rates = {
-        "regtok train": regtok_train(cfg, store, device, w, s),
-        "in-memory step": timed_steps(in_memory(store, cfg, device), cfg, store, device, w, s),
-        "DataLoader step": timed_steps(dataloader(store, cfg, args.workers), cfg, store, device, w, s),
-        "encoders step": timed_steps(encoded_from_shards(shards, store, cfg, device), cfg, store, device, w, s),
+    # Interleaved rounds, median per method: the machine's load drifts, and each method then sees the same drift.
+    methods = {
+        "regtok train": lambda: regtok_train(cfg, store, device, w, s),
+        "in-memory step": lambda: timed_steps(in_memory(store, cfg, device), cfg, store, device, w, s),
+        "DataLoader step": lambda: timed_steps(dataloader(store, cfg, args.workers), cfg, store, device, w, s),
+        "encoders step": lambda: timed_steps(encoded_from_shards(shards, store, cfg, device), cfg, store, device,
+                                             w, s),
     }
     data = make_batches(store, "pooled", np.arange(store.n), cfg.batch_size, cfg.seed, device)
     feeders = {
-        "regtok batches": batches_per_s((b for e in itertools.count() for b in data.epoch(e)), device, 200),
-        "DataLoader batches": batches_per_s(dataloader(store, cfg, args.workers), device, 20),
-        "encoder batches": batches_per_s(encoded_from_shards(shards, store, cfg, device), device, 5),
+        "regtok batches": lambda: batches_per_s((b for e in itertools.count() for b in data.epoch(e)), device, 200),
+        "DataLoader batches": lambda: batches_per_s(dataloader(store, cfg, args.workers), device, 20),
+        "encoder batches": lambda: batches_per_s(encoded_from_shards(shards, store, cfg, device), device, 5),
     }
+    runs: dict[str, list[float]] = {name: [] for name in {**methods, **feeders}}
+    for _ in range(args.repeats):
+        for name, fn in {**methods, **feeders}.items():
+            runs[name].append(fn())
+    rates = {name: float(np.median(runs[name])) for name in methods}
+    feeders = {name: float(np.median(runs[name])) for name in feeders}
     print(f"embedded set: {store.n} pairs, pooled dims {[store.shape('pooled', m)[1] for m in store.modalities]}, "
           f"default model, batch {cfg.batch_size}, device {device}, {args.threads} threads, work dir {work}")
     for name, v in {**rates, **feeders}.items():
-        print(f"  {name:20s} {v:12.1f} {'samples/s' if name in rates else 'batches/s'}")
+        spread = ", ".join(f"{x:.1f}" for x in runs[name])
+        print(f"  {name:20s} {v:12.1f} {'samples/s' if name in rates else 'batches/s'}  (rounds: {spread})")
     r = rates["regtok train"]
     print(f"1. regtok train / in-memory step          = {r / rates['in-memory step']:.3f}  (target >= 0.95)")
     print(f"2. regtok train / DataLoader step         = {r / rates['DataLoader step']:.3f}")
