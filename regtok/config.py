@@ -46,8 +46,8 @@ class ModelConfig:
     flow_hidden_dim: int = 512
     flow_layers: int = 3
     flow_stop_grad: bool = True  # detach the flow's endpoint: each encoder is trained only as a transport source
-    flow_var_weight: float = 1.0  # anti-collapse variance term on the shared embeddings (flow losses)
-    flow_cov_weight: float = 0.04  # anti-collapse covariance term on the shared embeddings (flow losses)
+    flow_var_weight: float = 4.0  # anti-collapse variance term on the shared embeddings (flow losses)
+    flow_cov_weight: float = 0.2  # anti-collapse covariance term on the shared embeddings (flow losses)
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     mrl: bool = False  # sum the contrastive loss over every power-of-two prefix
