@@ -317,10 +317,13 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
         if full:  # one headline number for summaries: full-prefix R@1, mean of both directions
             result.metrics["val/R@1"] = sum(full) / len(full)
         timings = {"seconds": time.perf_counter() - t0, "load_seconds": t_train - t0,
-                   "train_seconds": time.perf_counter() - t_train}
+                   "train_seconds": time.perf_counter() - t_train,
+                   "last_epoch_seconds": result.metrics.get("seconds"),
+                   "samples_per_s": result.metrics.get("samples_per_s")}
+        metrics = {k: v for k, v in result.metrics.items() if k not in ("seconds", "samples_per_s")}  # results only
         path = write_run_manifest(out, command=command if command is not None else list(sys.argv),
                                   config=to_dict(cfg), features=features, val_features=val_features,
-                                  metrics={**result.metrics, "step": result.step}, timings=timings,
+                                  metrics={**metrics, "step": result.step}, timings=timings,
                                   device=str(device), feature_kind=kind, modalities=list(store.modalities),
                                   world_size=world, streaming=data.streaming, val_samples=len(val_rows),
                                   train_samples=len(train_rows))
