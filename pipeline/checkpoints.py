@@ -105,6 +105,34 @@ def state_dict_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def file_sha256_cached(path: str | os.PathLike) -> str:
+    """sha256 of a weights file, remembered per (path, size, mtime, inode) in ``$REGTOK_CACHE_DIR`` (default
+    ``~/.cache/regtok``) so that repeated runs over a large checkpoint do not hash it again (make/rsync's rule)."""
+    import json
+
+    from pipeline.manifest import sha256_file, write_json_atomic
+
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    cache = Path(os.environ.get("REGTOK_CACHE_DIR", Path.home() / ".cache" / "regtok")) / "sha256.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        return known[key]
+    digest = sha256_file(p)
+    if st.st_size >= 1 << 24:  # only large files are worth remembering
+        known = {k: v for k, v in (known.items() if isinstance(known, dict) else []) if not k.startswith(f"{p}|")}
+        known[key] = digest
+        try:
+            write_json_atomic(cache, dict(list(known.items())[-256:]))
+        except OSError:
+            pass  # a read-only home is no reason to fail
+    return digest
+
+
 def _names(keys: list[str]) -> str:
     more = f", … (+{len(keys) - _SHOW})" if len(keys) > _SHOW else ""
     return ", ".join(keys[:_SHOW]) + more

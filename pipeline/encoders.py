@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoints import (
+    file_sha256_cached,
     has_only_persistent_buffers,
     load_strict,
     read_checkpoint,
@@ -221,7 +222,6 @@ def _open_clip_file(spec: EncoderSpec) -> Encoder:
     from open_clip.model import _build_vision_tower
     from open_clip.transform import PreprocessCfg
 
-    from pipeline.manifest import sha256_file
 
     cfg = open_clip.get_model_config(spec.model)
     if cfg is None:
@@ -242,7 +242,7 @@ def _open_clip_file(spec: EncoderSpec) -> Encoder:
     transform = open_clip.image_transform(pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
                                           resize_mode=pp["resize_mode"], interpolation=pp["interpolation"],
                                           fill_color=pp["fill_color"])
-    return Encoder(spec, OpenClipVisual(visual), prep_from_transform(transform), sha256_file(spec.source),
+    return Encoder(spec, OpenClipVisual(visual), prep_from_transform(transform), file_sha256_cached(spec.source),
                    {"source": "local file"})
 
 
@@ -251,7 +251,6 @@ def _timm_file(spec: EncoderSpec) -> Encoder:
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    from pipeline.manifest import sha256_file
 
     where = f"encoder {spec}"
     info: dict = {"source": "local file"}
@@ -279,7 +278,7 @@ def _timm_file(spec: EncoderSpec) -> Encoder:
     load_strict(model, sd, where, assign=True)
     transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
     backbone = TimmBackbone(model, use_head=spec.kind == "tvl" and num_classes > 0)
-    return Encoder(spec, backbone, prep_from_transform(transform), sha256_file(spec.source), info)
+    return Encoder(spec, backbone, prep_from_transform(transform), file_sha256_cached(spec.source), info)
 
 
 def _tvl_state_dict(spec: EncoderSpec) -> tuple[dict, dict]:

@@ -177,7 +177,8 @@ def extract_shards(job: Job, encoders: dict[str, Encoder], rank: int, world: int
     stream = ShardStream(todo, preps, cfg.batch_size, rules)
     workers = min(cfg.workers, len(todo))
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         prefetch_factor=4 if workers else None, persistent_workers=False)
+                                         prefetch_factor=4 if workers else None,
+                                         pin_memory=any(_on_cuda(e) for e in encoders.values()))
     shapes = {m: {"pooled": (e.pooled_dim,), **({"tokens": e.token_shape} if cfg.tokens else {})}
               for m, e in encoders.items()}
     writers: dict[int, PartWriter] = {}
@@ -204,6 +205,10 @@ def extract_shards(job: Job, encoders: dict[str, Encoder], rank: int, world: int
         for w in writers.values():
             w.abort()
     return stats
+
+
+def _on_cuda(enc: Encoder) -> bool:
+    return next(enc.parameters()).device.type == "cuda"
 
 
 def encode_batch(batch: ShardBatch, encoders: dict[str, Encoder], tokens: bool) -> dict:

@@ -43,6 +43,11 @@ class ShardBatch:
     read: int = 0  # samples read from the shard (complete ones), set on the closing batch
     sha256: str | None = None  # of the shard file, set on the closing batch
 
+    def pin_memory(self) -> ShardBatch:
+        """Called by the DataLoader's pinning thread (CUDA): page-locked images copy to the GPU asynchronously."""
+        self.images = {m: x.pin_memory() for m, x in self.images.items()}
+        return self
+
 
 @dataclass(frozen=True)
 class LabelRules:

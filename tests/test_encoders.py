@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -199,3 +200,17 @@ def test_unknown_open_clip_model_and_missing_file(tmp_path):
         load_encoder(f"open_clip:No-Such-Model@{tmp_path / 'x.pt'}")
     with pytest.raises(RegtokError, match="not found"):
         load_encoder(f"timm:vit_tiny_patch16_224@{tmp_path / 'missing.safetensors'}")
+
+
+def test_weights_hash_cache_follows_file_changes(tmp_path, monkeypatch):
+    from pipeline.checkpoints import file_sha256_cached
+    from pipeline.manifest import sha256_file
+
+    monkeypatch.setenv("REGTOK_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"a" * (1 << 24))
+    assert file_sha256_cached(path) == sha256_file(path) == file_sha256_cached(path)
+    assert (tmp_path / "cache" / "sha256.json").is_file()
+    path.write_bytes(b"b" * (1 << 24))  # same size, new content and mtime
+    os.utime(path, ns=(1, 10**18))
+    assert file_sha256_cached(path) == sha256_file(path)
