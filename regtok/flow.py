@@ -31,6 +31,7 @@ def timestep_features(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tens
     return torch.cat([angles.cos(), angles.sin()], dim=-1)  # (B, dim)
 
 
+@torch.compiler.disable  # generator draws do not trace
 def logit_normal(
     n: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype,
     mean: float = 0.0, std: float = 1.0,

@@ -18,6 +18,11 @@ from regtok.distributed import gather_with_grad, local_offset
 from regtok.flow import Velocity, logit_normal
 
 
+def _fp32(x: Tensor) -> Tensor:
+    """At least float32 (bf16/fp16 activations under autocast), float64 kept as is."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor) -> dict[str, Tensor]:
     """Symmetric InfoNCE between paired, L2-normalised embeddings a, b: (B, E) each; logit_scale: () > 0.
 
@@ -25,6 +30,7 @@ def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor) -> dict[str, Tensor]:
     by this rank's position in the gathered batch. Returns "contrastive" (mean of both directions),
     "contrastive/a_to_b", "contrastive/b_to_a".
     """
+    a, b = _fp32(a), _fp32(b)
     b_all = gather_with_grad(b)  # (N, E), N = world * B
     a_all = gather_with_grad(a)  # (N, E)
     labels = torch.arange(a.shape[0], device=a.device) + local_offset(a.shape[0])  # (B,)
@@ -48,6 +54,7 @@ def mrl_info_nce(prefixes: dict[int, tuple[Tensor, Tensor]], logit_scale: Tensor
 
 def preservation_loss(recon: Tensor, target: Tensor) -> Tensor:
     """1 − cosine(recon, target) over the feature dim, averaged over tokens and batch. (B, T, D) each → ()."""
+    recon = _fp32(recon)
     return (1.0 - F.cosine_similarity(recon, target.to(recon.dtype), dim=-1)).mean()
 
 
@@ -58,7 +65,7 @@ def variance_covariance(z: Tensor, eps: float = 1e-4) -> dict[str, Tensor]:
     "variance": mean over dims of relu(1 − std); "covariance": squared off-diagonal covariance / E.
     Both are 0 for whitened embeddings and grow as the embeddings collapse to a point or a subspace.
     """
-    z = gather_with_grad(z) * math.sqrt(z.shape[1])  # (N, E)
+    z = gather_with_grad(_fp32(z)) * math.sqrt(z.shape[1])  # (N, E)
     n, e = z.shape
     zc = z - z.mean(dim=0, keepdim=True)  # (N, E)
     std = torch.sqrt(zc.pow(2).sum(dim=0) / (n - 1) + eps)  # (E,)
@@ -69,21 +76,24 @@ def variance_covariance(z: Tensor, eps: float = 1e-4) -> dict[str, Tensor]:
 
 def flow_matching_loss(
     velocity: Velocity, x_a: Tensor, x_b: Tensor, generator: torch.Generator | None, stop_grad_target: bool = True,
+    t: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Rectified flow both ways: x_t = (1−t)·x_0 + t·x_1, target x_1 − x_0, t ~ logit-normal, squared error.
 
     x_a, x_b: (B, E) shared embeddings. Direction 0 transports A→B (x_0 = x_a), direction 1 B→A.
     With ``stop_grad_target`` the endpoint x_1 is detached, so each encoder is trained only as a source:
     it cannot lower the loss by moving the target. The squared error is summed over E, averaged over B.
+    ``t`` (2B,) overrides the draw from ``generator`` (rows [0, B) are A→B, [B, 2B) B→A).
     Returns "flow" (mean of both directions), "flow/a_to_b", "flow/b_to_a".
     """
     bsz = x_a.shape[0]
+    x_a, x_b = _fp32(x_a), _fp32(x_b)
     x0 = torch.cat([x_a, x_b])  # (2B, E)
     x1 = torch.cat([x_b, x_a])  # (2B, E)
     if stop_grad_target:
         x1 = x1.detach()
     direction = torch.cat([torch.zeros(bsz, dtype=torch.long), torch.ones(bsz, dtype=torch.long)]).to(x_a.device)
-    t = logit_normal(2 * bsz, generator, x_a.device, x_a.dtype)  # (2B,)
+    t = logit_normal(2 * bsz, generator, x_a.device, x_a.dtype) if t is None else t  # (2B,)
     xt = (1 - t[:, None]) * x0 + t[:, None] * x1  # (2B, E)
     err = (velocity(xt, t, direction) - (x1 - x0)).pow(2).sum(dim=-1)  # (2B,)
     a_to_b, b_to_a = err[:bsz].mean(), err[bsz:].mean()

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from regtok.blocks import Block, CrossBlock, prefix_causal_mask
 from regtok.config import ModelConfig, from_dict, to_dict
 from regtok.errors import RegtokError
-from regtok.flow import VelocityNet, direction_index, euler_sample
+from regtok.flow import VelocityNet, direction_index, euler_sample, logit_normal
 from regtok.losses import flow_matching_loss, info_nce, mrl_info_nce, preservation_loss, total_loss, variance_covariance
 
 
@@ -46,6 +46,7 @@ def allowed_keeps(n_registers: int, mode: str) -> list[int]:
     raise RegtokError(f"unknown nested_dropout_mode {mode!r}")
 
 
+@torch.compiler.disable  # generator draws do not trace; one eager call instead of a break in the middle
 def sample_keep(
     batch: int, n_registers: int, mode: str, generator: torch.Generator | None, device: torch.device
 ) -> Tensor:
@@ -208,7 +209,14 @@ class RegTok(nn.Module):
     def losses(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Every loss term (detached diagnostics included) and "loss", the total to backpropagate."""
         cfg = self.cfg
-        outs = self(batch, generator=generator)
+        a = batch[self.modalities[0]]
+        # All randomness first (one eager call each under torch.compile), then one traceable computation.
+        keep = None
+        if self.training:
+            keep = sample_keep(a.shape[0], cfg.n_registers, cfg.nested_dropout_mode, generator, a.device)
+        dtype = self.encoders[self.modalities[0]].in_proj.weight.dtype
+        t = logit_normal(2 * a.shape[0], generator, a.device, dtype) if self.has_flow else None  # (2B,)
+        outs = self(batch, keep=keep)
         oa, ob = (outs[m] for m in self.modalities)
         terms: dict[str, Tensor] = {}
         for m in self.modalities:
@@ -228,7 +236,7 @@ class RegTok(nn.Module):
                 terms.update(info_nce(oa.shared, ob.shared, scale))
             terms["logit_scale"] = scale.detach()
         if self.has_flow:
-            terms.update(flow_matching_loss(self.flow, oa.shared, ob.shared, generator, cfg.flow_stop_grad))
+            terms.update(flow_matching_loss(self.flow, oa.shared, ob.shared, generator, cfg.flow_stop_grad, t=t))
             vc = [variance_covariance(o.shared) for o in (oa, ob)]
             terms["variance"] = (vc[0]["variance"] + vc[1]["variance"]) / 2
             terms["covariance"] = (vc[0]["covariance"] + vc[1]["covariance"]) / 2
