@@ -214,3 +214,14 @@ def test_transport_is_normalised_and_needs_a_flow_head():
         torch.testing.assert_close(out.norm(dim=-1), torch.ones(6, dtype=torch.float64))
     with pytest.raises(RegtokError, match="no flow head"):
         RegTok(tiny(), INPUTS).transport(shared.float(), "a_to_b", 2)
+
+
+def test_model_losses_are_invariant_to_permuting_the_batch():
+    torch.manual_seed(0)
+    model = RegTok(tiny(mrl=True), INPUTS).double().eval()  # eval: no nested-dropout draw to permute with
+    b = batch(b=12)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    base = model.losses(b)
+    permuted = model.losses({m: v[perm] for m, v in b.items()})
+    for name, value in base.items():
+        torch.testing.assert_close(permuted[name], value, rtol=0, atol=1e-12, msg=name)
