@@ -65,6 +65,9 @@ class VelocityNet(nn.Module):
         self.layers = nn.ModuleList(_ResidualMlp(hidden_dim) for _ in range(n_layers))
         self.norm = nn.LayerNorm(hidden_dim)
         self.out = nn.Linear(hidden_dim, embed_dim)
+        with torch.no_grad():  # start near v = 0: the initial loss is |x_1 − x_0|², not the net's noise over E dims
+            self.out.weight.mul_(0.1)
+            self.out.bias.zero_()
 
     def forward(self, x: Tensor, t: Tensor, direction: Tensor) -> Tensor:
         temb = self.time(timestep_features(t, self.time_dim).to(x.dtype))  # (B, H)
