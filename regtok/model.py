@@ -223,18 +223,7 @@ class RegTok(nn.Module):
             terms[f"preservation/{m}"] = preservation_loss(outs[m].recon, self.encoders[m].as_tokens(batch[m]))
         terms["preservation"] = torch.stack([terms[f"preservation/{m}"] for m in self.modalities]).mean()
         if self.uses_contrastive:
-            scale = self.logit_scale()
-            if cfg.mrl:
-                ea, eb = self.encoders[self.modalities[0]], self.encoders[self.modalities[1]]
-                prefixes = {
-                    k: (ea.embed_shared(oa.registers, oa.keep.clamp(max=k)),
-                        eb.embed_shared(ob.registers, ob.keep.clamp(max=k)))
-                    for k in mrl_prefixes(cfg.n_shared)
-                }
-                terms.update(mrl_info_nce(prefixes, scale))
-            else:
-                terms.update(info_nce(oa.shared, ob.shared, scale))
-            terms["logit_scale"] = scale.detach()
+            terms.update(self._contrastive_terms(oa, ob))
         if self.has_flow:
             terms.update(flow_matching_loss(self.flow, oa.shared, ob.shared, generator, cfg.flow_stop_grad, t=t))
             vc = [variance_covariance(o.shared) for o in (oa, ob)]
@@ -242,6 +231,21 @@ class RegTok(nn.Module):
             terms["covariance"] = (vc[0]["covariance"] + vc[1]["covariance"]) / 2
         terms["loss"] = total_loss(terms, cfg)
         return terms
+
+    def _contrastive_terms(self, oa: RegisterOutput, ob: RegisterOutput) -> dict[str, Tensor]:
+        """InfoNCE on the shared embeddings, or (mrl) its mean over every power-of-two shared prefix."""
+        scale = self.logit_scale()
+        if self.cfg.mrl:
+            ea, eb = (self.encoders[m] for m in self.modalities)
+            prefixes = {  # causal registers: prefix k of this one forward is the k-register encoding
+                k: (ea.embed_shared(oa.registers, oa.keep.clamp(max=k)),
+                    eb.embed_shared(ob.registers, ob.keep.clamp(max=k)))
+                for k in mrl_prefixes(self.cfg.n_shared)
+            }
+            terms = mrl_info_nce(prefixes, scale)
+        else:
+            terms = info_nce(oa.shared, ob.shared, scale)
+        return {**terms, "logit_scale": scale.detach()}
 
     @torch.no_grad()
     def transport(self, shared: Tensor, direction: str, steps: int) -> Tensor:
