@@ -6,7 +6,7 @@ of the `regtok extract` process, start-up included (imports, weight loading and 
 store and the manifest). The bare loop runs `model.encode_image` over tensors that are already decoded and
 preprocessed, after one warm-up batch. Both use the same threads (OMP_NUM_THREADS, default 2).
 
-    python benchmarks/extract.py [--samples 200] [--batch-size 32] [--workers 1] [--rounds 2] [--device cpu]
+    python benchmarks/extract.py [--samples 200] [--batch-size 32] [--workers 1] [--rounds 3] [--device cpu]
 
 With CUDA present it also reports ViT-L-14 bf16 images/s (bare forward and end to end).
 """
@@ -64,8 +64,9 @@ def bare_images_per_s(spec: str, dataset: Path, batch_size: int, device: str) ->
     return len(x) / (time.perf_counter() - t0)
 
 
-def e2e_images_per_s(spec: str, dataset: Path, out: Path, batch_size: int, workers: int, device: str) -> float:
-    """Wall time of a fresh `regtok extract` process over the whole set."""
+def e2e_images_per_s(spec: str, dataset: Path, out: Path, batch_size: int, workers: int,
+                     device: str) -> tuple[float, dict]:
+    """Images/s from the wall time of a fresh `regtok extract` process over the whole set, and its timings."""
     cmd = [sys.executable, "-m", "cli", "extract", "--shards", str(dataset), "--out", str(out),
            "--encoder", f"vision={spec}", "--encoder", f"tactile={spec}", "--batch-size", str(batch_size),
            "--workers", str(workers), "--device", device]
@@ -77,8 +78,8 @@ def e2e_images_per_s(spec: str, dataset: Path, out: Path, batch_size: int, worke
         sys.exit(f"regtok extract failed:\n{res.stderr[-2000:]}")
     import json
 
-    samples = json.loads(Path(res.stdout.strip()).read_text())["samples"]
-    return 2 * samples / seconds
+    manifest = json.loads(Path(res.stdout.strip()).read_text())
+    return 2 * manifest["samples"] / seconds, {"process_seconds": round(seconds, 2), **manifest["timings"]}
 
 
 def _sync(device: str) -> None:
@@ -92,7 +93,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=2, help="alternating bare/e2e measurements; medians reported")
+    ap.add_argument("--rounds", type=int, default=3, help="paired bare/e2e measurements; medians reported")
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
@@ -102,19 +103,23 @@ def main() -> None:
         root = Path(tmp)
         dataset = make_data(root, args.samples, args.shards)
         spec = f"open_clip:{args.model}@{make_checkpoint(root, args.model)}"
-        bare, e2e = [], []
-        for r in range(args.rounds):
+        bare, e2e, ratios = [], [], []
+        for r in range(args.rounds):  # paired rounds: other load on the machine hits both sides alike
             bare.append(bare_images_per_s(spec, dataset, args.batch_size, args.device))
-            e2e.append(e2e_images_per_s(spec, dataset, root / f"store{r}", args.batch_size, args.workers, args.device))
-            print(f"round {r}: bare {bare[-1]:.2f} images/s, end-to-end {e2e[-1]:.2f} images/s", file=sys.stderr)
+            rate, timings = e2e_images_per_s(spec, dataset, root / f"store{r}", args.batch_size, args.workers,
+                                             args.device)
+            e2e.append(rate)
+            ratios.append(e2e[-1] / bare[-1])
+            print(f"round {r}: bare {bare[-1]:.2f} images/s, end-to-end {e2e[-1]:.2f} images/s, ratio "
+                  f"{ratios[-1]:.3f}; {timings}", file=sys.stderr)
         b, e = statistics.median(bare), statistics.median(e2e)
         print(f"{args.model} batch {args.batch_size} on {args.device} ({os.environ['OMP_NUM_THREADS']} threads), "
               f"{2 * args.samples} images: bare encode_image {b:.2f} images/s, regtok extract {e:.2f} images/s, "
-              f"ratio {e / b:.3f}")
+              f"ratio (median of {args.rounds} paired rounds) {statistics.median(ratios):.3f}")
         if torch.cuda.is_available() and args.device == "cpu":
             spec_l = f"open_clip:ViT-L-14@{make_checkpoint(root, 'ViT-L-14')}"
             gb = bare_images_per_s(spec_l, dataset, 256, "cuda")
-            ge = e2e_images_per_s(spec_l, dataset, root / "store-l14", 256, 8, "cuda")
+            ge, _ = e2e_images_per_s(spec_l, dataset, root / "store-l14", 256, 8, "cuda")
             print(f"ViT-L-14 bf16 on {torch.cuda.get_device_name()}: bare {gb:.1f} images/s, "
                   f"regtok extract {ge:.1f} images/s (start-up included)")
 
