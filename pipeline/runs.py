@@ -41,7 +41,7 @@ from pipeline.manifest import (
     write_manifest,
 )
 from regtok.config import TrainConfig, from_dict, to_dict
-from regtok.data import make_batches, split_rows, store_bytes
+from regtok.data import feature_stats, make_batches, split_rows, store_bytes
 from regtok.errors import RegtokError
 from regtok.train import Callbacks, ResumeState, TrainResult, init_distributed, train
 
@@ -292,6 +292,7 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
                                arrays=data.arrays if val_store is store else None)
         torch.manual_seed(cfg.seed)
         model = RegTok(cfg.model, {m: tuple(store.shape(kind, m)) for m in store.modalities})
+        model.set_feature_stats(feature_stats(data.all()))  # the training split's, on every rank
         state = _resume_state(out, cfg, model) if resume else None
         model.to(device)
         writer = None

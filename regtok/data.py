@@ -181,3 +181,19 @@ def fits_in_memory(store: StoreLike, kind: str, device: torch.device, max_memory
 def _row_shape(store: StoreLike, kind: str, modality: str) -> tuple[int, ...]:
     n_tokens, dim = store.shape(kind, modality)
     return (dim,) if kind == "pooled" else (n_tokens, dim)
+
+
+@torch.no_grad()
+def feature_stats(batches: Iterator[dict[str, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-dimension mean and std of each modality's features over all rows (and tokens): ``{m: ((D,), (D,))}``.
+
+    Accumulated in float64 in one pass, so a streamed store gives the same statistics as an in-memory one.
+    """
+    sums: dict[str, tuple[Any, Any, int]] = {}
+    for batch in batches:
+        for m, x in batch.items():
+            x = x.reshape(-1, x.shape[-1]).double()  # (B*T, D)
+            s1, s2, n = sums.get(m, (0.0, 0.0, 0))
+            sums[m] = (s1 + x.sum(0), s2 + (x * x).sum(0), n + x.shape[0])
+    return {m: ((s1 / n).float(), (s2 / n - (s1 / n) ** 2).clamp_min(0).sqrt().float())
+            for m, (s1, s2, n) in sums.items()}

@@ -160,7 +160,7 @@ def _encode_all(model: Any, features: Mapping[str, Any], mods: Sequence[str], pr
                 if k in shared[m]:
                     shared[m][k].append(o.shared.float().cpu())
                 if k in recon[m]:
-                    recon[m][k] += float(_recon_cosine(o.recon, batch[m]).sum())
+                    recon[m][k] += float(_recon_cosine(o.recon, model.encoders[m].as_tokens(batch[m])).sum())
                     for g, feat in _group_means(o.registers[sel], k, n_shared).items():
                         groups[m][k].setdefault(g, []).append(feat)
     return _Encoded(
@@ -179,8 +179,7 @@ def _group_means(registers: Tensor, k: int, n_shared: int) -> dict[str, Tensor]:
 
 
 def _recon_cosine(recon: Tensor, x: Tensor) -> Tensor:
-    """Per-sample cosine between reconstruction (B, T, D) and input (B, D) or (B, T, D), mean over tokens. (B,)"""
-    x = x.unsqueeze(1) if x.dim() == 2 else x  # (B, T, D)
+    """Per-sample cosine between reconstruction (B, T, D) and the module's standardised input (B, T, D). (B,)"""
     return torch.nn.functional.cosine_similarity(recon.float(), x, dim=-1).mean(1)  # (B,)
 
 

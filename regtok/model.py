@@ -111,15 +111,25 @@ class RegisterModule(nn.Module):
             self.up_bias = nn.Parameter(torch.zeros(r, d))
         self.shared_proj = nn.Linear(d, cfg.embed_dim)
         self.decoder = PreservationDecoder(cfg, n_tokens, d_in)
+        # Per-dimension standardisation of the cached features, set from the training split by the trainer
+        # (RegTok.set_feature_stats) and saved with the weights. Frozen encoders' features share a large common
+        # direction (mean cosine 0.8-0.99 between random samples of random-init encoders): without this the
+        # input projection sees nearly one vector and the cosine preservation target is trivially met.
+        self.register_buffer("feature_mean", torch.zeros(d_in))
+        self.register_buffer("feature_std", torch.ones(d_in))
         # Built once for this (n_tokens, n_registers); moves with .to(device); not part of the checkpoint.
         self.register_buffer("attn_mask", prefix_causal_mask(n_tokens, r), persistent=False)
 
     def as_tokens(self, x: Tensor) -> Tensor:
-        """(B, D_in) or (B, T, D_in) → (B, T, D_in) in the module's dtype; shape-checked."""
+        """(B, D_in) or (B, T, D_in) → standardised (B, T, D_in) in the module's dtype; shape-checked.
+
+        This is both what the transformer reads and the preservation decoder's target.
+        """
         x = x.unsqueeze(1) if x.dim() == 2 else x
         if tuple(x.shape[1:]) != (self.n_tokens, self.d_in):
             raise RegtokError(f"expected input of shape (B, {self.n_tokens}, {self.d_in}), got {tuple(x.shape)}")
-        return x.to(self.in_proj.weight.dtype)
+        x = x.to(self.in_proj.weight.dtype)
+        return (x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype)  # (B, T, D_in)
 
     def encode(self, x: Tensor, n_registers: int | None = None) -> Tensor:
         """The transformer over [tokens; first n registers] (default all): (B, T + n, d), final norm applied."""
@@ -193,6 +203,14 @@ class RegTok(nn.Module):
         if self.uses_contrastive:
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
         self.flow = VelocityNet(cfg.embed_dim, cfg.flow_hidden_dim, cfg.flow_layers) if self.has_flow else None
+
+    @torch.no_grad()
+    def set_feature_stats(self, stats: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """Set each module's input standardisation from ``{modality: (mean (D_in,), std (D_in,))}``."""
+        for m, (mean, std) in stats.items():
+            enc = self.encoders[m]
+            enc.feature_mean.copy_(mean.to(enc.feature_mean))
+            enc.feature_std.copy_(std.to(enc.feature_std).clamp_min(1e-6))
 
     def logit_scale(self) -> Tensor:
         """exp of the learnable log-scale, clamped at cfg.max_logit_scale. ()."""
