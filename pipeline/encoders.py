@@ -15,6 +15,7 @@ features ``(B, T, D_tok)``. Weights load without running pickled code (see :mod:
 from __future__ import annotations
 
 import re
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,13 +191,18 @@ def tiny_encoder(seed: int = 0, image_size: int = 64) -> Encoder:
 
 def load_encoder(spec: str | EncoderSpec, device: str | torch.device = "cpu") -> Encoder:
     """Build the encoder a spec names, frozen, in eval mode, on ``device``."""
+    from concurrent.futures import ThreadPoolExecutor
+
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     if spec.kind == "tiny":
-        enc = tiny_encoder(spec.seed)
-    elif spec.kind == "open_clip":
-        enc = _open_clip_file(spec) if spec.is_file else _open_clip_tag(spec)
-    else:
-        enc = _timm_file(spec)
+        return tiny_encoder(spec.seed).to(device)
+    if spec.kind == "open_clip" and not spec.is_file:
+        return _open_clip_tag(spec).to(device)
+    if not Path(spec.source).is_file():
+        raise RegtokError(f"encoder {spec}: weights file not found: {spec.source}")
+    with ThreadPoolExecutor(1) as pool:  # hashing (GIL released) overlaps the imports and the model build
+        digest = pool.submit(file_sha256_cached, spec.source)
+        enc = _open_clip_file(spec, digest) if spec.kind == "open_clip" else _timm_file(spec, digest)
     return enc.to(device)
 
 
@@ -214,7 +220,7 @@ def _open_clip_tag(spec: EncoderSpec) -> Encoder:
                    {"source": "open_clip pretrained tag"})
 
 
-def _open_clip_file(spec: EncoderSpec) -> Encoder:
+def _open_clip_file(spec: EncoderSpec, digest: Future) -> Encoder:
     """A local checkpoint: only the visual tower is built (on the meta device, then assigned the weights)."""
     from dataclasses import asdict
 
@@ -242,11 +248,11 @@ def _open_clip_file(spec: EncoderSpec) -> Encoder:
     transform = open_clip.image_transform(pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
                                           resize_mode=pp["resize_mode"], interpolation=pp["interpolation"],
                                           fill_color=pp["fill_color"])
-    return Encoder(spec, OpenClipVisual(visual), prep_from_transform(transform), file_sha256_cached(spec.source),
+    return Encoder(spec, OpenClipVisual(visual), prep_from_transform(transform), digest.result(),
                    {"source": "local file"})
 
 
-def _timm_file(spec: EncoderSpec) -> Encoder:
+def _timm_file(spec: EncoderSpec, digest: Future) -> Encoder:
     """``timm:`` (a plain state dict) or ``tvl:`` (the ``tactile_encoder.*`` part of a TVL checkpoint)."""
     import timm
     from timm.data import create_transform, resolve_data_config
@@ -278,7 +284,7 @@ def _timm_file(spec: EncoderSpec) -> Encoder:
     load_strict(model, sd, where, assign=True)
     transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
     backbone = TimmBackbone(model, use_head=spec.kind == "tvl" and num_classes > 0)
-    return Encoder(spec, backbone, prep_from_transform(transform), file_sha256_cached(spec.source), info)
+    return Encoder(spec, backbone, prep_from_transform(transform), digest.result(), info)
 
 
 def _tvl_state_dict(spec: EncoderSpec) -> tuple[dict, dict]:

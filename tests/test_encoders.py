@@ -196,6 +196,7 @@ def test_preprocessing_equals_the_encoders_own_transform(open_clip_model):
 
 
 def test_unknown_open_clip_model_and_missing_file(tmp_path):
+    torch.save({"w": torch.zeros(1)}, tmp_path / "x.pt")
     with pytest.raises(RegtokError, match="unknown open_clip model"):
         load_encoder(f"open_clip:No-Such-Model@{tmp_path / 'x.pt'}")
     with pytest.raises(RegtokError, match="not found"):
