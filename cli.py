@@ -315,6 +315,87 @@ def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow
 
 # ── pipeline: demo, show, verify, rerun ─────────────────────────────────────────────────────────────
 
+# The demo's choices: random-init encoders keep information in their tokens, not their pooled output
+# (DESIGN.md, "Measured"), so the demo trains on token features with the tiny preset.
+DEMO_ENCODERS = (("vision", "tiny:0"), ("tactile", "tiny:1"))
+DEMO_TRAIN = ("feature_kind=tokens",)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--out", default="regtok-demo", type=click.Path(file_okay=False), help="Directory for every stage.")
+@click.option("--samples", default=2000, type=click.IntRange(min=200), help="Training pairs (held-out: a quarter).")
+@click.option("--epochs", default=10, type=click.IntRange(min=1), help="Training epochs.")
+@click.option("--overwrite", is_flag=True, help="Delete the demo's stage directories in --out first.")
+@click.pass_context
+def demo(ctx: click.Context, out: str, samples: int, epochs: int, overwrite: bool) -> None:
+    """Run the whole pipeline on the embedded synthetic set: synth → extract → train → eval.
+
+    \b
+    OUT/shards-train, shards-test   synthetic shards (seeds 0 and 1) and their dataset.json
+    OUT/features-train, -test       tiny random-init encoders' token features (HDF5) + manifest.json
+    OUT/run                         the trained register modules (tiny preset) + manifest.json
+    OUT/eval                        report.json, report.md, prefix.png + manifest.json
+    """
+    import shutil
+    from pathlib import Path
+
+    from pipeline.console import stderr_console
+
+    root = Path(out)
+    stages = ("shards-train", "shards-test", "features-train", "features-test", "run", "eval")
+    present = [s for s in stages if (root / s).exists()]
+    if present and not overwrite:
+        raise RegtokError(f"{root} already holds a demo ({', '.join(present)}); pass --overwrite or another --out")
+    for s in present:
+        shutil.rmtree(root / s)
+    console = stderr_console()
+    steps = [
+        ("synthesise training shards", synth, dict(out_dir=str(root / "shards-train"), samples=samples, shards=4,
+                                                   seed=0, image_size=64)),
+        ("synthesise held-out shards", synth, dict(out_dir=str(root / "shards-test"), samples=max(100, samples // 4),
+                                                   shards=1, seed=1, image_size=64)),
+    ]
+    for split in ("train", "test"):
+        steps.append((f"extract {split} features", extract, dict(
+            shards=str(root / f"shards-{split}" / "dataset.json"), out=str(root / f"features-{split}"),
+            encoders=DEMO_ENCODERS, tokens=True, batch_size=64, workers=1, device="auto", max_skip_fraction=0.0)))
+    steps.append(("train register modules", train, dict(
+        features=str(root / "features-train"), val_features=str(root / "features-test"), val_fraction=None,
+        out=str(root / "run"), config_file=None, preset="tiny", loss=None, epochs=epochs, batch_size=None, lr=None,
+        seed=0, device=None, resume=False, compile_=None, overrides=DEMO_TRAIN)))
+    steps.append(("evaluate on the held-out split", eval_, dict(
+        run_dir=str(root / "run"), features=str(root / "features-test"), out=str(root / "eval"), prefixes=(1, 2, 4, 8),
+        flow_steps=(1, 4, 16), save_embeddings=False, device="auto", seed=0, probe_test_fraction=0.3,
+        probe_max_samples=10_000, batch_size=512, chunk_size=4096)))
+    for i, (title, command, kwargs) in enumerate(steps, 1):
+        console.rule(f"[bold]{i}/{len(steps)} {title}")
+        ctx.invoke(command, **kwargs)
+    _demo_summary(console, root)
+
+
+def _demo_summary(console, root) -> None:
+    """The headline numbers of the demo's report and the path of every manifest."""
+    import json
+
+    report = json.loads((root / "eval" / "report.json").read_text())
+    rows = {r["k"]: r for r in report["retrieval"]}
+    k_full, k_one = max(rows), min(rows)
+    r1 = {k: (rows[k]["a_to_b"]["R@1"] + rows[k]["b_to_a"]["R@1"]) / 2 for k in (k_one, k_full)}
+    chance = 1 / report["n"]
+    console.rule("[bold]demo summary")
+    console.print(f"cross-modal R@1 (mean of both directions, N = {report['n']}): "
+                  f"{r1[k_full]:.1%} with {k_full} shared registers, {r1[k_one]:.1%} with {k_one}; chance {chance:.1%}")
+    material = [p for p in report["probes"] if p["label"] == "material" and p["group"] == "shared"
+                and p["k"] == k_full and p["value"] is not None]
+    for p in material:
+        console.print(f"material class from {p['modality']}'s {k_full} shared registers: {p['value']:.1%} accuracy "
+                      f"(chance {p.get('chance', float('nan')):.1%})")
+    console.print("manifests (regtok show / verify / rerun take any of them):")
+    for stage in ("shards-train/dataset.json", "shards-test/dataset.json", "features-train/manifest.json",
+                  "features-test/manifest.json", "run/manifest.json", "eval/manifest.json"):
+        console.print(f"  {root / stage}")
+    console.print(f"report: {root / 'eval' / 'report.md'}")
+
 
 @main.command()
 @click.argument("manifest", type=click.Path(exists=True))
