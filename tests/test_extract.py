@@ -196,3 +196,15 @@ def test_resume_after_kill_equals_uninterrupted_run(shards, store, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_dataset_manifest_labels_schema_is_copied(tmp_path):
+    from pipeline.synth import synthesize
+
+    ds = synthesize(tmp_path / "data", samples=12, shards=2, seed=0)
+    path, m = extract(str(tmp_path / "data" / "dataset.json"), tmp_path / "st")
+    assert m["labels"] == ds["labels"] and m["inputs"][0]["role"] == "dataset"
+    assert m["inputs"][0]["sha256"] == sha256_file(tmp_path / "data" / "dataset.json")
+    labels = open_store(path).labels()
+    assert set(labels) == set(ds["labels"])  # only the schema's labels: not "index" or "key"
+    assert labels["material"].dtype == np.int64 and labels["material"].max() < len(ds["labels"]["material"]["classes"])
