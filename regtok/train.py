@@ -120,7 +120,7 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
             record = _gradients(net, opt, batch, gen, cfg, step == cfg.nan_at_step, world)
             if not all(math.isfinite(v) for v in record.values()):
                 cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device)))
-                bad = ", ".join(f"{k}={v:.4g}" for k, v in record.items())
+                bad = ", ".join(f"{k}={v}" for k, v in record.items() if not math.isfinite(v))
                 return TrainResult("nonfinite", step, record, f"non-finite loss at step {step} ({bad})")
             opt.step()
             step += 1
