@@ -225,3 +225,27 @@ def test_model_losses_are_invariant_to_permuting_the_batch():
     permuted = model.losses({m: v[perm] for m, v in b.items()})
     for name, value in base.items():
         torch.testing.assert_close(permuted[name], value, rtol=0, atol=1e-12, msg=name)
+
+
+def test_feature_standardisation_is_set_from_data_and_saved_with_the_weights():
+    from regtok.data import feature_stats
+
+    g = torch.Generator().manual_seed(3)
+    # Features with a large common offset, as frozen encoders produce: raw cosines are all near 1.
+    data = {"vision": 5.0 + 0.1 * torch.randn(40, 12, generator=g),
+            "tactile": 2.0 + torch.randn(40, 3, 10, generator=g)}
+    stats = feature_stats({m: x[i:i + 16] for m, x in data.items()} for i in range(0, 40, 16))
+    torch.testing.assert_close(stats["vision"][0], data["vision"].mean(0))
+    torch.testing.assert_close(stats["tactile"][1], data["tactile"].reshape(-1, 10).std(0, unbiased=False))
+    torch.manual_seed(0)
+    model = RegTok(tiny(), INPUTS)
+    model.set_feature_stats(stats)
+    z = model.encoders["vision"].as_tokens(data["vision"])  # (40, 1, 12)
+    torch.testing.assert_close(z.mean((0, 1)), torch.zeros(12), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std((0, 1), unbiased=False), torch.ones(12), atol=1e-4, rtol=0)
+    state = model.state_dict()
+    assert "encoders.vision.feature_mean" in state and "encoders.tactile.feature_std" in state
+    rebuilt = RegTok.from_spec(model.spec())
+    rebuilt.load_state_dict(state)
+    torch.testing.assert_close(rebuilt.encoders["tactile"].as_tokens(data["tactile"]),
+                               model.encoders["tactile"].as_tokens(data["tactile"]))
