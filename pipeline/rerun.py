@@ -107,6 +107,7 @@ def _input(mpath: Path, m: dict[str, Any], role: str, guard: PathGuard) -> Path:
 
 
 def _rerun_dataset(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
+    old_shards = {s["path"]: s["sha256"] for s in m["shards"]}  # a malformed record fails before anything runs
     if m.get("generator"):
         from pipeline.synth import synthesize
 
@@ -121,7 +122,6 @@ def _rerun_dataset(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Calla
         log(f"pack: {src['csv']}")
         new = pack(guard.check(src["csv"], "CSV"), guard.check(src["root"], "image root"), out,
                    **{k: v for k, v in cfg.items() if k not in ("csv", "root", "out")})
-    old_shards = {s["path"]: s["sha256"] for s in m["shards"]}
     new_shards = {s["path"]: s["sha256"] for s in new["shards"]}
     checks = [Check("shard list", list(old_shards) == list(new_shards), f"{len(new_shards)} shards")]
     for name, sha in old_shards.items():
@@ -136,11 +136,13 @@ def _rerun_features(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Call
     cfg = dict(_config(m))
     for part in str(cfg["shards"]).split("::"):
         guard.check(part, "shard spec")
-    encoders = cfg["encoders"].items() if isinstance(cfg["encoders"], dict) else cfg["encoders"]
+    encoders = list(cfg["encoders"].items() if isinstance(cfg["encoders"], dict) else cfg["encoders"])
     for modality, spec in encoders:
-        source = parse_spec(spec).source
-        if source and (source.startswith("/") or source.startswith(".")):
-            guard.check(source, f"{modality} encoder weights")
+        if not (isinstance(modality, str) and isinstance(spec, str)):
+            raise TypeError(f"encoder {modality!r}: {spec!r} is not a MODALITY=SPEC pair of strings")
+        parsed = parse_spec(spec)
+        if parsed.is_file:  # every weights file, relative paths included, must lie in the tree
+            guard.check(parsed.source, f"{modality} encoder weights")
     cfg["out"] = str(out)
     log(f"extract: {cfg['shards']} with {dict(encoders)}")
     try:
@@ -178,7 +180,9 @@ def _rerun_eval(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable
     from regtok.evaluate import EvalConfig
 
     cfg = from_dict(EvalConfig, _config(m))
-    run_ref = next(r for r in m["inputs"] if r.get("role") in ("run", "run_config"))
+    run_ref = next((r for r in m["inputs"] if r.get("role") in ("run", "run_config")), None)
+    if run_ref is None:
+        raise KeyError("no input with role 'run'")
     run_dir = guard.check(resolve_path(mpath, run_ref["path"]), "run").parent
     features = _input(mpath, m, "features", guard).parent
     save_embeddings = any(Path(f["path"]).name == "embeddings.h5" for f in m["outputs"].get("files", []))
