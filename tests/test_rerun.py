@@ -81,6 +81,14 @@ def test_rerun_reproduces_each_kind(demo, tmp_path, stage):
     assert expected[kind] in result.stderr
 
 
+def test_rerun_never_writes_over_a_result(demo):
+    root, _ = demo
+    before = (root / "run" / "checkpoint.safetensors").read_bytes()
+    assert "not empty" in one_line_error(regtok("rerun", root / "run", "--out", root / "run"))
+    assert "not empty" in one_line_error(regtok("rerun", root / "run", "--out", root / "eval"))
+    assert (root / "run" / "checkpoint.safetensors").read_bytes() == before
+
+
 def test_rerun_names_a_tampered_shard_hash(demo, tmp_path):
     root, _ = demo
     shutil.copytree(root / "shards-test", tmp_path / "shards")
@@ -115,6 +123,24 @@ def test_rerun_run_outside_the_tree_and_a_changed_weight(demo, tmp_path):
     result = regtok("rerun", run, "--allow-outside", "--out", tmp_path / "re2")
     assert result.exit_code == 1, result.output
     assert "weights identical" in result.stderr and name in result.stderr and "DIFFERS" in result.stderr
+
+
+def test_rerun_of_a_gpu_run_compares_metrics_within_the_tolerance(demo, tmp_path):
+    """A run recorded on another device is compared by its final metrics (within METRIC_TOLERANCE)."""
+    from pipeline.rerun import METRIC_TOLERANCE
+
+    root, _ = demo
+    run = root / f"gpu-run-{tmp_path.name}"
+    shutil.copytree(root / "run", run)
+    m = json.loads((run / "manifest.json").read_text())
+    m["environment"]["device"] = "cuda:0"
+    (run / "manifest.json").write_text(json.dumps(m))
+    result = regtok("rerun", run, "--out", tmp_path / "re0")
+    assert result.exit_code == 0 and f"within {METRIC_TOLERANCE}" in result.stderr, result.output
+    m["metrics"]["loss"] += 2 * METRIC_TOLERANCE
+    (run / "manifest.json").write_text(json.dumps(m))
+    result = regtok("rerun", run, "--out", tmp_path / "re1")
+    assert result.exit_code == 1 and "metrics.loss" in result.stderr, result.output
 
 
 def _edited_features(demo_root: Path, tmp_path: Path, edit) -> Path:
