@@ -14,8 +14,11 @@ features ``(B, T, D_tok)``. Weights load without running pickled code (see :mod:
 
 from __future__ import annotations
 
+import gc
 import re
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,16 +84,35 @@ class Encoder(nn.Module):
         self.spec, self.backbone, self.prep, self.weights_sha256 = spec, backbone.eval(), prep, weights_sha256
         self.info = dict(info or {})
         self.requires_grad_(False)
-        pooled, tokens = self._dry_run()
-        self.pooled_dim: int = pooled
-        self.token_shape: tuple[int, int] | None = tokens
+        self._dims: tuple[int, tuple[int, int] | None] | None = None  # learnt from the first forward
 
-    @torch.inference_mode()
-    def _dry_run(self) -> tuple[int, tuple[int, int] | None]:
-        device = next(self.backbone.parameters()).device
-        x = torch.zeros(1, 3, *self.prep.size, device=device)  # (1, 3, H, W)
-        pooled, tokens = self.backbone(x, True)
-        return pooled.shape[-1], (tuple(tokens.shape[1:]) if tokens is not None else None)
+    @property
+    def pooled_dim(self) -> int:
+        """Width ``D`` of the pooled features."""
+        return self._output_dims()[0]
+
+    @property
+    def token_shape(self) -> tuple[int, int] | None:
+        """``(T, D_tok)`` of the token features, or None when the backbone exposes none."""
+        return self._output_dims()[1]
+
+    @property
+    def provides_tokens(self) -> bool:
+        """Whether token features are available (known without running the model)."""
+        return bool(getattr(self.backbone, "has_tokens", True))
+
+    def _output_dims(self) -> tuple[int, tuple[int, int] | None]:
+        """The output dims: from the first :meth:`encode` with tokens, else from a one-image dry run."""
+        if self._dims is None or (self._dims[1] is None and self.provides_tokens):
+            with torch.inference_mode():
+                device = next(self.backbone.parameters()).device
+                pooled, tokens = self.backbone(torch.zeros(1, 3, *self.prep.size, device=device), True)  # (1, 3, H, W)
+            self._remember_dims(pooled, tokens)
+        return self._dims
+
+    def _remember_dims(self, pooled: torch.Tensor, tokens: torch.Tensor | None) -> None:
+        if self._dims is None or (self._dims[1] is None and tokens is not None):
+            self._dims = (pooled.shape[-1], tuple(tokens.shape[1:]) if tokens is not None else None)
 
     def forward(self, x: torch.Tensor, tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised float images ``(B, 3, H, W)`` -> pooled ``(B, D)`` and tokens ``(B, T, Dt)`` or None."""
@@ -106,6 +128,7 @@ class Encoder(nn.Module):
         x = self.prep.normalize(images.to(device, non_blocking=True))  # (B, 3, H, W) float32
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pooled, toks = self.backbone(x, tokens)
+        self._remember_dims(pooled, toks)
         return pooled.float(), (toks.float() if toks is not None else None)
 
     def describe(self) -> dict:
@@ -194,16 +217,34 @@ def load_encoder(spec: str | EncoderSpec, device: str | torch.device = "cpu") ->
     from concurrent.futures import ThreadPoolExecutor
 
     spec = parse_spec(spec) if isinstance(spec, str) else spec
-    if spec.kind == "tiny":
-        return tiny_encoder(spec.seed).to(device)
-    if spec.kind == "open_clip" and not spec.is_file:
-        return _open_clip_tag(spec).to(device)
-    if not Path(spec.source).is_file():
-        raise RegtokError(f"encoder {spec}: weights file not found: {spec.source}")
-    with ThreadPoolExecutor(1) as pool:  # hashing (GIL released) overlaps the imports and the model build
-        digest = pool.submit(file_sha256_cached, spec.source)
-        enc = _open_clip_file(spec, digest) if spec.kind == "open_clip" else _timm_file(spec, digest)
-    return enc.to(device)
+    with _gc_paused():
+        if spec.kind == "tiny":
+            return tiny_encoder(spec.seed).to(device)
+        if spec.kind == "open_clip" and not spec.is_file:
+            return _open_clip_tag(spec).to(device)
+        if not Path(spec.source).is_file():
+            raise RegtokError(f"encoder {spec}: weights file not found: {spec.source}")
+        with ThreadPoolExecutor(1) as pool:  # hashing (GIL released) overlaps the imports and the model build
+            digest = pool.submit(file_sha256_cached, spec.source)
+            enc = _open_clip_file(spec, digest) if spec.kind == "open_clip" else _timm_file(spec, digest)
+        return enc.to(device)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while the libraries import and the model is built.
+
+    Importing open_clip (torchvision, timm, torch._dynamo, sympy …) creates about a million long-lived objects
+    and no cyclic garbage, so the full collections it triggers only cost time (~0.4 s of ~1.3 s on the 2-core
+    dev machine). The previous state is restored, so a caller that disabled the collector keeps it disabled.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _open_clip_tag(spec: EncoderSpec) -> Encoder:
