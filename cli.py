@@ -430,7 +430,8 @@ def show(manifest: str) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="New directory for the rerun [default: a fresh temporary directory].")
 @click.option("--root", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Directory the manifest may read from [default: the directory holding the stage's directory].")
+              help="Directory the manifest may read from [default: the current directory and the one holding the "
+              "stage's directory].")
 @click.option("--allow-outside", is_flag=True, help="Let the manifest name files outside --root.")
 def rerun(manifest: str, out: str | None, root: str | None, allow_outside: bool) -> None:
     """Re-execute the stage that wrote MANIFEST into a new directory and compare the results.

@@ -9,10 +9,12 @@ What "the same" means per kind:
 - eval: identical report numbers.
 
 Manifests are data, not code: before anything runs, every path the stage would read is checked. Shard specs
-that execute commands (``pipe:``) or name URLs are refused; paths outside the manifest's tree (the directory
-that holds the stage's directory, or ``root``) are refused unless ``allow_outside``; encoder checkpoints are
-loaded the only way regtok loads them (``weights_only=True`` / safetensors), so a file that needs arbitrary
-unpickling fails to load instead of running code.
+that execute commands (``pipe:``) or name URLs are refused; paths outside the manifest's tree are refused
+unless ``allow_outside``. The tree is ``root`` when given, else the directory that holds the stage's
+directory (``exp/run/manifest.json`` → ``exp/``) together with the current directory (so a project laid out
+as ``shards/…``, ``features/…``, ``runs/…`` reruns from its top). Encoder checkpoints are loaded the only way
+regtok loads them (``weights_only=True`` / safetensors), so a file that needs arbitrary unpickling fails to
+load instead of running code.
 """
 
 from __future__ import annotations
@@ -53,19 +55,20 @@ class RerunResult:
 
 
 class PathGuard:
-    """Refuses paths outside ``root`` (unless allowed) and anything that is a command or a URL."""
+    """Refuses paths outside every one of ``roots`` (unless allowed) and anything that is a command or a URL."""
 
-    def __init__(self, root: Path, allow_outside: bool) -> None:
-        self.root, self.allow_outside = root.resolve(), allow_outside
+    def __init__(self, roots: list[Path], allow_outside: bool) -> None:
+        self.roots, self.allow_outside = [r.resolve() for r in roots], allow_outside
 
     def check(self, path: str | Path, what: str) -> Path:
         text = str(path)
         if _SCHEME.match(text) and not text.startswith("file:"):
             raise RegtokError(f"refusing {what} {text!r}: manifests may name local files only (no 'pipe:' or URLs)")
         p = Path(text.removeprefix("file:")).resolve()
-        if not self.allow_outside and not p.is_relative_to(self.root):
-            raise RegtokError(f"refusing {what} {text}: it lies outside the manifest's tree {self.root} "
-                              f"(pass --allow-outside or --root to permit it)")
+        if not self.allow_outside and not any(p.is_relative_to(r) for r in self.roots):
+            trees = " or ".join(str(r) for r in self.roots)
+            raise RegtokError(f"refusing {what} {text}: it lies outside the manifest's tree ({trees}); "
+                              f"pass --root or --allow-outside to permit it")
         return p
 
 
@@ -77,7 +80,7 @@ def rerun(path: str | Path, out: str | Path, *, root: str | Path | None = None, 
     out = Path(out).absolute()
     if out.exists() and any(out.iterdir()):
         raise RegtokError(f"{out} is not empty; rerun writes into a new directory")
-    guard = PathGuard(Path(root) if root else mpath.absolute().parent.parent, allow_outside)
+    guard = PathGuard([Path(root)] if root else [mpath.absolute().parent.parent, Path.cwd()], allow_outside)
     if out.resolve() == mpath.absolute().parent.resolve():
         raise RegtokError("rerun must write into a new directory, not over the recorded result")
     runner = {"dataset": _rerun_dataset, "features": _rerun_features, "run": _rerun_run, "eval": _rerun_eval}

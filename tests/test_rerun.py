@@ -185,14 +185,15 @@ def test_rerun_refuses_a_checkpoint_that_needs_unpickling(demo, tmp_path):
 
 
 def test_rerun_refuses_relative_weights_outside_the_tree(demo, tmp_path):
-    """A relative weights path (resolved from the working directory, here the checkout) is guarded too."""
+    """A relative weights path (resolved from the working directory, here the checkout) is guarded too:
+    one that climbs out of the working directory and of the manifest's tree is refused."""
     root, _ = demo
 
     def edit(m):
-        m["config"]["encoders"] = [["vision", "timm:vit_tiny_patch16_224@tests/w.pth"], ["tactile", "tiny:1"]]
+        m["config"]["encoders"] = [["vision", "timm:vit_tiny_patch16_224@../elsewhere/w.pth"], ["tactile", "tiny:1"]]
 
     line = one_line_error(regtok("rerun", _edited_features(root, tmp_path, edit), "--out", tmp_path / "re"))
-    assert "outside the manifest's tree" in line and "tests/w.pth" in line
+    assert "outside the manifest's tree" in line and "../elsewhere/w.pth" in line
 
 
 @pytest.mark.parametrize("case", ["invalid json", "missing field", "config not a mapping", "encoders wrong type",
