@@ -11,7 +11,6 @@ for the samples it is known to have lost (from the dataset manifest) or for one 
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.encoders import Encoder, load_encoder, parse_spec
+from pipeline.encoders import Encoder, gc_paused, load_encoder, parse_spec
 from pipeline.manifest import (
     environment,
     input_ref,
@@ -265,11 +264,11 @@ def run_extract(config: ExtractConfig, *, command: list[str] | None = None, show
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         job = resolve_job(config)
-        encoders = load_encoders(config, device)
-        # What is alive now (modules, models) lives as long as the process: out of the cyclic collector's reach,
-        # forked DataLoader workers do not copy the parent's heap on their first collection, and no collection
-        # scans it again, the one at interpreter exit included (~0.7 s on the dev machine with open_clip loaded).
-        gc.freeze()
+        # What is alive after loading (modules, models) lives as long as the process: frozen out of the cyclic
+        # collector's reach, forked DataLoader workers do not copy the parent's heap on their first collection, and
+        # no collection scans it again, the one at interpreter exit included (~0.7 s with open_clip loaded).
+        with gc_paused(freeze=True):
+            encoders = load_encoders(config, device)
         fp = fingerprint(config, encoders)
         t_loaded = time.perf_counter()
         total = sum(job.expected.get(i, 0) for i in range(rank, len(job.shards), world)) or None
