@@ -85,34 +85,36 @@ class Encoder(nn.Module):
         self.info = dict(info or {})
         self.requires_grad_(False)
         self._dims: tuple[int, tuple[int, int] | None] | None = None  # learnt from the first forward
+        self._dims_final = False  # whether the token shape is known too (a forward asked for tokens)
 
     @property
     def pooled_dim(self) -> int:
         """Width ``D`` of the pooled features."""
-        return self._output_dims()[0]
+        return self._output_dims(tokens=False)[0]
 
     @property
     def token_shape(self) -> tuple[int, int] | None:
         """``(T, D_tok)`` of the token features, or None when the backbone exposes none."""
-        return self._output_dims()[1]
+        return self._output_dims(tokens=True)[1]
 
     @property
     def provides_tokens(self) -> bool:
         """Whether token features are available (known without running the model)."""
         return bool(getattr(self.backbone, "has_tokens", True))
 
-    def _output_dims(self) -> tuple[int, tuple[int, int] | None]:
-        """The output dims: from the first :meth:`encode` with tokens, else from a one-image dry run."""
-        if self._dims is None or (self._dims[1] is None and self.provides_tokens):
+    def _output_dims(self, tokens: bool) -> tuple[int, tuple[int, int] | None]:
+        """The output dims, from the first :meth:`encode` (with tokens when ``tokens``), else a one-image dry run."""
+        if self._dims is None or (tokens and not self._dims_final and self.provides_tokens):
             with torch.inference_mode():
                 device = next(self.backbone.parameters()).device
                 pooled, tokens = self.backbone(torch.zeros(1, 3, *self.prep.size, device=device), True)  # (1, 3, H, W)
-            self._remember_dims(pooled, tokens)
+            self._remember_dims(pooled, tokens, True)
         return self._dims
 
-    def _remember_dims(self, pooled: torch.Tensor, tokens: torch.Tensor | None) -> None:
-        if self._dims is None or (self._dims[1] is None and tokens is not None):
+    def _remember_dims(self, pooled: torch.Tensor, tokens: torch.Tensor | None, asked_tokens: bool) -> None:
+        if not self._dims_final:
             self._dims = (pooled.shape[-1], tuple(tokens.shape[1:]) if tokens is not None else None)
+            self._dims_final = asked_tokens
 
     def forward(self, x: torch.Tensor, tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised float images ``(B, 3, H, W)`` -> pooled ``(B, D)`` and tokens ``(B, T, Dt)`` or None."""
@@ -128,7 +130,7 @@ class Encoder(nn.Module):
         x = self.prep.normalize(images.to(device, non_blocking=True))  # (B, 3, H, W) float32
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pooled, toks = self.backbone(x, tokens)
-        self._remember_dims(pooled, toks)
+        self._remember_dims(pooled, toks, tokens)
         return pooled.float(), (toks.float() if toks is not None else None)
 
     def describe(self) -> dict:
