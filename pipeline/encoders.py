@@ -128,10 +128,11 @@ class Encoder(nn.Module):
         """
         device = next(self.backbone.parameters()).device
         x = self.prep.normalize(images.to(device, non_blocking=True))  # (B, 3, H, W) float32
+        probe = tokens or (not self._dims_final and self.provides_tokens)  # the first call also learns the token shape
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pooled, toks = self.backbone(x, tokens)
-        self._remember_dims(pooled, toks, tokens)
-        return pooled.float(), (toks.float() if toks is not None else None)
+            pooled, toks = self.backbone(x, probe)  # the tokens come with the same forward, at no extra cost
+        self._remember_dims(pooled, toks, probe)
+        return pooled.float(), (toks.float() if tokens and toks is not None else None)
 
     def describe(self) -> dict:
         """What a manifest records about this encoder."""

@@ -45,9 +45,11 @@ class ImagePrep:
 
     def normalize(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(B, 3, H, W)`` uint8 on any device -> normalised float ``(B, 3, H, W)`` of ``dtype``."""
-        mean = torch.tensor(self.mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-        return ((x.float() / 255.0 - mean) / std).to(dtype)  # (B, 3, H, W)
+        mean = torch.tensor(self.mean, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float64).view(1, 3, 1, 1)
+        scale = (1.0 / (255.0 * std)).to(x.device, torch.float32)  # (1, 3, 1, 1)
+        shift = (-mean / std).to(x.device, torch.float32)  # (1, 3, 1, 1)
+        return x.to(torch.float32, copy=True).mul_(scale).add_(shift).to(dtype)  # (B, 3, H, W): (x/255 - mean)/std
 
     def describe(self) -> dict:
         """JSON-able summary for manifests."""
