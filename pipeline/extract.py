@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # `regtok extract` imports torch here: ~0.5M long-lived objects and no garbage, so collecting while it loads only
-# costs time (~0.18 s of ~1 s on the dev machine). The collector's state is restored (see encoders.gc_paused).
+# costs time (~0.1 s of ~0.95 s on the dev machine). The collector's state is restored (see encoders.gc_paused).
 _GC_WAS_ENABLED = gc.isenabled()
 gc.disable()
 try:
