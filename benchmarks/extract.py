@@ -10,10 +10,16 @@ preprocessed, after one warm-up batch. Both use the same threads (OMP_NUM_THREAD
 
 With CUDA present it also reports ViT-L-14 bf16 images/s (bare forward and end to end).
 
-Measured 2026-11-28 on the 2-core dev machine (load average ~2), `python benchmarks/extract.py --samples 200
---rounds 3`: bare 22.3 images/s, end-to-end 17.7 images/s, ratio 0.79 (rounds 0.794, 0.782, 0.807). The encode
-phase alone runs at 0.97 of the bare loop; the rest is start-up (~4 s: Python imports of torch, torchvision, timm
-and open_clip ~3.5 s, loading ~0.3 s; the weights hash overlaps the imports), so the ratio rises with the set size.
+Measured 2026-11-28 on the 2-core dev machine (shared; load average ~2 with the benchmark itself), `python
+benchmarks/extract.py --samples 200 --rounds 3`, the same command on the same data back to back:
+before the start-up work (GC on during imports, dry run per encoder, full collection at exit): ratio 0.790 and
+0.804 (rounds 0.884/0.782/0.790 and 0.874/0.804/0.785; best-of-rounds 0.795, 0.814), e2e ~18.2 images/s;
+after: ratio 0.868, 0.836, 0.850 (rounds 0.897/0.868/0.841, 0.931/0.832/0.836, 0.886/0.850/0.849; best-of-rounds
+0.843, 0.832, 0.849), e2e ~19.8 images/s against a bare loop of 22.4-23.9 images/s. Where the ~3 s above the bare
+loop go now: ~1.25 s before `run_extract` and at exit (Python, click, torch ~0.85 s), ~1.1 s loading (open_clip's
+import ~0.9 s: torchvision pulls torch._dynamo and sympy, timm pulls huggingface_hub's http stack; the build from
+the local file ~0.07 s), and the encode phase at ~0.95 of the bare loop (the decoding worker shares the 2 cores).
+The bare loop itself varies by ~10% between rounds here, hence the best-of-rounds line.
 """
 
 from __future__ import annotations
