@@ -19,7 +19,6 @@ import re
 import shlex
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -180,27 +179,15 @@ def test_every_readme_command_runs(tmp_path):
         argv = translate(command, used)
         cwd = REPO if section == "Development" else tmp_path  # the Development block runs in a checkout
         result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-        if result.returncode != 0 and known_ddp_exit_abort(argv, result):
-            warnings.warn(f"known issue, tolerated: a torchrun rank aborted at exit after the store was written: "
-                          f"{command}", stacklevel=1)
-        else:
-            assert result.returncode == 0, (f"README command failed: {command}\nran: {shlex.join(argv)}\n"
-                                            f"{result.stderr[-3000:]}")
-            assert "Traceback" not in result.stderr, command
+        assert result.returncode == 0, (f"README command failed: {command}\nran: {shlex.join(argv)}\n"
+                                        f"{result.stderr[-3000:]}")
+        assert "Traceback" not in result.stderr, command
         ran.append((argv, result.stdout))
     assert len(ran) + len(skipped) == len(commands)
     assert set(SKIP) <= set(skipped), f"SKIP names commands the README no longer has: {set(SKIP) - set(skipped)}"
     everything = {"torchrun", *SPEC_MAP, *FLAG_MAP, *APPEND}
     assert used == everything, f"replacements the README no longer needs: {everything - used}"
     check_results(tmp_path, ran)
-
-
-def known_ddp_exit_abort(argv: list[str], result: subprocess.CompletedProcess) -> bool:
-    """A 2-rank CPU extraction over one shard: the rank without a shard sometimes aborts in interpreter
-    shutdown (gloo's run-loop thread takes the GIL during finalisation: "terminate called without an active
-    exception") after rank 0 wrote the complete store. Tolerated only with exactly that signature."""
-    return (argv[:3] == TORCHRUN and "extract" in argv and "terminate called without an active exception"
-            in result.stderr and result.stdout.strip().endswith("manifest.json"))
 
 
 def check_results(ws: Path, ran: list[tuple[list[str], str]]) -> None:
