@@ -30,8 +30,9 @@ from pipeline.manifest import (
     write_json_atomic,
     write_manifest,
 )
+from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
-from regtok.evaluate import EvalConfig, evaluate, resolve_device
+from regtok.evaluate import EvalConfig, evaluate
 
 DIRECTIONS = (("a_to_b", "→"), ("b_to_a", "←"))
 METRIC_COLS = ("R@1", "R@5", "R@10", "median_rank", "mean_rank")

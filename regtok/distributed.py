@@ -14,6 +14,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from regtok.errors import RegtokError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; a named device is checked (a user error when CUDA is absent)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RegtokError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RegtokError(f"device {name!r} requested but CUDA is not available here")
+    return device
+
 
 def is_distributed() -> bool:
     """True when a process group is initialised with more than one rank."""

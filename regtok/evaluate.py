@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
 from regtok.probes import LABEL_TYPES, fit_probe, split_indices
 from regtok.retrieval import RECALL_KS, chance_metrics, l2_normalize, paired_ranks, rank_metrics, retrieval_metrics
@@ -48,13 +49,6 @@ class EvalConfig:
             raise RegtokError(f"prefixes must be positive integers, got {self.prefixes}")
         if any(s < 1 for s in self.flow_steps):
             raise RegtokError(f"flow steps must be positive integers, got {self.flow_steps}")
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" → cuda when available, else cpu; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def prefix_plan(cfg: EvalConfig, n_registers: int, n_shared: int) -> tuple[list[int], list[int]]:

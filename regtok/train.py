@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from regtok.config import TrainConfig
 from regtok.data import Batches, derive_seed
+from regtok.distributed import resolve_device
 
 
 @dataclass
@@ -216,16 +217,6 @@ def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
         torch.set_rng_state(state["cpu"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; a named device is checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
