@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from regtok.config import TrainConfig
 from regtok.data import Batches, derive_seed
 from regtok.distributed import resolve_device
+from regtok.retrieval import paired_ranks
 
 
 @dataclass
@@ -186,22 +187,10 @@ def validate(model: nn.Module, val: Batches) -> dict[str, float]:
             for m in shared:
                 shared[m].append(outputs[m].shared.float())
         a, b = torch.cat(shared[a_name]), torch.cat(shared[b_name])  # (N, E) each
-        out[f"val_r1_{label}_a_to_b"] = recall_at_1(a, b)
-        out[f"val_r1_{label}_b_to_a"] = recall_at_1(b, a)
+        out[f"val_r1_{label}_a_to_b"] = float((paired_ranks(a, b) == 1).double().mean())
+        out[f"val_r1_{label}_b_to_a"] = float((paired_ranks(b, a) == 1).double().mean())
     model.train(was_training)
     return out
-
-
-def recall_at_1(queries: Tensor, gallery: Tensor, chunk: int = 4096) -> float:
-    """Fraction of queries whose paired gallery item (same row) scores highest; ties count as hits."""
-    hits = 0
-    for start in range(0, len(queries), chunk):
-        q = queries[start:start + chunk]  # (C, E)
-        scores = q @ gallery.T  # (C, N)
-        rows = torch.arange(len(q), device=q.device)  # (C,)
-        own = scores[rows, rows + start]  # (C,)
-        hits += int(((scores > own[:, None]).sum(1) == 0).sum())
-    return hits / max(1, len(queries))
 
 
 def rng_state(device: torch.device) -> dict[str, Tensor]:
