@@ -34,6 +34,7 @@ from pipeline.manifest import (
 from pipeline.samples import LabelRules, ShardBatch, ShardStream
 from pipeline.shards import expand_shards
 from pipeline.store import INDEX_NAME, PARTS_DIR, PartWriter, write_index
+from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
 
 PAUSE_ENV = "REGTOK_EXTRACT_PAUSE_AFTER_PART"  # seconds; lets crash tests kill a run between parts
@@ -108,14 +109,9 @@ def resolve_job(config: ExtractConfig) -> Job:
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
-    """``auto`` -> this rank's GPU when CUDA is available, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RegtokError("--device cuda requested but CUDA is not available")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    return torch.device("cpu")
+    """``auto`` -> this rank's GPU when CUDA is available, else the CPU; a bare ``cuda`` is this rank's GPU."""
+    device = resolve_device(name)
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
 def load_encoders(config: ExtractConfig, device: torch.device) -> dict[str, Encoder]:
