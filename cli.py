@@ -128,6 +128,18 @@ def _encoder_pair(ctx: click.Context, param: click.Parameter, value: tuple[str, 
     return tuple(pairs)
 
 
+def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise click.BadParameter(f"{value!r}: expected auto or a count >= 0")
+    return n
+
+
 @main.command(context_settings=CONTEXT)
 @click.option("--shards", required=True, help="Brace pattern (data/shard-{000000..000015}.tar), a directory of "
               ".tar files, or a dataset.json from `regtok synth`/`regtok pack`.")
@@ -138,12 +150,14 @@ def _encoder_pair(ctx: click.Context, param: click.Parameter, value: tuple[str, 
               "tvl:MODEL@/path/ckpt.pth (TVL Stage-1 tactile encoder), tiny[:SEED] (random-init test encoder).")
 @click.option("--tokens", is_flag=True, help="Also store token features (n, T, D_tok) per modality.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
-@click.option("--workers", type=click.IntRange(min=0), default=2, help="DataLoader workers decoding shards.")
+@click.option("--workers", default="auto", show_default=True, callback=_workers,
+              help="DataLoader workers decoding shards, or auto: none on the CPU (the forward uses every core), "
+              "up to 8 per GPU.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--max-skip-fraction", type=click.FloatRange(0, 1), default=0.01,
               help="Exit non-zero (after writing the store) when more input than this was skipped.")
 def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens: bool, batch_size: int,
-            workers: int, device: str, max_skip_fraction: float) -> None:
+            workers: int | str, device: str, max_skip_fraction: float) -> None:
     """Run frozen encoders over WebDataset shards into an HDF5 feature store (one part per shard).
 
     Rerunning the same command resumes: finished parts are kept. Under `torchrun --nproc_per_node=N`
@@ -154,7 +168,10 @@ def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens
     from pathlib import Path
 
     from pipeline.console import stderr_console
-    from pipeline.extract import ExtractConfig, run_extract
+    from pipeline.startup import gc_paused
+
+    with gc_paused(freeze=True):  # torch's import: ~0.1 s less
+        from pipeline.extract import ExtractConfig, run_extract
 
     spec = "::".join(str(Path(part).absolute()) for part in shards.split("::"))  # reruns may start elsewhere
     config = ExtractConfig(shards=spec, out=str(Path(out).absolute()), encoders=encoders, tokens=tokens,
@@ -208,8 +225,11 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
     import yaml
 
     from pipeline.console import stderr_console
-    from pipeline.runs import saved_train_config, train_run
+    from pipeline.startup import gc_paused
     from regtok.config import TrainConfig, load_yaml, parse_overrides, resolve, to_dict
+
+    with gc_paused(freeze=True):  # torch's import: ~0.1 s less
+        from pipeline.runs import saved_train_config, train_run
 
     flags = {"val_fraction": val_fraction, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
              "device": device, "compile": compile_}
@@ -302,8 +322,11 @@ def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow
     from pathlib import Path
 
     from pipeline.console import stderr_console
-    from pipeline.report import run_eval
-    from regtok.evaluate import EvalConfig
+    from pipeline.startup import gc_paused
+
+    with gc_paused(freeze=True):  # torch's import: ~0.1 s less
+        from pipeline.report import run_eval
+        from regtok.evaluate import EvalConfig
 
     cfg = EvalConfig(prefixes=prefixes, flow_steps=flow_steps, probe_test_fraction=probe_test_fraction,
                      probe_max_samples=probe_max_samples, seed=seed, chunk_size=chunk_size, batch_size=batch_size,

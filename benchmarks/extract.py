@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=200, help="pairs (images = 2x)")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", default="auto", help="auto (the default of regtok extract) or a count")
     ap.add_argument("--rounds", type=int, default=3, help="paired bare/e2e measurements; medians reported")
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

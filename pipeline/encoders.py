@@ -14,11 +14,8 @@ features ``(B, T, D_tok)``. Weights load without running pickled code (see :mod:
 
 from __future__ import annotations
 
-import gc
 import re
-from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +31,7 @@ from pipeline.checkpoints import (
     state_dict_sha256,
 )
 from pipeline.images import ImagePrep, prep_from_transform, simple_prep
+from pipeline.startup import gc_paused
 from regtok.errors import RegtokError
 
 KINDS = ("open_clip", "timm", "tvl", "tiny")
@@ -231,27 +229,6 @@ def load_encoder(spec: str | EncoderSpec, device: str | torch.device = "cpu") ->
             digest = pool.submit(file_sha256_cached, spec.source)
             enc = _open_clip_file(spec, digest) if spec.kind == "open_clip" else _timm_file(spec, digest)
         return enc.to(device)
-
-
-@contextmanager
-def gc_paused(freeze: bool = False) -> Iterator[None]:
-    """Pause the cyclic garbage collector while libraries import and models are built.
-
-    Importing open_clip (torchvision, timm, torch._dynamo, sympy …) creates about a million long-lived objects
-    and no cyclic garbage, so the full collections it triggers only cost time (~0.4 s of ~1.3 s on the 2-core
-    dev machine). With ``freeze``, every object alive at the end is moved out of the collector's reach
-    (``gc.freeze``) before collecting resumes, so no later collection scans them again (otherwise the first one
-    after the pause does, ~0.1 s). The previous state is restored: a caller that disabled the collector keeps it.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if freeze:
-            gc.freeze()
-        if was_enabled:
-            gc.enable()
 
 
 def _open_clip_tag(spec: EncoderSpec) -> Encoder:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from cli import main
 from pipeline.encoders import tiny_encoder
-from pipeline.extract import PAUSE_ENV, ExtractConfig, SkipLimitError, run_extract
+from pipeline.extract import PAUSE_ENV, ExtractConfig, SkipLimitError, decode_workers, run_extract
 from pipeline.manifest import sha256_file
 from pipeline.shards import write_shard
 from pipeline.store import open_store
@@ -164,6 +164,23 @@ def test_other_encoders_refuse_an_existing_store(store, tmp_path):
                         out=str(store), encoders=(("vision", "tiny:5"), ("tactile", "tiny:1")), workers=0)
     with pytest.raises(RegtokError, match="other encoders"):
         run_extract(cfg, show_progress=False)
+
+
+def test_decode_workers_auto_and_explicit(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert decode_workers("auto", on_cuda=False, shards=9) == 0  # the CPU forward already uses every core
+    assert 1 <= decode_workers("auto", on_cuda=True, shards=9) <= 8
+    assert decode_workers("auto", on_cuda=True, shards=1) == 1  # never more workers than shards
+    assert decode_workers(3, on_cuda=False, shards=2) == 2 and decode_workers(0, on_cuda=True, shards=5) == 0
+    with pytest.raises(RegtokError, match="workers"):
+        ExtractConfig(shards="x", out="y", encoders=ENCODERS, workers="many")
+
+
+@pytest.mark.parametrize("value", ["-1", "many"])
+def test_bad_workers_flag_is_one_line(value, tmp_path):
+    res = CliRunner().invoke(main, ["extract", "--shards", str(tmp_path), "--out", str(tmp_path / "st"),
+                                    "--encoder", "vision=tiny", "--encoder", "tactile=tiny:1", "--workers", value])
+    assert res.exit_code == 2 and "expected auto or a count >= 0" in res.output
 
 
 def test_skip_limit_error_is_a_regtok_error():
