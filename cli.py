@@ -168,8 +168,9 @@ def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens
     from pathlib import Path
 
     from pipeline.console import stderr_console
-    from pipeline.startup import gc_paused
+    from pipeline.startup import gc_paused, keep_freed_memory
 
+    keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
         from pipeline.extract import ExtractConfig, run_extract
 
@@ -225,9 +226,10 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
     import yaml
 
     from pipeline.console import stderr_console
-    from pipeline.startup import gc_paused
+    from pipeline.startup import gc_paused, keep_freed_memory
     from regtok.config import TrainConfig, load_yaml, parse_overrides, resolve, to_dict
 
+    keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
         from pipeline.runs import saved_train_config, train_run
 
@@ -322,8 +324,9 @@ def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow
     from pathlib import Path
 
     from pipeline.console import stderr_console
-    from pipeline.startup import gc_paused
+    from pipeline.startup import gc_paused, keep_freed_memory
 
+    keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
         from pipeline.report import run_eval
         from regtok.evaluate import EvalConfig
@@ -469,7 +472,9 @@ def rerun(manifest: str, out: str | None, root: str | None, allow_outside: bool)
     from rich.console import Console
 
     from pipeline.rerun import rerun as rerun_stage
+    from pipeline.startup import keep_freed_memory
 
+    keep_freed_memory()  # as in the stage it reruns
     console = Console(stderr=True)
     target = out or tempfile.mkdtemp(prefix="regtok-rerun-")
     result = rerun_stage(manifest, target, root=root, allow_outside=allow_outside,

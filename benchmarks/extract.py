@@ -4,22 +4,17 @@ The encoder is an open_clip ViT-B-32 with a random-init local checkpoint (the fu
 file would be); the data is the embedded synthetic set (`pipeline.synth`). The end-to-end time is the wall time
 of the `regtok extract` process, start-up included (imports, weight loading and hashing, decoding, writing the
 store and the manifest). The bare loop runs `model.encode_image` over tensors that are already decoded and
-preprocessed, after one warm-up batch. Both use the same threads (OMP_NUM_THREADS, default 2).
+preprocessed, after one warm-up batch, in a fresh process of its own. Both use the same threads
+(OMP_NUM_THREADS, default 2).
 
-    python benchmarks/extract.py [--samples 200] [--batch-size 32] [--workers 1] [--rounds 3] [--device cpu]
+`regtok extract` sets glibc's malloc to keep freed memory (`pipeline.startup.keep_freed_memory`); a plain loop
+does not, and faults its activations in again on every forward. Each round therefore measures the bare loop
+twice: as a user would write it (the ratio the target is about), and with the same malloc settings (the ratio
+that isolates what the pipeline itself costs: start-up, decoding, writing).
+
+    python benchmarks/extract.py [--samples 200] [--batch-size 32] [--workers auto] [--rounds 3] [--device cpu]
 
 With CUDA present it also reports ViT-L-14 bf16 images/s (bare forward and end to end).
-
-Measured 2026-11-28 on the 2-core dev machine (shared; load average ~2 with the benchmark itself), `python
-benchmarks/extract.py --samples 200 --rounds 3`, the same command on the same data back to back:
-before the start-up work (GC on during imports, dry run per encoder, full collection at exit): ratio 0.790 and
-0.804 (rounds 0.884/0.782/0.790 and 0.874/0.804/0.785; best-of-rounds 0.795, 0.814), e2e ~18.2 images/s;
-after: ratio 0.868, 0.836, 0.850 (rounds 0.897/0.868/0.841, 0.931/0.832/0.836, 0.886/0.850/0.849; best-of-rounds
-0.843, 0.832, 0.849), e2e ~19.8 images/s against a bare loop of 22.4-23.9 images/s. Where the ~3 s above the bare
-loop go now: ~1.25 s before `run_extract` and at exit (Python, click, torch ~0.85 s), ~1.1 s loading (open_clip's
-import ~0.9 s: torchvision pulls torch._dynamo and sympy, timm pulls huggingface_hub's http stack; the build from
-the local file ~0.07 s), and the encode phase at ~0.95 of the bare loop (the decoding worker shares the 2 cores).
-The bare loop itself varies by ~10% between rounds here, hence the best-of-rounds line.
 """
 
 from __future__ import annotations
@@ -54,11 +49,23 @@ def make_checkpoint(root: Path, model_name: str) -> Path:
     return path
 
 
-def bare_images_per_s(spec: str, dataset: Path, batch_size: int, device: str) -> float:
-    """``encode_image`` over pre-decoded, pre-processed tensors (the same preprocessing as the stage)."""
+def bare_images_per_s(spec: str, dataset: Path, batch_size: int, device: str, tuned_malloc: bool) -> float:
+    """``encode_image`` over pre-decoded, pre-processed tensors (the stage's preprocessing), in a fresh process."""
+    cmd = [sys.executable, __file__, "--bare", spec, str(dataset), str(batch_size), device, str(int(tuned_malloc))]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"bare loop failed:\n{res.stderr[-2000:]}")
+    return float(res.stdout.split()[-1])
+
+
+def bare_loop(spec: str, dataset: Path, batch_size: int, device: str, tuned_malloc: bool) -> float:
     from pipeline.encoders import load_encoder
     from pipeline.shards import expand_shards, iter_shard
+    from pipeline.startup import keep_freed_memory
 
+    if tuned_malloc and not keep_freed_memory():
+        sys.exit("could not set malloc options (not glibc?)")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     enc = load_encoder(spec, device)
     images = [enc.prep.to_uint8(s.files[f"{m}.png"]) for p in expand_shards(str(dataset)) for s in iter_shard(p)
               for m in ("vision", "tactile")]
@@ -75,7 +82,7 @@ def bare_images_per_s(spec: str, dataset: Path, batch_size: int, device: str) ->
     return len(x) / (time.perf_counter() - t0)
 
 
-def e2e_images_per_s(spec: str, dataset: Path, out: Path, batch_size: int, workers: int,
+def e2e_images_per_s(spec: str, dataset: Path, out: Path, batch_size: int, workers: int | str,
                      device: str) -> tuple[float, dict]:
     """Images/s from the wall time of a fresh `regtok extract` process over the whole set, and its timings."""
     cmd = [sys.executable, "-m", "cli", "extract", "--shards", str(dataset), "--out", str(out),
@@ -99,6 +106,11 @@ def _sync(device: str) -> None:
 
 
 def main() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    if sys.argv[1:2] == ["--bare"]:  # one bare loop in this fresh process: SPEC DATASET BATCH DEVICE TUNED
+        spec, dataset, batch, device, tuned = sys.argv[2:7]
+        print(bare_loop(spec, Path(dataset), int(batch), device, tuned == "1"))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=200, help="pairs (images = 2x)")
     ap.add_argument("--shards", type=int, default=4)
@@ -108,32 +120,34 @@ def main() -> None:
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dataset = make_data(root, args.samples, args.shards)
         spec = f"open_clip:{args.model}@{make_checkpoint(root, args.model)}"
-        bare, e2e, ratios = [], [], []
+        plain, tuned, e2e = [], [], []
         for r in range(args.rounds):  # paired rounds: other load on the machine hits both sides alike
-            bare.append(bare_images_per_s(spec, dataset, args.batch_size, args.device))
+            plain.append(bare_images_per_s(spec, dataset, args.batch_size, args.device, tuned_malloc=False))
+            tuned.append(bare_images_per_s(spec, dataset, args.batch_size, args.device, tuned_malloc=True))
             rate, timings = e2e_images_per_s(spec, dataset, root / f"store{r}", args.batch_size, args.workers,
                                              args.device)
             e2e.append(rate)
-            ratios.append(e2e[-1] / bare[-1])
-            print(f"round {r}: bare {bare[-1]:.2f} images/s, end-to-end {e2e[-1]:.2f} images/s, ratio "
-                  f"{ratios[-1]:.3f} (load average {os.getloadavg()[0]:.2f}); {timings}", file=sys.stderr)
-        b, e = statistics.median(bare), statistics.median(e2e)
+            print(f"round {r}: bare {plain[-1]:.2f} images/s (same malloc settings: {tuned[-1]:.2f}), end-to-end "
+                  f"{e2e[-1]:.2f} images/s, ratio {e2e[-1] / plain[-1]:.3f} ({e2e[-1] / tuned[-1]:.3f}) "
+                  f"(load average {os.getloadavg()[0]:.2f}); {timings}", file=sys.stderr)
         # Other load on a shared machine only ever slows a side down, and a burst can hit one side of a pair
         # only; each side's fastest round is its least disturbed one, so their ratio is reported too.
         print(f"{args.model} batch {args.batch_size} on {args.device} ({os.environ['OMP_NUM_THREADS']} threads), "
-              f"{2 * args.samples} images: bare encode_image {b:.2f} images/s, regtok extract {e:.2f} images/s, "
-              f"ratio (median of {args.rounds} paired rounds) {statistics.median(ratios):.3f}, "
-              f"best-of-rounds ratio {max(e2e) / max(bare):.3f}")
+              f"{2 * args.samples} images, medians of {args.rounds} paired rounds: regtok extract "
+              f"{statistics.median(e2e):.2f} images/s end to end")
+        for name, bare in (("bare encode_image loop", plain), ("bare loop with the same malloc settings", tuned)):
+            ratios = [e / b for e, b in zip(e2e, bare, strict=True)]
+            print(f"  vs {name} {statistics.median(bare):.2f} images/s: ratio {statistics.median(ratios):.3f} "
+                  f"(best-of-rounds {max(e2e) / max(bare):.3f})")
         if torch.cuda.is_available() and args.device == "cpu":
             spec_l = f"open_clip:ViT-L-14@{make_checkpoint(root, 'ViT-L-14')}"
-            gb = bare_images_per_s(spec_l, dataset, 256, "cuda")
-            ge, _ = e2e_images_per_s(spec_l, dataset, root / "store-l14", 256, 8, "cuda")
+            gb = bare_images_per_s(spec_l, dataset, 256, "cuda", tuned_malloc=False)
+            ge, _ = e2e_images_per_s(spec_l, dataset, root / "store-l14", 256, "auto", "cuda")
             print(f"ViT-L-14 bf16 on {torch.cuda.get_device_name()}: bare {gb:.1f} images/s, "
                   f"regtok extract {ge:.1f} images/s (start-up included)")
 
