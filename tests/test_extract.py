@@ -132,6 +132,23 @@ def test_feature_store_api(store):
         open_store(store / "parts")
 
 
+def test_any_names_and_three_modalities(tmp_path):
+    rng = np.random.default_rng(3)
+    jpg = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(jpg, format="JPEG")
+    items = [(f"k{i}", [("camera.png", png(rng)), ("gel.jpg", jpg.getvalue()), ("digit.png", png(rng, 16))])
+             for i in range(5)]
+    write_shard(tmp_path / "in" / "x.tar", items)
+    encoders = (("camera", "tiny:0"), ("gel", "tiny:1"), ("digit", "tiny:2"))
+    cfg = ExtractConfig(shards=str(tmp_path / "in"), out=str(tmp_path / "st"), encoders=encoders, workers=0)
+    _, m = run_extract(cfg, show_progress=False)
+    assert m["modalities"] == ["camera", "gel", "digit"] and m["samples"] == 5 and m["skip_count"] == 0
+    s = open_store(tmp_path / "st")
+    assert s.modalities == ("camera", "gel", "digit") and s.keys() == [f"k{i}" for i in range(5)]
+    assert all(s.read("pooled", mod).shape == (5, 512) for mod in s.modalities)
+    assert not np.array_equal(s.read("pooled", "camera"), s.read("pooled", "digit"))
+
+
 def test_corrupt_sample_and_truncated_shard(tmp_path):
     rng = np.random.default_rng(1)
     good = [sample(rng, f"g{i}", i) for i in range(6)]
