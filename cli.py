@@ -225,9 +225,10 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
 
     import yaml
 
+    from pipeline.config_io import load_yaml, parse_overrides
     from pipeline.console import stderr_console
     from pipeline.startup import gc_paused, keep_freed_memory
-    from regtok.config import TrainConfig, load_yaml, parse_overrides, resolve, to_dict
+    from regtok.config import TrainConfig, resolve, to_dict
 
     keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less

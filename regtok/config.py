@@ -1,7 +1,8 @@
-"""Configuration: frozen dataclasses with defaults in code, named presets, YAML diffs and key=value overrides.
+"""Configuration: frozen dataclasses with defaults in code, named presets, and their resolution from diffs.
 
 Resolution order (later wins): dataclass defaults → preset → YAML file (only what differs) → CLI flags →
-``key=value`` overrides. Unknown keys anywhere are a :class:`RegtokError` naming the key and what is allowed.
+``key=value`` overrides; :mod:`pipeline.config_io` reads the file and the overrides. Unknown keys anywhere are
+a :class:`RegtokError` naming the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -146,41 +147,6 @@ def merge(cfg: T, diff: dict[str, Any] | None) -> T:
     base = to_dict(cfg)
     _deep_update(base, diff or {})
     return from_dict(type(cfg), base)
-
-
-def parse_overrides(items: typing.Iterable[str]) -> dict[str, Any]:
-    """``["model.n_layers=2", "lr=1e-3"]`` → nested dict; values parsed as YAML scalars."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise RegtokError(f"override {item!r} is not of the form key=value")
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else raw
-    return out
-
-
-def load_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML config diff (a mapping of only what differs from the defaults)."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise RegtokError(f"cannot read config file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise RegtokError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RegtokError(f"config file {path} must hold a mapping, got {type(data).__name__}")
-    return data
 
 
 def resolve(cls: type[T], preset: str | None = None, *diffs: dict[str, Any] | None) -> T:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from pipeline.config_io import parse_overrides
 from pipeline.lineage import lineage, verify
 from pipeline.manifest import (
     ManifestError,
@@ -15,7 +16,7 @@ from pipeline.manifest import (
     read_manifest,
     write_manifest,
 )
-from regtok.config import ModelConfig, TrainConfig, from_dict, merge, parse_overrides, resolve, to_dict
+from regtok.config import ModelConfig, TrainConfig, from_dict, merge, resolve, to_dict
 from regtok.errors import RegtokError
 
 
