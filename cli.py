@@ -232,7 +232,7 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
 
     keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
-        from pipeline.runs import saved_train_config, train_run
+        from pipeline.runs import saved_train_config, train_progress, train_run
 
     flags = {"val_fraction": val_fraction, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
              "device": device, "compile": compile_}
@@ -246,7 +246,7 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
     is_main = os.environ.get("RANK", "0") == "0"
     if is_main:
         console.print("[bold]resolved config[/]\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
-    with _train_progress(console, disable=not is_main) as on_step:
+    with train_progress(console, disable=not is_main) as on_step:
         manifest, result = train_run(features, out, cfg, val_features=val_features, resume=resume,
                                      on_step=on_step, notify=lambda msg: is_main and console.print(msg))
     if manifest is not None:
@@ -258,30 +258,6 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
                 table.add_row(k, f"{v:.4g}")
         console.print(table)
         click.echo(str(manifest))
-
-
-def _train_progress(console, disable: bool):
-    """A context manager yielding an ``on_step(step, total, record)`` that drives a rich progress bar."""
-    import contextlib
-
-    from rich.progress import TextColumn
-
-    from pipeline.console import progress
-
-    @contextlib.contextmanager
-    def run():
-        with progress(console, TextColumn("{task.fields[info]}"), disable=disable) as bar:
-            task = bar.add_task("train", total=None, info="")
-
-            def on_step(step: int, total: int, record: dict) -> None:
-                skip = ("samples_per_s", "epoch", "lr", "grad_norm", "logit_scale", "loss")
-                terms = " ".join(f"{k[:5]} {v:.3f}" for k, v in record.items() if "/" not in k and k not in skip)
-                bar.update(task, completed=step, total=total, description=f"epoch {record['epoch'] + 1}",
-                           info=f"loss {record['loss']:.3f} ({terms}) {record['samples_per_s']:.0f}/s")
-
-            yield on_step
-
-    return run()
 
 
 # ── stage 3: eval ───────────────────────────────────────────────────────────────────────────────────
@@ -367,6 +343,7 @@ def demo(ctx: click.Context, out: str, samples: int, epochs: int, overwrite: boo
     from pathlib import Path
 
     from pipeline.console import stderr_console
+    from pipeline.report import demo_summary
 
     root = Path(out)
     stages = ("shards-train", "shards-test", "features-train", "features-test", "run", "eval")
@@ -397,31 +374,7 @@ def demo(ctx: click.Context, out: str, samples: int, epochs: int, overwrite: boo
     for i, (title, command, kwargs) in enumerate(steps, 1):
         console.rule(f"[bold]{i}/{len(steps)} {title}")
         ctx.invoke(command, **kwargs)
-    _demo_summary(console, root)
-
-
-def _demo_summary(console, root) -> None:
-    """The headline numbers of the demo's report and the path of every manifest."""
-    import json
-
-    report = json.loads((root / "eval" / "report.json").read_text())
-    rows = {r["k"]: r for r in report["retrieval"]}
-    k_full, k_one = max(rows), min(rows)
-    r1 = {k: (rows[k]["a_to_b"]["R@1"] + rows[k]["b_to_a"]["R@1"]) / 2 for k in (k_one, k_full)}
-    chance = 1 / report["n"]
-    console.rule("[bold]demo summary")
-    console.print(f"cross-modal R@1 (mean of both directions, N = {report['n']}): "
-                  f"{r1[k_full]:.1%} with {k_full} shared registers, {r1[k_one]:.1%} with {k_one}; chance {chance:.1%}")
-    material = [p for p in report["probes"] if p["label"] == "material" and p["group"] == "shared"
-                and p["k"] == k_full and p["value"] is not None]
-    for p in material:
-        console.print(f"material class from {p['modality']}'s {k_full} shared registers: {p['value']:.1%} accuracy "
-                      f"(chance {p.get('chance', float('nan')):.1%})")
-    console.print("manifests (regtok show / verify / rerun take any of them):")
-    for stage in ("shards-train/dataset.json", "shards-test/dataset.json", "features-train/manifest.json",
-                  "features-test/manifest.json", "run/manifest.json", "eval/manifest.json"):
-        console.print(f"  {root / stage}")
-    console.print(f"report: {root / 'eval' / 'report.md'}")
+    demo_summary(console, root)
 
 
 @main.command()

@@ -293,3 +293,27 @@ def plot_prefix(report: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def demo_summary(console: Console, root: Path) -> None:
+    """Print the headline numbers of ``regtok demo``'s report and the path of every manifest under ``root``."""
+    import json
+
+    report = json.loads((root / "eval" / "report.json").read_text())
+    rows = {r["k"]: r for r in report["retrieval"]}
+    k_full, k_one = max(rows), min(rows)
+    r1 = {k: (rows[k]["a_to_b"]["R@1"] + rows[k]["b_to_a"]["R@1"]) / 2 for k in (k_one, k_full)}
+    chance = 1 / report["n"]
+    console.rule("[bold]demo summary")
+    console.print(f"cross-modal R@1 (mean of both directions, N = {report['n']}): "
+                  f"{r1[k_full]:.1%} with {k_full} shared registers, {r1[k_one]:.1%} with {k_one}; chance {chance:.1%}")
+    material = [p for p in report["probes"] if p["label"] == "material" and p["group"] == "shared"
+                and p["k"] == k_full and p["value"] is not None]
+    for p in material:
+        console.print(f"material class from {p['modality']}'s {k_full} shared registers: {p['value']:.1%} accuracy "
+                      f"(chance {p.get('chance', float('nan')):.1%})")
+    console.print("manifests (regtok show / verify / rerun take any of them):")
+    for stage in ("shards-train/dataset.json", "shards-test/dataset.json", "features-train/manifest.json",
+                  "features-test/manifest.json", "run/manifest.json", "eval/manifest.json"):
+        console.print(f"  {root / stage}")
+    console.print(f"report: {root / 'eval' / 'report.md'}")

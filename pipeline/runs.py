@@ -18,7 +18,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -345,3 +346,22 @@ def _resume_state(out: Path, cfg: TrainConfig, model: nn.Module) -> ResumeState:
         raise RegtokError(f"--resume with a config that differs from the run's in {', '.join(diff)}")
     load_weights(model, out)
     return load_resume(out)
+
+
+@contextmanager
+def train_progress(console, disable: bool) -> Iterator[Callable[[int, int, dict], None]]:
+    """A rich progress bar on stderr; yields the trainer's ``on_step(step, total, record)`` callback."""
+    from rich.progress import TextColumn
+
+    from pipeline.console import progress
+
+    with progress(console, TextColumn("{task.fields[info]}"), disable=disable) as bar:
+        task = bar.add_task("train", total=None, info="")
+
+        def on_step(step: int, total: int, record: dict) -> None:
+            skip = ("samples_per_s", "epoch", "lr", "grad_norm", "logit_scale", "loss")
+            terms = " ".join(f"{k[:5]} {v:.3f}" for k, v in record.items() if "/" not in k and k not in skip)
+            bar.update(task, completed=step, total=total, description=f"epoch {record['epoch'] + 1}",
+                       info=f"loss {record['loss']:.3f} ({terms}) {record['samples_per_s']:.0f}/s")
+
+        yield on_step
