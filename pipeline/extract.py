@@ -173,10 +173,10 @@ def extract_shards(job: Job, encoders: dict[str, Encoder], rank: int, world: int
     preps = {m: e.prep for m, e in encoders.items()}
     rules = LabelRules(job.dataset.get("labels") if job.dataset else None)
     stream = ShardStream(todo, preps, cfg.batch_size, rules)
-    workers = stats["workers"] = decode_workers(cfg.workers, any(_on_cuda(e) for e in encoders.values()), len(todo))
+    on_cuda = any(_on_cuda(e) for e in encoders.values())
+    workers = stats["workers"] = decode_workers(cfg.workers, on_cuda, len(todo))
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         prefetch_factor=4 if workers else None,
-                                         pin_memory=any(_on_cuda(e) for e in encoders.values()))
+                                         prefetch_factor=4 if workers else None, pin_memory=on_cuda)
     writers: dict[int, PartWriter] = {}
     skipped: dict[int, list[dict]] = {}
     pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
