@@ -362,7 +362,7 @@ def demo(ctx: click.Context, out: str, samples: int, epochs: int, overwrite: boo
     for split in ("train", "test"):
         steps.append((f"extract {split} features", extract, dict(
             shards=str(root / f"shards-{split}" / "dataset.json"), out=str(root / f"features-{split}"),
-            encoders=DEMO_ENCODERS, tokens=True, batch_size=64, workers=1, device="auto", max_skip_fraction=0.0)))
+            encoders=DEMO_ENCODERS, tokens=True, batch_size=64, workers="auto", device="auto", max_skip_fraction=0.0)))
     steps.append(("train register modules", train, dict(
         features=str(root / "features-train"), val_features=str(root / "features-test"), val_fraction=None,
         out=str(root / "run"), config_file=None, preset="tiny", loss=None, epochs=epochs, batch_size=None, lr=None,
