@@ -117,7 +117,7 @@ def _rerun_dataset(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Calla
         p = m["generator"]["params"]
         log(f"synth: {p['samples']} samples in {p['shards']} shards, seed {p['seed']}")
         new = synthesize(out, samples=int(p["samples"]), shards=int(p["shards"]), seed=int(p["seed"]),
-                         image_size=int(p["image_size"]))
+                         image_size=int(p["image_size"]), families=p.get("families"))
     else:
         from pipeline.pack import pack
 
@@ -189,8 +189,11 @@ def _rerun_eval(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable
     run_dir = guard.check(resolve_path(mpath, run_ref["path"]), "run").parent
     features = _input(mpath, m, "features", guard).parent
     save_embeddings = any(Path(f["path"]).name == "embeddings.h5" for f in m["outputs"].get("files", []))
+    base = next((r for r in m["inputs"] if r.get("role") == "baseline_features"), None)
+    base_features = _input(mpath, m, "baseline_features", guard).parent if base else None
     log(f"eval: run {run_dir} on {features}")
-    new = run_eval(run_dir, features, out, cfg, save_embeddings=save_embeddings, command=list(m["command"]))
+    new = run_eval(run_dir, features, out, cfg, save_embeddings=save_embeddings, command=list(m["command"]),
+                   baseline_features=base_features)
     old = json.loads((mpath.parent / "report.json").read_text())
     return compare_numbers(old, json.loads(json.dumps(new)), "report", tol=0.0)
 

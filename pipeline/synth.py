@@ -54,9 +54,26 @@ def sample_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
 
 
-def draw_factors(rng: np.random.Generator) -> dict[str, Any]:
-    """One sample's factor values: material class and name, then every continuous factor (rounded to 1e-6)."""
-    material = int(rng.integers(len(surfaces.FAMILIES)))
+def check_families(families: tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """The material families a split draws from (default: all of :data:`surfaces.FAMILIES`), validated."""
+    if families is None:
+        return surfaces.FAMILIES
+    families = tuple(families)
+    unknown = [f for f in families if f not in surfaces.FAMILIES]
+    if unknown:
+        raise RegtokError(f"unknown material family {unknown[0]!r}; known: {', '.join(surfaces.FAMILIES)}")
+    if not families or len(set(families)) != len(families):
+        raise RegtokError(f"--families needs distinct names, at least one (got {', '.join(families) or 'none'})")
+    return tuple(f for f in surfaces.FAMILIES if f in families)  # canonical order: the same split, however spelt
+
+
+def draw_factors(rng: np.random.Generator, families: tuple[str, ...] = surfaces.FAMILIES) -> dict[str, Any]:
+    """One sample's factor values: material class and name, then every continuous factor (rounded to 1e-6).
+
+    The material is drawn uniformly from ``families``; its class index is always into the full
+    :data:`surfaces.FAMILIES`, so labels mean the same in splits that hold different families.
+    """
+    material = surfaces.FAMILIES.index(families[int(rng.integers(len(families)))])
     out: dict[str, Any] = {"material": material, "material_name": surfaces.FAMILIES[material]}
     for name, (lo, hi, _) in FACTORS.items():
         out[name] = round(float(rng.uniform(lo, hi)), 6)
@@ -100,10 +117,11 @@ def key_width(samples: int) -> int:
     return max(6, len(str(max(samples - 1, 0))))
 
 
-def make_sample(seed: int, index: int, size: int, width: int = 6) -> tuple[str, list[tuple[str, bytes]]]:
+def make_sample(seed: int, index: int, size: int, width: int = 6,
+                families: tuple[str, ...] = surfaces.FAMILIES) -> tuple[str, list[tuple[str, bytes]]]:
     """Sample ``index`` as ``(key, [(ext, bytes), …])``: vision.png, tactile.png, json."""
     rng = sample_rng(seed, index)
-    factors = draw_factors(rng)
+    factors = draw_factors(rng, families)
     vision, tactile = render_pair(factors, size, rng)
     key = f"{index:0{width}d}"
     record = {"key": key, "index": index, **factors}
@@ -131,12 +149,17 @@ def label_schema() -> dict[str, dict[str, Any]]:
     return labels
 
 
-def generator_params(samples: int, shards: int, seed: int, image_size: int) -> dict[str, Any]:
-    """Every parameter that determines the output, including the factor ranges and the encoder versions."""
+def generator_params(samples: int, shards: int, seed: int, image_size: int,
+                     families: tuple[str, ...] = surfaces.FAMILIES) -> dict[str, Any]:
+    """Every parameter that determines the output, including the factor ranges and the encoder versions.
+
+    ``families`` are the material families this split draws from (all of them unless the split was made with
+    ``--families``); the class list in the label schema stays the full one.
+    """
     from PIL import __version__ as pillow_version
 
     return {"samples": samples, "shards": shards, "seed": seed, "image_size": image_size,
-            "families": list(surfaces.FAMILIES), "factors": {k: list(v) for k, v in FACTORS.items()},
+            "families": list(families), "factors": {k: list(v) for k, v in FACTORS.items()},
             "relief": RELIEF, "occlusion": OCCLUSION, "png": {"compress_level": 6, "optimize": False},
             "numpy": np.__version__, "pillow": pillow_version}
 
@@ -169,21 +192,24 @@ def remove_stale_shards(out: Path, written: list[Path]) -> None:
             p.unlink()
 
 
-def _samples(seed: int, indices: range, size: int, width: int,
+def _samples(seed: int, indices: range, size: int, width: int, families: tuple[str, ...],
              progress: Callable[[int], None] | None) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     for index in indices:
-        yield make_sample(seed, index, size, width)
+        yield make_sample(seed, index, size, width, families)
         if progress is not None:
             progress(1)
 
 
 def synthesize(out_dir: str | Path, samples: int, shards: int, seed: int, image_size: int = 64,
-               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+               progress: Callable[[int], None] | None = None,
+               families: tuple[str, ...] | list[str] | None = None) -> dict[str, Any]:
     """Write ``shards`` tar shards of ``samples`` pairs and ``OUT_DIR/dataset.json``; return that manifest.
 
-    ``progress`` (optional) is called with the number of samples just finished.
+    ``families`` restricts the material families drawn (default: all), so that a test split can hold surfaces
+    a training split never contains; ``progress`` (optional) is called with the number of samples just finished.
     """
     check_args(samples, shards, image_size)
+    families = check_families(families)
     out = Path(out_dir)
     prepare_out_dir(out)
     start = time.perf_counter()
@@ -191,16 +217,22 @@ def synthesize(out_dir: str | Path, samples: int, shards: int, seed: int, image_
     records = []
     for i, indices in enumerate(shard_ranges(samples, shards)):
         path = out / shard_name(i)
-        n = write_shard(path, _samples(seed, indices, image_size, width, progress))
+        n = write_shard(path, _samples(seed, indices, image_size, width, families, progress))
         records.append({**file_record(path, out), "samples": n})
     remove_stale_shards(out, [out / r["path"] for r in records])
     seconds = time.perf_counter() - start
-    params = generator_params(samples, shards, seed, image_size)
+    params = generator_params(samples, shards, seed, image_size, families)
+    subset = families != surfaces.FAMILIES
+    command = ["regtok", "synth", str(out), "--samples", str(samples), "--shards", str(shards),
+               "--seed", str(seed), "--image-size", str(image_size)]
+    config = {"samples": samples, "shards": shards, "seed": seed, "image_size": image_size}
+    if subset:  # an all-family split keeps the manifest it always had
+        command += ["--families", ",".join(families)]
+        config["families"] = list(families)
     manifest = new_manifest(
         "dataset",
-        command=["regtok", "synth", str(out), "--samples", str(samples), "--shards", str(shards),
-                 "--seed", str(seed), "--image-size", str(image_size)],
-        config={"samples": samples, "shards": shards, "seed": seed, "image_size": image_size},
+        command=command,
+        config=config,
         outputs={"samples": samples, "shards": len(records)},  # the shard files are listed in "shards"
         environment_=environment(),
         timings={"seconds": round(seconds, 3), "samples_per_second": round(samples / max(seconds, 1e-9), 1)},
@@ -208,6 +240,7 @@ def synthesize(out_dir: str | Path, samples: int, shards: int, seed: int, image_
                 for r in records],
         samples=samples,
         modalities=list(MODALITIES),
+        families=list(families),
         labels=label_schema(),
         skipped=[],
         generator={"name": GENERATOR_NAME, "version": GENERATOR_VERSION, "params": params},

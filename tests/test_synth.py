@@ -166,8 +166,13 @@ def test_demo_manifest_matches_the_generator(tmp_path):
 
     demo = read_manifest(Path(__file__).resolve().parent.parent / "data_manifests" / "demo.json", kind="dataset")
     assert demo["labels"] == synth.label_schema()
+    import platform
+
     if demo["generator"]["params"]["numpy"] != np.__version__:
         pytest.skip("byte-identical shards are promised for the numpy version demo.json records")
+    if demo["environment"]["platform"] != platform.platform():
+        # float32 blur and shading round to the same uint8 pixels only where the BLAS kernels agree
+        pytest.skip("byte-identical shards are promised on the platform demo.json was made on")
     cfg = demo["config"]
     first = synth.shard_ranges(cfg["samples"], cfg["shards"])[0]  # the first shard only, not all 2,000 samples
     width = synth.key_width(cfg["samples"])
