@@ -339,7 +339,7 @@ DEMO_TRAIN = ("feature_kind=tokens",)
 @main.command(context_settings=CONTEXT)
 @click.option("--out", default="regtok-demo", type=click.Path(file_okay=False), help="Directory for every stage.")
 @click.option("--samples", default=2000, type=click.IntRange(min=200), help="Training pairs (held-out: a quarter).")
-@click.option("--epochs", default=10, type=click.IntRange(min=1), help="Training epochs.")
+@click.option("--epochs", default=5, type=click.IntRange(min=1), help="Training epochs.")
 @click.option("--overwrite", is_flag=True, help="Delete the demo's stage directories in --out first.")
 @click.pass_context
 def demo(ctx: click.Context, out: str, samples: int, epochs: int, overwrite: bool) -> None:
@@ -348,8 +348,10 @@ def demo(ctx: click.Context, out: str, samples: int, epochs: int, overwrite: boo
     \b
     OUT/shards-train, shards-test   synthetic shards (seeds 0 and 1) and their dataset.json
     OUT/features-train, -test       tiny random-init encoders' token features (HDF5) + manifest.json
-    OUT/run                         the trained register modules (tiny preset) + manifest.json
-    OUT/eval                        report.json, report.md, prefix.png + manifest.json
+    OUT/run                         the trained register modules (tiny preset; 10 % of the training split
+                                    validates and picks the kept epoch) + manifest.json
+    OUT/eval                        report.json, report.md, prefix.png + manifest.json, with the linear
+                                    baselines fitted on the same training rows
     """
     import shutil
     from pathlib import Path
@@ -376,7 +378,7 @@ def demo(ctx: click.Context, out: str, samples: int, epochs: int, overwrite: boo
             shards=str(root / f"shards-{split}" / "dataset.json"), out=str(root / f"features-{split}"),
             encoders=DEMO_ENCODERS, tokens=True, batch_size=64, workers="auto", device="auto", max_skip_fraction=0.0)))
     steps.append(("train register modules", train, dict(
-        features=str(root / "features-train"), val_features=str(root / "features-test"), val_fraction=None,
+        features=str(root / "features-train"), val_features=None, val_fraction=None,
         out=str(root / "run"), config_file=None, preset="tiny", loss=None, epochs=epochs, batch_size=None, lr=None,
         seed=0, device=None, resume=False, compile_=None, overrides=DEMO_TRAIN)))
     steps.append(("evaluate on the held-out split", eval_, dict(

@@ -82,6 +82,65 @@ def check_compatible(run: Any, store: Any, run_manifest: Path | None = None) -> 
                               f"from {spec_eval!r}")
 
 
+def _run_input(run_manifest: Path, role: str) -> Path | None:
+    """The path of the run manifest's input with ``role`` (a features manifest), when recorded and present."""
+    if not run_manifest.is_file():
+        return None
+    for ref in read_manifest(run_manifest, kind="run").get("inputs", []):
+        path = resolve_path(run_manifest, ref["path"])
+        if ref.get("role") == role and path.is_file():
+            return path
+    return None
+
+
+def baseline_training_rows(run: Any, store: Any, run_manifest: Path, same_store: bool) -> np.ndarray:
+    """The rows of the baselines' training store that the run itself trained on.
+
+    A run validated on a part of its training store (no ``val_features``) trained on the rest: the baselines
+    use exactly that rest, so neither side sees the other's validation rows. Another store is used whole.
+    """
+    from regtok.data import split_rows
+
+    if same_store and _run_input(run_manifest, "val_features") is None:
+        return split_rows(store.n, run.train_config.val_fraction, run.train_config.seed)[0]
+    return np.arange(store.n)
+
+
+def fit_baselines(run: Any, eval_store: Any, train_store_dir: Path | None, run_manifest: Path, cfg: EvalConfig,
+                  log: Any) -> dict[str, Any]:
+    """Fit the linear baselines on the run's training store (or ``train_store_dir``) and score them here."""
+    import torch
+
+    from pipeline.store import open_store
+    from regtok.baselines import BaselineConfig, fit_and_score
+
+    found = _run_input(run_manifest, "features")
+    if train_store_dir is None:
+        if found is None:
+            return {"skipped": "the run manifest names no readable training store; pass --baseline-features"}
+        train_store_dir = found.parent
+    same_store = found is not None and found.parent.resolve() == Path(train_store_dir).resolve()
+    store = open_store(train_store_dir)
+    kind, mods = run.feature_kind, tuple(run.model.modalities)
+    if set(mods) != set(store.modalities) or not store.has(kind) or any(
+            tuple(store.shape(kind, m)) != tuple(eval_store.shape(kind, m)) for m in mods):
+        raise RegtokError(f"baseline features {train_store_dir} do not match the evaluated store (modalities, "
+                          f"{kind} features and dims must be the same)")
+    rows = baseline_training_rows(run, store, run_manifest, same_store)
+    if len(rows) > cfg.baseline_max_rows:
+        rng = np.random.default_rng(cfg.seed)
+        rows = np.sort(rng.choice(rows, cfg.baseline_max_rows, replace=False))
+    read = lambda st, m, r: torch.from_numpy(np.asarray(st.read(kind, m, r), dtype=np.float32))  # noqa: E731
+    train = {m: read(store, m, rows) for m in mods}
+    test = {m: read(eval_store, m, None) for m in mods}
+    tc = run.train_config
+    bcfg = BaselineConfig(embed_dim=run.model.cfg.embed_dim, epochs=tc.epochs, batch_size=tc.batch_size,
+                          seed=cfg.seed)
+    out = fit_and_score(train, test, mods, bcfg, cfg.chunk_size, log=log)
+    out["store"] = str(train_store_dir)
+    return out
+
+
 def _train_features_manifest(run_manifest: Path) -> dict | None:
     """The features manifest the run was trained on, when the run manifest points at a readable one."""
     if not run_manifest.is_file():
@@ -114,8 +173,12 @@ class EmbeddingWriter:
 
 def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str | os.PathLike, cfg: EvalConfig,
              *, save_embeddings: bool = False, command: list[str] | None = None,
-             console: Console | None = None) -> dict[str, Any]:
-    """The whole `regtok eval` stage; returns the report dict after writing every file."""
+             console: Console | None = None, baseline_features: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The whole `regtok eval` stage; returns the report dict after writing every file.
+
+    With ``cfg.baselines`` the linear baselines are fitted on the run's training store (found through the run
+    manifest) or on ``baseline_features``, and scored on ``features`` beside the register module.
+    """
     from pipeline.runs import load_run
     from pipeline.store import open_store
 
@@ -132,14 +195,23 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
     pooled = cols if kind == "pooled" else {m: StoreColumn(store, "pooled", m) for m in run.model.modalities}
     sink = EmbeddingWriter(out / "embeddings.h5", store.keys()) if save_embeddings else None
     with console.status("evaluating") as status:
+        log = lambda msg: status.update(f"evaluating: {msg}")  # noqa: E731
         report = evaluate(run.model, cols, store.labels(), store.manifest.get("labels") or {}, cfg, pooled=pooled,
-                          embeddings_sink=sink, log=lambda msg: status.update(f"evaluating: {msg}"))
+                          embeddings_sink=sink, log=log)
+        linear = {"skipped": "--no-baselines"}
+        if cfg.baselines:
+            linear = fit_baselines(run, store, Path(baseline_features) if baseline_features else None, run_mpath,
+                                   cfg, log)
+    report["baselines"]["linear"] = linear
+    report["headline"] = headline(report, run.model.cfg.loss_type)
     report["feature_kind"] = kind
     written = write_report_files(report, out, console)
     if sink is not None:
         written.append(sink.close())
     print_table(report, console)
     inputs = [input_ref("features", manifest_path(features), out)]
+    if "store" in linear:
+        inputs.append(input_ref("baseline_features", manifest_path(linear["store"]), out))
     inputs.insert(0, input_ref("run", run_mpath, out) if run_mpath.is_file() else
                   input_ref("run_config", Path(run_dir) / "config.json", out))
     device = str(resolve_device(cfg.device))
@@ -166,11 +238,57 @@ def write_report_files(report: dict[str, Any], out: Path, console: Console | Non
     return paths
 
 
+BASELINE_LABELS = {"cca": "linear CCA", "linear_infonce": "linear InfoNCE head"}
+
+
+def _mean_r1(row: dict[str, Any]) -> float:
+    return (row["a_to_b"]["R@1"] + row["b_to_a"]["R@1"]) / 2
+
+
+def headline(report: dict[str, Any], loss_type: str) -> dict[str, Any]:
+    """regtok's full-prefix R@1 (mean of both directions) against the best linear baseline, with their ratio.
+
+    A flow_matching run is scored by its transported retrieval (the most Euler steps); other runs by the shared
+    embeddings' direct retrieval at the largest shared prefix.
+    """
+    full = max(report["retrieval"], key=lambda r: r["k"])
+    label, row = f"k={full['k']}", full
+    flows = [f for f in report.get("flow", []) if f["k"] == full["k"]]
+    if loss_type == "flow_matching" and flows:
+        row = max(flows, key=lambda f: f["steps"])
+        label = f"flow k={row['k']} s={row['steps']}"
+    out: dict[str, Any] = {"regtok": _mean_r1(row), "regtok_row": label,
+                           "chance": report["baselines"]["chance"]["a_to_b"]["R@1"]}
+    linear = {name: v for name, v in report["baselines"].get("linear", {}).items() if name in BASELINE_LABELS}
+    if linear:
+        best = max(linear, key=lambda name: _mean_r1(linear[name]))
+        out.update(best_baseline=best, baseline=_mean_r1(linear[best]))
+        out["ratio"] = out["regtok"] / out["baseline"] if out["baseline"] > 0 else None
+        out["below_baseline"] = out["regtok"] < out["baseline"]
+    return out
+
+
+def headline_sentence(h: dict[str, Any]) -> str:
+    """One line a person reads: regtok's R@1, the best baseline's, their ratio, and a warning when below."""
+    text = f"regtok R@1 {h['regtok']:.1%} ({h['regtok_row']}, mean of both directions; chance {h['chance']:.1%})"
+    if "baseline" not in h:
+        return text + "; no linear baseline was fitted"
+    ratio = f"{h['ratio']:.2f}×" if h.get("ratio") is not None else "n/a"
+    name = BASELINE_LABELS[h["best_baseline"]]
+    text += f" against {h['baseline']:.1%} for the best linear baseline ({name}): {ratio}"
+    if h["below_baseline"]:
+        text += ". regtok is BELOW its linear baseline on this data"
+    return text
+
+
 def retrieval_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, {"a_to_b", "b_to_a"}) rows: one per shared prefix k, per flow step count, raw pooled, chance."""
+    """(label, {"a_to_b", "b_to_a"}) rows: shared prefixes k, flow steps, linear baselines, raw pooled, chance."""
     rows = [(f"k={r['k']}", r) for r in report["retrieval"]]
     rows += [(f"flow k={f['k']} s={f['steps']}", f) for f in report.get("flow", [])]
     base = report.get("baselines", {})
+    for name, label in BASELINE_LABELS.items():
+        if "a_to_b" in base.get("linear", {}).get(name, {}):
+            rows.append((label, base["linear"][name]))
     if "a_to_b" in base.get("raw_pooled", {}):
         rows.append(("raw pooled", base["raw_pooled"]))
     if "chance" in base:
@@ -201,10 +319,35 @@ def render_markdown(report: dict[str, Any]) -> str:
     raw = report.get("baselines", {}).get("raw_pooled", {})
     if "skipped" in raw:
         lines += ["", f"Raw pooled baseline: skipped ({raw['skipped']})."]
+    lines += ["", *_md_baselines(report)]
     lines += ["", *_md_probes(report), "", *_md_reconstruction(report)]
     if report.get("notes"):
         lines += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def _md_baselines(report: dict[str, Any]) -> list[str]:
+    """The headline comparison and how each linear baseline was fitted."""
+    linear = report.get("baselines", {}).get("linear")
+    if linear is None:  # evaluate() alone fits no baseline; run_eval does
+        return []
+    lines = ["## Against linear baselines", ""]
+    if "headline" in report:
+        lines += [headline_sentence(report["headline"]) + ".", ""]
+    if "skipped" in linear:
+        return lines + [f"Linear baselines: skipped ({linear['skipped']})."]
+    lines.append(f"Fitted on `{linear.get('store', '?')}` (the run's training rows), scored on this split:")
+    for name, label in BASELINE_LABELS.items():
+        fit = linear.get(name, {}).get("fit", {})
+        if name == "cca":
+            lines.append(f"- {label}: ridge {fit.get('ridge')}, {fit.get('components')} components (chosen on "
+                         f"{fit.get('val_rows')} validation rows, R@1 {fit.get('val_r1', 0):.3f}), inputs "
+                         f"standardised and reduced to {fit.get('input_dims')} dims (PCA on {fit.get('train_rows')} "
+                         "training rows)")
+        elif fit:
+            lines.append(f"- {label}: {fit.get('embed_dim')}-d per modality, symmetric InfoNCE, "
+                         f"{fit.get('epochs')} epochs of batch {fit.get('batch_size')}, same inputs")
+    return lines
 
 
 def _md_row(cells: list[str]) -> str:
@@ -254,6 +397,9 @@ def print_table(report: dict[str, Any], console: Console) -> None:
     for label, r in retrieval_rows(report):
         table.add_row(label, *[_fmt(c, r[d][c]) for d, _ in DIRECTIONS for c in ("R@1", "R@5", "R@10", "median_rank")])
     console.print(table)
+    if "headline" in report:
+        style = "bold red" if report["headline"].get("below_baseline") else "bold"
+        console.print(headline_sentence(report["headline"]), style=style)
     rec = ", ".join(f"{r['modality']} k={r['k']}: {r['cosine']:.3f}" for r in report["reconstruction"])
     console.print(f"reconstruction cosine: {rec}")
 
@@ -273,6 +419,10 @@ def plot_prefix(report: dict[str, Any], path: Path) -> Path | None:
     ks = [r["k"] for r in report["retrieval"]]
     for d, arrow in DIRECTIONS:
         ax.plot(ks, [r[d]["R@1"] for r in report["retrieval"]], marker="o", label=f"{arrow} R@1")
+    for (name, label), style in zip(BASELINE_LABELS.items(), (":", "-."), strict=True):
+        row = report["baselines"].get("linear", {}).get(name, {})
+        if "a_to_b" in row:
+            ax.axhline(_mean_r1(row), ls=style, c="black", label=f"{label} (mean)")
     ax.axhline(report["baselines"]["chance"]["a_to_b"]["R@1"], ls="--", c="gray", label="chance")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="shared prefix k", ylabel="R@1", title="retrieval")
@@ -307,6 +457,8 @@ def demo_summary(console: Console, root: Path) -> None:
     console.rule("[bold]demo summary")
     console.print(f"cross-modal R@1 (mean of both directions, N = {report['n']}): "
                   f"{r1[k_full]:.1%} with {k_full} shared registers, {r1[k_one]:.1%} with {k_one}; chance {chance:.1%}")
+    if "headline" in report:
+        console.print(headline_sentence(report["headline"]))
     material = [p for p in report["probes"] if p["label"] == "material" and p["group"] == "shared"
                 and p["k"] == k_full and p["value"] is not None]
     for p in material:

@@ -42,11 +42,12 @@ from pipeline.manifest import (
     write_manifest,
 )
 from regtok.config import TrainConfig, from_dict, to_dict
-from regtok.data import feature_stats, make_batches, split_rows, store_bytes
+from regtok.data import feature_stats, make_batches, sample_rows, split_rows, store_bytes
 from regtok.errors import RegtokError
 from regtok.train import Callbacks, ResumeState, TrainResult, init_distributed, train
 
 CHECKPOINT = "checkpoint.safetensors"
+BEST = "best.safetensors"  # the weights of the best validation score (keep_best); what eval and the API load
 STATE = "state.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -80,7 +81,8 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: ResumeS
     tmp = run_dir / f".{CHECKPOINT}.{os.getpid()}.tmp"
     save_file(weights, str(tmp), metadata={"step": str(state.step)})
     _fsync(tmp)
-    payload = {"step": state.step, "optimizer": _to_cpu(state.optimizer), "rng": _to_cpu(state.rng)}
+    payload = {"step": state.step, "optimizer": _to_cpu(state.optimizer), "rng": _to_cpu(state.rng),
+               "best": float(state.best)}
     tmp_state = run_dir / f".{STATE}.{os.getpid()}.tmp"
     torch.save(payload, tmp_state)
     _fsync(tmp_state)
@@ -90,17 +92,44 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: ResumeS
     os.replace(tmp, run_dir / CHECKPOINT)
 
 
-def checkpoint_step(run_dir: str | os.PathLike) -> int:
-    """The step recorded in ``checkpoint.safetensors``."""
-    with safe_open(str(Path(run_dir) / CHECKPOINT), framework="pt") as f:
+def save_best(run_dir: str | os.PathLike, model: nn.Module, record: dict[str, Any]) -> None:
+    """Atomically write ``best.safetensors``: the weights now, with the step, epoch and score in its metadata."""
+    run_dir = Path(run_dir)
+    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = run_dir / f".{BEST}.{os.getpid()}.tmp"
+    save_file(weights, str(tmp), metadata={"step": str(record["step"]), "epoch": str(record["epoch"]),
+                                           "val_select": repr(float(record["val_select"]))})
+    _fsync(tmp)
+    os.replace(tmp, run_dir / BEST)
+
+
+def checkpoint_step(run_dir: str | os.PathLike, name: str = CHECKPOINT) -> int:
+    """The step recorded in ``checkpoint.safetensors`` (or ``name``)."""
+    with safe_open(str(Path(run_dir) / name), framework="pt") as f:
         return int((f.metadata() or {}).get("step", 0))
 
 
-def load_weights(model: nn.Module, run_dir: str | os.PathLike) -> None:
-    """Load ``checkpoint.safetensors`` into ``model`` (strict: every key must match)."""
-    path = Path(run_dir) / CHECKPOINT
+def best_record(run_dir: str | os.PathLike) -> dict[str, float] | None:
+    """{"step", "epoch", "val_select"} of ``best.safetensors``, or None when the run kept no best weights."""
+    path = Path(run_dir) / BEST
     if not path.is_file():
-        raise RegtokError(f"{run_dir}: no {CHECKPOINT}")
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {"step": int(meta.get("step", 0)), "epoch": int(meta.get("epoch", 0)),
+            "val_select": float(meta.get("val_select", "nan"))}
+
+
+def weights_file(run_dir: str | os.PathLike) -> str:
+    """The weights a finished run is used with: ``best.safetensors`` when kept, else ``checkpoint.safetensors``."""
+    return BEST if (Path(run_dir) / BEST).is_file() else CHECKPOINT
+
+
+def load_weights(model: nn.Module, run_dir: str | os.PathLike, name: str = CHECKPOINT) -> None:
+    """Load ``checkpoint.safetensors`` (or ``name``) into ``model`` (strict: every key must match)."""
+    path = Path(run_dir) / name
+    if not path.is_file():
+        raise RegtokError(f"{run_dir}: no {name}")
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
     if missing or unexpected:
         raise RegtokError(f"{path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -115,7 +144,8 @@ def load_resume(run_dir: str | os.PathLike) -> ResumeState:
     if int(payload["step"]) != checkpoint_step(run_dir):
         raise RegtokError(f"{run_dir}: {STATE} (step {payload['step']}) and {CHECKPOINT} "
                           f"(step {checkpoint_step(run_dir)}) differ; the run was interrupted while saving")
-    return ResumeState(int(payload["step"]), payload["optimizer"], payload["rng"])
+    return ResumeState(int(payload["step"]), payload["optimizer"], payload["rng"],
+                       float(payload.get("best", float("-inf"))))
 
 
 class MetricsLog:
@@ -163,12 +193,13 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
         raise RegtokError(f"{run_dir / CONFIG} is not valid JSON ({e.msg})") from None
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
         model = RegTok.from_spec(config["model_spec"])
-    load_weights(model, run_dir)
+    chosen = weights_file(run_dir)
+    load_weights(model, run_dir, chosen)
     model.eval()
     manifest = read_manifest(run_dir / MANIFEST, kind="run") if (run_dir / MANIFEST).is_file() else {}
     return LoadedRun(model=model, train_config=from_dict(TrainConfig, config["train"]), manifest=manifest,
                      feature_kind=config["feature_kind"], modalities=tuple(config["modalities"]),
-                     step=checkpoint_step(run_dir))
+                     step=checkpoint_step(run_dir, chosen))
 
 
 def write_run_manifest(run_dir: str | os.PathLike, *, command: list[str], config: dict[str, Any],
@@ -179,7 +210,7 @@ def write_run_manifest(run_dir: str | os.PathLike, *, command: list[str], config
     inputs = [input_ref("features", manifest_path(features), run_dir)]
     if val_features is not None:
         inputs.append(input_ref("val_features", manifest_path(val_features), run_dir))
-    files = [file_record(run_dir / name, run_dir) for name in (CHECKPOINT, CONFIG, METRICS, STATE)
+    files = [file_record(run_dir / name, run_dir) for name in (CHECKPOINT, BEST, CONFIG, METRICS, STATE)
              if (run_dir / name).is_file()]
     manifest = new_manifest("run", command=command, config=config, inputs=inputs,
                             outputs={"files": files, "checkpoint": files[0] if files else None},
@@ -221,6 +252,9 @@ class RunWriter(Callbacks):
     def on_checkpoint(self, model: nn.Module, state: ResumeState) -> None:
         save_checkpoint(self.run_dir, model, state)
         self.checkpoints += 1
+
+    def on_best(self, model: nn.Module, record: dict[str, Any]) -> None:
+        save_best(self.run_dir, model, record)
 
 
 def pick_feature_kind(store: Any, requested: str) -> str:
@@ -295,6 +329,11 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
         model = RegTok(cfg.model, {m: tuple(store.shape(kind, m)) for m in store.modalities})
         model.set_feature_stats(feature_stats(data.all()))  # the training split's, on every rank
         state = _resume_state(out, cfg, model) if resume else None
+        if state is None and cfg.model.read_dim:
+            chosen = model.init_reads(sample_rows(data, cfg.init_max_rows, cfg.seed), cfg.seed)
+            if chosen.get("read_init") == "cca":
+                notify(f"reads start on the training split's canonical directions (ridge {chosen['ridge']:g}, "
+                       f"weights ρ^{chosen['power']:g}, validation R@1 {chosen['val_r1']:.3f})")
         model.to(device)
         writer = None
         if rank == 0:
@@ -318,6 +357,10 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
         full = [v for k, v in result.metrics.items() if k.startswith("val_r1_full_")]
         if full:  # one headline number for summaries: full-prefix R@1, mean of both directions
             result.metrics["val/R@1"] = sum(full) / len(full)
+        best = best_record(out)
+        if best is not None:  # the weights eval and the API use
+            result.metrics.update({"best/val_select": best["val_select"], "best/epoch": best["epoch"],
+                                   "best/step": best["step"]})
         timings = {"seconds": time.perf_counter() - t0, "load_seconds": t_train - t0,
                    "train_seconds": time.perf_counter() - t_train,
                    "last_epoch_seconds": result.metrics.get("seconds"),

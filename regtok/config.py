@@ -17,6 +17,7 @@ from regtok.errors import RegtokError
 T = TypeVar("T")
 
 NESTED_DROPOUT_MODES = ("power_of_two", "uniform", "none")
+READ_INITS = ("cca", "random")
 LOSS_TYPES = ("contrastive", "flow_matching", "combined")
 
 
@@ -39,16 +40,37 @@ class ModelConfig:
     # lifted back by a per-position map (FlexTok-style low-capacity tokens), so k registers carry k×register_dim
     # numbers and the prefix length matters; without it one register can hold as much as all of them.
     register_dim: int = 0
+    # Each register's initial state is its learned token plus its own linear read of the whole flattened input
+    # (standardised, reduced by a PCA of the training split to read_dim): a position-specific map, which
+    # attention pooling alone cannot express (docs/learning.md). 0 turns the read off (registers start as
+    # learned tokens and see the features through attention only).
+    read_dim: int = 512
+    # "cca": the trainer initialises the shared registers' reads with the canonical directions of a ridge CCA
+    # between the two modalities and the private ones with the leading principal components (the module then
+    # starts where the linear baseline ends); "random": Gaussian reads.
+    read_init: str = "cca"
     decoder_layers: int = 1  # blocks of the preservation decoder
+    # Training-time Gaussian noise on the cached features, in units of each dimension's std (0: off); the
+    # preservation target stays the clean feature.
+    feature_noise: float = 0.0
     nested_dropout_mode: str = "power_of_two"
     loss_type: str = "contrastive"
     preservation_weight: float = 0.5
+    # True: the preservation loss also moves the shared registers (it then pulls them towards what is specific
+    # to each modality); False: the decoder reads them detached, so only the alignment terms shape them.
+    preservation_through_shared: bool = False
     flow_weight: float = 0.5
     flow_hidden_dim: int = 512
     flow_layers: int = 3
     flow_stop_grad: bool = True  # detach the flow's endpoint: each encoder is trained only as a transport source
-    flow_var_weight: float = 4.0  # anti-collapse variance term on the shared embeddings (flow losses)
-    flow_cov_weight: float = 0.2  # anti-collapse covariance term on the shared embeddings (flow losses)
+    # False: the flow loss trains the velocity head only; the encoders learn from the other terms
+    flow_encoder_grad: bool = True
+    # Anti-collapse terms on the shared embeddings (flow losses). VICReg's per-dimension variance hinge asks every
+    # direction to be as spread as the strongest and so amplifies the weak canonical directions the reads start
+    # with; the uniformity term (Wang & Isola) keeps the embeddings apart without that (docs/learning.md).
+    flow_var_weight: float = 0.0
+    flow_cov_weight: float = 0.0
+    flow_uniformity_weight: float = 0.5
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     mrl: bool = False  # sum the contrastive loss over every power-of-two prefix
@@ -62,6 +84,10 @@ class ModelConfig:
             raise RegtokError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if not 0 < self.n_shared <= self.n_registers:
             raise RegtokError(f"need 0 < n_shared <= n_registers, got {self.n_shared} and {self.n_registers}")
+        if self.read_init not in READ_INITS:
+            raise RegtokError(f"read_init must be one of {READ_INITS}, got {self.read_init!r}")
+        if self.read_dim < 0:
+            raise RegtokError(f"read_dim must be >= 0 (0 = no linear read), got {self.read_dim}")
         if self.register_dim < 0:
             raise RegtokError(f"register_dim must be >= 0 (0 = no bottleneck), got {self.register_dim}")
         if self.hidden_dim % self.n_heads:
@@ -90,6 +116,10 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     max_memory_fraction: float = 0.5  # of free device memory the in-memory store may take before streaming
+    # Keep the weights of the epoch with the best validation score as best.safetensors; eval and the API load
+    # them. The last state stays in checkpoint.safetensors for --resume.
+    keep_best: bool = True
+    init_max_rows: int = 20_000  # training rows (a seeded subset) the read basis and CCA start are fitted on
     nan_at_step: int = -1  # testing aid: inject a NaN into the loss at this step (-1: never)
 
 
@@ -98,21 +128,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # Small enough for unit tests and the CPU demo; same code paths.
     "tiny": {
+        # Measured in docs/learning.md: no register bottleneck (register_dim 0) and a 256-wide stream, so the two
+        # shared registers hold 256 canonical directions; one block refines them.
         "model": {
             "n_registers": 8,
             "n_shared": 2,
-            "n_layers": 2,
-            "hidden_dim": 64,
+            "n_layers": 1,
+            "hidden_dim": 256,
             "n_heads": 4,
-            "embed_dim": 64,
-            "register_dim": 8,
+            "mlp_ratio": 2.0,
+            "embed_dim": 256,
             "flow_hidden_dim": 128,
             "flow_layers": 2,
+            "init_temperature": 0.2,  # a softer start overfits the 1,800 training pairs less than 0.07
         },
         "batch_size": 64,
         "epochs": 5,
         "warmup_steps": 10,
-        "lr": 2e-3,
+        "lr": 3e-4,
     },
 }
 

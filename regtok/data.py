@@ -197,3 +197,15 @@ def feature_stats(batches: Iterator[dict[str, Tensor]]) -> dict[str, tuple[Tenso
             sums[m] = (s1 + x.sum(0), s2 + (x * x).sum(0), n + x.shape[0])
     return {m: ((s1 / n).float(), (s2 / n - (s1 / n) ** 2).clamp_min(0).sqrt().float())
             for m, (s1, s2, n) in sums.items()}
+
+
+def sample_rows(data: Batches, max_rows: int, seed: int) -> dict[str, Tensor]:
+    """A seeded subset of at most ``max_rows`` of ``data``'s rows, in store order: ``{modality: float32}``."""
+    rows = data.rows
+    if len(rows) > max_rows:
+        pick = np.random.default_rng(derive_seed(seed, "init-rows")).choice(len(rows), max_rows, replace=False)
+        rows = rows[np.sort(pick)]
+    if data.arrays is not None:
+        t = torch.as_tensor(rows, device=data.device)
+        return {m: a[t].float() for m, a in data.arrays.items()}
+    return {m: a.float() for m, a in data._read_sorted(rows).items()}

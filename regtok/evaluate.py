@@ -43,6 +43,8 @@ class EvalConfig:
     chunk_size: int = 4096  # retrieval queries per GEMM
     batch_size: int = 512  # samples per model forward
     device: str = "auto"
+    baselines: bool = True  # fit the linear baselines (CCA, linear InfoNCE head) on the run's training store
+    baseline_max_rows: int = 20_000  # training rows (a seeded subset) the baselines are fitted on
 
     def __post_init__(self) -> None:
         if not self.prefixes or min(self.prefixes) < 1:

@@ -74,6 +74,19 @@ def variance_covariance(z: Tensor, eps: float = 1e-4) -> dict[str, Tensor]:
     return {"variance": F.relu(1.0 - std).mean(), "covariance": off.pow(2).sum() / e}
 
 
+def uniformity(z: Tensor, t: float = 2.0) -> Tensor:
+    """Wang & Isola's uniformity of L2-normalised z (B, E), gathered over ranks: log mean_{i≠j} exp(−t‖z_i − z_j‖²).
+
+    Lowest when the embeddings spread over the sphere, 0 when they collapse to a point; unlike a per-dimension
+    variance hinge it does not ask weak directions to be as spread as strong ones.
+    """
+    z_all = gather_with_grad(_fp32(z))  # (N, E)
+    n = z_all.shape[0]
+    sq = (2 - 2 * z_all @ z_all.T).clamp_min(0)  # (N, N) squared distances of unit vectors
+    off = ~torch.eye(n, dtype=torch.bool, device=z.device)
+    return torch.logsumexp(-t * sq[off], dim=0) - math.log(n * (n - 1))
+
+
 def flow_matching_loss(
     velocity: Velocity, x_a: Tensor, x_b: Tensor, generator: torch.Generator | None, stop_grad_target: bool = True,
     t: Tensor | None = None,
@@ -111,5 +124,6 @@ def total_loss(terms: dict[str, Tensor], cfg: ModelConfig) -> Tensor:
         loss = loss + terms["contrastive"]
     if cfg.loss_type in ("flow_matching", "combined"):
         flow = terms["flow"] + cfg.flow_var_weight * terms["variance"] + cfg.flow_cov_weight * terms["covariance"]
+        flow = flow + cfg.flow_uniformity_weight * terms["uniformity"]
         loss = loss + (cfg.flow_weight if cfg.loss_type == "combined" else 1.0) * flow
     return loss

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,15 @@ from regtok.blocks import Block, CrossBlock, prefix_causal_mask
 from regtok.config import ModelConfig, from_dict, to_dict
 from regtok.errors import RegtokError
 from regtok.flow import VelocityNet, direction_index, euler_sample, logit_normal
-from regtok.losses import flow_matching_loss, info_nce, mrl_info_nce, preservation_loss, total_loss, variance_covariance
+from regtok.losses import (
+    flow_matching_loss,
+    info_nce,
+    mrl_info_nce,
+    preservation_loss,
+    total_loss,
+    uniformity,
+    variance_covariance,
+)
 
 
 @dataclass
@@ -55,6 +64,13 @@ def sample_keep(
     gen_device = generator.device if generator is not None else torch.device("cpu")
     idx = torch.randint(len(choices), (batch,), generator=generator, device=gen_device).cpu()  # (B,)
     return choices[idx].to(device)
+
+
+@torch.compiler.disable  # generator draws do not trace
+def gaussian_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise of ``x``'s shape, dtype and device, drawn from ``generator``."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
 
 
 def mrl_prefixes(n_shared: int) -> list[int]:
@@ -102,7 +118,19 @@ class RegisterModule(nn.Module):
         for p in (self.pos_embed, self.register_tokens, self.mask_token):
             nn.init.trunc_normal_(p, std=0.02)
         self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(d)
+        for block in self.blocks:  # residual branches start small: the blocks refine the reads, not replace them
+            for lin in (block.attn.proj, block.mlp.fc2):
+                nn.init.normal_(lin.weight, std=1e-3)
+                nn.init.zeros_(lin.bias)
+        # No final norm on the registers: a per-register LayerNorm would equalise registers whose reads carry
+        # canonical directions of different strength before the shared mean (docs/learning.md).
+        self.read_width = min(cfg.read_dim, n_tokens * d_in)
+        if self.read_width:
+            # (T·D_in, K) projection of the flattened standardised input: a PCA of the training split scaled to
+            # unit mean variance (set by init_read; identity columns until then), saved with the weights.
+            self.register_buffer("read_basis", torch.eye(n_tokens * d_in, self.read_width))
+            self.register_buffer("read_center", torch.zeros(self.read_width))  # (K,) mean code of the training rows
+            self.read_weight = nn.Parameter(torch.randn(r, self.read_width, d) * self.read_width**-0.5)  # (R, K, d)
         if cfg.register_dim:
             self.down = nn.Parameter(torch.empty(r, d, cfg.register_dim))  # one read-out per register position
             nn.init.normal_(self.down, std=d**-0.5)
@@ -132,17 +160,70 @@ class RegisterModule(nn.Module):
         return (x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype)  # (B, T, D_in)
 
     def encode(self, x: Tensor, n_registers: int | None = None) -> Tensor:
-        """The transformer over [tokens; first n registers] (default all): (B, T + n, d), final norm applied."""
+        """The transformer over [tokens; first n registers] (default all): (B, T + n, d), the residual stream."""
         x = self.as_tokens(x)  # (B, T, D_in)
         n = self.cfg.n_registers if n_registers is None else n_registers
         b, t = x.shape[0], self.n_tokens
         tokens = self.in_proj(x) + self.pos_embed  # (B, T, d)
         regs = self.register_tokens[:n].unsqueeze(0).expand(b, -1, -1)  # (B, n, d)
+        if self.read_width:
+            z = x.reshape(b, -1) @ self.read_basis.to(x.dtype) - self.read_center.to(x.dtype)  # (B, K), centred
+            regs = regs + torch.einsum("bk,nkd->bnd", z, self.read_weight[:n])  # (B, n, d): register i's own read
         h = torch.cat([tokens, regs], dim=1)  # (B, T+n, d)
         mask = self.attn_mask[: t + n, : t + n]  # (T+n, T+n)
         for block in self.blocks:
             h = block(h, mask)  # (B, T+n, d)
-        return self.norm(h)
+        return h
+
+    @torch.no_grad()
+    def fit_read_basis(self, x: Tensor) -> Tensor:
+        """Set the read to a PCA of the rows ``x``, each flattened dimension standardised; returns their codes.
+
+        This is the linear baselines' own preprocessing (regtok.baselines.Reducer), folded into one affine map
+        ``z = flat @ read_basis - read_center`` and scaled so that the codes (N, K) have unit mean variance.
+        The rows are the caller's choice (a seeded subset of the training split).
+        """
+        from regtok.baselines import Reducer
+
+        flat = self.as_tokens(x.to(self.read_basis.device)).reshape(len(x), -1).double()  # (N, F)
+        red = Reducer.fit(flat, self.read_width)
+        comps = red.components if red.components is not None else torch.eye(flat.shape[1], dtype=torch.float64)
+        basis = torch.zeros(flat.shape[1], self.read_width, dtype=torch.float64)
+        basis[:, : comps.shape[1]] = comps / red.std[:, None]  # (F, K); k <= K columns when N is small
+        center = red.mean @ basis  # (K,)
+        codes = flat @ basis - center  # (N, K), centred
+        scale = codes.pow(2).mean().sqrt().clamp_min(1e-12)
+        self.read_basis.copy_((basis / scale).to(self.read_basis))
+        self.read_center.copy_((center / scale).to(self.read_center))
+        return (codes / scale).float()
+
+    @torch.no_grad()
+    def init_reads(self, shared_dirs: Tensor | None) -> None:
+        """Shared registers read ``shared_dirs`` (K, C) in disjoint channel blocks, strongest first; private
+        registers read consecutive blocks of principal components (then stay random).
+
+        Register i < n_shared gets directions [i·c, (i+1)·c) into channels [i·c, (i+1)·c), c = d // n_shared,
+        so the mean over a k-prefix holds the k·c strongest directions and a longer prefix only adds weaker ones.
+        """
+        r, k, d = self.read_weight.shape
+        s = self.cfg.n_shared
+        w = self.read_weight
+        if shared_dirs is not None:
+            self.register_tokens[:s].zero_()  # no constant offset: the shared embedding starts as the CCA one
+            e = self.shared_proj.weight.shape[0]  # the projection starts as the identity on the first e channels
+            self.shared_proj.weight.copy_(torch.eye(e, d, dtype=w.dtype))
+            self.shared_proj.bias.zero_()
+            c = min(d, e) // s
+            for i in range(s):
+                block = shared_dirs[:, i * c:(i + 1) * c]  # (K, ≤c)
+                w[i].zero_()
+                w[i, :, i * c: i * c + block.shape[1]] = block.to(w)
+        for j, i in enumerate(range(s, r)):
+            lo = j * d
+            if lo >= k:
+                break
+            w[i].zero_()
+            w[i, lo: min(k, lo + d), : min(k, lo + d) - lo] = torch.eye(min(k, lo + d) - lo, dtype=w.dtype)
 
     def readout(self, h: Tensor) -> Tensor:
         """Register states from :meth:`encode`'s output (B, T + n, d) → (B, n, d), through the bottleneck if any."""
@@ -181,8 +262,12 @@ class RegisterModule(nn.Module):
         keep_t = self.resolve_keep(keep, generator, h.shape[0], h.device)  # (B,)
         kept = torch.arange(self.cfg.n_registers, device=h.device) < keep_t[:, None]  # (B, R)
         regs = torch.where(kept[..., None], regs, self.mask_token.to(regs.dtype))  # (B, R, d)
+        to_decoder = regs
+        if not self.cfg.preservation_through_shared:  # the decoder reads the shared registers but cannot move them
+            s = self.cfg.n_shared
+            to_decoder = torch.cat([regs[:, :s].detach(), regs[:, s:]], dim=1)  # (B, R, d)
         return RegisterOutput(
-            registers=regs, keep=keep_t, shared=self.embed_shared(regs, keep_t), recon=self.decoder(regs)
+            registers=regs, keep=keep_t, shared=self.embed_shared(regs, keep_t), recon=self.decoder(to_decoder)
         )
 
 
@@ -212,6 +297,30 @@ class RegTok(nn.Module):
             enc.feature_mean.copy_(mean.to(enc.feature_mean))
             enc.feature_std.copy_(std.to(enc.feature_std).clamp_min(1e-6))
 
+    @torch.no_grad()
+    def init_reads(self, features: dict[str, Tensor], seed: int, val_fraction: float = 0.2) -> dict[str, Any]:
+        """Fit each module's read basis on training rows ``{modality: (N, D) or (N, T, D)}``; with read_init
+        "cca", start the shared reads on the ρ²-weighted canonical directions between the modalities (ridge
+        chosen on a validation part of the rows) and the private reads on principal components.
+
+        Returns what was chosen, for the run's log. Call after :meth:`set_feature_stats`.
+        """
+        if not self.cfg.read_dim:
+            return {}
+        codes = {m: self.encoders[m].fit_read_basis(features[m]) for m in self.modalities}
+        if self.cfg.read_init != "cca":
+            return {"read_init": "random"}
+        a, b = self.modalities
+        from regtok.baselines import weighted_cca
+
+        enc = self.encoders[a]
+        n_dirs = min(enc.read_weight.shape[2], enc.shared_proj.weight.shape[0])  # the shared channels there are
+        pa, pb, info = weighted_cca(codes[a], codes[b], n_dirs, val_fraction, seed)
+        for m, p in ((a, pa), (b, pb)):
+            scale = (codes[m] @ p).pow(2).mean().sqrt().clamp_min(1e-12)  # unit mean variance per channel
+            self.encoders[m].init_reads(p / scale)
+        return {"read_init": "cca", **info}
+
     def logit_scale(self) -> Tensor:
         """exp of the learnable log-scale, clamped at cfg.max_logit_scale. ()."""
         return torch.clamp(self.log_logit_scale, max=math.log(self.cfg.max_logit_scale)).exp()
@@ -234,7 +343,11 @@ class RegTok(nn.Module):
             keep = sample_keep(a.shape[0], cfg.n_registers, cfg.nested_dropout_mode, generator, a.device)
         dtype = self.encoders[self.modalities[0]].in_proj.weight.dtype
         t = logit_normal(2 * a.shape[0], generator, a.device, dtype) if self.has_flow else None  # (2B,)
-        outs = self(batch, keep=keep)
+        inputs = batch
+        if self.training and cfg.feature_noise > 0:  # augmentation in feature space; the targets stay clean
+            inputs = {m: x + cfg.feature_noise * self.encoders[m].feature_std.to(x.dtype) * gaussian_like(x, generator)
+                      for m, x in batch.items()}
+        outs = self(inputs, keep=keep)
         oa, ob = (outs[m] for m in self.modalities)
         terms: dict[str, Tensor] = {}
         for m in self.modalities:
@@ -243,10 +356,12 @@ class RegTok(nn.Module):
         if self.uses_contrastive:
             terms.update(self._contrastive_terms(oa, ob))
         if self.has_flow:
-            terms.update(flow_matching_loss(self.flow, oa.shared, ob.shared, generator, cfg.flow_stop_grad, t=t))
+            sa, sb = (oa.shared, ob.shared) if cfg.flow_encoder_grad else (oa.shared.detach(), ob.shared.detach())
+            terms.update(flow_matching_loss(self.flow, sa, sb, generator, cfg.flow_stop_grad, t=t))
             vc = [variance_covariance(o.shared) for o in (oa, ob)]
             terms["variance"] = (vc[0]["variance"] + vc[1]["variance"]) / 2
             terms["covariance"] = (vc[0]["covariance"] + vc[1]["covariance"]) / 2
+            terms["uniformity"] = (uniformity(oa.shared) + uniformity(ob.shared)) / 2
         terms["loss"] = total_loss(terms, cfg)
         return terms
 

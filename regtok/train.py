@@ -33,6 +33,7 @@ class ResumeState:
     step: int
     optimizer: dict[str, Any]
     rng: dict[str, Tensor] = field(default_factory=dict)
+    best: float = -math.inf  # the best validation score so far (keep_best)
 
 
 @dataclass
@@ -54,6 +55,9 @@ class Callbacks:
 
     def on_checkpoint(self, model: nn.Module, state: ResumeState) -> None:
         """Save ``model``'s weights and ``state`` (epoch ends, every ``checkpoint_every`` steps, before a stop)."""
+
+    def on_best(self, model: nn.Module, record: dict[str, Any]) -> None:
+        """``model`` has the best validation score so far (``record["val_select"]``); with keep_best only."""
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -110,6 +114,9 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
         step = resume.step
     gen = torch.Generator(device=device)
     epoch_record: dict[str, float] = {}
+    best = resume.best if resume is not None else -math.inf
+    if val is not None and data.rank == 0 and step == 0:  # logged, so a run shows what training changed
+        cb.on_log({"type": "start", "step": 0, "epoch": -1, **validate(model, val)})
     while step < total:
         epoch, offset = divmod(step, spe)
         model.train()
@@ -121,7 +128,7 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
             gen.manual_seed(derive_seed(cfg.seed, "dropout", step, data.rank))
             record = _gradients(net, opt, batch, gen, cfg, step == cfg.nan_at_step, world)
             if not all(math.isfinite(v) for v in record.values()):
-                cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device)))
+                cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device), best))
                 bad = ", ".join(f"{k}={v}" for k, v in record.items() if not math.isfinite(v))
                 return TrainResult("nonfinite", step, record, f"non-finite loss at step {step} ({bad})")
             opt.step()
@@ -135,7 +142,7 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
             if step % cfg.log_every == 0:
                 cb.on_log({"type": "step", "step": step, **record})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % spe:
-                cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device)))
+                cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device), best))
         seconds = time.perf_counter() - t_epoch
         n_steps = spe - offset
         epoch_record = {k: v / n_steps for k, v in sums.items()}
@@ -143,8 +150,19 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
         if val is not None and data.rank == 0:
             epoch_record.update(validate(model, val))
         cb.on_log({"type": "epoch", "step": step, "epoch": epoch, **epoch_record})
-        cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device)))
+        if val is not None and data.rank == 0:
+            best = _track_best(model, {"step": step, "epoch": epoch, **epoch_record}, best, cfg, cb)
+        cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device), best))
     return TrainResult("done", step, epoch_record)
+
+
+def _track_best(model: nn.Module, record: dict[str, Any], best: float, cfg: TrainConfig, cb: Callbacks) -> float:
+    """Call ``cb.on_best`` when ``record``'s validation score beats ``best`` (keep_best); the new best."""
+    score = record["val_select"]
+    if cfg.keep_best and score > best:
+        cb.on_best(model, record)
+        return score
+    return best
 
 
 def _gradients(net: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, Tensor], gen: torch.Generator,
@@ -172,9 +190,14 @@ def _read_terms(terms: dict[str, Tensor], grad_norm: Tensor, world: int) -> dict
     return dict(zip(names, values.tolist(), strict=True))
 
 
+VAL_FLOW_STEPS = 4  # Euler steps of the validation transport (flow runs)
+
+
 @torch.no_grad()
 def validate(model: nn.Module, val: Batches) -> dict[str, float]:
-    """Cross-modal retrieval R@1 (both directions) at the full register prefix and at k = 1."""
+    """Cross-modal retrieval R@1 (both directions) at the full register prefix and at k = 1; for a flow run also
+    after transport (``val_r1_flow_*``). ``val_select``, the mean R@1 that keep_best ranks checkpoints by, is
+    the transported one for flow_matching runs and the full-prefix one otherwise."""
     was_training = model.training
     model.eval()
     a_name, b_name = val.modalities[:2]
@@ -189,6 +212,13 @@ def validate(model: nn.Module, val: Batches) -> dict[str, float]:
         a, b = torch.cat(shared[a_name]), torch.cat(shared[b_name])  # (N, E) each
         out[f"val_r1_{label}_a_to_b"] = float((paired_ranks(a, b) == 1).double().mean())
         out[f"val_r1_{label}_b_to_a"] = float((paired_ranks(b, a) == 1).double().mean())
+        if label == "full" and getattr(model, "flow", None) is not None:
+            moved_a = model.transport(a, "a_to_b", VAL_FLOW_STEPS)  # (N, E) in B's space
+            moved_b = model.transport(b, "b_to_a", VAL_FLOW_STEPS)
+            out["val_r1_flow_a_to_b"] = float((paired_ranks(moved_a.float(), b) == 1).double().mean())
+            out["val_r1_flow_b_to_a"] = float((paired_ranks(moved_b.float(), a) == 1).double().mean())
+    chosen = "flow" if model.cfg.loss_type == "flow_matching" else "full"
+    out["val_select"] = (out[f"val_r1_{chosen}_a_to_b"] + out[f"val_r1_{chosen}_b_to_a"]) / 2
     model.train(was_training)
     return out
 

@@ -15,7 +15,7 @@ from cli import main
 from pipeline.manifest import new_manifest, read_manifest, sha256_file, write_manifest
 from pipeline.report import render_markdown
 from pipeline.store import PartWriter, write_index
-from regtok.config import ModelConfig, TrainConfig, merge, resolve
+from regtok.config import PRESETS, ModelConfig, TrainConfig, merge, resolve
 from regtok.evaluate import EvalConfig, evaluate
 from regtok.model import RegTok
 
@@ -159,7 +159,8 @@ def test_eval_cli_writes_every_report_file(run_dir: Path, tmp_path: Path) -> Non
     assert "## Retrieval" in (out / "report.md").read_text()
     assert (out / "prefix.png").read_bytes()[:4] == b"\x89PNG"
     with h5py.File(out / "embeddings.h5") as f:
-        assert f["vision/k2"].shape == (64, 64) and f["tactile/k1"].dtype == np.float32
+        width = PRESETS["tiny"]["model"]["embed_dim"]
+        assert f["vision/k2"].shape == (64, width) and f["tactile/k1"].dtype == np.float32
         assert [k.decode() for k in f["keys"][:3]] == ["s00000", "s00001", "s00002"]
     m = read_manifest(out / "manifest.json", kind="eval")
     roles = {i["role"]: i for i in m["inputs"]}
@@ -204,3 +205,47 @@ def test_token_features_with_pooled_features_for_the_baseline() -> None:
     assert "a_to_b" in rep["baselines"]["raw_pooled"] and rep["flow"] == []
     bare = evaluate(model, tokens, labels, SCHEMA, EvalConfig(prefixes=(2,), device="cpu"))
     assert "tokens" in bare["baselines"]["raw_pooled"]["skipped"]
+
+
+def test_eval_reports_linear_baselines_fitted_on_the_run_training_rows(run_dir: Path, tmp_path: Path) -> None:
+    store = write_store(tmp_path / "heldout", n=64, seed=2)
+    out = tmp_path / "report"
+    r = _invoke("eval", "--run", str(run_dir), "--features", str(store), "--out", str(out), "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    linear = rep["baselines"]["linear"]
+    assert set(linear) >= {"cca", "linear_infonce", "store"}
+    assert Path(linear["store"]).resolve() == (run_dir.parent / "train_store").resolve()
+    for name in ("cca", "linear_infonce"):
+        assert set(linear[name]["a_to_b"]) == METRICS and set(linear[name]["b_to_a"]) == METRICS
+    # the run validated on 10 % of its store: the baselines use exactly the other 90 %
+    assert linear["cca"]["fit"]["train_rows"] == 96 - round(96 * 0.1)
+    h = rep["headline"]
+    best = max(("cca", "linear_infonce"), key=lambda n: linear[n]["a_to_b"]["R@1"] + linear[n]["b_to_a"]["R@1"])
+    assert h["best_baseline"] == best and h["ratio"] == pytest.approx(h["regtok"] / h["baseline"])
+    assert h["below_baseline"] == (h["regtok"] < h["baseline"])
+    md = (out / "report.md").read_text()
+    assert "| linear CCA |" in md and "| linear InfoNCE head |" in md and "## Against linear baselines" in md
+    assert ("BELOW its linear baseline" in md) == h["below_baseline"]
+    assert "linear baseline" in r.stderr  # the terminal summary says it too
+    eval_manifest = read_manifest(out / "manifest.json", kind="eval")
+    assert "baseline_features" in {ref["role"] for ref in eval_manifest["inputs"]}
+
+
+def test_no_baselines_skips_them_and_baseline_features_names_another_store(run_dir: Path, tmp_path: Path) -> None:
+    store = write_store(tmp_path / "heldout", n=64, seed=2)
+    r = _invoke("eval", "--run", str(run_dir), "--features", str(store), "--out", str(tmp_path / "a"),
+                "--no-baselines")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert rep["baselines"]["linear"] == {"skipped": "--no-baselines"} and "baseline" not in rep["headline"]
+    other = write_store(tmp_path / "other", n=80, seed=3)
+    r = _invoke("eval", "--run", str(run_dir), "--features", str(store), "--out", str(tmp_path / "b"),
+                "--baseline-features", str(other))
+    assert r.exit_code == 0, r.output
+    linear = json.loads((tmp_path / "b" / "report.json").read_text())["baselines"]["linear"]
+    assert Path(linear["store"]).resolve() == other.resolve() and linear["cca"]["fit"]["train_rows"] == 80
+    bad = write_store(tmp_path / "bad", n=40, seed=3, dims=(12, 10))
+    r = _invoke("eval", "--run", str(run_dir), "--features", str(store), "--out", str(tmp_path / "c"),
+                "--baseline-features", str(bad))
+    assert r.exit_code == 2 and r.output.startswith("error: baseline features")

@@ -16,6 +16,7 @@ from regtok.losses import (
     mrl_info_nce,
     preservation_loss,
     total_loss,
+    uniformity,
     variance_covariance,
 )
 
@@ -139,9 +140,19 @@ def test_velocity_net_uses_time_and_direction():
 @pytest.mark.parametrize("loss_type", ["contrastive", "flow_matching", "combined"])
 def test_total_loss_combines_terms_per_loss_type(loss_type):
     cfg = ModelConfig(loss_type=loss_type, preservation_weight=0.5, flow_weight=0.25,
-                      flow_var_weight=2.0, flow_cov_weight=0.1)
-    t = {k: torch.tensor(v) for k, v in
-         {"preservation": 1.0, "contrastive": 3.0, "flow": 5.0, "variance": 0.5, "covariance": 10.0}.items()}
-    flow = 5.0 + 2.0 * 0.5 + 0.1 * 10.0
+                      flow_var_weight=2.0, flow_cov_weight=0.1, flow_uniformity_weight=0.3)
+    t = {k: torch.tensor(v) for k, v in {"preservation": 1.0, "contrastive": 3.0, "flow": 5.0, "variance": 0.5,
+                                         "covariance": 10.0, "uniformity": -2.0}.items()}
+    flow = 5.0 + 2.0 * 0.5 + 0.1 * 10.0 + 0.3 * -2.0
     expected = {"contrastive": 0.5 + 3.0, "flow_matching": 0.5 + flow, "combined": 0.5 + 3.0 + 0.25 * flow}
     assert total_loss(t, cfg).item() == pytest.approx(expected[loss_type])
+
+
+def test_uniformity_is_zero_when_collapsed_and_lower_when_spread():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=-1)
+    point = torch.nn.functional.normalize(torch.ones(64, 16), dim=-1)
+    assert uniformity(point).item() == pytest.approx(0.0, abs=1e-6)
+    assert uniformity(spread).item() < -2.0
+    perm = torch.randperm(64, generator=g)
+    torch.testing.assert_close(uniformity(spread[perm]), uniformity(spread))

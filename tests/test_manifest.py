@@ -16,7 +16,7 @@ from pipeline.manifest import (
     read_manifest,
     write_manifest,
 )
-from regtok.config import ModelConfig, TrainConfig, from_dict, merge, resolve, to_dict
+from regtok.config import PRESETS, ModelConfig, TrainConfig, from_dict, merge, resolve, to_dict
 from regtok.errors import RegtokError
 
 
@@ -100,7 +100,7 @@ def test_lineage_walks_back_to_dataset(tmp_path):
 def test_config_resolution_order_and_unknown_keys(tmp_path):
     cfg = resolve(TrainConfig, "tiny", {"lr": 1e-2}, parse_overrides(["model.n_layers=3", "epochs=7"]))
     assert cfg.lr == 1e-2 and cfg.model.n_layers == 3 and cfg.epochs == 7
-    assert cfg.model.hidden_dim == 64  # from the preset
+    assert cfg.model.hidden_dim == PRESETS["tiny"]["model"]["hidden_dim"] != ModelConfig().hidden_dim  # from the preset
     assert from_dict(TrainConfig, to_dict(cfg)) == cfg
     with pytest.raises(RegtokError, match="unknown config key 'model.n_layyers'"):
         merge(cfg, {"model": {"n_layyers": 2}})

@@ -186,8 +186,12 @@ def test_tiny_run_per_loss_type(extracted, tmp_path, loss):
     loaded = load_run(run)
     assert not loaded.model.training and loaded.feature_kind == "pooled" and loaded.train_config.epochs == 2
     assert loaded.model.has_flow == (loss != "contrastive")
+    best = load_file(str(run / "best.safetensors"))  # keep_best: the run is used with its best validated weights
     for k, v in loaded.model.state_dict().items():
-        assert torch.equal(v, weights(run)[k])
+        assert torch.equal(v, best[k])
+    assert [r["epoch"] for r in lines if r["type"] == "start"] == [-1]  # the start is validated and logged
+    scores = [r["val_select"] for r in epochs]
+    assert m["metrics"]["best/val_select"] == max(scores) and m["metrics"]["best/epoch"] == scores.index(max(scores))
 
 
 def test_same_seed_same_weights_and_resume_equals_uninterrupted(store, tmp_path, monkeypatch):
