@@ -143,13 +143,8 @@ def fit_baselines(run: Any, eval_store: Any, train_store_dir: Path | None, run_m
 
 def _train_features_manifest(run_manifest: Path) -> dict | None:
     """The features manifest the run was trained on, when the run manifest points at a readable one."""
-    if not run_manifest.is_file():
-        return None
-    for ref in read_manifest(run_manifest, kind="run").get("inputs", []):
-        path = resolve_path(run_manifest, ref["path"])
-        if ref.get("role") == "features" and path.is_file():
-            return read_manifest(path, kind="features")
-    return None
+    path = _run_input(run_manifest, "features")
+    return read_manifest(path, kind="features") if path is not None else None
 
 
 class EmbeddingWriter:
