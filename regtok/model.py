@@ -1,6 +1,8 @@
 """The register-token model: one :class:`RegisterModule` per modality, joined by :class:`RegTok`.
 
-A module projects the cached feature tokens to ``hidden_dim``, appends ``n_registers`` learned register tokens
+A module projects the cached feature tokens to ``hidden_dim``, appends ``n_registers`` learned register tokens,
+each plus its own linear read of the whole flattened input (a position-specific map that attention pooling
+cannot express; the trainer starts it on the training split's CCA directions, see ``RegTok.init_reads``),
 and runs pre-norm transformer blocks under a prefix-causal mask (features see features; register i sees the
 features and registers 0..i). Registers [0:n_shared] are shared (aligned across modalities), the rest private
 (they help the preservation decoder reconstruct the module's input). Nested dropout keeps a per-sample prefix
@@ -127,7 +129,7 @@ class RegisterModule(nn.Module):
         self.read_width = min(cfg.read_dim, n_tokens * d_in)
         if self.read_width:
             # (T·D_in, K) projection of the flattened standardised input: a PCA of the training split scaled to
-            # unit mean variance (set by init_read; identity columns until then), saved with the weights.
+            # unit mean variance (set by fit_read_basis; identity columns until then), saved with the weights.
             self.register_buffer("read_basis", torch.eye(n_tokens * d_in, self.read_width))
             self.register_buffer("read_center", torch.zeros(self.read_width))  # (K,) mean code of the training rows
             self.read_weight = nn.Parameter(torch.randn(r, self.read_width, d) * self.read_width**-0.5)  # (R, K, d)
@@ -200,7 +202,7 @@ class RegisterModule(nn.Module):
     @torch.no_grad()
     def init_reads(self, shared_dirs: Tensor | None) -> None:
         """Shared registers read ``shared_dirs`` (K, C) in disjoint channel blocks, strongest first; private
-        registers read consecutive blocks of principal components (then stay random).
+        registers read consecutive blocks of d principal components (those past the K-th keep their random read).
 
         Register i < n_shared gets directions [i·c, (i+1)·c) into channels [i·c, (i+1)·c), c = d // n_shared,
         so the mean over a k-prefix holds the k·c strongest directions and a longer prefix only adds weaker ones.
