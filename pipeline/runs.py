@@ -77,10 +77,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: ResumeS
     """Atomically write the weights and the resume state of ``state.step``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = run_dir / f".{CHECKPOINT}.{os.getpid()}.tmp"
-    save_file(weights, str(tmp), metadata={"step": str(state.step)})
-    _fsync(tmp)
+    tmp = _write_weights(run_dir, CHECKPOINT, model, {"step": str(state.step)})
     payload = {"step": state.step, "optimizer": _to_cpu(state.optimizer), "rng": _to_cpu(state.rng),
                "best": float(state.best)}
     tmp_state = run_dir / f".{STATE}.{os.getpid()}.tmp"
@@ -92,15 +89,21 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: ResumeS
     os.replace(tmp, run_dir / CHECKPOINT)
 
 
+def _write_weights(run_dir: Path, name: str, model: nn.Module, metadata: dict[str, str]) -> Path:
+    """``model``'s weights, fsynced, under a temporary name beside ``name``; the caller renames it."""
+    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = run_dir / f".{name}.{os.getpid()}.tmp"
+    save_file(weights, str(tmp), metadata=metadata)
+    _fsync(tmp)
+    return tmp
+
+
 def save_best(run_dir: str | os.PathLike, model: nn.Module, record: dict[str, Any]) -> None:
     """Atomically write ``best.safetensors``: the weights now, with the step, epoch and score in its metadata."""
     run_dir = Path(run_dir)
-    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = run_dir / f".{BEST}.{os.getpid()}.tmp"
-    save_file(weights, str(tmp), metadata={"step": str(record["step"]), "epoch": str(record["epoch"]),
-                                           "val_select": repr(float(record["val_select"]))})
-    _fsync(tmp)
-    os.replace(tmp, run_dir / BEST)
+    meta = {"step": str(record["step"]), "epoch": str(record["epoch"]),
+            "val_select": repr(float(record["val_select"]))}
+    os.replace(_write_weights(run_dir, BEST, model, meta), run_dir / BEST)
 
 
 def checkpoint_step(run_dir: str | os.PathLike, name: str = CHECKPOINT) -> int:

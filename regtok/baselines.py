@@ -27,7 +27,6 @@ from regtok.retrieval import paired_ranks, retrieval_metrics
 
 CCA_RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # times the mean per-dimension variance
 CCA_COMPONENTS = (8, 16, 32, 64, 128, 256, 512)
-BASELINE_NAMES = ("cca", "linear_infonce")
 
 
 @dataclass
@@ -72,12 +71,8 @@ class CCA:
     @classmethod
     def fit(cls, xa: Tensor, xb: Tensor, ridge: float, components: int) -> CCA:
         """Ridge-regularised CCA of centred (N, D_a), (N, D_b) by whitening and one SVD."""
-        xa, xb = xa.double() - xa.double().mean(0), xb.double() - xb.double().mean(0)
-        n = len(xa)
-        wa, wb = (_inv_sqrt(x.T @ x / n, ridge) for x in (xa, xb))  # (D, D) each
-        u, _, vh = torch.linalg.svd(wa @ (xa.T @ xb / n) @ wb, full_matrices=False)
-        k = min(components, u.shape[1])
-        return cls((wa @ u[:, :k]).float(), (wb @ vh[:k].T).float(), ridge, k)
+        pa, pb, _, _, _ = _canonical(xa, xb, ridge, components)
+        return cls(pa, pb, ridge, pa.shape[1])
 
     def embed(self, xa: Tensor, xb: Tensor) -> tuple[Tensor, Tensor]:
         return F.normalize(xa @ self.proj_a, dim=-1), F.normalize(xb @ self.proj_b, dim=-1)  # (N, K) each
@@ -95,23 +90,10 @@ def weighted_cca(xa: Tensor, xb: Tensor, n_dirs: int, val_fraction: float,
     by R@1 on a seeded validation part of the rows, then the directions are refitted on all of them.
     Returns (D_a, n), (D_b, n) float32 projections of centred inputs, strongest first, and what was chosen.
     """
-    n = len(xa)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(2, int(round(n * val_fraction)))
-    val, fit = order[:n_val], order[n_val:]
-
-    def directions(rows: Tensor, ridge: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        a, b = xa[rows].double(), xb[rows].double()
-        ma, mb = a.mean(0), b.mean(0)
-        a, b = a - ma, b - mb
-        wa, wb = (_inv_sqrt(x.T @ x / len(rows), ridge) for x in (a, b))
-        u, rho, vh = torch.linalg.svd(wa @ (a.T @ b / len(rows)) @ wb, full_matrices=False)
-        k = min(n_dirs, len(rho))
-        return (wa @ u[:, :k]).float(), (wb @ vh[:k].T).float(), ma.float(), mb.float(), rho[:k].float()
-
+    val, fit = _val_split(len(xa), val_fraction, seed)
     best = (-1.0, CCA_RIDGES[0], CCA_POWERS[0])
     for ridge in CCA_RIDGES:
-        pa, pb, ma, mb, rho = directions(fit, ridge)
+        pa, pb, ma, mb, rho = _canonical(xa[fit], xb[fit], ridge, n_dirs)
         ea, eb = (xa[val] - ma) @ pa, (xb[val] - mb) @ pb
         for power in CCA_POWERS:
             w = rho**power
@@ -119,10 +101,29 @@ def weighted_cca(xa: Tensor, xb: Tensor, n_dirs: int, val_fraction: float,
             if score > best[0]:
                 best = (score, ridge, power)
     score, ridge, power = best
-    pa, pb, _, _, rho = directions(torch.arange(n), ridge)
+    pa, pb, _, _, rho = _canonical(xa, xb, ridge, n_dirs)
     w = rho**power
     return pa * w, pb * w, {"ridge": ridge, "power": power, "val_r1": score,
                             "rho": [round(float(r), 4) for r in rho[:4]]}
+
+
+def _val_split(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded (validation, fit) row indices: at least 2 validation rows."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(2, int(round(n * val_fraction)))
+    return order[:n_val], order[n_val:]
+
+
+def _canonical(xa: Tensor, xb: Tensor, ridge: float, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The k leading canonical directions of ridge CCA: projections of centred inputs (D_a, k), (D_b, k)
+    float32, the column means (D_a,), (D_b,) and the canonical correlations (k,), strongest first."""
+    a, b = xa.double(), xb.double()
+    ma, mb = a.mean(0), b.mean(0)
+    a, b = a - ma, b - mb
+    wa, wb = (_inv_sqrt(x.T @ x / len(a), ridge) for x in (a, b))  # (D, D) each
+    u, rho, vh = torch.linalg.svd(wa @ (a.T @ b / len(a)) @ wb, full_matrices=False)
+    k = min(k, len(rho))
+    return (wa @ u[:, :k]).float(), (wb @ vh[:k].T).float(), ma.float(), mb.float(), rho[:k].float()
 
 
 def _inv_sqrt(c: Tensor, ridge: float) -> Tensor:
@@ -139,10 +140,7 @@ def mean_r1(a: Tensor, b: Tensor) -> float:
 
 def select_cca(xa: Tensor, xb: Tensor, val_fraction: float, seed: int) -> tuple[CCA, dict[str, float]]:
     """CCA with ridge and components chosen on a validation part of (xa, xb), refitted on all rows."""
-    n = len(xa)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(2, int(round(n * val_fraction)))
-    val, fit = order[:n_val], order[n_val:]
+    val, fit = _val_split(len(xa), val_fraction, seed)
     best: tuple[float, float, int] = (-1.0, CCA_RIDGES[0], CCA_COMPONENTS[0])
     for ridge in CCA_RIDGES:
         full = CCA.fit(xa[fit], xb[fit], ridge, max(CCA_COMPONENTS))
@@ -154,7 +152,7 @@ def select_cca(xa: Tensor, xb: Tensor, val_fraction: float, seed: int) -> tuple[
             if score > best[0]:
                 best = (score, ridge, k)
     score, ridge, k = best
-    return CCA.fit(xa, xb, ridge, k), {"val_r1": score, "ridge": ridge, "components": k, "val_rows": n_val}
+    return CCA.fit(xa, xb, ridge, k), {"val_r1": score, "ridge": ridge, "components": k, "val_rows": len(val)}
 
 
 def fit_linear_infonce(xa: Tensor, xb: Tensor, embed_dim: int, epochs: int, batch_size: int, seed: int,
