@@ -28,7 +28,7 @@ from typing import Any
 from regtok.errors import RegtokError
 
 SCHEMA_VERSION = 1
-KINDS = ("dataset", "features", "run", "eval")
+KINDS = ("dataset", "features", "run", "eval", "sweep")
 REQUIRED = ("kind", "schema_version", "command", "config", "inputs", "outputs", "environment", "timings")
 
 

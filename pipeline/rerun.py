@@ -168,7 +168,14 @@ def _rerun_run(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[
     val = next((r for r in m["inputs"] if r.get("role") == "val_features"), None)
     val_features = _input(mpath, m, "val_features", guard).parent if val else None
     log(f"train: {features} ({cfg.model.loss_type}, {cfg.epochs} epochs, seed {cfg.seed})")
-    path, result = train_run(features, out, cfg, val_features=val_features, command=list(m["command"]))
+    stopped = m.get("stopped")  # a pruned sweep trial ended after this epoch; so does its rerun
+    stop = None
+    if isinstance(stopped, dict):
+        log(f"the run stopped after epoch {stopped['epoch']} ({stopped.get('reason')}); so does the rerun")
+
+        def stop(record: dict) -> str | None:
+            return str(stopped.get("reason") or "stopped") if record["epoch"] >= stopped["epoch"] else None
+    path, result = train_run(features, out, cfg, val_features=val_features, command=list(m["command"]), stop=stop)
     new = read_manifest(path, kind="run")
     old_device, new_device = m["environment"].get("device", ""), new["environment"].get("device", "")
     if old_device == new_device == "cpu":

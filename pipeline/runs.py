@@ -239,11 +239,12 @@ def _fsync(path: Path) -> None:
 
 
 class RunWriter(Callbacks):
-    """Rank 0's callbacks: metrics lines, atomic checkpoints, and an optional per-step progress hook."""
+    """Rank 0's callbacks: metrics lines, atomic checkpoints, TensorBoard events, an optional per-step progress
+    hook, and an optional ``stop(record) -> reason | None`` asked after every epoch (a sweep's pruner)."""
 
-    def __init__(self, run_dir: Path, metrics: MetricsLog, on_step: Callable[[int, int, dict], None] | None = None):
-        self.run_dir, self.metrics, self._on_step = run_dir, metrics, on_step
-        self.checkpoints = 0
+    def __init__(self, run_dir: Path, metrics: MetricsLog, on_step: Callable[[int, int, dict], None] | None = None,
+                 tensorboard: TensorBoardLog | None = None, stop: Callable[[dict], str | None] | None = None):
+        self.run_dir, self.metrics, self._on_step, self.tb, self._stop = run_dir, metrics, on_step, tensorboard, stop
 
     def on_step(self, step: int, total: int, record: dict[str, float]) -> None:
         if self._on_step is not None:
@@ -251,13 +252,71 @@ class RunWriter(Callbacks):
 
     def on_log(self, record: dict[str, Any]) -> None:
         self.metrics.append(record)
+        if self.tb is not None:
+            self.tb.log(record)
 
     def on_checkpoint(self, model: nn.Module, state: ResumeState) -> None:
         save_checkpoint(self.run_dir, model, state)
-        self.checkpoints += 1
 
     def on_best(self, model: nn.Module, record: dict[str, Any]) -> None:
         save_best(self.run_dir, model, record)
+
+    def should_stop(self, record: dict[str, Any]) -> str | None:
+        return self._stop(record) if self._stop is not None else None
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class TensorBoardLog:
+    """``RUN_DIR/tb/`` event files: every loss term, lr, gradient norm and samples/s per logged step (``train/``),
+    the epoch means (``epoch/``) and validation R@1 (``val/``) per epoch, against the optimizer step."""
+
+    def __init__(self, run_dir: Path, purge_step: int | None = None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise RegtokError("--tensorboard needs the tensorboard package: pip install -e '.[tb]'") from None
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        kind, step = record.get("type"), int(record.get("step", 0))
+        for key, value in record.items():
+            if key in ("type", "step", "epoch") or not isinstance(value, int | float):
+                continue
+            group = "val" if key.startswith("val_") else ("train" if kind == "step" else "epoch")
+            self.writer.add_scalar(f"{group}/{key}", value, step)
+        full = [v for k, v in record.items() if k.startswith("val_r1_full_")]
+        if full:
+            self.writer.add_scalar("val/R@1", sum(full) / len(full), step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class StoreCache:
+    """Feature stores opened once and read into memory once, for many runs in one process (a sweep worker)."""
+
+    def __init__(self) -> None:
+        self._stores: dict[str, Any] = {}
+        self._arrays: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
+
+    def open(self, path: str | os.PathLike) -> Any:
+        from pipeline.store import open_store
+
+        key = str(Path(path).resolve())
+        if key not in self._stores:
+            self._stores[key] = open_store(path)
+        return self._stores[key]
+
+    def arrays(self, store: Any, kind: str, device: torch.device) -> dict[str, torch.Tensor] | None:
+        return self._arrays.get((str(store.root), kind, str(device)))
+
+    def keep(self, store: Any, kind: str, device: torch.device, arrays: dict[str, torch.Tensor] | None) -> None:
+        if arrays is not None:
+            self._arrays[(str(store.root), kind, str(device))] = arrays
 
 
 def pick_feature_kind(store: Any, requested: str) -> str:
@@ -294,14 +353,19 @@ def saved_train_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig, *,
               val_features: str | os.PathLike | None = None, resume: bool = False, command: list[str] | None = None,
               on_step: Callable[[int, int, dict], None] | None = None,
-              notify: Callable[[str], None] = lambda msg: None) -> tuple[Path | None, TrainResult]:
+              notify: Callable[[str], None] = lambda msg: None, tensorboard: bool = False,
+              stop: Callable[[dict], str | None] | None = None,
+              cache: StoreCache | None = None) -> tuple[Path | None, TrainResult]:
     """Train on a feature store into ``out``; returns (manifest path on rank 0 else None, result).
 
     Under ``torchrun`` every rank calls this; rank 0 writes the files. A non-finite loss is a RegtokError
-    raised after the last good state has been saved.
+    raised after the last good state has been saved. ``stop(epoch_record)`` may end a single-process run after
+    an epoch (``result.status`` "stopped"; the manifest records ``stopped``). ``cache`` keeps stores open and
+    in memory between calls.
     """
-    from pipeline.store import open_store
     from regtok.model import RegTok
+
+    cache = cache if cache is not None else StoreCache()
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -309,25 +373,27 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
         raise RegtokError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     rank, world, device = init_distributed(cfg.device)
     try:
-        store = open_store(features)
+        store = cache.open(features)
         if len(store.modalities) != 2:
             raise RegtokError(f"{features}: training needs exactly two modalities, the store has {store.modalities}")
         kind = pick_feature_kind(store, cfg.feature_kind)
-        val_store = open_store(val_features) if val_features is not None else store
+        val_store = cache.open(val_features) if val_features is not None else store
         if val_features is not None:
             check_compatible(store, val_store, kind)
             train_rows, val_rows = np.arange(store.n), np.arange(val_store.n)
         else:
             train_rows, val_rows = split_rows(store.n, cfg.val_fraction, cfg.seed)
         data = make_batches(store, kind, train_rows, cfg.batch_size, cfg.seed, device, cfg.max_memory_fraction,
-                            rank, world)
+                            rank, world, arrays=cache.arrays(store, kind, device))
+        cache.keep(store, kind, device, data.arrays)
         if data.streaming:
             notify(f"the store's {kind} features ({store_bytes(store, kind) / 2**30:.2f} GiB) exceed "
                    f"max_memory_fraction={cfg.max_memory_fraction} of free {device.type} memory: streaming batches")
         val = None
         if rank == 0 and len(val_rows):
             val = make_batches(val_store, kind, val_rows, cfg.batch_size, cfg.seed, device, cfg.max_memory_fraction,
-                               arrays=data.arrays if val_store is store else None)
+                               arrays=data.arrays if val_store is store else cache.arrays(val_store, kind, device))
+            cache.keep(val_store, kind, device, val.arrays)
         torch.manual_seed(cfg.seed)
         model = RegTok(cfg.model, {m: tuple(store.shape(kind, m)) for m in store.modalities})
         model.set_feature_stats(feature_stats(data.all()))  # the training split's, on every rank
@@ -342,14 +408,16 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             write_config(out, cfg, model, tuple(store.modalities), kind)
-            writer = RunWriter(out, MetricsLog(out, keep_until_step=state.step if state else None), on_step)
+            tb = TensorBoardLog(out, purge_step=state.step if state else None) if tensorboard else None
+            writer = RunWriter(out, MetricsLog(out, keep_until_step=state.step if state else None), on_step,
+                               tb, stop)
         t_train = time.perf_counter()
         notify(f"training on {len(train_rows)} samples ({kind} features, {data.steps_per_epoch} steps/epoch of "
                f"{data.batch_size}), validating on {len(val_rows)}, device {device}, {world} rank(s)")
         result = train(model, data, cfg, writer, val=val, resume=state)
         if writer is not None:
-            writer.metrics.close()
-        if result.status != "done":
+            writer.close()
+        if result.status not in ("done", "stopped"):
             where = f"; last good state (step {result.step}) saved in {out}" if rank == 0 else ""
             raise RegtokError(f"{result.message}; stopped{where}")
         if not result.metrics:  # resumed a finished run
@@ -374,11 +442,19 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
                                   metrics={**metrics, "step": result.step}, timings=timings,
                                   device=str(device), feature_kind=kind, modalities=list(store.modalities),
                                   world_size=world, streaming=data.streaming, val_samples=len(val_rows),
-                                  train_samples=len(train_rows))
+                                  train_samples=len(train_rows), stopped=_stopped(out, result))
         return path, result
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _stopped(out: Path, result: TrainResult) -> dict[str, Any] | None:
+    """The manifest's record of a run stopped early: the last epoch it ran and why."""
+    if result.status != "stopped":
+        return None
+    epochs = [r["epoch"] for r in read_metrics(out) if r.get("type") == "epoch"]
+    return {"epoch": epochs[-1] if epochs else -1, "reason": result.message}
 
 
 def _resume_state(out: Path, cfg: TrainConfig, model: nn.Module) -> ResumeState:

@@ -38,7 +38,7 @@ class ResumeState:
 
 @dataclass
 class TrainResult:
-    status: str  # "done" or "nonfinite"
+    status: str  # "done", "nonfinite", or "stopped" (the callbacks asked to stop after an epoch)
     step: int  # optimizer steps taken
     metrics: dict[str, float]  # the last epoch record (or the failing step's terms)
     message: str = ""
@@ -58,6 +58,10 @@ class Callbacks:
 
     def on_best(self, model: nn.Module, record: dict[str, Any]) -> None:
         """``model`` has the best validation score so far (``record["val_select"]``); with keep_best only."""
+
+    def should_stop(self, record: dict[str, Any]) -> str | None:
+        """After each epoch's checkpoint: a reason to end training now (e.g. a sweep's pruner), or None."""
+        return None
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -153,6 +157,9 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
         if val is not None and data.rank == 0:
             best = _track_best(model, {"step": step, "epoch": epoch, **epoch_record}, best, cfg, cb)
         cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device), best))
+        reason = cb.should_stop({"step": step, "epoch": epoch, **epoch_record}) if step < total else None
+        if reason:
+            return TrainResult("stopped", step, epoch_record, reason)
     return TrainResult("done", step, epoch_record)
 
 
