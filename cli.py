@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from pipeline.sweep import METRICS, PRUNERS, SAMPLERS
 from regtok.errors import RegtokError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -200,26 +201,53 @@ def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens
 # ── stage 2: train ──────────────────────────────────────────────────────────────────────────────────
 
 
+def _train_config_options(command):
+    """The options that build a training config, shared by `train` and `sweep` (each trial starts from them)."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML config diff."),
+        click.option("--preset", type=click.Choice(["tiny", "default"]), help="Named preset applied before the YAML."),
+        click.option("--loss", type=click.Choice(["contrastive", "flow_matching", "combined"]),
+                     help="model.loss_type"),
+        click.option("--epochs", type=int),
+        click.option("--batch-size", type=int, help="Global batch (all ranks together)."),
+        click.option("--lr", type=float),
+        click.option("--seed", type=int),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
+        click.option("--val-fraction", type=float, help="Else hold out this seeded fraction of --features."),
+        click.argument("overrides", nargs=-1),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _train_config(preset: str | None, config_file: str | None, saved: dict | None, overrides: tuple[str, ...],
+                  **flags):
+    """defaults → preset → (a resumed run's saved config) → YAML → flags → key=value overrides."""
+    from pipeline.config_io import load_yaml, parse_overrides
+    from regtok.config import TrainConfig, resolve
+
+    loss = flags.pop("loss", None)
+    flags = {("compile" if k == "compile_" else k): v for k, v in flags.items() if v is not None}
+    if loss is not None:
+        flags["model"] = {"loss_type": loss}
+    return resolve(TrainConfig, preset, saved, load_yaml(config_file) if config_file else None, flags,
+                   parse_overrides(overrides))
+
+
 @main.command(context_settings=CONTEXT)
 @click.option("--features", required=True, type=click.Path(exists=True), help="Feature store (dir or manifest).")
 @click.option("--val-features", type=click.Path(exists=True), help="Held-out store for per-epoch validation.")
-@click.option("--val-fraction", type=float, help="Else hold out this seeded fraction of --features.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML config diff.")
-@click.option("--preset", type=click.Choice(["tiny", "default"]), help="Named preset applied before the YAML.")
-@click.option("--loss", type=click.Choice(["contrastive", "flow_matching", "combined"]), help="model.loss_type")
-@click.option("--epochs", type=int)
-@click.option("--batch-size", type=int, help="Global batch (all ranks together).")
-@click.option("--lr", type=float)
-@click.option("--seed", type=int)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint (same config).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the loss step.")
-@click.argument("overrides", nargs=-1)
+@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files to RUN_DIR/tb/ "
+              "(needs the tensorboard package: pip install -e '.[tb]').")
+@_train_config_options
 def train(features: str, val_features: str | None, val_fraction: float | None, out: str, config_file: str | None,
           preset: str | None, loss: str | None, epochs: int | None, batch_size: int | None, lr: float | None,
           seed: int | None, device: str | None, resume: bool, compile_: bool | None,
-          overrides: tuple[str, ...]) -> None:
+          overrides: tuple[str, ...], tensorboard: bool = False) -> None:
     """Train the register modules on a cached feature store; prints the run manifest's path.
 
     \b
@@ -230,30 +258,27 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
 
     import yaml
 
-    from pipeline.config_io import load_yaml, parse_overrides
     from pipeline.console import stderr_console
     from pipeline.startup import gc_paused, keep_freed_memory
-    from regtok.config import TrainConfig, resolve, to_dict
+    from regtok.config import to_dict
 
     keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
         from pipeline.runs import saved_train_config, train_progress, train_run
 
-    flags = {"val_fraction": val_fraction, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-             "device": device, "compile": compile_}
-    flags = {k: v for k, v in flags.items() if v is not None}
-    if loss is not None:
-        flags["model"] = {"loss_type": loss}
     saved = saved_train_config(out) if resume else None
-    cfg = resolve(TrainConfig, preset, saved, load_yaml(config_file) if config_file else None, flags,
-                  parse_overrides(overrides))
+    cfg = _train_config(preset, config_file, saved, overrides, val_fraction=val_fraction, epochs=epochs,
+                        batch_size=batch_size, lr=lr, seed=seed, device=device, compile_=compile_, loss=loss)
+    if tensorboard:
+        _require_tensorboard()
     console = stderr_console()
     is_main = os.environ.get("RANK", "0") == "0"
     if is_main:
         console.print("[bold]resolved config[/]\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     with train_progress(console, disable=not is_main) as on_step:
         manifest, result = train_run(features, out, cfg, val_features=val_features, resume=resume,
-                                     on_step=on_step, notify=lambda msg: is_main and console.print(msg))
+                                     on_step=on_step, notify=lambda msg: is_main and console.print(msg),
+                                     tensorboard=tensorboard and is_main)
     if manifest is not None:
         from rich.table import Table
 
@@ -263,6 +288,126 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
                 table.add_row(k, f"{v:.4g}")
         console.print(table)
         click.echo(str(manifest))
+
+
+def _require_tensorboard() -> None:
+    """One error line, before any work, when the tensorboard package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise RegtokError("--tensorboard needs the tensorboard package: pip install -e '.[tb]'")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--features", required=True, type=click.Path(exists=True), help="Feature store (dir or manifest).")
+@click.option("--val-features", type=click.Path(exists=True), help="Held-out store every trial validates on.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep directory.")
+@click.option("--space", "space_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML search space: config key → list of choices, or {low, high, log} (see configs/).")
+@click.option("--grid", multiple=True, metavar="KEY=V1,V2,…", help="A grid axis given inline (repeatable).")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="grid", help="Optuna sampler.")
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="Finished trials to reach  [default: the grid's size; 20 for tpe and random]")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, help="Worker processes on this machine.")
+@click.option("--storage", default=None, help="Optuna storage URL, shared by workers on several machines  "
+              "[default: sqlite:///OUT/study.db]")
+@click.option("--study", "study_name", default="regtok", help="Study name in the storage.")
+@click.option("--metric", type=click.Choice(METRICS), default="val/select", metavar="NAME",
+              help="What trials are scored by: val/select (what keep_best ranks epochs by: full-prefix R@1, after "
+                   "transport for flow_matching runs), val/R@1 (full prefix, untransported), or a val_r1_* key.")
+@click.option("--prune/--no-prune", default=True, help="Stop hopeless trials early (after each epoch).")
+@click.option("--pruner", type=click.Choice(PRUNERS), default="median")
+@click.option("--tensorboard", is_flag=True, help="TensorBoard events in every trial (tensorboard --logdir OUT).")
+@_train_config_options
+def sweep(features: str, val_features: str | None, out: str, space_file: str | None, grid: tuple[str, ...],
+          sampler: str, trials: int | None, jobs: int, storage: str | None, study_name: str, metric: str,
+          prune: bool, pruner: str, tensorboard: bool, config_file: str | None, preset: str | None,
+          loss: str | None, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None,
+          device: str | None, val_fraction: float | None, overrides: tuple[str, ...]) -> None:
+    """Search training configs on one feature store with Optuna; each trial is an ordinary run in OUT/trials/.
+
+    \b
+    The train flags and key=value overrides are shared by every trial; the space varies the rest.
+    Rerunning the same command continues a stopped sweep. Writes OUT/report.json, report.md, sweep.png,
+    best.yaml (for `regtok train --config`) and manifest.json; prints report.json's path.
+    """
+    import sys
+    from pathlib import Path
+
+    from pipeline.config_io import load_yaml
+    from pipeline.console import stderr_console
+    from pipeline.space import parse_grid, parse_space
+    from pipeline.startup import gc_paused
+    from pipeline.sweep import SweepConfig
+
+    with gc_paused(freeze=True):
+        from pipeline.sweep import run_sweep
+
+    if not space_file and not grid:
+        raise RegtokError("give a search space: --space SPACE.yaml or --grid KEY=V1,V2,…")
+    raw = {**(load_yaml(space_file) if space_file else {}), **parse_grid(grid)}
+    space = parse_space(raw, space_file or "--grid")
+    base = _train_config(preset, config_file, None, overrides, val_fraction=val_fraction, epochs=epochs,
+                         batch_size=batch_size, lr=lr, seed=seed, device=device, loss=loss)
+    if tensorboard:
+        _require_tensorboard()
+    scfg = SweepConfig(sampler=sampler, trials=trials, jobs=jobs, storage=storage, study=study_name, metric=metric,
+                       prune=prune, pruner=pruner, seed=base.seed, tensorboard=tensorboard)
+    console = stderr_console()
+    report = run_sweep(features, out, scfg, space, base, val_features=val_features,
+                       command=["regtok", *sys.argv[1:]], console=console)
+    _print_trials(console, report)
+    click.echo(str(Path(out) / "report.json"))
+
+
+def _print_trials(console, report: dict, top: int = 10) -> None:
+    from rich.table import Table
+
+    names = list(report["space"])
+    table = Table("trial", "state", report["metric"], "epochs", "s", *names,
+                  title=f"top trials of {len(report['trials'])} ({report['sampler']} sampler)")
+    for r in report["trials"][:top]:
+        value = f"{r['value']:.4f}" if r["value"] is not None else "—"
+        table.add_row(str(r["number"]), r["state"], value, str(r["epochs"] or "—"),
+                      f"{r['seconds']:.1f}" if r["seconds"] else "—", *(str(r["params"].get(k, "—")) for k in names))
+    console.print(table)
+    failed = [r for r in report["trials"] if r["state"] == "fail" and r["retried_as"] is None]
+    if failed:
+        console.print(f"[yellow]{len(failed)} trial(s) failed[/], first: trial {failed[0]['number']}: "
+                      f"{failed[0]['error']}")
+    if report["best"] is not None:
+        console.print(f"best: trial {report['best']['number']} → best.yaml")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also write OUT/compare.md and OUT/curves.png (validation R@1 against epoch per run).")
+@click.option("--all-keys", is_flag=True, help="Show every config key, not only those that differ.")
+def compare(paths: tuple[str, ...], out: str | None, all_keys: bool) -> None:
+    """Put runs, eval reports or sweeps (their trials) side by side; config keys that differ are highlighted."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.compare import load_entries, plot_curves, render_markdown, tables
+
+    entries = load_entries(list(paths))
+    console = Console()
+    if not console.is_terminal:  # piped or logged: the whole table, never a truncated cell
+        console = Console(width=1000)
+    for title, columns, rows in tables(entries, all_keys):
+        table = Table("", *columns, title=title)
+        for label, cells, differs in rows:
+            style = "bold yellow" if differs else None
+            table.add_row(label, *cells, style=style)
+        console.print(table)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        plot_curves(entries, Path(out) / "curves.png")
+        (Path(out) / "compare.md").write_text(render_markdown(entries, all_keys))
+        click.echo(str(Path(out) / "compare.md"), err=True)
 
 
 # ── stage 3: eval ───────────────────────────────────────────────────────────────────────────────────
@@ -380,7 +525,7 @@ def demo(ctx: click.Context, out: str, samples: int, epochs: int, overwrite: boo
     steps.append(("train register modules", train, dict(
         features=str(root / "features-train"), val_features=None, val_fraction=None,
         out=str(root / "run"), config_file=None, preset="tiny", loss=None, epochs=epochs, batch_size=None, lr=None,
-        seed=0, device=None, resume=False, compile_=None, overrides=DEMO_TRAIN)))
+        seed=0, device=None, resume=False, compile_=None, overrides=DEMO_TRAIN, tensorboard=False)))
     steps.append(("evaluate on the held-out split", eval_, dict(
         run_dir=str(root / "run"), features=str(root / "features-test"), out=str(root / "eval"), prefixes=(1, 2, 4, 8),
         flow_steps=(1, 4, 16), save_embeddings=False, device="auto", seed=0, probe_test_fraction=0.3,
@@ -409,6 +554,13 @@ def show(manifest: str) -> None:
         branch = tree.add(label)
         for parent in node.parents:
             add(branch, parent)
+        trials = (node.manifest or {}).get("trials") or [] if kind == "sweep" else []
+        for t in trials[:5]:
+            value = f"{t['value']:.4f}" if isinstance(t.get("value"), float) else "—"
+            params = ", ".join(f"{k}={v}" for k, v in (t.get("params") or {}).items())
+            branch.add(f"[dim]trial {t.get('number')} {t.get('state')} {value}  {t.get('path')}  {params}[/]")
+        if len(trials) > 5:
+            branch.add(f"[dim]… {len(trials) - 5} more trials (report.md)[/]")
         shards = (node.manifest or {}).get("shards") or []
         if shards:
             names = [s.get("path", "?") for s in shards]

@@ -99,6 +99,13 @@ def summary_line(m: dict[str, Any]) -> str:
         r1 = metrics.get("val/R@1") if isinstance(metrics, dict) else None
         r1s = f", val R@1 {r1:.3f}" if isinstance(r1, (int, float)) else ""
         return f"loss {model.get('loss_type', '?')}, {model.get('n_registers', '?')} registers{r1s}"
+    if kind == "sweep":
+        trials = [t for t in m.get("trials") or [] if isinstance(t, dict)]
+        states = {s: sum(t.get("state") == s for t in trials) for s in ("complete", "pruned", "fail")}
+        best = next((t for t in trials if t.get("number") == m.get("best")), None)
+        best_s = f"; best {m.get('metric')} {best['value']:.3f} (trial {best['number']})" if best else ""
+        return (f"{m.get('sampler')} sweep, {len(trials)} trials ({states['complete']} complete, "
+                f"{states['pruned']} pruned, {states['fail']} failed){best_s}")
     if kind == "eval":
         return f"{m.get('samples', (m.get('outputs') or {}).get('n', '?'))} held-out pairs"
     return ""

@@ -1,0 +1,425 @@
+"""`regtok sweep`: a hyper-parameter search over training configs on one cached feature store, run by Optuna.
+
+    SWEEP_DIR/study.db               the Optuna study (SQLite unless --storage names another database)
+    SWEEP_DIR/trials/NNNN/           one ordinary run directory per trial (checkpoint, metrics.jsonl, manifest)
+    SWEEP_DIR/report.json, .md       every trial sorted by the metric; sweep.png: the metric against each parameter
+    SWEEP_DIR/best.yaml              the best trial's config, only what differs from the defaults
+    SWEEP_DIR/manifest.json          kind "sweep": space, sampler, storage and every trial with its state and metric
+
+A worker opens the study, reads the feature store into memory once and runs trials until the study has its
+number of finished trials; ``--jobs J`` starts J workers on this machine, and workers on other machines that
+name the same ``--storage`` and ``--study`` join the same study. A trial that was running when its worker died
+is failed and queued again (same parameters): at once when the worker ran on this host, else after Optuna's
+heartbeat grace period. Pruned trials keep their checkpoint and record the epoch they stopped after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.space import Choices, Param, as_overrides, check_space, diff_from_defaults, space_json, trial_config
+from regtok.config import TrainConfig, to_dict
+from regtok.errors import RegtokError
+
+SAMPLERS = ("grid", "tpe", "random")
+PRUNERS = ("median", "hyperband")
+# What a trial is scored by. val/select is what keep_best ranks epochs by: full-prefix R@1 (mean of both
+# directions), after transport for flow_matching runs, so runs of every loss type compare fairly.
+METRICS = ("val/select", "val/R@1", "val_r1_full_a_to_b", "val_r1_full_b_to_a", "val_r1_k1_a_to_b",
+           "val_r1_k1_b_to_a", "val_r1_flow_a_to_b", "val_r1_flow_b_to_a")
+HEARTBEAT_S, GRACE_S = 30, 120  # a trial whose worker stopped beating for GRACE_S is failed and retried
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    sampler: str = "grid"
+    trials: int | None = None  # finished trials to reach (grid: at most the grid's size; else default 20)
+    jobs: int = 1  # worker processes on this machine
+    storage: str | None = None  # an Optuna storage URL; default sqlite:///SWEEP_DIR/study.db
+    study: str = "regtok"
+    metric: str = "val/select"
+    prune: bool = True
+    pruner: str = "median"
+    seed: int = 0  # of the sampler
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise RegtokError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.pruner not in PRUNERS:
+            raise RegtokError(f"--pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
+        if self.metric not in METRICS:
+            raise RegtokError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.jobs < 1 or (self.trials is not None and self.trials < 1):
+            raise RegtokError("--jobs and --trials must be at least 1")
+
+
+def metric_value(record: dict[str, Any], metric: str) -> float:
+    """``metric`` of an epoch record (or a run's final metrics)."""
+    if metric == "val/select":
+        return float(record["val_select"])
+    if metric == "val/R@1":
+        full = [v for k, v in record.items() if k.startswith("val_r1_full_")]
+        return sum(full) / len(full)
+    if metric not in record:
+        raise RegtokError(f"metric {metric!r} is not in the run's validation record (flow metrics need flow runs)")
+    return float(record[metric])
+
+
+def default_storage(sweep_dir: Path) -> str:
+    return f"sqlite:///{sweep_dir.resolve() / 'study.db'}"
+
+
+def open_storage(url: str) -> Any:
+    """An Optuna RDB storage with heartbeats (dead workers' trials are retried); one error line if unreachable."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    quiet_optuna()
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # workers wait for each other's writes
+    try:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                                          **kwargs)
+    except Exception as e:  # sqlalchemy's errors, a bad URL, a missing driver: all mean "cannot use this"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RegtokError(f"cannot open the study storage {safe_url(url)}: {first}") from None
+
+
+def quiet_optuna() -> None:
+    """Optuna's own logging and its experimental-feature warnings stay off the sweep's display."""
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def safe_url(url: str) -> str:
+    """The storage URL with any password hidden (it goes into manifests and messages)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def make_sampler(scfg: SweepConfig, space: dict[str, Param], worker: int = 0) -> Any:
+    import optuna
+
+    if scfg.sampler == "grid":
+        return optuna.samplers.GridSampler({k: list(p.values) for k, p in space.items()}, seed=scfg.seed)
+    if scfg.sampler == "tpe":  # each worker its own seed, so parallel workers do not propose the same point
+        return optuna.samplers.TPESampler(seed=scfg.seed + worker, constant_liar=True)
+    return optuna.samplers.RandomSampler(seed=scfg.seed + worker)
+
+
+def make_pruner(scfg: SweepConfig, epochs: int) -> Any:
+    import optuna
+
+    if not scfg.prune:
+        return optuna.pruners.NopPruner()
+    if scfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, epochs))
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+
+
+def n_trials(scfg: SweepConfig, space: dict[str, Param]) -> int:
+    if scfg.sampler == "grid":
+        size = 1
+        for p in space.values():
+            size *= len(p.values)  # type: ignore[union-attr]
+        return min(size, scfg.trials or size)
+    return scfg.trials or 20
+
+
+def open_study(scfg: SweepConfig, storage: Any, space: dict[str, Param], base: TrainConfig) -> Any:
+    """Create the study, or load it when it exists; an existing study must have the same space, base and metric."""
+    import optuna
+
+    identity = {"space": space_json(space), "base": to_dict(base), "metric": scfg.metric, "sampler": scfg.sampler}
+    study = optuna.create_study(storage=storage, study_name=scfg.study, direction="maximize", load_if_exists=True,
+                                sampler=make_sampler(scfg, space), pruner=make_pruner(scfg, base.epochs))
+    recorded = study.user_attrs.get("regtok")
+    if recorded is None:
+        study.set_user_attr("regtok", identity)
+    elif recorded != identity:
+        what = [k for k in identity if recorded.get(k) != identity[k]]
+        raise RegtokError(f"study {scfg.study!r} in {safe_url(scfg.storage or '')} exists with another "
+                          f"{' and '.join(what)}; pass another --study or --out")
+    return study
+
+
+def recover_interrupted(study: Any) -> list[int]:
+    """Fail and queue again every running trial whose worker on this host is gone (a killed sweep)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    host, retried = socket.gethostname(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("host") != host or _alive(int(t.user_attrs.get("pid", -1))):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted (its worker was killed)")
+        if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+            RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study._storage.get_trial(t._trial_id))
+            retried.append(t.number)
+    return retried
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ── workers ─────────────────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs (plain data: it crosses a process boundary)."""
+
+    sweep_dir: str
+    storage: str
+    features: str
+    val_features: str | None
+    space: dict[str, Any]  # space_json
+    base: dict[str, Any]  # to_dict(TrainConfig)
+    sweep: dict[str, Any]  # asdict(SweepConfig)
+    total: int
+    index: int = 0
+    threads: int | None = None  # torch threads in this worker (CPU: cores / jobs)
+    parent_pid: int | None = None  # stop when the sweep that started this worker is gone
+
+
+class _Surplus(Exception):
+    """The study already has its trials (finished or running); this one is not run."""
+
+
+def run_worker(spec: WorkerSpec, on_trial: Any = None) -> None:
+    """Run trials of the study until it has ``spec.total`` finished ones (or the grid is exhausted)."""
+    import optuna
+
+    from pipeline.runs import StoreCache
+    from pipeline.space import parse_space
+
+    if spec.threads:
+        import torch
+
+        torch.set_num_threads(spec.threads)
+    quiet_optuna()
+    scfg = SweepConfig(**spec.sweep)
+    space = parse_space(spec.space, "space")
+    base = trial_config(spec.base, {})
+    study = optuna.load_study(study_name=scfg.study, storage=open_storage(spec.storage),
+                              sampler=make_sampler(scfg, space, spec.index), pruner=make_pruner(scfg, base.epochs))
+    cache = StoreCache()  # the store is read once per worker, not once per trial
+
+    def objective(trial: Any) -> float:
+        return _run_trial(trial, spec, scfg, space, base, cache)
+
+    def after(study: Any, trial: Any) -> None:
+        if on_trial is not None:
+            on_trial()
+        if spec.parent_pid is not None and os.getppid() != spec.parent_pid:
+            study.stop()  # the sweep was killed: do not run on as an orphan
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(spec.total, states=states), after],
+                   catch=(Exception,), gc_after_trial=False)
+
+
+def _run_trial(trial: Any, spec: WorkerSpec, scfg: SweepConfig, space: dict[str, Param], base: TrainConfig,
+               cache: Any) -> float:
+    import optuna
+
+    from pipeline.runs import train_run
+
+    if _taken(trial) >= spec.total:
+        trial.set_user_attr("surplus", True)
+        trial.study.stop()
+        raise _Surplus("the study has all its trials")
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+    out = Path(spec.sweep_dir) / "trials" / f"{trial.number:04d}"
+    trial.set_user_attr("path", str(out.relative_to(spec.sweep_dir)))
+    t0 = time.perf_counter()
+    try:
+        params = {name: param.suggest(trial, name) for name, param in space.items()}
+        cfg = trial_config(base, params)
+
+        def stop(record: dict[str, Any]) -> str | None:
+            value = metric_value(record, scfg.metric)
+            trial.report(value, record["epoch"])
+            trial.set_user_attr("epochs", record["epoch"] + 1)
+            if trial.should_prune():
+                return f"pruned by the {scfg.pruner} pruner after epoch {record['epoch'] + 1}"
+            return None
+
+        if out.exists():  # a directory a deleted study left behind under the same trial number
+            import shutil
+
+            shutil.rmtree(out)
+        _, result = train_run(spec.features, out, cfg, val_features=spec.val_features,
+                              command=trial_command(spec, out, cfg), stop=stop, cache=cache,
+                              tensorboard=scfg.tensorboard)
+    except Exception as e:
+        trial.set_user_attr("error", f"{type(e).__name__}: {e}" if not isinstance(e, RegtokError) else str(e))
+        trial.set_user_attr("seconds", time.perf_counter() - t0)
+        raise
+    trial.set_user_attr("seconds", time.perf_counter() - t0)
+    value = metric_value(result.metrics, scfg.metric)
+    trial.set_user_attr("last_value", value)
+    if result.status == "stopped":
+        raise optuna.TrialPruned(result.message)
+    trial.set_user_attr("epochs", cfg.epochs)
+    return value
+
+
+def _taken(trial: Any) -> int:
+    """Trials of the study that count towards its total, other than ``trial``: finished, running, queued."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    return sum(t.number != trial.number for t in trial.study.get_trials(deepcopy=False, states=states))
+
+
+def trial_command(spec: WorkerSpec, out: Path, cfg: TrainConfig) -> list[str]:
+    """The `regtok train` command that makes the same run (what its manifest records)."""
+    val = ["--val-features", spec.val_features] if spec.val_features else []
+    return ["regtok", "train", "--features", spec.features, *val, "--out", str(out),
+            *as_overrides(diff_from_defaults(cfg))]
+
+
+def _spawn_worker(spec: WorkerSpec) -> None:  # the target of a worker process
+    from regtok.errors import RegtokError as Error
+
+    try:
+        run_worker(spec)
+    except Error as e:
+        print(f"error: worker {spec.index}: {e}", flush=True)
+        raise SystemExit(2) from None
+
+
+# ── the sweep ───────────────────────────────────────────────────────────────────────────────────────
+
+
+def run_sweep(features: str | os.PathLike, out: str | os.PathLike, scfg: SweepConfig, space: dict[str, Param],
+              base: TrainConfig, *, val_features: str | os.PathLike | None = None, command: list[str] | None = None,
+              console: Any = None, show_progress: bool = True) -> dict[str, Any]:
+    """The whole `regtok sweep` stage; returns the report dict after writing every file."""
+    from pipeline.manifest import read_manifest
+    from pipeline.sweep_report import write_outputs
+
+    out = Path(out).absolute()
+    t0 = time.perf_counter()
+    check_space(space, base, scfg.sampler, "search space")
+    if val_features is None and base.val_fraction <= 0:
+        raise RegtokError("a sweep scores trials on validation data: pass --val-features or --val-fraction > 0")
+    read_manifest(features, kind="features")  # a clear error now rather than in every worker
+    if val_features is not None:
+        read_manifest(val_features, kind="features")
+    if (out / "manifest.json").is_file():
+        read_manifest(out, kind="sweep")  # refuses to mix into another stage's directory
+    out.mkdir(parents=True, exist_ok=True)
+    url = scfg.storage or default_storage(out)
+    study = open_study(SweepConfig(**{**asdict(scfg), "storage": url}), open_storage(url), space, base)
+    retried = recover_interrupted(study)
+    if retried and console is not None:
+        console.print(f"trial(s) {', '.join(map(str, retried))} were running when the sweep stopped: queued again")
+    total = n_trials(scfg, space)
+    spec = WorkerSpec(str(out), url, str(Path(features).absolute()),
+                      str(Path(val_features).absolute()) if val_features else None, space_json(space), to_dict(base),
+                      asdict(scfg), total)
+    _run_workers(spec, scfg.jobs, study, total, console, show_progress)
+    return write_outputs(out, study, scfg, space, base, url, features=features, val_features=val_features,
+                         command=command, seconds=time.perf_counter() - t0)
+
+
+def _run_workers(spec: WorkerSpec, jobs: int, study: Any, total: int, console: Any, show_progress: bool) -> None:
+    """One worker in this process, or ``jobs`` worker processes, with a progress display of the study."""
+    import multiprocessing as mp
+
+    from pipeline.console import progress
+
+    bar = progress(console, _status_column(), disable=not show_progress)
+    task = bar.add_task("trials", total=total, status="")
+    printed: set[int] = set()
+
+    def refresh() -> None:
+        done, status, finished = _status(study)
+        bar.update(task, completed=min(done, total), status=status)
+        if console is not None and not console.is_terminal:  # logs and batch jobs: one plain line per trial
+            for line in [line for n, line in finished if n not in printed]:
+                console.print(line)
+            printed.update(n for n, _ in finished)
+
+    with bar:
+        if jobs == 1:
+            run_worker(spec, on_trial=refresh)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            ctx = mp.get_context("spawn")  # torch and sqlite connections do not survive fork
+            procs = [ctx.Process(target=_spawn_worker, args=(WorkerSpec(**{**asdict(spec), "index": i,
+                                                                           "threads": threads,
+                                                                           "parent_pid": os.getpid()}),))
+                     for i in range(jobs)]
+            for p in procs:
+                p.start()
+            try:
+                while any(p.is_alive() for p in procs):
+                    refresh()
+                    time.sleep(0.5)
+            finally:
+                for p in procs:
+                    p.join()
+            failed = [p.exitcode for p in procs if p.exitcode]
+            if failed and all(p.exitcode for p in procs):
+                raise RegtokError(f"every sweep worker failed (exit status {failed[0]}); see the lines above")
+        refresh()
+
+
+def _status_column() -> Any:
+    from rich.progress import TextColumn
+
+    return TextColumn("{task.fields[status]}")
+
+
+def _status(study: Any) -> tuple[int, str, list[tuple[int, str]]]:
+    """(finished count, one status line, [(number, line) per finished trial])."""
+    from optuna.trial import TrialState
+
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+    count = {s: sum(t.state == s for t in trials) for s in TrialState}
+    scored = [(t.value, t.number) for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    best = f"best {max(scored)[0]:.4f} (trial {max(scored)[1]})" if scored else "best —"
+    status = (f"{count[TrialState.RUNNING]} running, {count[TrialState.PRUNED]} pruned, "
+              f"{count[TrialState.FAIL]} failed; {best}")
+    finished = []
+    for t in trials:
+        if t.state.is_finished():
+            value = t.value if t.value is not None else t.user_attrs.get("last_value")
+            shown = f"{value:.4f}" if isinstance(value, float) else "—"
+            note = f" ({t.user_attrs['error']})" if t.state == TrialState.FAIL and "error" in t.user_attrs else ""
+            finished.append((t.number, f"trial {t.number}: {t.state.name.lower()} {shown} "
+                                       f"{json.dumps(t.params)}{note}"))
+    return count[TrialState.COMPLETE] + count[TrialState.PRUNED], status, finished
+
+
+__all__ = ["Choices", "SweepConfig", "run_sweep", "run_worker", "metric_value"]
