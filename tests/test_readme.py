@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ CI_MARKERS = ("<!-- ci:install-and-run -->", "<!-- ci:test -->")  # run by .ci/r
 SKIP = {
     "python -m pytest -q": "the suite itself (this test is part of it)",
     "ruff check .": "a linter, not a regtok command",
+    "tensorboard --logdir sweeps/seed": "a web server that runs until stopped",
 }
 
 # README argument → what runs here. Pretrained weights cannot be downloaded and there is no GPU; a ViT-B/16
@@ -41,11 +43,12 @@ SPEC_MAP = {
     "open_clip:ViT-L-14@openai": "tiny:0",
     "tvl:vit_base_patch16_224@checkpoints/tvl_stage1.pth": "tvl:vit_tiny_patch16_224@checkpoints/tvl_stage1.pth",
 }
-FLAG_MAP = {("--device", "cuda"): ("--device", "cpu")}
+# The README's TPE sweep runs 40 trials on real data; here 4 show the same path.
+FLAG_MAP = {("--device", "cuda"): ("--device", "cpu"), ("--trials", "40"): ("--trials", "4")}
 # The design card's defaults train a 4-layer, 512-wide model for 20 epochs: ~50 s per run on one CPU core. The
 # README's `regtok train` lines run with these flags appended (the tiny preset, 2 epochs); every flag and
 # key=value override the README gives still applies, as they resolve after the preset.
-APPEND = {"train": ["--preset", "tiny", "--epochs", "2"]}
+APPEND = {"train": ["--preset", "tiny", "--epochs", "2"], "sweep": ["--preset", "tiny", "--epochs", "2"]}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # `torchrun` with the same arguments, 2 CPU ranks
 NPROC = re.compile(r"--nproc_per_node=\d+")
 TVL_MODEL = "vit_tiny_patch16_224"
@@ -169,6 +172,7 @@ def test_every_readme_command_runs(tmp_path):
     write_ssvtp(tmp_path / "data" / "ssvtp", "train", rows=24, seed=0)
     write_ssvtp(tmp_path / "data" / "ssvtp", "test", rows=16, seed=1)
     write_tvl_checkpoint(tmp_path / "checkpoints" / "tvl_stage1.pth")
+    shutil.copytree(REPO / "configs", tmp_path / "configs")  # the walkthrough runs beside a checkout's configs/
     env = {**os.environ, "OMP_NUM_THREADS": "1", "REGTOK_NO_PROGRESS": "1", "REGTOK_CACHE_DIR": str(tmp_path)}
     used: set = set()
     ran, skipped = [], []
@@ -211,3 +215,6 @@ def check_results(ws: Path, ran: list[tuple[list[str], str]]) -> None:
     assert "ssvtp-train" in by_command["show"] and "dataset" in by_command["show"]  # the chain reaches the shards
     assert "changed" not in by_command["verify"] and "missing" not in by_command["verify"]
     assert (ws / "reruns/contrastive/checkpoint.safetensors").is_file()
+    seed = json.loads((ws / "sweeps/seed/report.json").read_text())
+    assert seed["sampler"] == "tpe" and len(seed["trials"]) >= 4 and (ws / "sweeps/seed/best.yaml").is_file()
+    assert "model.n_shared" in by_command["compare"] and (ws / "reports/compare/curves.png").is_file()
