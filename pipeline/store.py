@@ -14,6 +14,7 @@ name is complete.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +67,13 @@ class PartWriter:
         self.keys.extend(keys)
         self.labels.extend(labels)
 
+    def _check_room(self, nbytes: int) -> None:
+        check_room(self.tmp.parent, nbytes + (len(self.shapes) << 20))  # HDF5 may hold back 1 MiB per dataset
+
     def _flush(self, name: str) -> None:
         rows = np.concatenate(self.pending[name]) if self.pending[name] else np.zeros((0, *self.shapes[name]))
         self.pending[name] = []
+        self._check_room(rows.size * 2)  # float16
         if name not in self.file:
             chunk = (max(min(len(rows), self.chunk[name]), 1), *self.shapes[name])
             self.file.create_dataset(name, shape=(0, *self.shapes[name]), maxshape=(None, *self.shapes[name]),
@@ -87,6 +92,7 @@ class PartWriter:
         for name in sorted({k for row in self.labels for k in row}):
             f.create_dataset(f"labels/{name}", data=np.array([row.get(name, np.nan) for row in self.labels],
                                                             dtype=np.float64))
+        self._check_room(sum(len(k.encode()) + 16 for k in self.keys) + 8 * n * len(f.get("labels", {})))
         f.close()
         with open(self.tmp, "rb+") as raw:
             os.fsync(raw.fileno())
@@ -96,11 +102,29 @@ class PartWriter:
     def abort(self) -> None:
         """Drop the temporary file (also after a failed write, e.g. a full disk, whose close may fail too)."""
         try:
+            # Give the space back first, so that HDF5's closing flush finds room (see check_room).
+            os.truncate(self.tmp, 0)
+        except OSError:
+            pass
+        try:
             self.file.close()
         except Exception:  # noqa: BLE001 - the file is being thrown away; the first error is what matters
             pass
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def check_room(folder: Path, nbytes: int) -> None:
+    """OSError(ENOSPC) unless ``folder``'s disk has room for ``nbytes`` more and HDF5's metadata.
+
+    HDF5 must not meet a full disk itself: its failed writes surface only at flush or close, where h5py printed
+    a traceback per object and then segfaulted (seen on a full tmpfs).
+    """
+    st = os.statvfs(folder)
+    free, need = st.f_bavail * st.f_frsize, nbytes + (2 << 20)
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left on device ({free / 2**20:.1f} MiB free in {folder}, "
+                      f"about {need / 2**20:.1f} MiB needed)")
 
 
 def part_rows(path: str | os.PathLike) -> int:
@@ -124,6 +148,7 @@ def write_index(root: str | os.PathLike, parts: list[str], shapes: dict[str, dic
             counts.append((int(f["keys"].shape[0]), present))
     check_unique_keys(keys, parts, [c for c, _ in counts])
     n = sum(c for c, _ in counts)
+    check_room(root, sum(len(k.encode()) + 16 for k in keys) + 8 * n * len(label_names))
     tmp = root / f".{INDEX_NAME}.{os.getpid()}.tmp"
     with h5py.File(tmp, "w") as f:
         f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
