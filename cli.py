@@ -28,7 +28,7 @@ class _Group(click.Group):
         except RegtokError as e:
             click.echo(f"error: {e}", err=True)
         except click.UsageError as e:  # click's own would be a usage block and a capitalised "Error:"
-            message = " ".join(e.format_message().split())
+            message = " ".join(e.format_message().split()).rstrip(".")
             where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
             click.echo(f"error: {message[:1].lower()}{message[1:]}{where}", err=True)
         except OSError as e:
