@@ -6,23 +6,37 @@ Progress and logs go to stderr; stdout carries only results. A user error is one
 
 from __future__ import annotations
 
+import errno
+
 import click
 
 from pipeline.sweep import METRICS, PRUNERS, SAMPLERS
 from regtok.errors import RegtokError
 
+# OSErrors a user's environment causes (a full disk, a read-only or forbidden --out): one line, not a traceback.
+USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR)
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
 
 class _Group(click.Group):
-    """A click group that turns :class:`RegtokError` into one line on stderr and exit status 2."""
+    """A click group that turns :class:`RegtokError`, a usage error and an OSError of the environment (disk full,
+    read-only) into one line on stderr and exit status 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except RegtokError as e:
             click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
+        except click.UsageError as e:  # click's own would be a usage block and a capitalised "Error:"
+            message = " ".join(e.format_message().split()).rstrip(".")
+            where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            click.echo(f"error: {message[:1].lower()}{message[1:]}{where}", err=True)
+        except OSError as e:
+            if e.errno not in USER_OS_ERRORS:
+                raise
+            click.echo(f"error: {e.strerror}" + (f": {e.filename}" if e.filename else ""), err=True)
+        ctx.exit(2)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)  # in the order of the pipeline, not alphabetical
@@ -51,7 +65,10 @@ def main() -> None:
 @click.option("--families", default=None, metavar="NAME,…",
               help="Draw only these material families (comma-separated), e.g. a test split of surfaces the "
                    "training split never holds  [default: all eight]")
-def synth(out_dir: str, samples: int, shards: int, seed: int, image_size: int, families: str | None) -> None:
+@click.option("--overwrite", is_flag=True, help="Write into OUT_DIR even if it holds something other than an "
+              "earlier synth output.")
+def synth(out_dir: str, samples: int, shards: int, seed: int, image_size: int, families: str | None,
+          overwrite: bool = False) -> None:
     """Write the embedded synthetic set: paired photo / GelSight-style images of procedural surfaces.
 
     Shared factors (material family, roughness, frequency, orientation) shape both images; albedo, light and
@@ -69,7 +86,7 @@ def synth(out_dir: str, samples: int, shards: int, seed: int, image_size: int, f
     with progress(console) as bar:
         task = bar.add_task("synth", total=samples)
         m = synthesize(out_dir, samples, shards, seed, image_size, progress=lambda n: bar.advance(task, n),
-                       families=chosen)
+                       families=chosen, overwrite=overwrite)
     size = sum(s["bytes"] for s in m["shards"])
     console.print(f"Wrote {m['samples']:,} vision/tactile pairs ({image_size} px PNG, "
                   f"material families {', '.join(chosen)}) in {len(m['shards'])} shard(s), "
@@ -88,8 +105,13 @@ def synth(out_dir: str, samples: int, shards: int, seed: int, image_size: int, f
 @click.option("--label-col", "label_cols", multiple=True,
               help="Label column (repeatable): numeric columns stay numbers, text columns become class indices.")
 @click.option("--samples-per-shard", default=1000, type=int, help="Samples per tar shard.")
+@click.option("--allow-outside-root", is_flag=True,
+              help="Read image paths that resolve outside --root (else such rows are skipped and listed).")
+@click.option("--overwrite", is_flag=True, help="Write into --out even if it holds something other than an "
+              "earlier pack output.")
 def pack(csv_path: str, root: str | None, out_dir: str, vision_col: str, tactile_col: str,
-         label_cols: tuple[str, ...], samples_per_shard: int) -> None:
+         label_cols: tuple[str, ...], samples_per_shard: int, allow_outside_root: bool = False,
+         overwrite: bool = False) -> None:
     """Pack a paired dataset given as a CSV of relative image paths (TVL / SSVTP layout) into shards.
 
     Image bytes are copied unchanged after a decode check; every CSV column goes into KEY.json. Rows with a
@@ -110,7 +132,8 @@ def pack(csv_path: str, root: str | None, out_dir: str, vision_col: str, tactile
     try:
         m = pack_csv(csv_path, root, out_dir, vision_col=vision_col, tactile_col=tactile_col,
                      label_cols=label_cols, samples_per_shard=samples_per_shard,
-                     progress=lambda n: bar.advance(bar.task_ids[0], n), on_rows=start)
+                     progress=lambda n: bar.advance(bar.task_ids[0], n), on_rows=start,
+                     allow_outside_root=allow_outside_root, overwrite=overwrite)
     finally:
         bar.stop()
     skipped = m["skipped"]
@@ -162,8 +185,10 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | st
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--max-skip-fraction", type=click.FloatRange(0, 1), default=0.01,
               help="Exit non-zero (after writing the store) when more input than this was skipped.")
+@click.option("--overwrite", is_flag=True, help="Write into --out even if it holds something other than an "
+              "earlier extraction.")
 def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens: bool, batch_size: int,
-            workers: int | str, device: str, max_skip_fraction: float) -> None:
+            workers: int | str, device: str, max_skip_fraction: float, overwrite: bool = False) -> None:
     """Run frozen encoders over WebDataset shards into an HDF5 feature store (one part per shard).
 
     Rerunning the same command resumes: finished parts are kept. Under `torchrun --nproc_per_node=N`
@@ -186,7 +211,7 @@ def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens
                            max_skip_fraction=max_skip_fraction)
     console = stderr_console()
     path, manifest = run_extract(config, command=["regtok", *sys.argv[1:]], console=console,
-                                 show_progress=os.environ.get("REGTOK_NO_PROGRESS") is None)
+                                 show_progress=os.environ.get("REGTOK_NO_PROGRESS") is None, overwrite=overwrite)
     if manifest is None:
         return  # a torchrun rank other than 0
     t = manifest["timings"]
@@ -264,7 +289,7 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
 
     keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
-        from pipeline.runs import saved_train_config, train_progress, train_run
+        from pipeline.runs import epoch_line, saved_train_config, train_progress, train_run
 
     saved = saved_train_config(out) if resume else None
     cfg = _train_config(preset, config_file, saved, overrides, val_fraction=val_fraction, epochs=epochs,
@@ -275,10 +300,15 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
     is_main = os.environ.get("RANK", "0") == "0"
     if is_main:
         console.print("[bold]resolved config[/]\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
-    with train_progress(console, disable=not is_main) as on_step:
+    plain = not console.is_terminal  # a log file, nohup, CI: one complete line per epoch instead of a bar
+    on_epoch = None
+    if is_main and plain:
+        def on_epoch(record: dict) -> None:
+            console.print(epoch_line(record, cfg.epochs), markup=False, highlight=False, soft_wrap=True)
+    with train_progress(console, disable=not is_main or plain) as on_step:
         manifest, result = train_run(features, out, cfg, val_features=val_features, resume=resume,
                                      on_step=on_step, notify=lambda msg: is_main and console.print(msg),
-                                     tensorboard=tensorboard and is_main)
+                                     on_epoch=on_epoch, tensorboard=tensorboard and is_main)
     if manifest is not None:
         from rich.table import Table
 
@@ -566,9 +596,12 @@ def show(manifest: str) -> None:
             names = [s.get("path", "?") for s in shards]
             branch.add(f"[dim]shards: {', '.join(names[:4])}{' …' if len(names) > 4 else ''} ({len(names)})[/]")
 
-    root = Tree("lineage")
-    add(root, lineage(manifest))
+    root, node = Tree("lineage"), lineage(manifest)
+    add(root, node)
     Console().print(root)
+    if node.manifest is None:  # the manifest asked for is missing or unreadable: not a lineage at all
+        raise RegtokError(node.status.removeprefix("unreadable: ") if node.status != "missing"
+                          else f"{node.path}: no manifest here")
 
 
 @main.command()

@@ -140,8 +140,10 @@ def record_path(root: Path, name: str) -> Path:
     return root / PARTS_DIR / f"{name}.json"
 
 
-def finished(root: Path, name: str, fp: str) -> bool:
-    """Whether a shard's part is complete for this fingerprint; RegtokError if it belongs to another run."""
+def finished(root: Path, name: str, fp: str, shard: Path, stale: list[tuple[str, str]] | None = None) -> bool:
+    """Whether a shard's part is complete for this fingerprint and was made from this very shard; RegtokError if
+    it belongs to another run. A part made from another input (or changed since) is not finished; why goes
+    into ``stale``."""
     rec_path, part = record_path(root, name), root / PARTS_DIR / f"{name}.h5"
     if not (rec_path.is_file() and part.is_file()):
         return False
@@ -149,16 +151,55 @@ def finished(root: Path, name: str, fp: str) -> bool:
         rec = json.loads(rec_path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    if not isinstance(rec, dict):
+        return False
     if rec.get("fingerprint") != fp:
         raise RegtokError(f"{root} holds parts extracted with other encoders or feature kinds; use a new --out")
-    return True
+    why = _input_changed(rec, shard) or _part_changed(rec, part)
+    if why and stale is not None:
+        stale.append((name, why))
+    return why is None
+
+
+def _shard_identity(shard: Path) -> dict:
+    st = shard.stat()
+    return {"shard_bytes": st.st_size, "shard_mtime_ns": st.st_mtime_ns}
+
+
+def _input_changed(rec: dict, shard: Path) -> str | None:
+    """Why the shard a part was made from is not ``shard`` now, or None: the same path, size and mtime, or
+    failing that the same sha256 (a shard copied or touched without changing)."""
+    from pipeline.manifest import sha256_file
+
+    try:
+        if rec.get("shard") == str(shard) and all(rec.get(k) == v for k, v in _shard_identity(shard).items()):
+            return None
+        if rec.get("shard_sha256") is not None and sha256_file(shard) == rec["shard_sha256"]:
+            return None
+    except OSError:
+        pass  # unreadable now: extracting it again records the error
+    return f"made from another input ({rec.get('shard')}, sha256 {str(rec.get('shard_sha256'))[:12]}…)"
+
+
+def _part_changed(rec: dict, part: Path) -> str | None:
+    """Why a part file is not what its record says (size; sha256 for small parts), or None."""
+    from pipeline.manifest import sha256_file
+    from pipeline.store import HASH_PARTS_UP_TO
+
+    size = part.stat().st_size
+    if rec.get("bytes") is not None and size != rec["bytes"]:
+        return "changed since it was written (size)"
+    if size <= HASH_PARTS_UP_TO // 16 and rec.get("sha256") is not None and sha256_file(part) != rec["sha256"]:
+        return "changed since it was written (sha256)"
+    return None
 
 
 def extract_shards(job: Job, encoders: dict[str, Encoder], rank: int, world: int, fp: str,
-                   on_batch=None) -> dict:
+                   on_batch=None, log: Callable[[str], None] = lambda msg: None) -> dict:
     """Encode this rank's unfinished shards; write a part and a completion record per shard.
 
-    ``on_batch(samples, skipped)`` is called after every batch (for progress). Returns counters.
+    ``on_batch(samples, skipped, shard_done)`` is called after every batch (for progress); ``log`` is told of
+    parts that are redone because they were made from another input. Returns counters.
     """
     cfg, root = job.config, Path(job.config.out)
     (root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
@@ -166,7 +207,13 @@ def extract_shards(job: Job, encoders: dict[str, Encoder], rank: int, world: int
     for i in mine:  # temporaries of a crashed run of this shard
         for tmp in (root / PARTS_DIR).glob(f".{job.names[i]}.h5.*.tmp"):
             tmp.unlink(missing_ok=True)
-    todo = [(i, job.shards[i]) for i in mine if not finished(root, job.names[i], fp)]
+    stale: list[tuple[str, str]] = []
+    todo = [(i, job.shards[i]) for i in mine if not finished(root, job.names[i], fp, job.shards[i], stale)]
+    for name, why in stale:
+        record_path(root, name).unlink(missing_ok=True)  # never reused, even after a crash
+        log(f"part {name} was {why}: extracting it again")
+    if len(todo) < len(mine):
+        log(f"{len(mine) - len(todo)} of {len(mine)} shard(s) already have a finished part; they are kept")
     stats = {"shards": len(todo), "resumed_shards": len(mine) - len(todo), "samples": 0, "skipped": 0}
     if not todo:
         return stats
@@ -193,15 +240,26 @@ def extract_shards(job: Job, encoders: dict[str, Encoder], rank: int, world: int
             stats["samples"] += len(batch.keys)
             stats["skipped"] += len(batch.skipped)
             if batch.done:
-                finish_part(job, batch, writers.pop(batch.shard), skipped.pop(batch.shard), fp)
+                finish_part(job, batch, writers[batch.shard], skipped.pop(batch.shard), fp)
+                del writers[batch.shard]  # only now: a part that failed to finish is aborted below
                 if pause:
                     time.sleep(pause)
             if on_batch is not None:
-                on_batch(len(batch.keys), len(batch.skipped) + (1 if batch.done and batch.error else 0))
+                on_batch(len(batch.keys), len(batch.skipped) + (1 if batch.done and batch.error else 0), batch.done)
+    except OSError as e:  # disk full, read-only, quota: the finished parts stay, the one in flight is dropped
+        raise RegtokError(f"cannot write the store in {root}: {_os_reason(e)}; finished parts are kept, run the "
+                          f"same command again to resume") from None
     finally:
         for w in writers.values():
             w.abort()
     return stats
+
+
+def _os_reason(e: OSError) -> str:
+    """One line for an OSError, h5py's included (whose text holds the errno message)."""
+    if e.strerror:
+        return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def decode_workers(requested: int | str, on_cuda: bool, shards: int) -> int:
@@ -253,7 +311,8 @@ def finish_part(job: Job, batch: ShardBatch, writer: PartWriter, bad: list[dict]
         expected = job.expected.get(batch.shard)
         lost = max(expected - batch.read, 0) if expected is not None else None
         skipped.append({"shard": job.names[batch.shard], "key": None, "reason": batch.error, "lost": lost})
-    record = {"fingerprint": fp, "shard": str(job.shards[batch.shard]), "shard_sha256": batch.sha256,
+    identity = _shard_identity(job.shards[batch.shard]) if batch.sha256 else {}
+    record = {"fingerprint": fp, "shard": str(job.shards[batch.shard]), "shard_sha256": batch.sha256, **identity,
               "part": f"{PARTS_DIR}/{writer.path.name}", "samples": n, "read": batch.read,
               "labels": sorted({k for row in writer.labels for k in row}),
               "bytes": writer.path.stat().st_size, "sha256": sha256_file(writer.path), "skipped": skipped,
@@ -262,10 +321,12 @@ def finish_part(job: Job, batch: ShardBatch, writer: PartWriter, bad: list[dict]
 
 
 def run_extract(config: ExtractConfig, *, command: list[str] | None = None, show_progress: bool = True,
-                console=None) -> tuple[Path, dict | None]:
+                console=None, overwrite: bool = False) -> tuple[Path, dict | None]:
     """Run the stage on this process's rank; rank 0 returns ``(manifest path, manifest)``, others ``None``.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks join a process group (gloo on CPU, nccl on CUDA).
+    ``config.out`` must be empty or hold an earlier extraction (``overwrite`` lifts that), and is locked while
+    this runs: a second extraction into it stops with a RegtokError.
     Raises :class:`SkipLimitError` on rank 0, after writing the store, when too much input was skipped.
     """
     import torch.distributed as dist
@@ -277,8 +338,10 @@ def run_extract(config: ExtractConfig, *, command: list[str] | None = None, show
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    lock = None
     try:
         job = resolve_job(config)
+        lock = _claim_out(config, overwrite, rank, world, device)
         # What is alive after loading (modules, models) lives as long as the process: frozen out of the cyclic
         # collector's reach, forked DataLoader workers do not copy the parent's heap on their first collection, and
         # no collection scans it again, the one at interpreter exit included (~0.7 s with open_clip loaded).
@@ -287,8 +350,9 @@ def run_extract(config: ExtractConfig, *, command: list[str] | None = None, show
         fp = fingerprint(config, encoders)
         t_loaded = time.perf_counter()
         total = sum(job.expected.get(i, 0) for i in range(rank, len(job.shards), world)) or None
-        with extract_progress(total, enabled=show_progress and rank == 0, console=console) as on_batch:
-            stats = extract_shards(job, encoders, rank, world, fp, on_batch)
+        mine = len(range(rank, len(job.shards), world))
+        with extract_progress(total, enabled=show_progress and rank == 0, console=console, shards=mine) as on_batch:
+            stats = extract_shards(job, encoders, rank, world, fp, on_batch, log=_say(console))
         counts = torch.tensor([stats["samples"], stats["skipped"], stats["shards"]], dtype=torch.float64,
                               device=device if world > 1 and device.type == "cuda" else "cpu")
         if world > 1:
@@ -309,8 +373,47 @@ def run_extract(config: ExtractConfig, *, command: list[str] | None = None, show
         finally:
             _leave_together(world)
     finally:
+        if lock is not None:
+            lock.release()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _claim_out(config: ExtractConfig, overwrite: bool, rank: int, world: int, device: torch.device):
+    """Rank 0 checks that ``--out`` holds nothing but an earlier extraction and locks it; every rank stops
+    when rank 0 could not. Returns rank 0's :class:`~pipeline.outdir.DirLock` (None on other ranks)."""
+    from pipeline.outdir import DirLock, claim, store_foreign
+
+    out, lock, error = Path(config.out), None, None
+    if rank == 0:
+        try:
+            claim(out, store_foreign(out), "extract", overwrite)
+            lock = DirLock(out)
+        except RegtokError as e:
+            error = e
+        except OSError as e:  # a read-only or unwritable --out
+            error = RegtokError(f"cannot write into {out}: {_os_reason(e)}")
+    if world > 1:
+        import torch.distributed as dist
+
+        failed = torch.tensor([float(error is not None)], device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(failed)
+        if failed.item() and error is None:
+            error = RegtokError(f"rank 0 could not take {out} (see its message)")
+    if error is not None:
+        if lock is not None:
+            lock.release()
+        raise error
+    return lock
+
+
+def _say(console) -> Callable[[str], None]:
+    """A one-line notice on stderr (through ``console`` when there is one)."""
+    if console is not None:
+        return lambda msg: console.print(msg, markup=False, highlight=False, soft_wrap=True)
+    import sys
+
+    return lambda msg: print(msg, file=sys.stderr)
 
 
 def _leave_together(world: int) -> None:
@@ -331,8 +434,8 @@ def write_store(job: Job, encoders: dict[str, Encoder], fp: str, timings: dict, 
     """Check every shard has a finished part, write the index and the manifest; enforce the skip limit."""
     cfg, root = job.config, Path(job.config.out)
     records = []
-    for name in job.names:
-        if not finished(root, name, fp):
+    for name, shard in zip(job.names, job.shards, strict=True):
+        if not finished(root, name, fp, shard):
             raise RegtokError(f"shard {name} has no finished part; rerun the same command to complete the store")
         records.append(json.loads(record_path(root, name).read_text()))
     shapes = part_shapes(encoders, cfg.tokens)
@@ -358,7 +461,11 @@ def write_store(job: Job, encoders: dict[str, Encoder], fp: str, timings: dict, 
     path = root / "manifest.json"
     write_manifest(path, manifest)
     total = n + skip_count
-    if total == 0 or skip_count / total > cfg.max_skip_fraction:
+    if total == 0:
+        where = f"shard {job.shards[0]} holds" if len(job.shards) == 1 else \
+            f"the {len(job.shards)} shards (first: {job.shards[0]}) hold"
+        raise SkipLimitError(f"{where} no samples; the empty store was written: {path}")
+    if skip_count / total > cfg.max_skip_fraction:
         raise SkipLimitError(f"skipped {skip_count} of {total} samples ({skip_count / max(total, 1):.1%}), more than "
                              f"--max-skip-fraction {cfg.max_skip_fraction}; the store was written: {path}")
     return path, manifest
@@ -381,24 +488,45 @@ def label_schema(root: Path, names: list[str], dataset: dict | None) -> dict:
 
 
 @contextmanager
-def extract_progress(total: int | None, enabled: bool, console=None) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar on stderr (samples, samples/s, skipped); yields the ``on_batch`` callback."""
+def extract_progress(total: int | None, enabled: bool, console=None,
+                     shards: int = 0) -> Iterator[Callable[[int, int, bool], None]]:
+    """Progress on stderr (samples, samples/s, skipped); yields the ``on_batch(samples, skipped, shard_done)``
+    callback. A rich bar on a terminal; otherwise (a log file, nohup, CI) one plain line every few of the
+    ``shards`` this rank reads, and after the last."""
     if not enabled:
-        yield lambda samples, skipped: None
+        yield lambda samples, skipped, done=False: None
         return
     from rich.progress import TextColumn
 
-    from pipeline.console import progress
+    from pipeline.console import progress, stderr_console
 
+    console = console or stderr_console()
+    t0, seen = time.perf_counter(), [0, 0, 0]  # samples, skipped, shards finished
+
+    def count(samples: int, skipped: int, done: bool) -> float:
+        seen[0] += samples
+        seen[1] += skipped
+        seen[2] += bool(done)
+        return seen[0] / max(time.perf_counter() - t0, 1e-9)
+
+    if not console.is_terminal:
+        every = max(1, shards // 10)
+
+        def on_line(samples: int, skipped: int, done: bool = False) -> None:
+            rate = count(samples, skipped, done)
+            if done and (seen[2] % every == 0 or seen[2] == shards):
+                console.print(f"extract: {seen[2]}/{shards} shards, {seen[0]} samples, skipped {seen[1]}, "
+                              f"{rate:.1f} samples/s, {time.perf_counter() - t0:.1f} s", markup=False,
+                              highlight=False, soft_wrap=True)
+
+        yield on_line
+        return
     bar = progress(console, TextColumn("{task.fields[rate]} samples/s"), TextColumn("skipped {task.fields[skipped]}"))
-    t0, seen = time.perf_counter(), [0, 0]
     with bar:
         task = bar.add_task("extract", total=total, rate="-", skipped=0)
 
-        def on_batch(samples: int, skipped: int) -> None:
-            seen[0] += samples
-            seen[1] += skipped
-            rate = seen[0] / max(time.perf_counter() - t0, 1e-9)
+        def on_batch(samples: int, skipped: int, done: bool = False) -> None:
+            rate = count(samples, skipped, done)
             bar.update(task, advance=samples + skipped, rate=f"{rate:.1f}", skipped=seen[1])
 
         yield on_batch

@@ -64,6 +64,10 @@ def decode_image(data: bytes) -> Image.Image:
         img.load()
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError …) for bad bytes
         raise ImageDecodeError(f"undecodable image ({type(e).__name__}: {e})") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit grey: convert("RGB") would clip at 255
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode != "I" or arr.max() > 255 else 255.0  # "I" holds 16-bit PNGs in older Pillow
+        img = Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8))  # "L"
     return img.convert("RGB") if img.mode != "RGB" else img
 
 

@@ -107,12 +107,14 @@ def load_image(path: Path) -> bytes:
 
 def iter_samples(rows: list[dict[str, str]], root: Path, columns: dict[str, str],
                  labels: dict[str, dict[str, Any]], skipped: list[dict[str, Any]],
-                 progress: Callable[[int], None] | None = None) -> Iterator[Sample]:
+                 progress: Callable[[int], None] | None = None, allow_outside_root: bool = False) -> Iterator[Sample]:
     """Yield the packable rows as samples; append ``{"row", "key", "reason"}`` to ``skipped`` for the rest.
 
     ``columns`` maps modality name -> CSV column. Rows are numbered from 1 (the header is not a row) and the
-    key is that number, zero-padded, so keys point back to the CSV whatever is skipped.
+    key is that number, zero-padded, so keys point back to the CSV whatever is skipped. An image path that
+    resolves (symlinks followed) outside ``root`` is skipped unless ``allow_outside_root``.
     """
+    real_root = root.resolve()
     width = max(6, len(str(len(rows))))
     for number, row in enumerate(rows, start=1):
         key = f"{number:0{width}d}"
@@ -123,6 +125,9 @@ def iter_samples(rows: list[dict[str, str]], root: Path, columns: dict[str, str]
                 if not rel:
                     raise ValueError(f"empty {col!r} cell")
                 path = root / rel
+                if not allow_outside_root and not path.resolve().is_relative_to(real_root):
+                    raise ValueError(f"image {rel} lies outside --root {root} (pass --allow-outside-root to "
+                                     f"read it)")
                 members.append((f"{modality}.{member_ext(path)}", load_image(path)))
         except (ValueError, OSError) as e:
             skipped.append({"row": number, "key": key, "reason": str(e)})
@@ -138,12 +143,14 @@ def iter_samples(rows: list[dict[str, str]], root: Path, columns: dict[str, str]
 def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, vision_col: str = "url",
          tactile_col: str = "tactile", label_cols: Sequence[str] = (), samples_per_shard: int = 1000,
          progress: Callable[[int], None] | None = None,
-         on_rows: Callable[[int], None] | None = None) -> dict[str, Any]:
+         on_rows: Callable[[int], None] | None = None, allow_outside_root: bool = False,
+         overwrite: bool = False) -> dict[str, Any]:
     """Pack ``csv_path`` (image paths relative to ``root``, default: the CSV's folder) into ``out_dir``.
 
     Writes ``shard-000000.tar`` … of up to ``samples_per_shard`` samples and ``out_dir/dataset.json``, and
     returns that manifest. ``on_rows`` is told the number of CSV rows once they are read; ``progress`` is
-    called with 1 per row handled.
+    called with 1 per row handled. Images outside ``root`` are skipped unless ``allow_outside_root``;
+    ``out_dir`` must be empty or hold an earlier pack output, unless ``overwrite``.
     """
     csv_path = Path(csv_path)
     root = csv_path.parent if root is None else Path(root)
@@ -156,11 +163,11 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
     if on_rows is not None:
         on_rows(len(rows))
     out = Path(out_dir)
-    prepare_out_dir(out)
+    prepare_out_dir(out, "pack", overwrite)
     start = time.perf_counter()
     labels = label_schema(rows, label_cols)
     skipped: list[dict[str, Any]] = []
-    samples = iter_samples(rows, root, columns, labels, skipped, progress)
+    samples = iter_samples(rows, root, columns, labels, skipped, progress, allow_outside_root)
     records = []
     while (first := next(samples, None)) is not None:
         path = out / shard_name(len(records))
@@ -174,9 +181,11 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
     total = sum(r["samples"] for r in records)
     config = {"csv": str(csv_path), "root": str(root), "vision_col": vision_col, "tactile_col": tactile_col,
               "label_cols": list(label_cols), "samples_per_shard": samples_per_shard}
+    if allow_outside_root:  # recorded only when used, so earlier manifests stay what they were
+        config["allow_outside_root"] = True
     command = ["regtok", "pack", str(csv_path), "--root", str(root), "--out", str(out), "--vision-col", vision_col,
                "--tactile-col", tactile_col, *(x for c in label_cols for x in ("--label-col", c)),
-               "--samples-per-shard", str(samples_per_shard)]
+               "--samples-per-shard", str(samples_per_shard), *(["--allow-outside-root"] * allow_outside_root)]
     manifest = new_manifest(
         "dataset",
         command=command,

@@ -8,7 +8,9 @@ What "the same" means per kind:
   ``METRIC_TOLERANCE`` (GPU kernels are not bit-reproducible);
 - eval: identical report numbers.
 
-Manifests are data, not code: before anything runs, every path the stage would read is checked. Shard specs
+Manifests are data, not code: before anything runs, every path the stage would read is checked, after
+symlinks are resolved: the shards a dataset manifest lists, the parts and virtual sources of a feature
+store, the files of a run, and the recorded results the rerun compares against (which must exist). Shard specs
 that execute commands (``pipe:``) or name URLs are refused; paths outside the manifest's tree are refused
 unless ``allow_outside``. The tree is ``root`` when given, else the directory that holds the stage's
 directory (``exp/run/manifest.json`` → ``exp/``) together with the current directory (so a project laid out
@@ -85,6 +87,7 @@ def rerun(path: str | Path, out: str | Path, *, root: str | Path | None = None, 
         raise RegtokError("rerun must write into a new directory, not over the recorded result")
     runner = {"dataset": _rerun_dataset, "features": _rerun_features, "run": _rerun_run, "eval": _rerun_eval}
     try:
+        _check_recorded(mpath, m, guard)
         checks = runner[m["kind"]](mpath, m, out, guard, log)
     except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"{mpath}: the manifest does not describe a runnable {m['kind']} stage "
@@ -106,6 +109,55 @@ def _input(mpath: Path, m: dict[str, Any], role: str, guard: PathGuard) -> Path:
     raise KeyError(f"no input with role {role!r}")
 
 
+def _check_recorded(mpath: Path, m: dict[str, Any], guard: PathGuard) -> None:
+    """The recorded results a rerun compares against must exist, beside the manifest or in the tree, before
+    anything runs (a manifest copied away from its outputs would otherwise redo the whole stage first)."""
+    files = [rec["path"] for rec in m["outputs"].get("files") or [] if isinstance(rec, dict)]
+    if m["kind"] == "features":
+        files += [rec["path"] for rec in m.get("parts") or [] if isinstance(rec, dict)]
+    if m["kind"] == "eval":
+        files.append("report.json")
+    here = PathGuard([*guard.roots, mpath.absolute().parent], guard.allow_outside)
+    for rel in dict.fromkeys(files):
+        p = here.check(resolve_path(mpath, str(rel)), "recorded output")
+        if not p.is_file():
+            raise RegtokError(f"{mpath}: the recorded output {rel} is missing (was the manifest copied away from "
+                              f"its outputs?); rerun compares against it, so nothing was run")
+
+
+def _guard_store(guard: PathGuard, store: Path, what: str) -> None:
+    """A feature store's manifest, its index, every part it lists and every file the index's virtual datasets
+    read must lie in the tree."""
+    import h5py
+
+    mpath = guard.check(manifest_path(store), f"{what} manifest")
+    m = read_manifest(mpath, kind="features")
+    index = guard.check(mpath.parent / m["outputs"].get("index", "features.h5"), f"{what} index")
+    for rec in m.get("parts") or []:
+        guard.check(resolve_path(mpath, rec["path"]), f"{what} part")
+    if not index.is_file():
+        return  # opening the store says so
+    sources: set[str] = set()
+    with h5py.File(index, "r") as f:
+        f.visititems(lambda name, obj: sources.update(vs.file_name for vs in obj.virtual_sources())
+                     if isinstance(obj, h5py.Dataset) and obj.is_virtual else None)
+    for name in sorted(sources):
+        guard.check(name if Path(name).is_absolute() else index.parent / name, f"{what} virtual source")
+
+
+def _guard_run(guard: PathGuard, run_dir: Path) -> None:
+    """The files eval reads from a run directory, and the stores its manifest names, must lie in the tree."""
+    from pipeline.runs import BEST, CHECKPOINT, CONFIG, MANIFEST
+
+    for name in (CONFIG, CHECKPOINT, BEST, MANIFEST):
+        if (run_dir / name).exists() or (run_dir / name).is_symlink():
+            guard.check(run_dir / name, f"run file {name}")
+    if (run_dir / MANIFEST).is_file():
+        for ref in read_manifest(run_dir / MANIFEST, kind="run")["inputs"]:
+            if ref.get("role") in ("features", "val_features"):
+                _guard_store(guard, resolve_path(run_dir / MANIFEST, ref["path"]).parent, f"run {ref['role']}")
+
+
 # ── per kind ────────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -123,8 +175,9 @@ def _rerun_dataset(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Calla
 
         src, cfg = m["source"], _config(m)
         log(f"pack: {src['csv']}")
-        new = pack(guard.check(src["csv"], "CSV"), guard.check(src["root"], "image root"), out,
-                   **{k: v for k, v in cfg.items() if k not in ("csv", "root", "out")})
+        kwargs = {k: v for k, v in cfg.items() if k not in ("csv", "root", "out")}
+        kwargs["allow_outside_root"] = bool(kwargs.get("allow_outside_root")) and guard.allow_outside
+        new = pack(guard.check(src["csv"], "CSV"), guard.check(src["root"], "image root"), out, **kwargs)
     new_shards = {s["path"]: s["sha256"] for s in new["shards"]}
     checks = [Check("shard list", list(old_shards) == list(new_shards), f"{len(new_shards)} shards")]
     for name, sha in old_shards.items():
@@ -135,10 +188,13 @@ def _rerun_dataset(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Calla
 def _rerun_features(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
     from pipeline.encoders import parse_spec
     from pipeline.extract import ExtractConfig, SkipLimitError, run_extract
+    from pipeline.shards import expand_shards
 
     cfg = dict(_config(m))
     for part in str(cfg["shards"]).split("::"):
         guard.check(part, "shard spec")
+    for shard in expand_shards(str(cfg["shards"])):  # the shards a dataset manifest or a directory names
+        guard.check(shard, "shard")
     encoders = list(cfg["encoders"].items() if isinstance(cfg["encoders"], dict) else cfg["encoders"])
     for modality, spec in encoders:
         if not (isinstance(modality, str) and isinstance(spec, str)):
@@ -167,6 +223,9 @@ def _rerun_run(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[
     features = _input(mpath, m, "features", guard).parent
     val = next((r for r in m["inputs"] if r.get("role") == "val_features"), None)
     val_features = _input(mpath, m, "val_features", guard).parent if val else None
+    for store in (features, val_features):
+        if store is not None:
+            _guard_store(guard, store, "features")
     log(f"train: {features} ({cfg.model.loss_type}, {cfg.epochs} epochs, seed {cfg.seed})")
     stopped = m.get("stopped")  # a pruned sweep trial ended after this epoch; so does its rerun
     stop = None
@@ -198,6 +257,10 @@ def _rerun_eval(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable
     save_embeddings = any(Path(f["path"]).name == "embeddings.h5" for f in m["outputs"].get("files", []))
     base = next((r for r in m["inputs"] if r.get("role") == "baseline_features"), None)
     base_features = _input(mpath, m, "baseline_features", guard).parent if base else None
+    _guard_run(guard, run_dir)
+    for store in (features, base_features):
+        if store is not None:
+            _guard_store(guard, store, "features")
     log(f"eval: run {run_dir} on {features}")
     new = run_eval(run_dir, features, out, cfg, save_embeddings=save_embeddings, command=list(m["command"]),
                    baseline_features=base_features)

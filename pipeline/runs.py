@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -108,8 +109,21 @@ def save_best(run_dir: str | os.PathLike, model: nn.Module, record: dict[str, An
 
 def checkpoint_step(run_dir: str | os.PathLike, name: str = CHECKPOINT) -> int:
     """The step recorded in ``checkpoint.safetensors`` (or ``name``)."""
-    with safe_open(str(Path(run_dir) / name), framework="pt") as f:
-        return int((f.metadata() or {}).get("step", 0))
+    return int(_metadata(Path(run_dir) / name).get("step", 0))
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file; RegtokError when it is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RegtokError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
 
 
 def best_record(run_dir: str | os.PathLike) -> dict[str, float] | None:
@@ -117,8 +131,7 @@ def best_record(run_dir: str | os.PathLike) -> dict[str, float] | None:
     path = Path(run_dir) / BEST
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = _metadata(path)
     return {"step": int(meta.get("step", 0)), "epoch": int(meta.get("epoch", 0)),
             "val_select": float(meta.get("val_select", "nan"))}
 
@@ -133,7 +146,11 @@ def load_weights(model: nn.Module, run_dir: str | os.PathLike, name: str = CHECK
     path = Path(run_dir) / name
     if not path.is_file():
         raise RegtokError(f"{run_dir}: no {name}")
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RegtokError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise RegtokError(f"{path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
@@ -143,7 +160,14 @@ def load_resume(run_dir: str | os.PathLike) -> ResumeState:
     run_dir = Path(run_dir)
     if not (run_dir / STATE).is_file() or not (run_dir / CHECKPOINT).is_file():
         raise RegtokError(f"{run_dir}: nothing to resume (need {CHECKPOINT} and {STATE})")
-    payload = torch.load(run_dir / STATE, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(run_dir / STATE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise RegtokError(f"{run_dir / STATE} cannot be resumed from: it is truncated or holds objects beyond "
+                          f"tensors ({_first_line(e)}); start the run again in a new --out") from None
+    if not (isinstance(payload, dict) and isinstance(payload.get("step"), int)
+            and {"optimizer", "rng"} <= payload.keys()):
+        raise RegtokError(f"{run_dir / STATE} is not a regtok resume state; start the run again in a new --out")
     if int(payload["step"]) != checkpoint_step(run_dir):
         raise RegtokError(f"{run_dir}: {STATE} (step {payload['step']}) and {CHECKPOINT} "
                           f"(step {checkpoint_step(run_dir)}) differ; the run was interrupted while saving")
@@ -243,8 +267,10 @@ class RunWriter(Callbacks):
     hook, and an optional ``stop(record) -> reason | None`` asked after every epoch (a sweep's pruner)."""
 
     def __init__(self, run_dir: Path, metrics: MetricsLog, on_step: Callable[[int, int, dict], None] | None = None,
-                 tensorboard: TensorBoardLog | None = None, stop: Callable[[dict], str | None] | None = None):
-        self.run_dir, self.metrics, self._on_step, self.tb, self._stop = run_dir, metrics, on_step, tensorboard, stop
+                 on_epoch: Callable[[dict], None] | None = None, tensorboard: TensorBoardLog | None = None,
+                 stop: Callable[[dict], str | None] | None = None):
+        self.run_dir, self.metrics, self._on_step, self._on_epoch = run_dir, metrics, on_step, on_epoch
+        self.tb, self._stop = tensorboard, stop
 
     def on_step(self, step: int, total: int, record: dict[str, float]) -> None:
         if self._on_step is not None:
@@ -254,6 +280,8 @@ class RunWriter(Callbacks):
         self.metrics.append(record)
         if self.tb is not None:
             self.tb.log(record)
+        if self._on_epoch is not None and record.get("type") == "epoch":
+            self._on_epoch(record)
 
     def on_checkpoint(self, model: nn.Module, state: ResumeState) -> None:
         save_checkpoint(self.run_dir, model, state)
@@ -353,10 +381,13 @@ def saved_train_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig, *,
               val_features: str | os.PathLike | None = None, resume: bool = False, command: list[str] | None = None,
               on_step: Callable[[int, int, dict], None] | None = None,
-              notify: Callable[[str], None] = lambda msg: None, tensorboard: bool = False,
+              notify: Callable[[str], None] = lambda msg: None,
+              on_epoch: Callable[[dict], None] | None = None, tensorboard: bool = False,
               stop: Callable[[dict], str | None] | None = None,
               cache: StoreCache | None = None) -> tuple[Path | None, TrainResult]:
     """Train on a feature store into ``out``; returns (manifest path on rank 0 else None, result).
+
+    ``on_step(step, total, record)`` follows every step, ``on_epoch(record)`` every epoch's metrics line.
 
     Under ``torchrun`` every rank calls this; rank 0 writes the files. A non-finite loss is a RegtokError
     raised after the last good state has been saved. ``stop(epoch_record)`` may end a single-process run after
@@ -410,7 +441,7 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
             write_config(out, cfg, model, tuple(store.modalities), kind)
             tb = TensorBoardLog(out, purge_step=state.step if state else None) if tensorboard else None
             writer = RunWriter(out, MetricsLog(out, keep_until_step=state.step if state else None), on_step,
-                               tb, stop)
+                               on_epoch, tb, stop)
         t_train = time.perf_counter()
         notify(f"training on {len(train_rows)} samples ({kind} features, {data.steps_per_epoch} steps/epoch of "
                f"{data.batch_size}), validating on {len(val_rows)}, device {device}, {world} rank(s)")
@@ -468,6 +499,16 @@ def _resume_state(out: Path, cfg: TrainConfig, model: nn.Module) -> ResumeState:
         raise RegtokError(f"--resume with a config that differs from the run's in {', '.join(diff)}")
     load_weights(model, out)
     return load_resume(out)
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One complete progress line for an epoch's metrics record: every loss term, then validation R@1."""
+    skip = ("type", "step", "epoch", "seconds", "samples_per_s")
+    terms = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in skip and not k.startswith("val"))
+    full = [v for k, v in record.items() if k.startswith("val_r1_full_")]
+    val = f" val R@1 {sum(full) / len(full):.4f}" if full else ""
+    return (f"epoch {record['epoch'] + 1}/{epochs} step {record['step']}: {terms}{val} "
+            f"({record.get('seconds', 0):.1f} s, {record.get('samples_per_s', 0):.0f} samples/s)")
 
 
 @contextmanager

@@ -129,9 +129,13 @@ def expand_shards(spec: str, *, allow_outside: bool = True) -> list[Path]:
         elif p.suffix == ".json":
             out.extend(_dataset_shards(p))
         else:
-            from braceexpand import braceexpand
+            from braceexpand import UnbalancedBracesError, braceexpand
 
-            expanded = [Path(x) for x in braceexpand(part)]
+            try:
+                expanded = [Path(x) for x in braceexpand(part)]
+            except UnbalancedBracesError:
+                raise RegtokError(f"shard spec {part!r}: unbalanced braces (expected e.g. "
+                                  f"shard-{{000000..000015}}.tar)") from None
             missing = [str(x) for x in expanded if not x.exists()]
             if missing:
                 more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

@@ -14,6 +14,7 @@ name is complete.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +67,13 @@ class PartWriter:
         self.keys.extend(keys)
         self.labels.extend(labels)
 
+    def _check_room(self, nbytes: int) -> None:
+        check_room(self.tmp.parent, nbytes + (len(self.shapes) << 20))  # HDF5 may hold back 1 MiB per dataset
+
     def _flush(self, name: str) -> None:
         rows = np.concatenate(self.pending[name]) if self.pending[name] else np.zeros((0, *self.shapes[name]))
         self.pending[name] = []
+        self._check_room(rows.size * 2)  # float16
         if name not in self.file:
             chunk = (max(min(len(rows), self.chunk[name]), 1), *self.shapes[name])
             self.file.create_dataset(name, shape=(0, *self.shapes[name]), maxshape=(None, *self.shapes[name]),
@@ -87,6 +92,7 @@ class PartWriter:
         for name in sorted({k for row in self.labels for k in row}):
             f.create_dataset(f"labels/{name}", data=np.array([row.get(name, np.nan) for row in self.labels],
                                                             dtype=np.float64))
+        self._check_room(sum(len(k.encode()) + 16 for k in self.keys) + 8 * n * len(f.get("labels", {})))
         f.close()
         with open(self.tmp, "rb+") as raw:
             os.fsync(raw.fileno())
@@ -94,11 +100,31 @@ class PartWriter:
         return n
 
     def abort(self) -> None:
-        """Drop the temporary file."""
+        """Drop the temporary file (also after a failed write, e.g. a full disk, whose close may fail too)."""
+        try:
+            # Give the space back first, so that HDF5's closing flush finds room (see check_room).
+            os.truncate(self.tmp, 0)
+        except OSError:
+            pass
         try:
             self.file.close()
+        except Exception:  # noqa: BLE001 - the file is being thrown away; the first error is what matters
+            pass
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def check_room(folder: Path, nbytes: int) -> None:
+    """OSError(ENOSPC) unless ``folder``'s disk has room for ``nbytes`` more and HDF5's metadata.
+
+    HDF5 must not meet a full disk itself: its failed writes surface only at flush or close, where h5py printed
+    a traceback per object and then segfaulted (seen on a full tmpfs).
+    """
+    st = os.statvfs(folder)
+    free, need = st.f_bavail * st.f_frsize, nbytes + (2 << 20)
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left on device ({free / 2**20:.1f} MiB free in {folder}, "
+                      f"about {need / 2**20:.1f} MiB needed)")
 
 
 def part_rows(path: str | os.PathLike) -> int:
@@ -120,7 +146,9 @@ def write_index(root: str | os.PathLike, parts: list[str], shapes: dict[str, dic
             keys.extend(k.decode() if isinstance(k, bytes) else k for k in f["keys"][:])
             present = set(f["labels"].keys()) if "labels" in f else set()
             counts.append((int(f["keys"].shape[0]), present))
+    check_unique_keys(keys, parts, [c for c, _ in counts])
     n = sum(c for c, _ in counts)
+    check_room(root, sum(len(k.encode()) + 16 for k in keys) + 8 * n * len(label_names))
     tmp = root / f".{INDEX_NAME}.{os.getpid()}.tmp"
     with h5py.File(tmp, "w") as f:
         f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
@@ -131,6 +159,26 @@ def write_index(root: str | os.PathLike, parts: list[str], shapes: dict[str, dic
             _virtual(f, f"labels/{name}", parts, counts, n, (), np.float64, np.nan, label=name)
     os.replace(tmp, root / INDEX_NAME)
     return n
+
+
+def check_unique_keys(keys: list[str], parts: list[str], counts: list[int]) -> None:
+    """RegtokError naming the first key that two rows share: twin rows would tie each other in retrieval."""
+    seen: dict[str, int] = {}
+    owner = np.repeat(np.arange(len(parts)), counts)  # part index of each row
+    dups = 0
+    first = None
+    for row, key in enumerate(keys):
+        if key in seen:
+            dups += 1
+            first = first or (key, parts[owner[seen[key]]], parts[owner[row]])
+        else:
+            seen[key] = row
+    if first is not None:
+        key, a, b = first
+        where = f"in {a} twice" if a == b else f"in {a} and {b}"
+        raise RegtokError(f"duplicate sample key {key!r} {where} ({dups} duplicate row(s) in all); keys must be "
+                          f"unique across the store: fix the shards and run the same command again (finished parts "
+                          f"of unchanged shards are kept)")
 
 
 def _virtual(f: h5py.File, name: str, parts: list[str], counts: list, n: int, row_shape: tuple[int, ...],
@@ -176,15 +224,33 @@ class FeatureStore:
         self._check_kind(kind)
         self._encoder(modality)
         with self._open() as f:
+            if f"{modality}/{kind}" not in f:
+                raise RegtokError(f"{self.root / INDEX_NAME} has no /{modality}/{kind}; rebuild the store with "
+                                  f"`regtok extract`")
             ds = f[f"{modality}/{kind}"]
             if rows is None:
-                return ds[:]
-            if isinstance(rows, slice):
-                idx = np.arange(self.n)[rows]
-                if len(idx) and (len(idx) == 1 or np.all(np.diff(idx) == 1)):
-                    return ds[idx[0]:idx[-1] + 1]
-                rows = idx
-            return read_rows(ds, np.asarray(rows), self.n)
+                rows = np.arange(self.n)
+                out = ds[:]
+            elif isinstance(rows, slice):
+                rows = np.arange(self.n)[rows]
+                contiguous = len(rows) and (len(rows) == 1 or np.all(np.diff(rows) == 1))
+                out = ds[rows[0]:rows[-1] + 1] if contiguous else read_rows(ds, rows, self.n)
+            else:
+                rows = np.asarray(rows)
+                out = read_rows(ds, rows, self.n)
+        self._check_finite(out, rows, kind, modality)
+        return out
+
+    def _check_finite(self, out: np.ndarray, rows: np.ndarray, kind: str, modality: str) -> None:
+        """RegtokError naming the first row of ``out`` (by its store row and key) that holds NaN or inf."""
+        bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)  # (len(out),)
+        if not bad.any():
+            return
+        rows = np.flatnonzero(rows) if rows.dtype == bool else np.where(rows < 0, rows + self.n, rows)
+        row = int(rows[np.flatnonzero(bad)[0]])
+        raise RegtokError(f"{self.root}: the {modality} {kind} features are not finite (NaN or inf) in row {row} "
+                          f"(key {self.keys()[row]!r}; {int(bad.sum())} such row(s) in this read); re-extract "
+                          f"the store")
 
     def labels(self) -> dict[str, np.ndarray]:
         """``{name: (n,)}``: int64 for categorical labels without gaps, else float64 with NaN where absent."""
@@ -248,6 +314,55 @@ def open_store(path: str | os.PathLike) -> FeatureStore:
         raise RegtokError(f"{path}: not a feature store (no manifest.json)")
     m = read_manifest(mpath, kind="features")
     root = mpath.parent
+    samples, modalities = m.get("samples"), m.get("modalities")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        raise RegtokError(f"{mpath}: field 'samples' must be a count of rows, got {samples!r}; was it edited?")
+    if not (isinstance(modalities, list) and modalities and all(isinstance(x, str) for x in modalities)):
+        raise RegtokError(f"{mpath}: field 'modalities' must be a list of modality names, got {modalities!r}")
+    if not isinstance(m.get("encoders"), dict):
+        raise RegtokError(f"{mpath}: field 'encoders' must map each modality to its encoder record")
+    check_parts(root, m)
     if not (root / INDEX_NAME).is_file():
         raise RegtokError(f"{root}: feature store index {INDEX_NAME} is missing")
-    return FeatureStore(root=root, manifest=m, modalities=tuple(m["modalities"]), n=int(m["samples"]))
+    store = FeatureStore(root=root, manifest=m, modalities=tuple(modalities), n=samples)
+    with store._open() as f:
+        for modality in modalities:
+            for kind in m.get("feature_kinds") or ["pooled"]:
+                ds = f.get(f"{modality}/{kind}")
+                if not isinstance(ds, h5py.Dataset) or ds.shape[0] != samples:
+                    found = "missing" if ds is None else f"of shape {getattr(ds, 'shape', '?')}"
+                    raise RegtokError(f"{root / INDEX_NAME}: /{modality}/{kind} is {found}, the manifest records "
+                                      f"{samples} rows; rebuild the store with `regtok extract`")
+    return store
+
+
+HASH_PARTS_UP_TO = 256 << 20  # bytes: a store this small has every part hashed when it is opened
+
+
+def check_parts(root: Path, m: dict) -> None:
+    """Every part the manifest lists exists with its recorded size (and sha256, when the store is small).
+
+    The index is a virtual dataset: a missing part would read as rows of zeros, so it is an error here.
+    """
+    from pipeline.manifest import sha256_file
+
+    parts = m.get("parts")
+    if parts is None:
+        return
+    if not isinstance(parts, list) or not all(isinstance(r, dict) and isinstance(r.get("path"), str) for r in parts):
+        raise RegtokError(f"{root}: the manifest's 'parts' must be a list of part records")
+    again = "rebuild it by running the same `regtok extract` command again"
+    cmd = m.get("command")
+    if isinstance(cmd, list) and cmd[:2] == ["regtok", "extract"]:
+        again += f" ({' '.join(map(str, cmd))})"
+    hash_them = sum(r.get("bytes") or 0 for r in parts) <= HASH_PARTS_UP_TO
+    for rec in parts:
+        p = root / rec["path"]
+        if not p.is_file():
+            raise RegtokError(f"{root}: part {rec['path']} is missing; {again}")
+        size = p.stat().st_size
+        changed = rec.get("bytes") is not None and size != rec["bytes"]
+        changed = changed or (hash_them and rec.get("sha256") is not None and sha256_file(p) != rec["sha256"])
+        if changed:
+            raise RegtokError(f"{root}: part {rec['path']} has changed since it was written (size or sha256 "
+                              f"differs from the manifest); {again}")

@@ -335,8 +335,7 @@ def run_sweep(features: str | os.PathLike, out: str | os.PathLike, scfg: SweepCo
     read_manifest(features, kind="features")  # a clear error now rather than in every worker
     if val_features is not None:
         read_manifest(val_features, kind="features")
-    if (out / "manifest.json").is_file():
-        read_manifest(out, kind="sweep")  # refuses to mix into another stage's directory
+    _claim(out)
     out.mkdir(parents=True, exist_ok=True)
     url = scfg.storage or default_storage(out)
     study = open_study(SweepConfig(**{**asdict(scfg), "storage": url}), open_storage(url), space, base)
@@ -350,6 +349,25 @@ def run_sweep(features: str | os.PathLike, out: str | os.PathLike, scfg: SweepCo
     _run_workers(spec, scfg.jobs, study, total, console, show_progress)
     return write_outputs(out, study, scfg, space, base, url, features=features, val_features=val_features,
                          command=command, seconds=time.perf_counter() - t0)
+
+
+SWEEP_FILES = {"study.db", "trials", "report.json", "report.md", "sweep.png", "best.yaml", "manifest.json"}
+
+
+def _claim(out: Path) -> None:
+    """A sweep writes into an empty directory or an earlier sweep's (to continue it), nowhere else."""
+    from pipeline.manifest import read_manifest
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RegtokError(f"--out {out} is a file, not a directory")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in SWEEP_FILES and not p.name.startswith("."))
+    if foreign:
+        raise RegtokError(f"--out {out} holds files that are not a sweep's ({', '.join(foreign[:3])}); "
+                          "choose another --out")
+    if (out / "manifest.json").is_file():
+        read_manifest(out, kind="sweep")  # another stage's directory is refused
 
 
 def _run_workers(spec: WorkerSpec, jobs: int, study: Any, total: int, console: Any, show_progress: bool) -> None:

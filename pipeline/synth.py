@@ -174,14 +174,13 @@ def check_args(samples: int, shards: int, image_size: int) -> None:
         raise RegtokError(f"--image-size must be between 16 and 1024 pixels (got {image_size})")
 
 
-def prepare_out_dir(out: Path) -> None:
-    """Create ``out``; refuse a folder holding tar files that no earlier regtok run (dataset.json) accounts for."""
+def prepare_out_dir(out: Path, command: str = "synth", overwrite: bool = False) -> None:
+    """Create ``out``; refuse a folder holding anything but an earlier output of ``regtok COMMAND`` (its
+    dataset.json and the shards it lists) unless ``overwrite``."""
+    from pipeline.outdir import claim, dataset_foreign
+
+    claim(out, dataset_foreign(out, command), command, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / "dataset.json").is_file():
-        foreign = sorted(p.name for p in out.glob("*.tar"))
-        if foreign:
-            raise RegtokError(f"{out} already holds {foreign[0]} (and {len(foreign) - 1} more .tar) but no "
-                              f"dataset.json; write to an empty or new folder")
 
 
 def remove_stale_shards(out: Path, written: list[Path]) -> None:
@@ -202,16 +201,17 @@ def _samples(seed: int, indices: range, size: int, width: int, families: tuple[s
 
 def synthesize(out_dir: str | Path, samples: int, shards: int, seed: int, image_size: int = 64,
                progress: Callable[[int], None] | None = None,
-               families: tuple[str, ...] | list[str] | None = None) -> dict[str, Any]:
+               families: tuple[str, ...] | list[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write ``shards`` tar shards of ``samples`` pairs and ``OUT_DIR/dataset.json``; return that manifest.
 
     ``families`` restricts the material families drawn (default: all), so that a test split can hold surfaces
     a training split never contains; ``progress`` (optional) is called with the number of samples just finished.
+    ``OUT_DIR`` must be empty or hold an earlier synth output, unless ``overwrite``.
     """
     check_args(samples, shards, image_size)
     families = check_families(families)
     out = Path(out_dir)
-    prepare_out_dir(out)
+    prepare_out_dir(out, "synth", overwrite)
     start = time.perf_counter()
     width = key_width(samples)
     records = []

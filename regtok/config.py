@@ -8,6 +8,7 @@ a :class:`RegtokError` naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -122,6 +123,12 @@ class TrainConfig:
     init_max_rows: int = 20_000  # training rows (a seeded subset) the read basis and CCA start are fitted on
     nan_at_step: int = -1  # testing aid: inject a NaN into the loss at this step (-1: never)
 
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise RegtokError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise RegtokError(f"batch_size must be at least 1, got {self.batch_size}")
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed's hyper-parameters: the dataclass defaults.
@@ -202,9 +209,15 @@ def _deep_update(base: dict[str, Any], diff: dict[str, Any]) -> None:
             base[key] = value
 
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")  # 1e-3, 5E-4, 1E3, .5 (YAML 1.1 reads them as text)
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Check/convert a scalar to the annotated type (int→float is allowed, bool↔int is not)."""
+    """Check/convert a scalar to the annotated type (int→float and a number written as text→float are allowed,
+    bool↔int is not)."""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.match(value.strip()):
         return float(value)
     if tp in (int, float, str, bool):
         if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):

@@ -144,9 +144,12 @@ def test_rerun_of_a_gpu_run_compares_metrics_within_the_tolerance(demo, tmp_path
 
 
 def _edited_features(demo_root: Path, tmp_path: Path, edit) -> Path:
-    """A copy of the training store's manifest, inside the demo's tree, with ``edit(manifest)`` applied."""
+    """A copy of the training store's manifest, inside the demo's tree, with ``edit(manifest)`` applied (beside
+    links to the store's index and parts, which rerun compares against)."""
     path = demo_root / f"edited-{tmp_path.name}" / "manifest.json"
     path.parent.mkdir()
+    for name in ("features.h5", "parts"):
+        (path.parent / name).symlink_to(demo_root / "features-train" / name)
     m = json.loads((demo_root / "features-train" / "manifest.json").read_text())
     edit(m)
     path.write_text(json.dumps(m))

@@ -124,6 +124,15 @@ def test_bad_input_is_one_error_line(store, tmp_path, args, message):
     assert stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1 and message in stderr
 
 
+def test_a_sweep_writes_only_into_its_own_directory(store, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, stderr = invoke("sweep", "--features", str(store), "--out", str(tmp_path), "--grid", "lr=0.001", *BASE)
+    assert code == 2 and "holds files that are not a sweep's (notes.txt)" in stderr
+    code, _, stderr = invoke("sweep", "--features", str(store), "--out", str(store), "--grid", "lr=0.001", *BASE)
+    assert code == 2 and stderr.startswith("error: ")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_nested_space_yaml_equals_dotted_keys():
     nested = parse_space(yaml.safe_load("model:\n  n_layers: [1, 2]\nlr: {low: 0.0001, high: 0.01, log: true}\n"), "x")
     dotted = parse_space({"model.n_layers": [1, 2], "lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "x")
