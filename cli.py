@@ -503,6 +503,33 @@ def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow
     click.echo(str(Path(out) / "report.json"))
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run directory.")
+@click.option("--shards", required=True, help="New shards (as for extract): a brace pattern, a directory of .tar "
+              "files or a dataset.json.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Embeddings file (HDF5).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per encoder forward pass.")
+@click.option("--workers", default="auto", callback=_workers, help="DataLoader workers decoding shards.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+def embed(run_dir: str, shards: str, out: str, batch_size: int, workers: int | str, device: str) -> None:
+    """Embed new images with a run: its frozen encoders (from its lineage), then its register modules.
+
+    Writes OUT (HDF5): /keys and /<modality>/k<k>, the (N, E) shared embedding at every shared prefix k, as
+    `regtok eval --save-embeddings` does. Undecodable samples are skipped and counted. Prints OUT.
+    """
+    import os
+
+    from pipeline.api import embed_shards
+    from pipeline.console import stderr_console
+
+    console = stderr_console()
+    result = embed_shards(run_dir, shards, out, batch_size=batch_size, device=device, workers=workers,
+                          console=console, show_progress=os.environ.get("REGTOK_NO_PROGRESS") is None)
+    console.print(f"embedded {result['samples']} samples (skipped {result['skipped']}) at prefixes "
+                  f"{', '.join(map(str, result['prefixes']))}")
+    click.echo(str(result["path"]))
+
+
 # ── pipeline: demo, show, verify, rerun ─────────────────────────────────────────────────────────────
 
 # The demo's choices: random-init encoders keep information in their tokens, not their pooled output

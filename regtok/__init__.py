@@ -5,3 +5,18 @@ no torch import here, so that `regtok --help` is instant.
 """
 
 __version__ = "0.1.0"
+
+# The Python API (pipeline/api.py), imported on first use so that `import regtok` stays cheap.
+__all__ = ["Embedder", "Run", "load_run", "open_store"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from pipeline import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'regtok' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,0 +1,259 @@
+"""The Python API (exported from ``regtok``): a trained run, a feature store, and images → register embeddings.
+
+    import regtok
+
+    run = regtok.load_run("runs/contrastive")              # knows its modalities, input shapes and config
+    store = regtok.open_store("features/ssvtp-test")       # store.read(kind, modality), .keys(), .labels()
+    z = run.embed(store.read(run.feature_kind, "vision"), "vision", k=4)   # (N, E) shared embeddings, prefix 4
+    regs = run.registers(store.read(run.feature_kind, "tactile"), "tactile")  # (N, R, d) register states
+
+    emb = regtok.Embedder.from_run("runs/contrastive")     # the run's frozen encoders, from its lineage
+    z = emb.embed([Image.open("a.png")], "vision")         # PIL images or (H, W, 3) uint8 arrays
+
+``embed`` gives what ``regtok eval --save-embeddings`` writes, and an Embedder on images gives what
+``regtok extract`` followed by ``Run.embed`` gives (the encoders' features are rounded to float16 as in a store).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from regtok.errors import RegtokError
+
+
+@dataclass
+class Run:
+    """A trained run: the register model with its config, on ``device``, in eval mode."""
+
+    path: Path
+    model: Any  # regtok.model.RegTok
+    config: Any  # regtok.config.TrainConfig
+    feature_kind: str  # "pooled" or "tokens": what the model reads
+    manifest: dict
+    step: int
+    device: torch.device
+
+    @property
+    def modalities(self) -> tuple[str, str]:
+        return self.model.modalities
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One row of each modality's input: ``(D,)`` for pooled features, ``(T, D)`` for tokens."""
+        return {m: (d,) if self.feature_kind == "pooled" else (t, d) for m, (t, d) in self.model.inputs.items()}
+
+    @property
+    def n_registers(self) -> int:
+        return self.model.cfg.n_registers
+
+    @property
+    def n_shared(self) -> int:
+        return self.model.cfg.n_shared
+
+    def embed(self, features: Any, modality: str, k: int | None = None, batch_size: int = 512) -> np.ndarray:
+        """Shared embeddings ``(N, E)`` float32 (L2-normalised) of ``features`` ``(N, *input_shape)`` at prefix
+        ``k`` (1 … n_registers; default: every shared register)."""
+        return self._run(features, modality, k, batch_size, lambda out: out.shared)
+
+    def registers(self, features: Any, modality: str, k: int | None = None, batch_size: int = 512) -> np.ndarray:
+        """Register states ``(N, R, d)`` float32; slots from ``k`` on hold the mask token (default: all kept)."""
+        return self._run(features, modality, k if k is not None else self.n_registers, batch_size,
+                         lambda out: out.registers)
+
+    def transport(self, embeddings: Any, direction: str = "a_to_b", steps: int = 4) -> np.ndarray:
+        """A flow run's shared embeddings moved into the other modality's space (``a_to_b`` or ``b_to_a``)."""
+        if getattr(self.model, "flow", None) is None:
+            raise RegtokError(f"{self.path} was trained with loss {self.model.cfg.loss_type}: it has no flow head")
+        x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            return self.model.transport(x, direction, steps).float().cpu().numpy()
+
+    def _run(self, features: Any, modality: str, k: int | None, batch_size: int, pick) -> np.ndarray:
+        if modality not in self.modalities:
+            raise RegtokError(f"{self.path} has modalities {', '.join(self.modalities)}, not {modality!r}")
+        x = np.asarray(features)
+        shape = self.input_shapes[modality]
+        if x.shape[1:] != shape:
+            if x.shape == shape:
+                x = x[None]  # one row
+            else:
+                raise RegtokError(f"{modality} features of shape {x.shape} do not fit the run: it reads rows of "
+                                  f"{self.feature_kind} features {shape}")
+        if not len(x):
+            raise RegtokError("no feature rows given")
+        keep = self.n_shared if k is None else int(k)
+        module = self.model.encoders[modality]
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])).to(self.device,
+                                                                                             torch.float32)
+                out.append(pick(module(batch, keep=keep)).float().cpu())
+        return torch.cat(out).numpy()
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
+    """A trained run (the weights eval uses: ``best.safetensors`` when kept), on ``device`` ("auto" allowed)."""
+    from pipeline.runs import load_run as load
+    from regtok.distributed import resolve_device
+
+    loaded = load(run_dir)
+    dev = resolve_device(str(device))
+    path = Path(run_dir)
+    return Run(path.parent if path.is_file() else path, loaded.model.to(dev).eval(), loaded.train_config,
+               loaded.feature_kind, loaded.manifest, loaded.step, dev)
+
+
+def open_store(store_dir: str | os.PathLike):
+    """A feature store: ``.read(kind, modality[, rows])`` float16 arrays, ``.keys()``, ``.labels()``,
+    ``.modalities``, ``.n``, ``.shape(kind, modality)``."""
+    from pipeline.store import open_store as open_
+
+    return open_(store_dir)
+
+
+class Embedder:
+    """A run with the frozen Stage-1 encoders its features came from: images → register embeddings."""
+
+    def __init__(self, run: Run, encoders: dict[str, Any]) -> None:
+        self.run, self.encoders = run, encoders
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Embedder:
+        """Rebuild the encoders the run's training store names (spec and weights hash from the lineage)."""
+        from pipeline.encoders import load_encoder
+        from pipeline.report import _train_features_manifest
+
+        run = load_run(run_dir, device)
+        features = _train_features_manifest(run.path / "manifest.json")
+        if features is None:
+            raise RegtokError(f"{run.path}: the run manifest does not lead to its training store's manifest, "
+                              "which names the encoders")
+        encoders = {}
+        for m in run.modalities:
+            rec = (features.get("encoders") or {}).get(m) or {}
+            if not rec.get("spec"):
+                raise RegtokError(f"the training store of {run.path} records no encoder for {m!r}")
+            enc = load_encoder(rec["spec"], run.device)
+            recorded = rec.get("weights_sha256")
+            if recorded and enc.weights_sha256 and recorded != enc.weights_sha256:
+                raise RegtokError(f"the {m} encoder {rec['spec']} has weights {enc.weights_sha256[:12]}…, the run's "
+                                  f"store was extracted with {recorded[:12]}…")
+            encoders[m] = enc
+        return cls(run, encoders)
+
+    def features(self, images: Iterable[Any], modality: str, batch_size: int = 64) -> np.ndarray:
+        """The frozen encoder's features of ``images`` as a store holds them (float16), ``(N, *input_shape)``."""
+        enc = self._encoder(modality)
+        tokens = self.run.feature_kind == "tokens"
+        batch: list[torch.Tensor] = []
+        out: list[np.ndarray] = []
+
+        def flush() -> None:
+            pooled, toks = enc.encode(torch.stack(batch), tokens)  # (b, D), (b, T, Dt)
+            out.append((toks if tokens else pooled).to(torch.float16).cpu().numpy())
+            batch.clear()
+
+        for image in images:
+            batch.append(to_uint8(image, enc.prep))
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+        if not out:
+            raise RegtokError("no images given")
+        return np.concatenate(out)
+
+    def embed(self, images: Any, modality: str, k: int | None = None) -> np.ndarray:
+        """Shared embeddings ``(N, E)`` of PIL images or ``(H, W, 3)`` uint8 arrays (one image or a sequence)."""
+        return self.run.embed(self.features(_as_list(images), modality), modality, k)
+
+    def registers(self, images: Any, modality: str, k: int | None = None) -> np.ndarray:
+        return self.run.registers(self.features(_as_list(images), modality), modality, k)
+
+    def _encoder(self, modality: str) -> Any:
+        if modality not in self.encoders:
+            raise RegtokError(f"the run has modalities {', '.join(self.encoders)}, not {modality!r}")
+        return self.encoders[modality]
+
+
+def _as_list(images: Any) -> Sequence[Any]:
+    if isinstance(images, np.ndarray) and images.ndim == 3 or not isinstance(images, list | tuple | np.ndarray):
+        return [images]
+    return list(images)
+
+
+def to_uint8(image: Any, prep: Any) -> torch.Tensor:
+    """A PIL image, ``(H, W, 3)``/``(H, W)`` uint8 array or encoded bytes → the encoder's ``(3, H, W)`` uint8 input,
+    through the same decoding and PIL steps as ``regtok extract``."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(image, bytes | bytearray):
+        return prep.to_uint8(bytes(image))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise RegtokError(f"image arrays must be uint8 (H, W, 3) or (H, W), got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise RegtokError(f"expected a PIL image, a uint8 array or image bytes, got {type(image).__name__}")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")  # lossless: the same pixels through extract's own decoder
+    return prep.to_uint8(buf.getvalue())
+
+
+def embed_shards(run_dir: str | os.PathLike, shards: str, out: str | os.PathLike, *, batch_size: int = 64,
+                 device: str = "auto", workers: int | str = "auto", console: Any = None,
+                 show_progress: bool = True) -> dict[str, Any]:
+    """`regtok embed`: new shards → the run's encoders → its shared embeddings at every shared prefix, in ``out``
+    (``/keys``, ``/<modality>/k<k>`` (N, E) float32, as ``regtok eval --save-embeddings`` writes them).
+
+    The shards go through ``regtok extract`` (same decoding, skip rules and float16 features) into a temporary
+    store beside ``out``, which is removed afterwards. Returns {"samples", "skipped", "prefixes", "path"}.
+    """
+    import shutil
+
+    from pipeline.extract import ExtractConfig, run_extract
+    from pipeline.report import EmbeddingWriter, _train_features_manifest
+    from regtok.model import allowed_keeps
+
+    out = Path(out).absolute()
+    run = load_run(run_dir, "cpu")
+    features = _train_features_manifest(run.path / "manifest.json")
+    if features is None:
+        raise RegtokError(f"{run.path}: the run manifest does not lead to its training store, which names the "
+                          "encoders")
+    encoders = tuple((m, (features.get("encoders") or {}).get(m, {}).get("spec", "")) for m in run.modalities)
+    tmp = out.with_name(f".{out.name}.store.{os.getpid()}.tmp")
+    spec = "::".join(str(Path(part).absolute()) for part in shards.split("::"))
+    try:
+        cfg = ExtractConfig(shards=spec, out=str(tmp), encoders=encoders, tokens=run.feature_kind == "tokens",
+                            batch_size=batch_size, workers=workers, device=device, max_skip_fraction=1.0)
+        _, manifest = run_extract(cfg, command=["regtok", "embed"], console=console, show_progress=show_progress)
+        for m, rec in manifest["encoders"].items():
+            recorded = features["encoders"][m].get("weights_sha256")
+            if recorded and rec.get("weights_sha256") and recorded != rec["weights_sha256"]:
+                raise RegtokError(f"the {m} encoder's weights differ from those the run's store was extracted with")
+        store = open_store(tmp)
+        ks = allowed_keeps(run.n_shared, "power_of_two")  # the shared prefixes eval's retrieval reports
+        out.parent.mkdir(parents=True, exist_ok=True)
+        writer = EmbeddingWriter(out, store.keys())
+        for m in run.modalities:
+            x = store.read(run.feature_kind, m)
+            for k in ks:
+                writer(m, k, run.embed(x, m, k))
+        writer.file.attrs["run"] = str(run.path.absolute())
+        writer.file.attrs["run_step"] = run.step
+        writer.file.attrs["shards"] = spec
+        writer.close()
+        return {"samples": store.n, "skipped": manifest["skip_count"], "prefixes": ks, "path": out}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
