@@ -228,14 +228,21 @@ def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens
 
 def _train_config_options(command):
     """The options that build a training config, shared by `train` and `sweep` (each trial starts from them)."""
+    from regtok.config import LOSS_TYPES, PRESETS, TrainConfig
+
+    def default(key: str) -> str:
+        """Where a flag's value comes from when it is not given: the config's default, and each preset's."""
+        presets = ", ".join(f"{p} preset {v[key]:g}" for p, v in PRESETS.items() if key in v)
+        return f"[default: {getattr(TrainConfig(), key):g} (TrainConfig){'; ' + presets if presets else ''}]"
+
     options = [
-        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML config diff."),
-        click.option("--preset", type=click.Choice(["tiny", "default"]), help="Named preset applied before the YAML."),
-        click.option("--loss", type=click.Choice(["contrastive", "flow_matching", "combined"]),
-                     help="model.loss_type"),
-        click.option("--epochs", type=int),
-        click.option("--batch-size", type=int, help="Global batch (all ranks together)."),
-        click.option("--lr", type=float),
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                     help="YAML config diff (only what differs; examples in configs/)."),
+        click.option("--preset", type=click.Choice(list(PRESETS)), help="Named preset applied before the YAML."),
+        click.option("--loss", type=click.Choice(LOSS_TYPES), help="model.loss_type"),
+        click.option("--epochs", type=int, help=f"Training epochs.  {default('epochs')}"),
+        click.option("--batch-size", type=int, help=f"Global batch (all ranks together).  {default('batch_size')}"),
+        click.option("--lr", type=float, help=f"Peak learning rate.  {default('lr')}"),
         click.option("--seed", type=int),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
         click.option("--val-fraction", type=float, help="Else hold out this seeded fraction of --features."),
@@ -261,9 +268,10 @@ def _train_config(preset: str | None, config_file: str | None, saved: dict | Non
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--features", required=True, type=click.Path(exists=True), help="Feature store (dir or manifest).")
+@click.option("--features", type=click.Path(exists=True), help="Feature store (dir or manifest).  [required]")
 @click.option("--val-features", type=click.Path(exists=True), help="Held-out store for per-epoch validation.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory.  [required]")
+@click.option("--print-config", is_flag=True, help="Print the resolved config (YAML) and exit; nothing is trained.")
 @click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint (same config).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the loss step.")
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files to RUN_DIR/tb/ "
@@ -272,7 +280,7 @@ def _train_config(preset: str | None, config_file: str | None, saved: dict | Non
 def train(features: str, val_features: str | None, val_fraction: float | None, out: str, config_file: str | None,
           preset: str | None, loss: str | None, epochs: int | None, batch_size: int | None, lr: float | None,
           seed: int | None, device: str | None, resume: bool, compile_: bool | None,
-          overrides: tuple[str, ...], tensorboard: bool = False) -> None:
+          overrides: tuple[str, ...], tensorboard: bool = False, print_config: bool = False) -> None:
     """Train the register modules on a cached feature store; prints the run manifest's path.
 
     \b
@@ -291,9 +299,14 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
         from pipeline.runs import epoch_line, saved_train_config, train_progress, train_run
 
-    saved = saved_train_config(out) if resume else None
+    saved = saved_train_config(out) if resume and out else None
     cfg = _train_config(preset, config_file, saved, overrides, val_fraction=val_fraction, epochs=epochs,
                         batch_size=batch_size, lr=lr, seed=seed, device=device, compile_=compile_, loss=loss)
+    if print_config:
+        click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+        return
+    if not features or not out:
+        raise click.UsageError("--features and --out are required (unless --print-config)")
     if tensorboard:
         _require_tensorboard()
     console = stderr_console()

@@ -130,7 +130,7 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg, total)
             gen.manual_seed(derive_seed(cfg.seed, "dropout", step, data.rank))
-            record = _gradients(net, opt, batch, gen, cfg, step == cfg.nan_at_step, world)
+            record = _gradients(net, opt, batch, gen, cfg, world)
             if not all(math.isfinite(v) for v in record.values()):
                 cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device), best))
                 bad = ", ".join(f"{k}={v}" for k, v in record.items() if not math.isfinite(v))
@@ -173,13 +173,11 @@ def _track_best(model: nn.Module, record: dict[str, Any], best: float, cfg: Trai
 
 
 def _gradients(net: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, Tensor], gen: torch.Generator,
-               cfg: TrainConfig, inject_nan: bool, world: int) -> dict[str, float]:
+               cfg: TrainConfig, world: int) -> dict[str, float]:
     """Forward, backward and clipping (no update); returns every loss term and the gradient norm."""
     device = next(iter(batch.values())).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         terms = net(batch, generator=gen)
-    if inject_nan:  # testing aid (config override nan_at_step), never set in real runs
-        terms = {**terms, "loss": terms["loss"] * float("nan")}
     opt.zero_grad(set_to_none=True)
     terms["loss"].backward()
     params = [p for group in opt.param_groups for p in group["params"]]

@@ -288,3 +288,16 @@ def test_compare_reports_and_refuses_other_stages(swept, store, tmp_path):
     assert "R@1 k=2" in stdout and "regtok / best baseline" in stdout and "R@1 linear CCA" in stdout
     code, _, stderr = invoke("compare", str(store))
     assert code == 2 and "is a features manifest" in stderr
+
+
+def test_shipped_train_configs_hold_only_what_differs():
+    from pipeline.config_io import load_yaml
+    from pipeline.space import diff_from_defaults
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    assert resolve(TrainConfig, None, load_yaml(str(root / "default.yaml"))) == TrainConfig()
+    for loss in ("contrastive", "flow_matching", "combined"):
+        data = load_yaml(str(root / f"{loss}.yaml"))
+        cfg = resolve(TrainConfig, None, data)
+        assert cfg.model.loss_type == loss
+        assert diff_from_defaults(cfg) == ({} if loss == "contrastive" else data)

@@ -240,11 +240,20 @@ def test_streaming_fallback_says_so_and_trains_the_same(store, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_stops_with_a_clear_error_and_the_last_good_checkpoint(store, tmp_path):
+def test_nan_stops_with_a_clear_error_and_the_last_good_checkpoint(store, tmp_path, monkeypatch):
+    import regtok.train as trainer
     from pipeline.runs import checkpoint_step, load_resume
 
+    real, calls = trainer._gradients, []
+
+    def nan_at_step_3(*args, **kwargs):  # the loss of the 4th step is NaN
+        record = real(*args, **kwargs)
+        calls.append(1)
+        return {**record, "loss": float("nan")} if len(calls) == 4 else record
+
+    monkeypatch.setattr(trainer, "_gradients", nan_at_step_3)
     run = tmp_path / "run"
-    code, out, err = run_train("--features", str(store), "--out", str(run), *TINY, "nan_at_step=3")
+    code, out, err = run_train("--features", str(store), "--out", str(run), *TINY)
     assert code == 2 and out == ""
     assert "non-finite loss at step 3" in err and "last good state" in err and "Traceback" not in err
     assert checkpoint_step(run) == 3 and load_resume(run).step == 3
@@ -259,7 +268,12 @@ def test_unknown_config_key_is_a_one_line_error(store, tmp_path):
     assert code == 2 and out == ""
     assert err.strip().count("\n") == 0 and "learning_rate" in err
     code, _, err = run_train("--features", str(store), "--out", str(tmp_path / "run"), "model.n_layer=2")
-    assert code == 2 and "n_layer" in err
+    assert code == 2 and "n_layer" in err and "did you mean model.n_layers?" in err
+    code, _, err = run_train("--features", str(store), "--out", str(tmp_path / "run"), "n_shared=4")
+    assert code == 2 and "unknown config key 'n_shared' (did you mean model.n_shared?)" in err
+    cfg.write_text("n_shared: 4\n")
+    code, _, err = run_train("--features", str(store), "--out", str(tmp_path / "run"), "--config", str(cfg))
+    assert code == 2 and "did you mean model.n_shared?" in err
 
 
 def test_tokens_are_used_when_the_store_has_them(extracted, tmp_path):
@@ -305,3 +319,25 @@ def test_held_out_store_validates_and_must_match(store, tmp_path):
     code, _, err = run_train("--features", str(store), "--val-features", str(other), "--out",
                              str(tmp_path / "r2"), *TINY)
     assert code == 2 and "do not match" in err
+
+
+def test_print_config_resolves_and_exits(tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    flow = Path(__file__).resolve().parent.parent / "configs" / "flow_matching.yaml"
+    result = CliRunner().invoke(main, ["train", "--print-config", "--preset", "tiny", "--config", str(flow),
+                                       "lr=1e-3", "--epochs", "3"])
+    assert result.exit_code == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["model"]["loss_type"] == "flow_matching" and printed["model"]["n_registers"] == 8
+    assert printed["lr"] == 1e-3 and printed["epochs"] == 3 and list(tmp_path.iterdir()) == []
+    result = CliRunner().invoke(main, ["train", "--preset", "tiny"])
+    assert result.exit_code == 2 and "--features and --out are required" in result.stderr
+
+
+def test_train_help_says_where_defaults_come_from():
+    result = CliRunner().invoke(main, ["train", "--help"])
+    text = " ".join(result.stdout.split())
+    assert "[default: 20 (TrainConfig); tiny preset 5]" in text
+    assert "[default: 256 (TrainConfig); tiny preset 64]" in text and "[default: 0.0005 (TrainConfig)" in text
