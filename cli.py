@@ -175,7 +175,8 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | st
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Feature store directory.")
 @click.option("--encoder", "encoders", multiple=True, required=True, callback=_encoder_pair,
               metavar="MODALITY=SPEC", help="One per modality, in pair order (A first). SPEC: open_clip:MODEL@TAG, "
-              "open_clip:MODEL@/path/weights, timm:MODEL@/path/weights.{pth,safetensors}, "
+              "open_clip:hf-hub:ORG/NAME, open_clip:MODEL@/path/weights, timm:MODEL.TAG (timm's pretrained tags), "
+              "timm:MODEL@/path/weights.{pth,safetensors}, "
               "tvl:MODEL@/path/ckpt.pth (TVL Stage-1 tactile encoder), tiny[:SEED] (random-init test encoder).")
 @click.option("--tokens", is_flag=True, help="Also store token features (n, T, D_tok) per modality.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
