@@ -103,7 +103,11 @@ def synth(out_dir: str, samples: int, shards: int, seed: int, image_size: int, f
 @click.option("--vision-col", default="url", help="CSV column with the vision image path.")
 @click.option("--tactile-col", default="tactile", help="CSV column with the tactile image path.")
 @click.option("--label-col", "label_cols", multiple=True,
-              help="Label column (repeatable): numeric columns stay numbers, text columns become class indices.")
+              help="Label column (repeatable): numeric columns stay numbers, text columns become class indices, "
+              "free text (a caption) stays text unless named COL:class.")
+@click.option("--labels-from", type=click.Path(dir_okay=False), default=None, metavar="TRAIN/dataset.json",
+              help="Reuse another split's label schema, so class indices match it (its labels are the default "
+              "--label-col); a class it lacks is an error.")
 @click.option("--samples-per-shard", default=1000, type=int, help="Samples per tar shard.")
 @click.option("--allow-outside-root", is_flag=True,
               help="Read image paths that resolve outside --root (else such rows are skipped and listed).")
@@ -111,7 +115,7 @@ def synth(out_dir: str, samples: int, shards: int, seed: int, image_size: int, f
               "earlier pack output.")
 def pack(csv_path: str, root: str | None, out_dir: str, vision_col: str, tactile_col: str,
          label_cols: tuple[str, ...], samples_per_shard: int, allow_outside_root: bool = False,
-         overwrite: bool = False) -> None:
+         overwrite: bool = False, labels_from: str | None = None) -> None:
     """Pack a paired dataset given as a CSV of relative image paths (TVL / SSVTP layout) into shards.
 
     Image bytes are copied unchanged after a decode check; every CSV column goes into KEY.json. Rows with a
@@ -133,7 +137,7 @@ def pack(csv_path: str, root: str | None, out_dir: str, vision_col: str, tactile
         m = pack_csv(csv_path, root, out_dir, vision_col=vision_col, tactile_col=tactile_col,
                      label_cols=label_cols, samples_per_shard=samples_per_shard,
                      progress=lambda n: bar.advance(bar.task_ids[0], n), on_rows=start,
-                     allow_outside_root=allow_outside_root, overwrite=overwrite)
+                     allow_outside_root=allow_outside_root, overwrite=overwrite, labels_from=labels_from)
     finally:
         bar.stop()
     skipped = m["skipped"]
@@ -175,7 +179,8 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | st
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Feature store directory.")
 @click.option("--encoder", "encoders", multiple=True, required=True, callback=_encoder_pair,
               metavar="MODALITY=SPEC", help="One per modality, in pair order (A first). SPEC: open_clip:MODEL@TAG, "
-              "open_clip:MODEL@/path/weights, timm:MODEL@/path/weights.{pth,safetensors}, "
+              "open_clip:hf-hub:ORG/NAME, open_clip:MODEL@/path/weights, timm:MODEL.TAG (timm's pretrained tags), "
+              "timm:MODEL@/path/weights.{pth,safetensors}, "
               "tvl:MODEL@/path/ckpt.pth (TVL Stage-1 tactile encoder), tiny[:SEED] (random-init test encoder).")
 @click.option("--tokens", is_flag=True, help="Also store token features (n, T, D_tok) per modality.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")

@@ -3,13 +3,16 @@
 Specs::
 
     open_clip:MODEL@TAG          an open_clip pretrained tag, loaded the way open_clip loads it
+    open_clip:hf-hub:ORG/NAME    an open_clip model on the Hugging Face Hub (open_clip_config.json + weights)
     open_clip:MODEL@/path/file   a local open_clip checkpoint (full CLIP or visual-tower state dict)
+    timm:MODEL.TAG               a timm pretrained tag (timm's ``arch.tag`` names), weights from the Hugging Face Hub
     timm:MODEL@/path/file        a timm state dict (.pth/.pt/.bin or .safetensors)
     tvl:MODEL@/path/ckpt.pth     a TVL Stage-1 checkpoint; MODEL is its timm tactile model
     tiny  or  tiny:SEED          a seeded random-init 1-block ViT for tests and the demo
 
 Every encoder maps uint8 images ``(B, 3, H, W)`` to pooled features ``(B, D)`` and, on request, token
-features ``(B, T, D_tok)``. Weights load without running pickled code (see :mod:`pipeline.checkpoints`).
+features ``(B, T, D_tok)``. Weights load without running pickled code (see :mod:`pipeline.checkpoints`);
+Hub weights come from the local Hugging Face cache (see :mod:`pipeline.hub`, which honours ``HF_HUB_OFFLINE``).
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from pipeline.startup import gc_paused
 from regtok.errors import RegtokError
 
 KINDS = ("open_clip", "timm", "tvl", "tiny")
-SPEC_HELP = ("open_clip:MODEL@TAG | open_clip:MODEL@/path/weights | timm:MODEL@/path/weights.{pth,safetensors} | "
-             "tvl:MODEL@/path/ckpt.pth | tiny[:SEED]")
+SPEC_HELP = ("open_clip:MODEL@TAG | open_clip:hf-hub:ORG/NAME | open_clip:MODEL@/path/weights | timm:MODEL.TAG | "
+             "timm:MODEL@/path/weights.{pth,safetensors} | tvl:MODEL@/path/ckpt.pth | tiny[:SEED]")
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class EncoderSpec:
 
     kind: str
     model: str
-    source: str | None  # tag or path; None for tiny
+    source: str | None  # tag or path; None for tiny and for names that carry their weights (timm arch.tag, hf-hub:)
     seed: int = 0
 
     @property
@@ -55,7 +58,7 @@ class EncoderSpec:
     def __str__(self) -> str:
         if self.kind == "tiny":
             return f"tiny:{self.seed}"
-        return f"{self.kind}:{self.model}@{self.source}"
+        return f"{self.kind}:{self.model}" if self.source is None else f"{self.kind}:{self.model}@{self.source}"
 
 
 def parse_spec(text: str) -> EncoderSpec:
@@ -64,6 +67,14 @@ def parse_spec(text: str) -> EncoderSpec:
     m = re.fullmatch(r"tiny(?::(\d+))?", text)
     if m:
         return EncoderSpec("tiny", "tiny-vit", None, int(m.group(1) or 0))
+    m = re.fullmatch(r"open_clip:(hf-hub:[\w.-]+/[\w.-]+)", text)
+    if m:
+        return EncoderSpec("open_clip", m.group(1), None)
+    m = re.fullmatch(r"(open_clip|timm):([\w.-]+)", text)  # no '@': a timm arch.tag, else a missing tag
+    if m:
+        if m.group(1) == "timm" and "." in m.group(2):
+            return EncoderSpec("timm", m.group(2), None)
+        raise RegtokError(_missing_tag(text, *m.groups()))
     m = re.fullmatch(r"([a-z_]+):([^@]+)@(.+)", text)
     if m is None or m.group(1) not in KINDS[:3]:
         raise RegtokError(f"bad encoder spec {text!r}; expected {SPEC_HELP}")
@@ -71,6 +82,30 @@ def parse_spec(text: str) -> EncoderSpec:
     if kind != "open_clip" and not _looks_like_path(source):
         raise RegtokError(f"encoder spec {text!r}: {kind} weights must be a local file path")
     return EncoderSpec(kind, model.strip(), source.strip())
+
+
+def _missing_tag(text: str, kind: str, model: str) -> str:
+    """The error for a spec without weights: the tags the library knows for that model."""
+    if kind == "open_clip":
+        import open_clip
+
+        if model not in open_clip.list_models():
+            return f"encoder spec {text!r}: unknown open_clip model {model!r} (see open_clip.list_models())"
+    return f"encoder spec {text!r} names no weights; {_known_tags(kind, model)}"
+
+
+def _known_tags(kind: str, model: str) -> str:
+    """The pretrained tags ``kind`` knows for ``model``, and how to name one or a local file instead."""
+    if kind == "open_clip":
+        import open_clip
+
+        tags, use = open_clip.list_pretrained_tags_by_model(model), f"open_clip:{model}@TAG"
+    else:
+        import timm
+
+        tags, use = [name.split(".", 1)[1] for name in timm.list_pretrained(f"{model}.*")], f"timm:{model}.TAG"
+    known = f"{kind} knows these tags for {model}: {', '.join(tags)}" if tags else f"{kind} has no tags for {model}"
+    return f"{known} (use {use}, or {kind}:{model}@/path/weights for a local file)"
 
 
 class Encoder(nn.Module):
@@ -221,19 +256,51 @@ def load_encoder(spec: str | EncoderSpec, device: str | torch.device = "cpu") ->
     with gc_paused():
         if spec.kind == "tiny":
             return tiny_encoder(spec.seed).to(device)
-        if spec.kind == "open_clip" and not spec.is_file:
+        if spec.kind == "open_clip" and spec.source is not None and not spec.is_file:
             return _open_clip_tag(spec).to(device)
-        if not Path(spec.source).is_file():
-            raise RegtokError(f"encoder {spec}: weights file not found: {spec.source}")
+        path, info = (spec.source, {"source": "local file"}) if spec.source is not None else _hub_weights(spec)
+        if not Path(path).is_file():
+            raise RegtokError(f"encoder {spec}: weights file not found: {path}")
         with ThreadPoolExecutor(1) as pool:  # hashing (GIL released) overlaps the imports and the model build
-            digest = pool.submit(file_sha256_cached, spec.source)
-            enc = _open_clip_file(spec, digest) if spec.kind == "open_clip" else _timm_file(spec, digest)
+            digest = pool.submit(file_sha256_cached, path)
+            build = _open_clip_file if spec.kind == "open_clip" else _timm_file
+            enc = build(spec, digest, str(path), info)
         return enc.to(device)
+
+
+def _hub_weights(spec: EncoderSpec) -> tuple[Path, dict]:
+    """The cached weights file of a name that carries its weights (``hf-hub:ORG/NAME``, timm ``arch.tag``)."""
+    from pipeline.hub import advice, cache_record, hub_file, safe_first
+
+    where = f"encoder {spec}"
+    if spec.kind == "open_clip":  # open_clip's own file names for a Hub model
+        repo, revision, local = spec.model.removeprefix("hf-hub:"), None, "open_clip:MODEL"
+        hub_file(repo, ["open_clip_config.json"], where, advice(local, repo))
+        names = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    else:
+        import timm.models
+
+        try:
+            cfg = timm.models.get_pretrained_cfg(spec.model)
+        except RuntimeError:  # an unknown tag of a known architecture
+            cfg = None
+        if cfg is None:
+            arch = spec.model.split(".")[0]
+            raise RegtokError(f"{where}: timm has no pretrained {spec.model!r}; {_known_tags('timm', arch)}")
+        if not cfg.hf_hub_id:
+            raise RegtokError(f"{where}: timm has no Hugging Face weights for {spec.model!r}; pass a local weights "
+                              f"file (timm:{spec.model}@/path/weights)")
+        repo, _, rev = cfg.hf_hub_id.partition("@")
+        revision, local = rev or None, f"timm:{cfg.architecture}"
+        names = safe_first(cfg.hf_hub_filename) if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    path = hub_file(repo, names, where, advice(local, repo), revision)
+    return path, {"source": "Hugging Face cache", **cache_record(path)}
 
 
 def _open_clip_tag(spec: EncoderSpec) -> Encoder:
     import open_clip
 
+    _check_open_clip_tag(spec, open_clip.get_pretrained_cfg(spec.model, spec.source))
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(spec.model, pretrained=spec.source)
     except (RuntimeError, ValueError, FileNotFoundError) as e:
@@ -245,19 +312,38 @@ def _open_clip_tag(spec: EncoderSpec) -> Encoder:
                    {"source": "open_clip pretrained tag"})
 
 
-def _open_clip_file(spec: EncoderSpec, digest: Future) -> Encoder:
-    """A local checkpoint: only the visual tower is built (on the meta device, then assigned the weights)."""
+def _check_open_clip_tag(spec: EncoderSpec, pretrained: dict) -> None:
+    """Fail fast, in one line, on a tag open_clip does not know or whose weights are not to be had."""
+    import os
+
+    from pipeline.hub import advice, hub_file, offline, safe_first
+
+    if not pretrained:
+        if Path(spec.source).is_file():  # open_clip takes a file path as its pretrained argument too
+            return
+        known = _missing_tag(f"open_clip:{spec.model}", "open_clip", spec.model).split("; ", 1)[-1]
+        raise RegtokError(f"encoder {spec}: no such tag or file {spec.source!r}; {known}")
+    if pretrained.get("hf_hub"):
+        repo, filename = os.path.split(pretrained["hf_hub"])  # 'org/name/' or 'org/name/file', as open_clip reads it
+        names = safe_first(filename or "open_clip_pytorch_model.bin")
+        hub_file(repo, names, f"encoder {spec}", advice(f"open_clip:{spec.model}", repo))
+    elif pretrained.get("url") and offline():
+        cached = Path("~/.cache/clip").expanduser() / os.path.basename(pretrained["url"])
+        if not cached.is_file():
+            raise RegtokError(f"encoder {spec}: {cached} is not there and HF_HUB_OFFLINE is set; pass a local weights "
+                              f"file (open_clip:{spec.model}@/path/weights) or download {pretrained['url']}")
+
+
+def _open_clip_file(spec: EncoderSpec, digest: Future, path: str, info: dict) -> Encoder:
+    """A checkpoint file: only the visual tower is built (on the meta device, then assigned the weights)."""
     from dataclasses import asdict
 
     import open_clip
     from open_clip.model import _build_vision_tower
     from open_clip.transform import PreprocessCfg
 
-
-    cfg = open_clip.get_model_config(spec.model)
-    if cfg is None:
-        raise RegtokError(f"encoder {spec}: unknown open_clip model {spec.model!r} (see open_clip.list_models())")
-    sd = state_dict_of(read_checkpoint(spec.source), spec.source)
+    cfg, preprocess = _open_clip_config(spec)
+    sd = state_dict_of(read_checkpoint(path), path)
     if any(k.startswith("visual.") for k in sd):
         sd = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")}
 
@@ -269,26 +355,46 @@ def _open_clip_file(spec: EncoderSpec, digest: Future) -> Encoder:
     if not has_only_persistent_buffers(visual):
         visual = build()
     load_strict(visual, sd, f"encoder {spec}", assign=True)
-    pp = {**asdict(PreprocessCfg()), **cfg.get("preprocess_cfg", {}), "size": visual.image_size}
+    pp = {**asdict(PreprocessCfg()), **cfg.get("preprocess_cfg", {}), **preprocess, "size": visual.image_size}
     transform = open_clip.image_transform(pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
                                           resize_mode=pp["resize_mode"], interpolation=pp["interpolation"],
                                           fill_color=pp["fill_color"])
-    return Encoder(spec, OpenClipVisual(visual), prep_from_transform(transform), digest.result(),
-                   {"source": "local file"})
+    return Encoder(spec, OpenClipVisual(visual), prep_from_transform(transform), digest.result(), info)
 
 
-def _timm_file(spec: EncoderSpec, digest: Future) -> Encoder:
+def _open_clip_config(spec: EncoderSpec) -> tuple[dict, dict]:
+    """The model config and the preprocessing it overrides: built in, or a Hub model's open_clip_config.json."""
+    import json
+
+    import open_clip
+
+    if spec.model.startswith("hf-hub:"):
+        from pipeline.hub import hub_file
+
+        repo = spec.model.removeprefix("hf-hub:")
+        path = hub_file(repo, ["open_clip_config.json"], f"encoder {spec}", "")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+            return config["model_cfg"], config.get("preprocess_cfg", {})
+        except (ValueError, KeyError, TypeError) as e:
+            raise RegtokError(f"encoder {spec}: {path} is not an open_clip config ({e!r})") from None
+    cfg = open_clip.get_model_config(spec.model)
+    if cfg is None:
+        raise RegtokError(f"encoder {spec}: unknown open_clip model {spec.model!r} (see open_clip.list_models())")
+    return cfg, {}
+
+
+def _timm_file(spec: EncoderSpec, digest: Future, path: str, info: dict) -> Encoder:
     """``timm:`` (a plain state dict) or ``tvl:`` (the ``tactile_encoder.*`` part of a TVL checkpoint)."""
     import timm
     from timm.data import create_transform, resolve_data_config
 
 
     where = f"encoder {spec}"
-    info: dict = {"source": "local file"}
     if spec.kind == "tvl":
         sd, info = _tvl_state_dict(spec)
     else:
-        sd = state_dict_of(read_checkpoint(spec.source), spec.source)
+        sd = state_dict_of(read_checkpoint(path), path)
     try:
         with torch.device("meta"):
             probe = timm.create_model(spec.model, pretrained=False)

@@ -3,7 +3,9 @@
 Each CSV row becomes one sample ``KEY.vision.<ext>``, ``KEY.tactile.<ext>``, ``KEY.json``: the image bytes
 are copied unchanged (after checking that they decode), the json holds every CSV column, and the label
 columns are turned into numbers (numeric columns as floats, string columns as class indices whose names
-go into the manifest's ``labels``). A row whose image is missing or unreadable is skipped and recorded.
+go into the manifest's ``labels``; free text such as a caption stays text). A row whose image is missing or
+unreadable is skipped and recorded. The schema comes from the packed rows, or from another split's
+``dataset.json`` (``labels_from``) so that a class has the same index in every split.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pipeline.synth import prepare_out_dir, remove_stale_shards
 from regtok.errors import RegtokError
 
 Sample = tuple[str, list[tuple[str, bytes]]]
+Packable = tuple[int, str, dict[str, str], list[tuple[str, Path]]]  # row number, key, row, (member, image path)
+FREE_TEXT_MIN_VALUES = 10  # a text column with more distinct values than this, and than half its cells, is text
 
 
 def read_rows(csv_path: Path, columns: Sequence[str]) -> tuple[list[str], list[dict[str, str]]]:
@@ -51,22 +55,66 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def label_schema(rows: list[dict[str, str]], label_cols: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per label column: continuous with its range if every non-empty value is numeric, else categorical
-    with its sorted distinct values as classes. Empty cells are missing labels (null in the json).
+def label_columns(label_cols: Sequence[str]) -> dict[str, bool]:
+    """``--label-col`` values as ``{column: named as a class}``: ``COL`` or ``COL:class``."""
+    out: dict[str, bool] = {}
+    for text in label_cols:
+        col, sep, kind = text.rpartition(":")
+        out[col if sep and kind == "class" else text] = bool(sep) and kind == "class"
+    return out
 
-    Every CSV row counts, skipped or not, so a class keeps its index when a broken image is fixed later.
+
+def label_schema(rows: list[dict[str, str]], label_cols: Sequence[str],
+                 as_class: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """Per label column: continuous with its range if every non-empty value is numeric, else categorical
+    with its sorted distinct values as classes, unless it reads as free text (more distinct values than
+    FREE_TEXT_MIN_VALUES and than half its non-empty cells): then ``text``, kept in the json as written.
+    ``as_class`` columns are categorical whatever their values. Empty cells are missing labels (null).
+
+    ``rows`` are the packed rows only: a skipped row's values do not enter the schema.
     """
     labels: dict[str, dict[str, Any]] = {}
     for col in label_cols:
         values = [(r.get(col) or "").strip() for r in rows]
         present = [v for v in values if v]
+        classes = sorted(set(present))
         if present and all(_is_number(v) for v in present):
             nums = [float(v) for v in present]
             labels[col] = {"type": "continuous", "range": [min(nums), max(nums)]}
+        elif col not in as_class and len(classes) > max(FREE_TEXT_MIN_VALUES, len(present) // 2):
+            labels[col] = {"type": "text"}
         else:
-            labels[col] = {"type": "categorical", "classes": sorted(set(present))}
+            labels[col] = {"type": "categorical", "classes": classes}
     return labels
+
+
+def schema_from(dataset_json: str | Path, label_cols: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The label schema of another split's ``dataset.json``, for ``label_cols`` (default: all its labels)."""
+    from pipeline.manifest import read_manifest
+
+    path = Path(dataset_json)
+    if not path.is_file():
+        raise RegtokError(f"--labels-from: no such file: {path}")
+    labels = read_manifest(path, kind="dataset").get("labels") or {}
+    unknown = [c for c in label_cols if c not in labels]
+    if unknown:
+        raise RegtokError(f"--labels-from {path} has no label {', '.join(map(repr, unknown))} "
+                          f"(labels: {', '.join(labels) or 'none'})")
+    return {c: labels[c] for c in (label_cols or labels)}
+
+
+def check_values(packable: list[Packable], labels: dict[str, dict[str, Any]], where: str) -> None:
+    """RegtokError for a packed row whose value a reused schema cannot hold (an unseen class, text for a number)."""
+    for number, _, row, _ in packable:
+        for col, spec in labels.items():
+            text = (row.get(col) or "").strip()
+            if not text:
+                continue
+            if spec["type"] == "categorical" and text not in spec["classes"]:
+                raise RegtokError(f"row {number}: {col} {text!r} is not a class of {where} "
+                                  f"({', '.join(spec['classes'])})")
+            if spec["type"] == "continuous" and not _is_number(text):
+                raise RegtokError(f"row {number}: {col} {text!r} is not a number, as {where} has it")
 
 
 def label_values(row: dict[str, str], labels: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -76,7 +124,7 @@ def label_values(row: dict[str, str], labels: dict[str, dict[str, Any]]) -> dict
         text = (row.get(col) or "").strip()
         if spec["type"] == "continuous":
             out[col] = float(text) if text else None
-        else:
+        elif spec["type"] == "categorical":
             out[col] = spec["classes"].index(text) if text else None
             out[f"{col}_name"] = text
     return out
@@ -105,10 +153,10 @@ def load_image(path: Path) -> bytes:
     return data
 
 
-def iter_samples(rows: list[dict[str, str]], root: Path, columns: dict[str, str],
-                 labels: dict[str, dict[str, Any]], skipped: list[dict[str, Any]],
-                 progress: Callable[[int], None] | None = None, allow_outside_root: bool = False) -> Iterator[Sample]:
-    """Yield the packable rows as samples; append ``{"row", "key", "reason"}`` to ``skipped`` for the rest.
+def check_rows(rows: list[dict[str, str]], root: Path, columns: dict[str, str], skipped: list[dict[str, Any]],
+               progress: Callable[[int], None] | None = None, allow_outside_root: bool = False) -> list[Packable]:
+    """The packable rows, each image checked to decode; append ``{"row", "key", "reason"}`` to ``skipped``
+    for the rest.
 
     ``columns`` maps modality name -> CSV column. Rows are numbered from 1 (the header is not a row) and the
     key is that number, zero-padded, so keys point back to the CSV whatever is skipped. An image path that
@@ -116,6 +164,7 @@ def iter_samples(rows: list[dict[str, str]], root: Path, columns: dict[str, str]
     """
     real_root = root.resolve()
     width = max(6, len(str(len(rows))))
+    packable = []
     for number, row in enumerate(rows, start=1):
         key = f"{number:0{width}d}"
         try:
@@ -128,29 +177,42 @@ def iter_samples(rows: list[dict[str, str]], root: Path, columns: dict[str, str]
                 if not allow_outside_root and not path.resolve().is_relative_to(real_root):
                     raise ValueError(f"image {rel} lies outside --root {root} (pass --allow-outside-root to "
                                      f"read it)")
-                members.append((f"{modality}.{member_ext(path)}", load_image(path)))
+                load_image(path)
+                members.append((f"{modality}.{member_ext(path)}", path))
         except (ValueError, OSError) as e:
             skipped.append({"row": number, "key": key, "reason": str(e)})
         else:
-            record = {"key": key, "row": number, **{k: v for k, v in row.items() if k is not None},
-                      **label_values(row, labels)}
-            members.append(("json", json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()))
-            yield key, members
+            packable.append((number, key, row, members))
         if progress is not None:
             progress(1)
+    return packable
+
+
+def iter_samples(packable: list[Packable], labels: dict[str, dict[str, Any]]) -> Iterator[Sample]:
+    """The checked rows as samples: the image bytes as they are on disk and a json of the row and its labels."""
+    for number, key, row, images in packable:
+        try:
+            members = [(name, path.read_bytes()) for name, path in images]
+        except OSError as e:
+            raise RegtokError(f"row {number}: {e.filename} went away while packing ({e.strerror})") from None
+        record = {"key": key, "row": number, **{k: v for k, v in row.items() if k is not None},
+                  **label_values(row, labels)}
+        members.append(("json", json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()))
+        yield key, members
 
 
 def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, vision_col: str = "url",
          tactile_col: str = "tactile", label_cols: Sequence[str] = (), samples_per_shard: int = 1000,
          progress: Callable[[int], None] | None = None,
          on_rows: Callable[[int], None] | None = None, allow_outside_root: bool = False,
-         overwrite: bool = False) -> dict[str, Any]:
+         overwrite: bool = False, labels_from: str | Path | None = None) -> dict[str, Any]:
     """Pack ``csv_path`` (image paths relative to ``root``, default: the CSV's folder) into ``out_dir``.
 
     Writes ``shard-000000.tar`` … of up to ``samples_per_shard`` samples and ``out_dir/dataset.json``, and
     returns that manifest. ``on_rows`` is told the number of CSV rows once they are read; ``progress`` is
     called with 1 per row handled. Images outside ``root`` are skipped unless ``allow_outside_root``;
-    ``out_dir`` must be empty or hold an earlier pack output, unless ``overwrite``.
+    ``out_dir`` must be empty or hold an earlier pack output, unless ``overwrite``. ``labels_from`` (another
+    split's ``dataset.json``) gives the label schema, whose columns are the default ``label_cols``.
     """
     csv_path = Path(csv_path)
     root = csv_path.parent if root is None else Path(root)
@@ -159,23 +221,30 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
     if not root.is_dir():
         raise RegtokError(f"image root is not a directory: {root}")
     columns = {"vision": vision_col, "tactile": tactile_col}
-    header, rows = read_rows(csv_path, [vision_col, tactile_col, *label_cols])
+    named = label_columns(label_cols)
+    given = schema_from(labels_from, list(named)) if labels_from is not None else None
+    header, rows = read_rows(csv_path, [vision_col, tactile_col, *(given or named)])
     if on_rows is not None:
         on_rows(len(rows))
     out = Path(out_dir)
     prepare_out_dir(out, "pack", overwrite)
     start = time.perf_counter()
-    labels = label_schema(rows, label_cols)
     skipped: list[dict[str, Any]] = []
-    samples = iter_samples(rows, root, columns, labels, skipped, progress, allow_outside_root)
+    packable = check_rows(rows, root, columns, skipped, progress, allow_outside_root)
+    if not packable:
+        reason = skipped[0]["reason"] if skipped else "the CSV has no rows"
+        raise RegtokError(f"{csv_path}: no row could be packed ({len(skipped)} skipped; first: {reason})")
+    if given is not None:
+        labels = given
+        check_values(packable, labels, f"--labels-from {labels_from}")
+    else:
+        labels = label_schema([row for _, _, row, _ in packable], list(named), [c for c, cls in named.items() if cls])
+    samples = iter_samples(packable, labels)
     records = []
     while (first := next(samples, None)) is not None:
         path = out / shard_name(len(records))
         n = write_shard(path, itertools.chain([first], itertools.islice(samples, samples_per_shard - 1)))
         records.append({"samples": n, **file_record(path, out)})
-    if not records:
-        reason = skipped[0]["reason"] if skipped else "the CSV has no rows"
-        raise RegtokError(f"{csv_path}: no row could be packed ({len(skipped)} skipped; first: {reason})")
     remove_stale_shards(out, [out / r["path"] for r in records])
     seconds = time.perf_counter() - start
     total = sum(r["samples"] for r in records)
@@ -183,14 +252,18 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
               "label_cols": list(label_cols), "samples_per_shard": samples_per_shard}
     if allow_outside_root:  # recorded only when used, so earlier manifests stay what they were
         config["allow_outside_root"] = True
+    if labels_from is not None:
+        config["labels_from"] = str(labels_from)
     command = ["regtok", "pack", str(csv_path), "--root", str(root), "--out", str(out), "--vision-col", vision_col,
                "--tactile-col", tactile_col, *(x for c in label_cols for x in ("--label-col", c)),
-               "--samples-per-shard", str(samples_per_shard), *(["--allow-outside-root"] * allow_outside_root)]
+               "--samples-per-shard", str(samples_per_shard), *(["--allow-outside-root"] * allow_outside_root),
+               *(["--labels-from", str(labels_from)] if labels_from is not None else [])]
     manifest = new_manifest(
         "dataset",
         command=command,
         config=config,
-        inputs=[input_ref("csv", csv_path, out)],
+        inputs=[input_ref("csv", csv_path, out),
+                *([input_ref("labels_from", Path(labels_from), out)] if labels_from is not None else [])],
         outputs={"samples": total, "shards": len(records)},  # the shard files are listed in "shards"
         environment_=environment(),
         timings={"seconds": round(seconds, 3)},

@@ -55,9 +55,9 @@ class StoreColumn:
 
 
 def check_compatible(run: Any, store: Any, run_manifest: Path | None = None) -> None:
-    """RegtokError unless the store has the run's modalities, feature kind, dims and encoder specs.
+    """RegtokError unless the store has the run's modalities, feature kind, dims, encoder specs and class lists.
 
-    Encoder specs are compared with the features manifest the run was trained on, found through the run
+    Encoder specs and class lists are compared with the features manifest the run was trained on, found through the run
     manifest (``run_manifest``) when that file and its input are still readable.
     """
     mods = tuple(run.model.modalities)
@@ -80,6 +80,11 @@ def check_compatible(run: Any, store: Any, run_manifest: Path | None = None) -> 
         if spec_run is not None and spec_run != spec_eval:
             raise RegtokError(f"{m} encoder differs: the run was trained on {spec_run!r}, these features are "
                               f"from {spec_eval!r}")
+    for name, spec in (trained.get("labels") or {}).items():  # a class index must name the same class
+        here = (store.manifest.get("labels") or {}).get(name) or {}
+        if "classes" in spec and "classes" in here and spec["classes"] != here["classes"]:
+            raise RegtokError(f"label {name!r} has classes {here['classes']} here but {spec['classes']} in the run's "
+                              f"training store; pack this split with --labels-from TRAIN/dataset.json")
 
 
 def _run_input(run_manifest: Path, role: str) -> Path | None:

@@ -215,3 +215,135 @@ def test_weights_hash_cache_follows_file_changes(tmp_path, monkeypatch):
     path.write_bytes(b"b" * (1 << 24))  # same size, new content and mtime
     os.utime(path, ns=(1, 10**18))
     assert file_sha256_cached(path) == sha256_file(path)
+
+
+# ── pretrained names as timm and open_clip spell them, from a Hugging Face cache the test writes ──────────────
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache in tmp_path, offline (as the whole suite is)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def _put(cache, repo: str, files: dict) -> dict:
+    """Write ``files`` (name -> bytes) as the cached snapshot of ``repo`` at ``main``, in the hub cache layout."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / REV
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(REV)
+    return {name: snapshot / name for name in files}
+
+
+def _safetensors_bytes(sd: dict) -> bytes:
+    import safetensors.torch
+
+    return safetensors.torch.save({k: v.contiguous() for k, v in sd.items()})
+
+
+@pytest.mark.parametrize("text, model", [
+    ("timm:vit_small_patch16_224.augreg_in21k", "vit_small_patch16_224.augreg_in21k"),
+    ("open_clip:hf-hub:laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K", "hf-hub:laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K"),
+])
+def test_parse_pretrained_names(text, model):
+    spec = parse_spec(text)
+    assert spec == EncoderSpec(text.split(":")[0], model, None) and str(spec) == text
+
+
+@pytest.mark.parametrize("text, kind, tags", [
+    ("open_clip:ViT-B-32", "open_clip", ["openai", "laion2b_s34b_b79k", "datacomp_xl_s13b_b90k"]),
+    ("timm:vit_small_patch16_224", "timm", ["augreg_in21k", "augreg_in1k"]),
+])
+def test_a_spec_without_a_tag_lists_the_tags(text, kind, tags):
+    with pytest.raises(RegtokError) as e:
+        parse_spec(text)
+    message = str(e.value)
+    assert "\n" not in message and f"{kind} knows these tags" in message and all(t in message for t in tags)
+
+
+def test_timm_tag_loads_from_the_hub_cache(hub_cache):
+    import timm
+
+    from pipeline.manifest import sha256_file
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
+    path = _put(hub_cache, "timm/vit_tiny_patch16_224.augreg_in21k",
+                {"model.safetensors": _safetensors_bytes(model.state_dict())})["model.safetensors"]
+    enc = load_encoder("timm:vit_tiny_patch16_224.augreg_in21k")
+    x = _uint8_images(2, 224, seed=4)
+    with torch.no_grad():
+        ref = model.forward_head(model.forward_features(enc.prep.normalize(x)), pre_logits=True)
+    torch.testing.assert_close(enc.encode(x)[0], ref, rtol=0, atol=0)
+    info = enc.describe()
+    assert info["weights_sha256"] == sha256_file(path) and info["spec"] == "timm:vit_tiny_patch16_224.augreg_in21k"
+    assert (info["repo"], info["revision"], info["file"]) == ("timm/vit_tiny_patch16_224.augreg_in21k", REV,
+                                                              "model.safetensors")
+    assert enc.prep.mean == (0.5, 0.5, 0.5)  # the tag's own data config
+
+
+def test_open_clip_hf_hub_loads_config_and_weights_from_the_cache(hub_cache, open_clip_model):
+    from pipeline.manifest import sha256_file
+
+    model, _, _ = open_clip_model
+    config = {"model_cfg": OC_CFG, "preprocess_cfg": {"mean": [0.25, 0.5, 0.75], "std": [0.2, 0.3, 0.4]}}
+    files = _put(hub_cache, "regtok-test/oc-hub", {"open_clip_config.json": json.dumps(config).encode(),
+                                                    "open_clip_model.safetensors": _safetensors_bytes(
+                                                        model.state_dict())})
+    enc = load_encoder("open_clip:hf-hub:regtok-test/oc-hub")
+    x = _uint8_images(3, 32, seed=6)
+    with torch.no_grad():
+        ref = model.encode_image(enc.prep.normalize(x))
+    torch.testing.assert_close(enc.encode(x)[0], ref, rtol=0, atol=1e-6)
+    assert enc.prep.mean == (0.25, 0.5, 0.75) and enc.prep.std == (0.2, 0.3, 0.4)
+    assert enc.weights_sha256 == sha256_file(files["open_clip_model.safetensors"])
+    assert enc.describe()["repo"] == "regtok-test/oc-hub"
+
+
+def test_open_clip_tag_loads_from_the_cache(hub_cache, open_clip_model, monkeypatch):
+    import open_clip.pretrained
+
+    model, _, _ = open_clip_model
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, OC_MODEL,
+                        {"regtok": {"hf_hub": "regtok-test/oc-tag/", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}})
+    _put(hub_cache, "regtok-test/oc-tag", {"open_clip_model.safetensors": _safetensors_bytes(model.state_dict())})
+    enc = load_encoder(f"open_clip:{OC_MODEL}@regtok")
+    x = _uint8_images(3, 32, seed=7)
+    with torch.no_grad():
+        ref = model.encode_image(enc.prep.normalize(x))
+    torch.testing.assert_close(enc.encode(x)[0], ref, rtol=0, atol=1e-6)
+    assert enc.prep.mean == (0.5, 0.5, 0.5)  # the tag's preprocessing, not the model config's
+    with pytest.raises(RegtokError, match=r"no such tag or file 'other'.*knows these tags for regtok-test-vit: regtok"):
+        load_encoder(f"open_clip:{OC_MODEL}@other")
+
+
+@pytest.mark.parametrize("spec, repo", [
+    ("open_clip:ViT-B-32@openai", "timm/vit_base_patch32_clip_224.openai"),
+    ("open_clip:hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"),
+    ("timm:vit_small_patch16_224.augreg_in21k", "timm/vit_small_patch16_224.augreg_in21k"),
+])
+def test_offline_without_cached_weights_is_one_error_line(hub_cache, tmp_path, spec, repo):
+    from click.testing import CliRunner
+
+    from cli import main
+    from pipeline.synth import synthesize
+
+    synthesize(tmp_path / "data", samples=2, shards=1, seed=0)
+    result = CliRunner().invoke(main, ["extract", "--shards", str(tmp_path / "data" / "dataset.json"), "--out",
+                                       str(tmp_path / "store"), "--encoder", f"vision={spec}", "--encoder",
+                                       "tactile=tiny"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr  # no stray ERROR:root: line
+    assert "HF_HUB_OFFLINE" in lines[0] and "local weights file" in lines[0] and f"hf download {repo}" in lines[0]

@@ -105,7 +105,8 @@ def test_markdown_renders_the_tables() -> None:
 # ── the stage through the CLI ───────────────────────────────────────────────────────────────────────
 
 
-def write_store(root: Path, n: int, seed: int, dims: tuple[int, int] = (12, 12), spec: str = "test:linear") -> Path:
+def write_store(root: Path, n: int, seed: int, dims: tuple[int, int] = (12, 12), spec: str = "test:linear",
+                schema: dict = SCHEMA) -> Path:
     """A feature store written with pipeline.store's own writer: two parts, the index, the manifest."""
     feats, labels = _data(n, dims, seed)
     shapes = {m: {"pooled": (d,)} for m, d in zip(MODS, dims, strict=True)}
@@ -124,7 +125,7 @@ def write_store(root: Path, n: int, seed: int, dims: tuple[int, int] = (12, 12),
                 for m, d in zip(MODS, dims, strict=True)}
     write_manifest(root / "manifest.json", new_manifest(
         "features", command=["test"], modalities=list(MODS), encoders=encoders, feature_kinds=["pooled"], samples=n,
-        parts=parts, skipped=[], labels=SCHEMA))
+        parts=parts, skipped=[], labels=schema))
     return root
 
 
@@ -169,14 +170,16 @@ def test_eval_cli_writes_every_report_file(run_dir: Path, tmp_path: Path) -> Non
     assert {Path(f["path"]).name for f in m["outputs"]["files"]} >= {"report.json", "report.md", "embeddings.h5"}
 
 
-@pytest.mark.parametrize("change", ["dims", "spec"])
+@pytest.mark.parametrize("change", ["dims", "spec", "classes"])
 def test_incompatible_features_are_a_one_line_error(run_dir: Path, tmp_path: Path, change: str) -> None:
-    kwargs = {"dims": (12, 10)} if change == "dims" else {"spec": "test:other"}
+    shifted = {**SCHEMA, "material": {"type": "categorical", "classes": ["b", "c"]}}  # a split packed without "a"
+    kwargs = {"dims": {"dims": (12, 10)}, "spec": {"spec": "test:other"}, "classes": {"schema": shifted}}[change]
     store = write_store(tmp_path / "other", n=40, seed=3, **kwargs)
     r = _invoke("eval", "--run", str(run_dir), "--features", str(store), "--out", str(tmp_path / "rep"))
     assert r.exit_code == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
-    assert ("expects" in r.stderr) if change == "dims" else ("encoder differs" in r.stderr)
+    expected = {"dims": "expects", "spec": "encoder differs", "classes": "label 'material' has classes"}[change]
+    assert expected in r.stderr and (change != "classes" or "--labels-from" in r.stderr)
 
 
 def test_model_config_is_what_the_report_prefixes_follow() -> None:

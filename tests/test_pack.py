@@ -62,8 +62,8 @@ def test_pack_copies_images_and_labels_and_lists_skipped_rows(tvl, tmp_path):
     assert m["samples"] == 4 and [s["samples"] for s in m["shards"]] == [3, 1]
     assert [(s["row"], s["reason"].split()[0]) for s in m["skipped"]] == [(3, "missing"), (6, "unreadable")]
     assert m["labels"]["material"] == {"type": "categorical", "classes": ["fabric", "metal", "wood"]}
-    # label classes and ranges come from every CSV row, so class indices do not change when a row is skipped
-    assert m["labels"]["force"] == {"type": "continuous", "range": [0.5, 3.0]}
+    # label classes and ranges come from the packed rows only: row 6 (force 3.0) is skipped
+    assert m["labels"]["force"] == {"type": "continuous", "range": [0.5, 2.5]}
     assert m["source"]["rows"] == 6 and m["modalities"] == ["vision", "tactile"]
     assert m["inputs"][0]["sha256"] == sha256_file(csv_path)
 
@@ -119,3 +119,77 @@ def test_a_csv_whose_rows_all_fail_is_an_error(tvl, tmp_path):
     csv_path, _ = tvl
     result = _pack(csv_path, tmp_path, tmp_path / "out")  # wrong root: every image is missing
     assert result.exit_code == 2 and "no row could be packed" in result.stderr
+
+
+def _split(tmp_path, name, materials, broken=(), captions=None):
+    """A CSV ``name``: row i has material ``materials[i - 1]``; rows in ``broken`` lack their tactile image."""
+    root = tmp_path / "data"
+    rows = []
+    for i, material in enumerate(materials, start=1):
+        vision, tactile = f"{name}/{i}/rgb.jpg", f"{name}/{i}/tac.png"
+        _image(root / vision, i, "JPEG")
+        if i not in broken:
+            _image(root / tactile, 100 + i, "PNG")
+        rows.append({"url": vision, "tactile": tactile, "material": material, "force": str(i),
+                     "caption": captions[i - 1] if captions else f"row {i}"})
+    path = tmp_path / f"{name}.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["url", "tactile", "material", "force", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path, root
+
+
+def _records(out):
+    m = read_manifest(out / "dataset.json", kind="dataset")
+    return m, [json.loads(s.files["json"]) for shard in m["shards"] for s in iter_shard(out / shard["path"])]
+
+
+def test_only_packed_rows_enter_the_schema(tmp_path):
+    csv_path, root = _split(tmp_path, "train", ["wood", "metal", "glass", "wood"], broken=(3,))
+    assert _pack(csv_path, root, tmp_path / "out").exit_code == 0
+    m, records = _records(tmp_path / "out")
+    assert m["labels"]["material"]["classes"] == ["metal", "wood"]  # glass only on the skipped row
+    assert m["labels"]["force"]["range"] == [1.0, 4.0] and [r["material"] for r in records] == [1, 0, 1]
+
+
+def test_labels_from_gives_every_split_the_same_indices(tmp_path):
+    train_csv, root = _split(tmp_path, "train", ["wood", "metal", "fabric", "metal"])
+    test_csv, _ = _split(tmp_path, "test", ["metal", "wood", "glass"], broken=(3,))  # no fabric; glass is skipped
+    assert _pack(train_csv, root, tmp_path / "train").exit_code == 0
+    train = tmp_path / "train" / "dataset.json"
+    result = CliRunner().invoke(main, ["pack", str(test_csv), "--root", str(root), "--out", str(tmp_path / "test"),
+                                       "--labels-from", str(train)])
+    assert result.exit_code == 0, result.output
+    m, records = _records(tmp_path / "test")
+    assert m["labels"] == read_manifest(train, kind="dataset")["labels"]  # its labels are the default --label-col
+    assert [(r["material"], r["material_name"]) for r in records] == [(1, "metal"), (2, "wood")]
+    assert m["config"]["labels_from"] == str(train) and m["inputs"][1]["role"] == "labels_from"
+    assert m["inputs"][1]["sha256"] == sha256_file(train) and "--labels-from" in m["command"]
+
+
+def test_labels_from_refuses_a_class_the_training_split_lacks(tmp_path):
+    train_csv, root = _split(tmp_path, "train", ["wood", "metal"])
+    test_csv, _ = _split(tmp_path, "test", ["metal", "glass"])
+    assert _pack(train_csv, root, tmp_path / "train").exit_code == 0
+    result = CliRunner().invoke(main, ["pack", str(test_csv), "--root", str(root), "--out", str(tmp_path / "test"),
+                                       "--labels-from", str(tmp_path / "train" / "dataset.json"), "--label-col",
+                                       "material"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()  # the images are checked first: the progress line comes before
+    assert lines[-1].startswith("error: row 2: material 'glass' is not a class"), result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1
+    assert not (tmp_path / "test" / "dataset.json").exists()
+
+
+def test_free_text_stays_text_unless_named_as_a_class(tmp_path):
+    captions = [f"{w} and {i % 3}" for i, w in enumerate(["smooth", "rough", "soft", "hard"] * 3)]
+    csv_path, root = _split(tmp_path, "train", ["wood", "metal"] * 6, captions=captions)
+    assert _pack(csv_path, root, tmp_path / "a", "--label-col", "caption").exit_code == 0
+    m, records = _records(tmp_path / "a")
+    assert m["labels"]["caption"] == {"type": "text"} and m["labels"]["material"]["type"] == "categorical"
+    assert [r["caption"] for r in records] == captions and "caption_name" not in records[0]
+    assert _pack(csv_path, root, tmp_path / "b", "--label-col", "caption:class").exit_code == 0
+    m, records = _records(tmp_path / "b")
+    assert m["labels"]["caption"] == {"type": "categorical", "classes": sorted(captions)}
+    assert records[0]["caption"] == sorted(captions).index(captions[0]) and records[0]["caption_name"] == captions[0]
