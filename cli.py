@@ -406,6 +406,9 @@ def sweep(features: str, val_features: str | None, out: str, space_file: str | N
                        command=["regtok", *sys.argv[1:]], console=console)
     _print_trials(console, report)
     click.echo(str(Path(out) / "report.json"))
+    if report["trials"] and not report["counts"]["complete"] + report["counts"]["pruned"]:
+        first = report["trials"][0]
+        raise RegtokError(f"every trial failed (first: trial {first['number']}: {first['error']}); see report.md")
 
 
 def _print_trials(console, report: dict, top: int = 10) -> None:

@@ -66,9 +66,15 @@ def decode_image(data: bytes) -> Image.Image:
         raise ImageDecodeError(f"undecodable image ({type(e).__name__}: {e})") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit grey: convert("RGB") would clip at 255
         arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if img.mode != "I" or arr.max() > 255 else 255.0  # "I" holds 16-bit PNGs in older Pillow
+        top = 65535.0 if img.mode != "I" or _png_bit_depth(data) == 16 or arr.max() > 255 else 255.0  # "I": 16-bit
+        # PNGs in older Pillow; the file's own bit depth decides, so a dark 16-bit image is not read as 8-bit
         img = Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8))  # "L"
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _png_bit_depth(data: bytes) -> int | None:
+    """The bit depth in a PNG's IHDR chunk (byte 24), or None for other formats."""
+    return data[24] if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 else None
 
 
 def prep_from_transform(transform: Callable) -> ImagePrep:

@@ -85,6 +85,10 @@ def rerun(path: str | Path, out: str | Path, *, root: str | Path | None = None, 
     guard = PathGuard([Path(root)] if root else [mpath.absolute().parent.parent, Path.cwd()], allow_outside)
     if out.resolve() == mpath.absolute().parent.resolve():
         raise RegtokError("rerun must write into a new directory, not over the recorded result")
+    if m["kind"] == "sweep":
+        trial = mpath.parent / "trials" / "0000"
+        raise RegtokError(f"{mpath} is a sweep: rerun one of its trials (a run, e.g. {trial}), or run the sweep's "
+                          "command again to continue it")
     runner = {"dataset": _rerun_dataset, "features": _rerun_features, "run": _rerun_run, "eval": _rerun_eval}
     try:
         _check_recorded(mpath, m, guard)
@@ -130,6 +134,8 @@ def _guard_store(guard: PathGuard, store: Path, what: str) -> None:
     read must lie in the tree."""
     import h5py
 
+    from pipeline.store import virtual_sources
+
     mpath = guard.check(manifest_path(store), f"{what} manifest")
     m = read_manifest(mpath, kind="features")
     index = guard.check(mpath.parent / m["outputs"].get("index", "features.h5"), f"{what} index")
@@ -137,10 +143,8 @@ def _guard_store(guard: PathGuard, store: Path, what: str) -> None:
         guard.check(resolve_path(mpath, rec["path"]), f"{what} part")
     if not index.is_file():
         return  # opening the store says so
-    sources: set[str] = set()
     with h5py.File(index, "r") as f:
-        f.visititems(lambda name, obj: sources.update(vs.file_name for vs in obj.virtual_sources())
-                     if isinstance(obj, h5py.Dataset) and obj.is_virtual else None)
+        sources = virtual_sources(f)
     for name in sorted(sources):
         guard.check(name if Path(name).is_absolute() else index.parent / name, f"{what} virtual source")
 

@@ -445,9 +445,11 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
         t_train = time.perf_counter()
         notify(f"training on {len(train_rows)} samples ({kind} features, {data.steps_per_epoch} steps/epoch of "
                f"{data.batch_size}), validating on {len(val_rows)}, device {device}, {world} rank(s)")
-        result = train(model, data, cfg, writer, val=val, resume=state)
-        if writer is not None:
-            writer.close()
+        try:
+            result = train(model, data, cfg, writer, val=val, resume=state)
+        finally:  # a sweep worker runs many trials: a failed one must not leave its files open
+            if writer is not None:
+                writer.close()
         if result.status not in ("done", "stopped"):
             where = f"; last good state (step {result.step}) saved in {out}" if rank == 0 else ""
             raise RegtokError(f"{result.message}; stopped{where}")

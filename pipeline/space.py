@@ -95,7 +95,7 @@ def parse_space(data: Any, where: str) -> dict[str, Param]:
         if isinstance(value, list | tuple):
             if not value:
                 raise RegtokError(f"{where}: {name} has an empty list of choices")
-            space[name] = Choices(tuple(value))
+            space[name] = Choices(tuple(_number(v, tp) for v in value))
         elif isinstance(value, dict):
             if tp not in (int, float):
                 raise RegtokError(f"{where}: {name} is a {tp.__name__} key; give it a list of choices, not a range")
@@ -114,6 +114,16 @@ def parse_space(data: Any, where: str) -> dict[str, Param]:
         else:
             raise RegtokError(f"{where}: {name} must be a list of choices or a {{low, high}} range, got {value!r}")
     return space
+
+
+def _number(value: Any, tp: type) -> Any:
+    """``"1e-3"`` (YAML 1.1 reads it as text) → 0.001 for a float key; other values unchanged."""
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_grid(items: typing.Iterable[str]) -> dict[str, Any]:

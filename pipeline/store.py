@@ -333,7 +333,19 @@ def open_store(path: str | os.PathLike) -> FeatureStore:
                     found = "missing" if ds is None else f"of shape {getattr(ds, 'shape', '?')}"
                     raise RegtokError(f"{root / INDEX_NAME}: /{modality}/{kind} is {found}, the manifest records "
                                       f"{samples} rows; rebuild the store with `regtok extract`")
+        for name in virtual_sources(f):  # a file the index reads but the manifest may not list: zeros if absent
+            if not (Path(name) if Path(name).is_absolute() else root / name).is_file():
+                raise RegtokError(f"{root}: the index reads {name}, which is missing; rebuild it by running the "
+                                  "same `regtok extract` command again")
     return store
+
+
+def virtual_sources(f: h5py.File) -> set[str]:
+    """The files the virtual datasets of an open index read (as the index names them)."""
+    sources: set[str] = set()
+    f.visititems(lambda name, obj: sources.update(vs.file_name for vs in obj.virtual_sources())
+                 if isinstance(obj, h5py.Dataset) and obj.is_virtual else None)
+    return sources
 
 
 HASH_PARTS_UP_TO = 256 << 20  # bytes: a store this small has every part hashed when it is opened

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.space import Choices, Param, as_overrides, check_space, diff_from_defaults, space_json, trial_config
+from pipeline.space import Choices, Param, check_space, space_json
 from regtok.config import TrainConfig, to_dict
 from regtok.errors import RegtokError
 
@@ -114,14 +114,16 @@ def safe_url(url: str) -> str:
         return url
 
 
-def make_sampler(scfg: SweepConfig, space: dict[str, Param], worker: int = 0) -> Any:
+def make_sampler(scfg: SweepConfig, space: dict[str, Param], seed: int | None = None) -> Any:
+    """The Optuna sampler; workers pass their own ``seed`` so that they do not propose the same points."""
     import optuna
 
+    seed = scfg.seed if seed is None else seed
     if scfg.sampler == "grid":
-        return optuna.samplers.GridSampler({k: list(p.values) for k, p in space.items()}, seed=scfg.seed)
-    if scfg.sampler == "tpe":  # each worker its own seed, so parallel workers do not propose the same point
-        return optuna.samplers.TPESampler(seed=scfg.seed + worker, constant_liar=True)
-    return optuna.samplers.RandomSampler(seed=scfg.seed + worker)
+        return optuna.samplers.GridSampler({k: list(p.values) for k, p in space.items()}, seed=seed)
+    if scfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def make_pruner(scfg: SweepConfig, epochs: int) -> Any:
@@ -143,20 +145,30 @@ def n_trials(scfg: SweepConfig, space: dict[str, Param]) -> int:
     return scfg.trials or 20
 
 
-def open_study(scfg: SweepConfig, storage: Any, space: dict[str, Param], base: TrainConfig) -> Any:
-    """Create the study, or load it when it exists; an existing study must have the same space, base and metric."""
+def open_study(scfg: SweepConfig, storage: Any, space: dict[str, Param], base: TrainConfig,
+               data: dict[str, str | None]) -> Any:
+    """Create the study (queueing every grid point once), or load it when it exists; an existing study must have
+    the same space, base config, metric, sampler and data (the stores' manifest hashes)."""
+    import itertools
+
     import optuna
 
-    identity = {"space": space_json(space), "base": to_dict(base), "metric": scfg.metric, "sampler": scfg.sampler}
+    identity = {"space": space_json(space), "base": to_dict(base), "metric": scfg.metric, "sampler": scfg.sampler,
+                "data": data}
     study = optuna.create_study(storage=storage, study_name=scfg.study, direction="maximize", load_if_exists=True,
                                 sampler=make_sampler(scfg, space), pruner=make_pruner(scfg, base.epochs))
     recorded = study.user_attrs.get("regtok")
     if recorded is None:
         study.set_user_attr("regtok", identity)
+        if scfg.sampler == "grid":  # each point a waiting trial, taken by exactly one worker (sweep_worker.py)
+            names = list(space)
+            points = list(itertools.product(*(space[n].values for n in names)))[:n_trials(scfg, space)]
+            for values in points:
+                study.enqueue_trial(dict(zip(names, values, strict=True)), skip_if_exists=True)
     elif recorded != identity:
         what = [k for k in identity if recorded.get(k) != identity[k]]
         raise RegtokError(f"study {scfg.study!r} in {safe_url(scfg.storage or '')} exists with another "
-                          f"{' and '.join(what)}; pass another --study or --out")
+                          f"{' and '.join(what)}; choose another --out (and --study on a shared --storage)")
     return study
 
 
@@ -188,135 +200,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-# ── workers ─────────────────────────────────────────────────────────────────────────────────────────
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker process needs (plain data: it crosses a process boundary)."""
-
-    sweep_dir: str
-    storage: str
-    features: str
-    val_features: str | None
-    space: dict[str, Any]  # space_json
-    base: dict[str, Any]  # to_dict(TrainConfig)
-    sweep: dict[str, Any]  # asdict(SweepConfig)
-    total: int
-    index: int = 0
-    threads: int | None = None  # torch threads in this worker (CPU: cores / jobs)
-    parent_pid: int | None = None  # stop when the sweep that started this worker is gone
-
-
-class _Surplus(Exception):
-    """The study already has its trials (finished or running); this one is not run."""
-
-
-def run_worker(spec: WorkerSpec, on_trial: Any = None) -> None:
-    """Run trials of the study until it has ``spec.total`` finished ones (or the grid is exhausted)."""
-    import optuna
-
-    from pipeline.runs import StoreCache
-    from pipeline.space import parse_space
-
-    if spec.threads:
-        import torch
-
-        torch.set_num_threads(spec.threads)
-    quiet_optuna()
-    scfg = SweepConfig(**spec.sweep)
-    space = parse_space(spec.space, "space")
-    base = trial_config(spec.base, {})
-    study = optuna.load_study(study_name=scfg.study, storage=open_storage(spec.storage),
-                              sampler=make_sampler(scfg, space, spec.index), pruner=make_pruner(scfg, base.epochs))
-    cache = StoreCache()  # the store is read once per worker, not once per trial
-
-    def objective(trial: Any) -> float:
-        return _run_trial(trial, spec, scfg, space, base, cache)
-
-    def after(study: Any, trial: Any) -> None:
-        if on_trial is not None:
-            on_trial()
-        if spec.parent_pid is not None and os.getppid() != spec.parent_pid:
-            study.stop()  # the sweep was killed: do not run on as an orphan
-
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(spec.total, states=states), after],
-                   catch=(Exception,), gc_after_trial=False)
-
-
-def _run_trial(trial: Any, spec: WorkerSpec, scfg: SweepConfig, space: dict[str, Param], base: TrainConfig,
-               cache: Any) -> float:
-    import optuna
-
-    from pipeline.runs import train_run
-
-    if _taken(trial) >= spec.total:
-        trial.set_user_attr("surplus", True)
-        trial.study.stop()
-        raise _Surplus("the study has all its trials")
-    trial.set_user_attr("host", socket.gethostname())
-    trial.set_user_attr("pid", os.getpid())
-    out = Path(spec.sweep_dir) / "trials" / f"{trial.number:04d}"
-    trial.set_user_attr("path", str(out.relative_to(spec.sweep_dir)))
-    t0 = time.perf_counter()
-    try:
-        params = {name: param.suggest(trial, name) for name, param in space.items()}
-        cfg = trial_config(base, params)
-
-        def stop(record: dict[str, Any]) -> str | None:
-            value = metric_value(record, scfg.metric)
-            trial.report(value, record["epoch"])
-            trial.set_user_attr("epochs", record["epoch"] + 1)
-            if trial.should_prune():
-                return f"pruned by the {scfg.pruner} pruner after epoch {record['epoch'] + 1}"
-            return None
-
-        if out.exists():  # a directory a deleted study left behind under the same trial number
-            import shutil
-
-            shutil.rmtree(out)
-        _, result = train_run(spec.features, out, cfg, val_features=spec.val_features,
-                              command=trial_command(spec, out, cfg), stop=stop, cache=cache,
-                              tensorboard=scfg.tensorboard)
-    except Exception as e:
-        trial.set_user_attr("error", f"{type(e).__name__}: {e}" if not isinstance(e, RegtokError) else str(e))
-        trial.set_user_attr("seconds", time.perf_counter() - t0)
-        raise
-    trial.set_user_attr("seconds", time.perf_counter() - t0)
-    value = metric_value(result.metrics, scfg.metric)
-    trial.set_user_attr("last_value", value)
-    if result.status == "stopped":
-        raise optuna.TrialPruned(result.message)
-    trial.set_user_attr("epochs", cfg.epochs)
-    return value
-
-
-def _taken(trial: Any) -> int:
-    """Trials of the study that count towards its total, other than ``trial``: finished, running, queued."""
-    from optuna.trial import TrialState
-
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-    return sum(t.number != trial.number for t in trial.study.get_trials(deepcopy=False, states=states))
-
-
-def trial_command(spec: WorkerSpec, out: Path, cfg: TrainConfig) -> list[str]:
-    """The `regtok train` command that makes the same run (what its manifest records)."""
-    val = ["--val-features", spec.val_features] if spec.val_features else []
-    return ["regtok", "train", "--features", spec.features, *val, "--out", str(out),
-            *as_overrides(diff_from_defaults(cfg))]
-
-
-def _spawn_worker(spec: WorkerSpec) -> None:  # the target of a worker process
-    from regtok.errors import RegtokError as Error
-
-    try:
-        run_worker(spec)
-    except Error as e:
-        print(f"error: worker {spec.index}: {e}", flush=True)
-        raise SystemExit(2) from None
-
-
 # ── the sweep ───────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -324,21 +207,25 @@ def run_sweep(features: str | os.PathLike, out: str | os.PathLike, scfg: SweepCo
               base: TrainConfig, *, val_features: str | os.PathLike | None = None, command: list[str] | None = None,
               console: Any = None, show_progress: bool = True) -> dict[str, Any]:
     """The whole `regtok sweep` stage; returns the report dict after writing every file."""
-    from pipeline.manifest import read_manifest
+    from pipeline.manifest import manifest_path, sha256_file
+    from pipeline.store import open_store
     from pipeline.sweep_report import write_outputs
+    from pipeline.sweep_worker import WorkerSpec
 
     out = Path(out).absolute()
     t0 = time.perf_counter()
     check_space(space, base, scfg.sampler, "search space")
+    _check_metric(scfg.metric, space, base)
     if val_features is None and base.val_fraction <= 0:
         raise RegtokError("a sweep scores trials on validation data: pass --val-features or --val-fraction > 0")
-    read_manifest(features, kind="features")  # a clear error now rather than in every worker
-    if val_features is not None:
-        read_manifest(val_features, kind="features")
-    _claim(out)
-    out.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for role, path in (("features", features), ("val_features", val_features)):
+        if path is not None:
+            open_store(path)  # a clear error now rather than one per trial
+            data[role] = sha256_file(manifest_path(path))
     url = scfg.storage or default_storage(out)
-    study = open_study(SweepConfig(**{**asdict(scfg), "storage": url}), open_storage(url), space, base)
+    _claim(out, scfg.study, safe_url(url))
+    study = open_study(SweepConfig(**{**asdict(scfg), "storage": url}), open_storage(url), space, base, data)
     retried = recover_interrupted(study)
     if retried and console is not None:
         console.print(f"trial(s) {', '.join(map(str, retried))} were running when the sweep stopped: queued again")
@@ -351,26 +238,48 @@ def run_sweep(features: str | os.PathLike, out: str | os.PathLike, scfg: SweepCo
                          command=command, seconds=time.perf_counter() - t0)
 
 
-SWEEP_FILES = {"study.db", "trials", "report.json", "report.md", "sweep.png", "best.yaml", "manifest.json"}
+SWEEP_FILES = {"study.db", "study.db-journal", "study.db-wal", "study.db-shm", "trials", "report.json", "report.md",
+               "sweep.png", "best.yaml", "manifest.json", "sweep.json"}
 
 
-def _claim(out: Path) -> None:
-    """A sweep writes into an empty directory or an earlier sweep's (to continue it), nowhere else."""
+def _claim(out: Path, study: str, storage: str) -> None:
+    """A sweep writes into an empty directory or its own earlier one (to continue it), nowhere else.
+
+    ``OUT/sweep.json`` names the study and storage the directory belongs to: the trial directories of two
+    studies would have the same names.
+    """
     from pipeline.manifest import read_manifest
 
-    if not out.exists():
-        return
-    if not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise RegtokError(f"--out {out} is a file, not a directory")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in SWEEP_FILES and not p.name.startswith("."))
-    if foreign:
-        raise RegtokError(f"--out {out} holds files that are not a sweep's ({', '.join(foreign[:3])}); "
-                          "choose another --out")
-    if (out / "manifest.json").is_file():
-        read_manifest(out, kind="sweep")  # another stage's directory is refused
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in SWEEP_FILES and not p.name.startswith("."))
+        if foreign:
+            raise RegtokError(f"--out {out} holds files that are not a sweep's ({', '.join(foreign[:3])}); "
+                              "choose another --out")
+        if (out / "manifest.json").is_file():
+            read_manifest(out, kind="sweep")  # another stage's directory is refused
+        owner = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() else None
+        if owner is not None and owner != {"study": study, "storage": storage}:
+            raise RegtokError(f"--out {out} belongs to study {owner['study']!r} in {owner['storage']}; "
+                              "choose another --out")
+        if owner is None and (out / "trials").is_dir() and any((out / "trials").iterdir()):
+            raise RegtokError(f"--out {out} holds trials of an unknown study; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"study": study, "storage": storage}) + "\n")
 
 
-def _run_workers(spec: WorkerSpec, jobs: int, study: Any, total: int, console: Any, show_progress: bool) -> None:
+def _check_metric(metric: str, space: dict[str, Param], base: TrainConfig) -> None:
+    """Flow metrics exist only for runs with a flow head: every loss type the sweep can train must have one."""
+    if not metric.startswith("val_r1_flow"):
+        return
+    param = space.get("model.loss_type")
+    losses = set(param.values) if isinstance(param, Choices) else {base.model.loss_type}
+    if "contrastive" in losses:
+        raise RegtokError(f"--metric {metric} needs a flow head, which contrastive runs lack; use val/select")
+
+
+def _run_workers(spec: Any, jobs: int, study: Any, total: int, console: Any, show_progress: bool) -> None:
     """One worker in this process, or ``jobs`` worker processes, with a progress display of the study."""
     import multiprocessing as mp
 
@@ -388,13 +297,15 @@ def _run_workers(spec: WorkerSpec, jobs: int, study: Any, total: int, console: A
                 console.print(line)
             printed.update(n for n, _ in finished)
 
+    from pipeline.sweep_worker import WorkerSpec, run_worker, spawn_worker
+
     with bar:
         if jobs == 1:
             run_worker(spec, on_trial=refresh)
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
             ctx = mp.get_context("spawn")  # torch and sqlite connections do not survive fork
-            procs = [ctx.Process(target=_spawn_worker, args=(WorkerSpec(**{**asdict(spec), "index": i,
+            procs = [ctx.Process(target=spawn_worker, args=(WorkerSpec(**{**asdict(spec), "index": i,
                                                                            "threads": threads,
                                                                            "parent_pid": os.getpid()}),))
                      for i in range(jobs)]
@@ -440,4 +351,3 @@ def _status(study: Any) -> tuple[int, str, list[tuple[int, str]]]:
     return count[TrialState.COMPLETE] + count[TrialState.PRUNED], status, finished
 
 
-__all__ = ["Choices", "SweepConfig", "run_sweep", "run_worker", "metric_value"]

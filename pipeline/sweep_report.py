@@ -9,8 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.space import Choices, Param, Range, diff_from_defaults, space_json
-from regtok.config import TrainConfig, from_dict, to_dict
+from pipeline.space import Choices, Param, Range, diff_from_defaults, space_json, trial_config
+from regtok.config import TrainConfig, to_dict
 
 
 def trial_rows(study: Any) -> list[dict[str, Any]]:
@@ -54,7 +54,7 @@ def write_outputs(out: Path, study: Any, scfg: Any, space: dict[str, Param], bas
     files = ["report.json", "report.md"]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if best is not None:
-        best_cfg = _trial_config(out, best)
+        best_cfg = trial_config(base, best["params"])  # not the trial's files: it may have run on another machine
         report["best"]["config"] = diff_from_defaults(best_cfg)
         _write_best_yaml(out / "best.yaml", best, best_cfg, scfg.metric)
         files.append("best.yaml")
@@ -73,11 +73,6 @@ def write_outputs(out: Path, study: Any, scfg: Any, space: dict[str, Param], bas
                             metric=scfg.metric, trials=trials, best=None if best is None else best["number"])
     write_manifest(out / "manifest.json", manifest)
     return report
-
-
-def _trial_config(out: Path, row: dict[str, Any]) -> TrainConfig:
-    saved = json.loads((out / row["path"] / "config.json").read_text())["train"]
-    return from_dict(TrainConfig, saved)
 
 
 def _write_best_yaml(path: Path, best: dict[str, Any], cfg: TrainConfig, metric: str) -> None:

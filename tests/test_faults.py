@@ -457,3 +457,16 @@ def test_13_plain_progress_lines_without_a_terminal(data, tmp_path):
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("extract: ")]
     assert [ln.split()[1] for ln in lines] == ["1/2", "2/2"], result.stderr
     assert "samples" in lines[-1] and "━" not in result.stderr  # no cut-off bar
+
+
+def test_1_a_part_the_index_reads_but_the_manifest_lacks_is_checked_too(store):
+    """The index's own virtual sources are checked, not only the parts the manifest lists."""
+    from pipeline.manifest import read_manifest, write_manifest
+    from pipeline.store import open_store
+
+    m = read_manifest(store / "manifest.json")
+    m["parts"] = m["parts"][:1]  # an edited manifest that no longer lists the second part
+    write_manifest(store / "manifest.json", m)
+    (store / "parts" / "shard-000001.h5").unlink()
+    with pytest.raises(RegtokError, match="shard-000001.h5, which is missing"):
+        open_store(store)

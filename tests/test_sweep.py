@@ -133,6 +133,45 @@ def test_a_sweep_writes_only_into_its_own_directory(store, tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_an_invalid_combination_fails_once_and_the_rest_run(store, tmp_path):
+    out = tmp_path / "sweep"
+    grid = ["--grid", "model.n_registers=4,8", "--grid", "model.n_shared=2,8"]  # (4, 8) cannot be built
+    for _ in range(2):  # the second run continues a finished sweep: nothing is repeated
+        code, _, stderr = invoke("sweep", "--features", str(store), "--out", str(out), *grid, "--no-prune", *BASE,
+                                 "--epochs", "1")
+        assert code == 0, stderr
+        trials = trials_of(out)
+        assert sorted(t["state"] for t in trials.values()) == ["complete"] * 3 + ["fail"]
+    failed = next(t for t in trials.values() if t["state"] == "fail")
+    assert failed["params"] == {"model.n_registers": 4, "model.n_shared": 8} and "n_shared" in failed["error"]
+
+
+def test_a_sweep_whose_trials_all_fail_ends_with_an_error(store, tmp_path):
+    grid = ["--grid", "model.n_registers=4", "--grid", "model.n_shared=8"]
+    code, _, stderr = invoke("sweep", "--features", str(store), "--out", str(tmp_path / "s"), *grid, "--sampler",
+                             "random", "--trials", "2", *BASE)
+    assert code == 2 and "error: every trial failed" in stderr
+    assert len(trials_of(tmp_path / "s")) == 2
+
+
+def test_a_resumed_random_sweep_proposes_new_points(store, tmp_path):
+    (tmp_path / "lr.yaml").write_text("lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    args = ["sweep", "--features", str(store), "--out", str(tmp_path / "s"), "--space", str(tmp_path / "lr.yaml"),
+            "--sampler", "random", "--no-prune", *BASE, "--epochs", "1"]
+    assert invoke(*args, "--trials", "2")[0] == 0
+    code, _, stderr = invoke(*args, "--trials", "4")
+    assert code == 0, stderr
+    lrs = [t["params"]["lr"] for t in trials_of(tmp_path / "s").values()]
+    assert len(lrs) == 4 and len(set(lrs)) == 4
+
+
+def test_another_study_in_the_same_out_is_refused(swept, store):
+    code, _, stderr = invoke("sweep", "--features", str(store), "--out", str(swept), *GRID, "--study", "other",
+                             "--no-prune", *BASE)
+    assert code == 2 and "belongs to study 'regtok'" in stderr
+    assert len(trials_of(swept)) == 4
+
+
 def test_nested_space_yaml_equals_dotted_keys():
     nested = parse_space(yaml.safe_load("model:\n  n_layers: [1, 2]\nlr: {low: 0.0001, high: 0.01, log: true}\n"), "x")
     dotted = parse_space({"model.n_layers": [1, 2], "lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "x")
@@ -266,8 +305,9 @@ def test_tensorboard_missing_is_one_line(store, tmp_path, monkeypatch):
 
 
 def test_compare_runs_marks_differing_keys_and_plots(swept, tmp_path):
-    code, stdout, stderr = invoke("compare", str(swept / "trials" / "0000"), str(swept / "trials" / "0001"),
-                                  "--out", str(tmp_path / "cmp"))
+    one, two = (next(t["path"] for t in trials_of(swept).values() if t["params"]["model.n_layers"] == n)
+                for n in (1, 2))
+    code, stdout, stderr = invoke("compare", str(swept / one), str(swept / two), "--out", str(tmp_path / "cmp"))
     assert code == 0, stderr
     assert "val/R@1" in stdout and "model.n_layers" in stdout and "beta1" not in stdout
     md = (tmp_path / "cmp" / "compare.md").read_text()

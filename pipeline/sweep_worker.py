@@ -1,0 +1,173 @@
+"""A sweep worker: trials of one Optuna study, run one after another in this process on one cached store.
+
+How each trial runs exactly once, with any number of workers on any number of machines:
+
+- **grid:** the sweep queues every grid point once, as a waiting trial (``enqueue_trial``). Optuna's move of a
+  waiting trial to running is atomic in the storage, so each point is taken by one worker. A trial Optuna
+  creates because the queue is empty is *surplus*: it is failed at once, marked ``surplus`` (reports leave it
+  out), and its worker stops.
+- **tpe / random:** a new trial is surplus when the trials numbered below it (settled, running or queued)
+  already reach the total, so two workers asking at the same time never both decline or both run the last one.
+- **retries:** a trial whose worker died is failed and queued again with the same parameters
+  (``RetryHeartbeatStaleTrialCallback``); a retry is never surplus. Settled = complete, pruned, or failed and
+  not retried; a failed trial counts, so a sweep of trials that all fail still ends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.space import Param, as_overrides, diff_from_defaults, parse_space, trial_config
+from regtok.config import TrainConfig
+from regtok.data import derive_seed
+from regtok.errors import RegtokError
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs (plain data: it crosses a process boundary)."""
+
+    sweep_dir: str
+    storage: str
+    features: str
+    val_features: str | None
+    space: dict[str, Any]  # space_json
+    base: dict[str, Any]  # to_dict(TrainConfig)
+    sweep: dict[str, Any]  # asdict(SweepConfig)
+    total: int
+    index: int = 0
+    threads: int | None = None  # torch threads in this worker (CPU: cores / jobs)
+    parent_pid: int | None = None  # stop when the sweep that started this worker is gone
+
+
+class Surplus(Exception):
+    """The study already has its trials; this one is not run (see the module docstring)."""
+
+
+def run_worker(spec: WorkerSpec, on_trial: Any = None) -> None:
+    """Run trials until the study has ``spec.total`` settled ones (or the grid's queue is empty)."""
+    import optuna
+
+    from pipeline.runs import StoreCache
+    from pipeline.sweep import SweepConfig, make_pruner, make_sampler, open_storage, quiet_optuna
+
+    if spec.threads:
+        import torch
+
+        torch.set_num_threads(spec.threads)
+    quiet_optuna()
+    scfg = SweepConfig(**spec.sweep)
+    space = parse_space(spec.space, "space")
+    base = trial_config(spec.base, {})
+    storage = open_storage(spec.storage)
+    started = len(optuna.load_study(study_name=scfg.study, storage=storage).trials)
+    # A resumed or second worker must not replay the proposals of the first: its seed depends on where it joins.
+    seed = derive_seed(scfg.seed, "sampler", spec.index, started, socket.gethostname() if scfg.storage else "")
+    study = optuna.load_study(study_name=scfg.study, storage=storage, pruner=make_pruner(scfg, base.epochs),
+                              sampler=make_sampler(scfg, space, seed % 2**31))
+    cache = StoreCache()  # the store is read once per worker, not once per trial
+
+    def objective(trial: Any) -> float:
+        return run_trial(trial, spec, scfg, space, base, cache)
+
+    def after(study: Any, trial: Any) -> None:
+        if on_trial is not None:
+            on_trial()
+        if settled(study) >= spec.total or trial.user_attrs.get("surplus"):
+            study.stop()
+        if spec.parent_pid is not None and os.getppid() != spec.parent_pid:
+            study.stop()  # the sweep was killed: do not run on as an orphan
+
+    study.optimize(objective, callbacks=[after], catch=(Exception,), gc_after_trial=False)
+
+
+def settled(study: Any) -> int:
+    """Trials that are done: complete, pruned, or failed and not queued again (surplus ones excluded)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    return sum(t.state in done or (t.state == TrialState.FAIL and t.number not in retried
+                                   and not t.user_attrs.get("surplus")) for t in trials)
+
+
+def _is_surplus(trial: Any, grid: bool, total: int) -> bool:
+    from optuna.trial import TrialState
+
+    attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
+    if "failed_trial" in attrs:
+        return False  # a retry of a trial whose worker died
+    if grid:
+        return "fixed_params" not in attrs  # not one of the queued grid points
+    trials = trial.study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    below = sum(t.number < trial.number and not t.user_attrs.get("surplus") and
+                (t.state in counted or (t.state == TrialState.FAIL and t.number not in retried)) for t in trials)
+    return below >= total
+
+
+def run_trial(trial: Any, spec: WorkerSpec, scfg: Any, space: dict[str, Param], base: TrainConfig,
+              cache: Any) -> float:
+    """One trial: an ordinary run in ``SWEEP/trials/NNNN``; its final ``scfg.metric`` is the value."""
+    import optuna
+
+    from pipeline.runs import train_run
+    from pipeline.sweep import metric_value
+
+    if _is_surplus(trial, scfg.sampler == "grid", spec.total):
+        trial.set_user_attr("surplus", True)
+        raise Surplus("the study has all its trials")
+    for key, value in (("host", socket.gethostname()), ("pid", os.getpid()), ("error", None)):
+        trial.set_user_attr(key, value)  # a retry inherits its original's attributes
+    out = Path(spec.sweep_dir) / "trials" / f"{trial.number:04d}"
+    trial.set_user_attr("path", str(out.relative_to(spec.sweep_dir)))
+    t0 = time.perf_counter()
+    try:
+        params = {name: param.suggest(trial, name) for name, param in space.items()}
+        cfg = trial_config(base, params)
+
+        def stop(record: dict[str, Any]) -> str | None:
+            epoch = record["epoch"] + 1  # epochs done: Optuna's step, and Hyperband's resource
+            trial.report(metric_value(record, scfg.metric), epoch)
+            trial.set_user_attr("epochs", epoch)
+            return f"pruned by the {scfg.pruner} pruner after epoch {epoch}" if trial.should_prune() else None
+
+        _, result = train_run(spec.features, out, cfg, val_features=spec.val_features,
+                              command=trial_command(spec, out, cfg), stop=stop, cache=cache,
+                              tensorboard=scfg.tensorboard)
+        value = metric_value(result.metrics, scfg.metric)
+    except Exception as e:
+        trial.set_user_attr("error", str(e) if isinstance(e, RegtokError) else f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        trial.set_user_attr("seconds", time.perf_counter() - t0)
+    trial.set_user_attr("last_value", value)
+    if result.status == "stopped":
+        raise optuna.TrialPruned(result.message)
+    trial.set_user_attr("epochs", cfg.epochs)
+    return value
+
+
+def trial_command(spec: WorkerSpec, out: Path, cfg: TrainConfig) -> list[str]:
+    """The `regtok train` command that makes the same run (what its manifest records)."""
+    val = ["--val-features", spec.val_features] if spec.val_features else []
+    return ["regtok", "train", "--features", spec.features, *val, "--out", str(out),
+            *as_overrides(diff_from_defaults(cfg))]
+
+
+def spawn_worker(spec: WorkerSpec) -> None:
+    """The target of a worker process: errors are one line on stderr and exit status 2."""
+    import sys
+
+    try:
+        run_worker(spec)
+    except RegtokError as e:
+        print(f"error: sweep worker {spec.index}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
