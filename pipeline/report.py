@@ -30,6 +30,7 @@ from pipeline.manifest import (
     write_json_atomic,
     write_manifest,
 )
+from pipeline.plots import group_ks, n_shared_of, plot_prefix
 from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
 from regtok.evaluate import EvalConfig, evaluate
@@ -147,6 +148,63 @@ def _train_features_manifest(run_manifest: Path) -> dict | None:
     return read_manifest(path, kind="features") if path is not None else None
 
 
+KEY_CONFIG = ("model.n_registers", "model.n_shared", "model.n_layers", "model.hidden_dim", "model.embed_dim",
+              "epochs", "batch_size", "lr")
+MIN_PROBE_ROWS = 100  # below this a probe's score is too noisy to read without a warning
+
+
+def describe_evaluated(run: Any, run_dir: Path, run_manifest: Path, store: Any, features: Path) -> dict[str, Any]:
+    """report["evaluated"]: the run, loss, closest preset and what differs, key config, encoders, stores with N."""
+    from pipeline.runs import weights_file
+    from regtok.config import to_dict
+
+    cfg = to_dict(run.train_config)
+    preset, diff = closest_preset(cfg)
+    rm = run.manifest or {}
+    encoders = {m: {"spec": e.get("spec"), "pooled_dim": e.get("pooled_dim"),
+                    "token_shape": e.get("token_shape") if store.has("tokens") else None}
+                for m, e in (store.manifest.get("encoders") or {}).items()}
+    out: dict[str, Any] = {
+        "run": str(run_dir), "weights": weights_file(run_dir), "step": run.step,
+        "command": " ".join(["regtok", *rm["command"][1:]]) if rm.get("command") else None,
+        "loss_type": cfg["model"]["loss_type"], "feature_kind": run.feature_kind, "preset": preset,
+        "differs_from_preset": diff, "key_config": {k: _dotted(cfg, k) for k in KEY_CONFIG}, "encoders": encoders,
+        "eval_store": {"path": str(features.parent if features.is_file() else features), "n": store.n}}
+    for role, key in (("features", "train_store"), ("val_features", "val_store")):
+        path = _run_input(run_manifest, role)
+        if path is not None:
+            out[key] = {"path": str(path.parent), "n": read_manifest(path, kind="features").get("samples")}
+    if "train_store" in out and "val_store" not in out:
+        out["train_store"].update(train_rows=rm.get("train_samples"), val_rows=rm.get("val_samples"))
+    return out
+
+
+def _dotted(cfg: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
+    return cfg if cfg != {} else None
+
+
+def _flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def closest_preset(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The named preset a resolved config differs least from, and those differences (dotted keys)."""
+    from regtok.config import PRESETS, TrainConfig, resolve, to_dict
+
+    flat, best = _flat(cfg), None
+    for name in PRESETS:
+        base = _flat(to_dict(resolve(TrainConfig, name)))
+        diff = {k: v for k, v in flat.items() if base.get(k) != v}
+        if best is None or len(diff) < len(best[1]):
+            best = (name, diff)
+    return best if best is not None else ("?", {})
+
+
 class EmbeddingWriter:
     """Receives (modality, k, (N, E)) from evaluate and writes embeddings.h5 under a temporary name."""
 
@@ -200,6 +258,7 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
     report["baselines"]["linear"] = linear
     report["headline"] = headline(report, run.model.cfg.loss_type)
     report["feature_kind"] = kind
+    report["evaluated"] = describe_evaluated(run, Path(run_dir), run_mpath, store, Path(features))
     written = write_report_files(report, out, console)
     if sink is not None:
         written.append(sink.close())
@@ -304,7 +363,8 @@ def _fmt(metric: str, value: Any) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     """The report's tables in GitHub markdown."""
     a, b = report["modalities"]
-    lines = [f"# regtok eval: {a} ↔ {b}", "", f"N = {report['n']} paired samples (the whole split is the gallery); "
+    lines = [f"# regtok eval: {a} ↔ {b}", "", *_md_evaluated(report.get("evaluated")),
+             f"N = {report['n']} paired samples (the whole split is the gallery); "
              f"recalls in %; rows k = shared-register prefix; tie rule: {report.get('tie_rule', '?')}.", "",
              "## Retrieval", ""]
     heads = [f"{a}→{b} {SHORT.get(c, c)}" for c in METRIC_COLS] + [f"{b}→{a} {SHORT.get(c, c)}" for c in METRIC_COLS]
@@ -350,25 +410,78 @@ def _md_row(cells: list[str]) -> str:
 
 
 def _md_probes(report: dict[str, Any]) -> list[str]:
+    """One table per modality: a row per label, a column per (register group, k) that adds information."""
     split = report.get("probe_split", {})
-    ks = report.get("prefixes", {}).get("probes") or sorted({p["k"] for p in report["probes"]})
+    n_shared = n_shared_of(report) if report["probes"] else None
     lines = ["## Prefix probes", "", f"Linear (ridge) probes on {split.get('feature', 'register means')}; fit on "
              f"{split.get('train', '?')} rows, scored on {split.get('test', '?')} held-out rows of this split "
-             "(accuracy in % for categorical labels, R² for continuous; — = empty group).", ""]
+             "(accuracy in % for categorical labels, R² for continuous; chance = a constant predictor, the "
+             "train-part majority class or mean, on the same rows; — = no score). Groups at prefix k: shared = "
+             f"registers [0, min(k, n_shared)), private = [n_shared, k), all = [0, k), with n_shared = {n_shared}. "
+             "Shared stops growing at k = n_shared and all equals shared up to there, so neither is repeated.", ""]
     if not report["probes"]:
         return lines + ["No label columns to probe."]
-    lines += [_md_row(["label", "metric", "modality", "group", *[f"k={k}" for k in ks]]),
-              _md_row(["---"] * (4 + len(ks)))]
-    cells: dict[tuple, dict[int, Any]] = {}
+    warning = small_probe_warning(report)
+    if warning:
+        lines += [f"> **Warning:** {warning}", ""]
+    ks = {g: v for g, v in group_ks(report).items() if v}
+    ks["all"] = [k for k in ks["all"] if k > n_shared] or ks["all"][-1:]  # all = shared for k <= n_shared
+    cols = [(g, k) for g, gks in ks.items() for k in gks]
+    cells = {(p["modality"], p["label"], p["group"], p["k"]): p for p in report["probes"]}
+    labels = sorted({p["label"] for p in report["probes"]})
+    for m in report["modalities"]:
+        lines += [f"### {m}", "", _md_row(["label", "chance", *[f"{g} k={k}" for g, k in cols]]),
+                  _md_row(["---"] * (2 + len(cols)))]
+        for label in labels:
+            found = [p for (pm, pl, _, _), p in cells.items() if pm == m and pl == label]
+            metric = found[0]["metric"] if found else "accuracy"
+            chance = next((p["chance"] for p in found if p.get("chance") is not None), None)
+            values = [cells.get((m, label, g, k), {}).get("value") for g, k in cols]
+            unit = "acc %" if metric == "accuracy" else "R²"
+            lines.append(_md_row([f"{label} ({unit})", _fmt(metric, chance), *[_fmt(metric, v) for v in values]]))
+        lines.append("")
+    return lines[:-1]
+
+
+def small_probe_warning(report: dict[str, Any]) -> str | None:
+    """A sentence naming the labels whose probes were fitted on fewer than MIN_PROBE_ROWS rows, else None."""
+    rows: dict[str, int] = {}
     for p in report["probes"]:
-        cells.setdefault((p["label"], p["metric"], p["modality"], p["group"]), {})[p["k"]] = p["value"]
-    for (label, metric, m, g), by_k in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][2])):
-        lines.append(_md_row([label, metric, m, g, *[_fmt(metric, by_k.get(k)) for k in ks]]))
-    chance = {p["label"]: _fmt(p["metric"], p["chance"]) for p in report["probes"] if p.get("chance") is not None}
-    if chance:
-        lines += ["", "Constant predictor (train-part majority class or mean) on the same rows: "
-                  + ", ".join(f"{label} {v}" for label, v in sorted(chance.items())) + "."]
-    return lines
+        if p.get("n_train") is not None:
+            rows[p["label"]] = min(rows.get(p["label"], p["n_train"]), p["n_train"])
+    if not rows and report.get("probe_split", {}).get("train") is not None and report["probes"]:
+        rows = {p["label"]: report["probe_split"]["train"] for p in report["probes"]}
+    small = {label: n for label, n in sorted(rows.items()) if n < MIN_PROBE_ROWS}
+    if not small:
+        return None
+    listed = ", ".join(f"{label} ({n})" for label, n in small.items())
+    return (f"probes fitted on fewer than {MIN_PROBE_ROWS} rows: {listed}. Their scores are noisy; evaluate on a "
+            "larger split (or raise --probe-max-samples) before reading them.")
+
+
+def _md_evaluated(ev: dict[str, Any] | None) -> list[str]:
+    """What was evaluated: the run, its loss, preset and key config, the encoders, the stores and their N."""
+    if not ev:
+        return []
+    diff = ", ".join(f"{k}={v}" for k, v in ev.get("differs_from_preset", {}).items()) or "nothing else"
+    key = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in ev.get("key_config", {}).items())
+    lines = ["## What was evaluated", "",
+             f"- Run: `{ev['run']}`, weights `{ev.get('weights', '?')}` (step {ev.get('step', '?')})"
+             + (f", trained by `{ev['command']}`" if ev.get("command") else ""),
+             f"- Loss: **{ev.get('loss_type', '?')}** on {ev.get('feature_kind', '?')} features",
+             f"- Config: preset `{ev.get('preset', '?')}` with {diff}; {key}"]
+    enc = ", ".join(f"{m} `{e.get('spec', '?')}` (pooled {e.get('pooled_dim', '?')}"
+                    + (f", tokens {'×'.join(map(str, e['token_shape']))}" if e.get("token_shape") else "") + ")"
+                    for m, e in ev.get("encoders", {}).items())
+    lines.append(f"- Encoders: {enc or 'not recorded'}")
+    for role, title in (("train_store", "Training store"), ("val_store", "Validation store"),
+                        ("eval_store", "Evaluation store")):
+        st = ev.get(role)
+        if st:
+            used = (f" ({st['train_rows']} rows trained on, {st['val_rows']} validated on)"
+                    if st.get("train_rows") is not None and st.get("val_rows") is not None else "")
+            lines.append(f"- {title}: `{st.get('path') or 'not readable'}`, N = {st.get('n', '?')}{used}")
+    return lines + [""]
 
 
 def _md_reconstruction(report: dict[str, Any]) -> list[str]:
@@ -395,49 +508,11 @@ def print_table(report: dict[str, Any], console: Console) -> None:
     if "headline" in report:
         style = "bold red" if report["headline"].get("below_baseline") else "bold"
         console.print(headline_sentence(report["headline"]), style=style)
+    warning = small_probe_warning(report) if report["probes"] else None
+    if warning:
+        console.print(f"warning: {warning}", style="yellow")
     rec = ", ".join(f"{r['modality']} k={r['k']}: {r['cosine']:.3f}" for r in report["reconstruction"])
     console.print(f"reconstruction cosine: {rec}")
-
-
-def plot_prefix(report: dict[str, Any], path: Path) -> Path | None:
-    """prefix.png: R@1 per direction against k, and each label's probe score per (modality, group) against k."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    labels = sorted({p["label"] for p in report["probes"]})
-    fig, axes = plt.subplots(1, 1 + len(labels), figsize=(4.5 * (1 + len(labels)), 3.6), squeeze=False)
-    ax = axes[0, 0]
-    ks = [r["k"] for r in report["retrieval"]]
-    for d, arrow in DIRECTIONS:
-        ax.plot(ks, [r[d]["R@1"] for r in report["retrieval"]], marker="o", label=f"{arrow} R@1")
-    for (name, label), style in zip(BASELINE_LABELS.items(), (":", "-."), strict=True):
-        row = report["baselines"].get("linear", {}).get(name, {})
-        if "a_to_b" in row:
-            ax.axhline(_mean_r1(row), ls=style, c="black", label=f"{label} (mean)")
-    ax.axhline(report["baselines"]["chance"]["a_to_b"]["R@1"], ls="--", c="gray", label="chance")
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="shared prefix k", ylabel="R@1", title="retrieval")
-    ax.legend(fontsize=7)
-    for ax, label in zip(axes[0, 1:], labels, strict=True):
-        series: dict[str, list[tuple[int, float]]] = {}
-        metric = ""
-        for p in report["probes"]:
-            if p["label"] == label and p["value"] is not None:
-                series.setdefault(f"{p['modality']}/{p['group']}", []).append((p["k"], p["value"]))
-                metric = p["metric"]
-        for name, pts in series.items():
-            ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="prefix k", ylabel=metric, title=f"probe: {label}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def demo_summary(console: Console, root: Path) -> None:
