@@ -208,9 +208,10 @@ def _row_label(report: dict[str, Any], label: str) -> str:
     return f"{label} (R², chance {_cell('r2', p['chance'])})"
 
 
-def plot_curves(records: list[dict[str, Any]], path: Path, best_epoch: int | None = None) -> Path | None:
-    """curves.png from metrics.jsonl records: every loss term and validation R@1 against epoch (0: before
-    training); per-step loss lines faint, per-epoch means with markers; the kept epoch marked."""
+def plot_curves(records: list[dict[str, Any]], path: Path, best_epoch: int | None = None,
+                modalities: Sequence[str] = ("A", "B")) -> Path | None:
+    """curves.png from metrics.jsonl records: every loss term (epoch means, and each logged step faint) and
+    validation R@1 against epoch (0: before training), the epoch whose weights were kept marked."""
     epochs = [r for r in records if r.get("type") == "epoch"]
     if not epochs:
         return None
@@ -226,22 +227,13 @@ def plot_curves(records: list[dict[str, Any]], path: Path, best_epoch: int | Non
         if steps:
             ax_loss.plot([r["step"] / per_epoch for r in steps], [r[term] for r in steps], color=colour, alpha=0.3,
                          lw=0.9)
-        ax_loss.plot([r["epoch"] + 1 for r in epochs if _finite(r.get(term))],
-                     [r[term] for r in epochs if _finite(r.get(term))], color=colour, marker="o", ms=4,
-                     lw=2.0 if term == "loss" else 1.4, label=term + (" (total)" if term == "loss" else ""))
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss terms (faint: every logged step)")
+        means = [(r["epoch"] + 0.5, r[term]) for r in epochs if _finite(r.get(term))]  # a mean over the epoch
+        if means:
+            ax_loss.plot(*zip(*means, strict=True), color=colour, marker="o", ms=4, lw=2.0 if term == "loss" else 1.4,
+                         label=term + (" (total)" if term == "loss" else ""))
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss terms: epoch means, every logged step faint")
     ax_loss.legend(fontsize=7, frameon=False)
-    vals = [r for r in records if r.get("type") in ("start", "epoch")]
-    keys = sorted({k for r in vals for k in r if k.startswith("val_r1_")})
-    for i, key in enumerate(keys):
-        pts = [(0 if r["type"] == "start" else r["epoch"] + 1, 100 * r[key]) for r in vals if _finite(r.get(key))]
-        ax_val.plot(*zip(*pts, strict=True), marker="os^v"[i % 4], ls=("-", "--")[i % 2], ms=5 - i % 2,
-                    color=f"C{i // 2}", mfc="white" if i % 2 else None, label=_val_label(key))
-    if best_epoch is not None:
-        ax_val.axvline(best_epoch + 1, color="gray", ls=":", lw=1.2, label=f"kept weights (epoch {best_epoch + 1})")
-    ax_val.set(xlabel="epoch (0: before training)", ylabel="validation R@1 (%)", title="validation retrieval")
-    if keys or best_epoch is not None:
-        ax_val.legend(fontsize=7, frameon=False)
+    _validation_panel(ax_val, [r for r in records if r.get("type") in ("start", "epoch")], best_epoch, modalities)
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -251,6 +243,27 @@ def plot_curves(records: list[dict[str, Any]], path: Path, best_epoch: int | Non
     return path
 
 
+def _validation_panel(ax: Any, records: list[dict[str, Any]], best_epoch: int | None,
+                      modalities: Sequence[str]) -> None:
+    """Validation R@1 (%) per prefix and direction after each epoch; coinciding lines' markers set apart."""
+    keys = sorted({k for r in records for k in r if k.startswith("val_r1_")})
+    values: list[float] = []
+    for i, key in enumerate(keys):
+        shift = 0.05 * (i - (len(keys) - 1) / 2)
+        pts = [(0 if r["type"] == "start" else r["epoch"] + 1, 100 * r[key]) for r in records if _finite(r.get(key))]
+        values += [y for _, y in pts]
+        ax.plot([x + shift for x, _ in pts], [y for _, y in pts], marker="os^v"[i % 4], ls=("-", "--")[i % 2],
+                ms=5, color=f"C{i // 2}", mfc="white" if i % 2 else None, label=_val_label(key, modalities))
+    if best_epoch is not None:
+        ax.axvline(best_epoch + 1, color="gray", ls=":", lw=1.2, label=f"kept weights (after epoch {best_epoch + 1})")
+    if values:
+        lo, hi = min(values), max(values)
+        pad = max(2.0, 0.08 * (hi - lo))
+        ax.set_ylim(max(-1.0, lo - pad), min(101.0, hi + pad))
+        ax.legend(fontsize=7, frameon=False)
+    ax.set(xlabel="epoch (0: before training)", ylabel="validation R@1 (%)", title="validation retrieval")
+
+
 _NOT_LOSS = {"type", "step", "epoch", "seconds", "samples_per_s", "logit_scale", "grad_norm", "lr"}
 
 
@@ -258,9 +271,9 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _val_label(key: str) -> str:
-    """val_r1_full_a_to_b → "full prefix, A→B"; val_r1_k1_b_to_a → "k=1, B→A"."""
-    rest = key[len("val_r1_"):]
-    prefix, _, direction = rest.partition("_")
-    arrow = {"a_to_b": "A→B", "b_to_a": "B→A"}.get(direction, direction)
-    return f"{'full prefix' if prefix == 'full' else prefix.replace('k', 'k=')}, {arrow}"
+def _val_label(key: str, modalities: Sequence[str]) -> str:
+    """val_r1_full_a_to_b → "full prefix, vision→tactile"; val_r1_k1_b_to_a → "k=1, tactile→vision"."""
+    a, b = (list(modalities) + ["A", "B"])[:2]
+    prefix, _, direction = key[len("val_r1_"):].partition("_")
+    arrow = {"a_to_b": f"{a}→{b}", "b_to_a": f"{b}→{a}"}.get(direction, direction)
+    return f"{'full prefix' if prefix == 'full' else prefix.replace('k', 'k=', 1)}, {arrow}"
