@@ -130,15 +130,23 @@ def test_probes_fitted_on_fewer_than_100_rows_are_warned_about() -> None:
     assert large["probe_split"]["train"] >= 100 and "Warning" not in render_markdown(large)
 
 
-def test_prefix_figure_fits_a_screen_with_every_panel() -> None:
-    from pipeline.plots import prefix_figure
+def test_prefix_figure_fits_a_screen_with_every_panel(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pipeline.report import plot_prefix  # what eval writes prefix.png with
 
     feats, labels = _data(80)
-    rep = evaluate(_tiny_model(), feats, labels, SCHEMA, EvalConfig(prefixes=(1, 2, 4, 8), flow_steps=(1,),
-                                                                     device="cpu"))
+    rng = np.random.default_rng(0)
+    extra = {f"factor{i:02d}": rng.normal(size=80) for i in range(10)}  # a store with a dozen labels
+    schema = {**SCHEMA, **{name: {"type": "continuous"} for name in extra}}
+    rep = evaluate(_tiny_model(), feats, {**labels, **extra}, schema, EvalConfig(prefixes=(1, 2, 4, 8),
+                                                                                  flow_steps=(1,), device="cpu"))
+    with Image.open(plot_prefix(rep, tmp_path / "prefix.png")) as png:  # one panel per label made 6,480 × 432 px
+        assert 600 <= png.width <= 1920 and 400 <= png.height <= 1200, png.size
+    from pipeline.plots import prefix_figure
+
+    rep["probes"] = [p for p in rep["probes"] if p["label"] in SCHEMA]
     fig = prefix_figure(rep)
-    width, height = fig.get_size_inches() * 100
-    assert 600 <= width <= 1920 and 400 <= height <= 1200
     titles = [ax.get_title() for ax in fig.axes]
     assert "cross-modal retrieval" in titles
     assert {f"{m} · {g}" for m in MODS for g in ("shared", "private", "all")} <= set(titles)
