@@ -161,15 +161,15 @@ def describe_evaluated(run: Any, run_dir: Path, run_manifest: Path, store: Any, 
                     "token_shape": e.get("token_shape") if store.has("tokens") else None}
                 for m, e in (store.manifest.get("encoders") or {}).items()}
     out: dict[str, Any] = {
-        "run": str(run_dir), "weights": weights_file(run_dir), "step": run.step,
+        "run": str(run_dir.resolve()), "weights": weights_file(run_dir), "step": run.step,
         "command": " ".join(["regtok", *rm["command"][1:]]) if rm.get("command") else None,
         "loss_type": cfg["model"]["loss_type"], "feature_kind": run.feature_kind, "preset": preset,
         "differs_from_preset": diff, "key_config": {k: _dotted(cfg, k) for k in KEY_CONFIG}, "encoders": encoders,
-        "eval_store": {"path": str(features.parent if features.is_file() else features), "n": store.n}}
+        "eval_store": {"path": str((features.parent if features.is_file() else features).resolve()), "n": store.n}}
     for role, key in (("features", "train_store"), ("val_features", "val_store")):
         path = _run_input(run_manifest, role)
         if path is not None:
-            out[key] = {"path": str(path.parent), "n": read_manifest(path, kind="features").get("samples")}
+            out[key] = {"path": str(path.parent.resolve()), "n": read_manifest(path, kind="features").get("samples")}
     if "train_store" in out and "val_store" not in out:
         out["train_store"].update(train_rows=rm.get("train_samples"), val_rows=rm.get("val_samples"))
     return out

@@ -228,13 +228,13 @@ def test_eval_cli_writes_every_report_file(run_dir: Path, tmp_path: Path) -> Non
         assert 600 <= png.width <= 1920 and 400 <= png.height <= 1200, png.size
     # report.md opens with what was evaluated
     head = md[md.index("## What was evaluated"):md.index("## Retrieval")]
-    assert f"`{run_dir}`" in head and "**combined**" in head and "preset `tiny` with" in head
+    assert f"`{run_dir.resolve()}`" in head and "**combined**" in head and "preset `tiny` with" in head
     assert "n_layers 1" in head and "epochs 1" in head and "batch_size 32" in head
     assert "vision `test:linear` (pooled 12)" in head and "tactile `test:linear`" in head
     train_line = next(line for line in head.splitlines() if line.startswith("- Training store"))
-    assert str(run_dir.parent / "train_store") in train_line and "N = 96" in train_line
+    assert str((run_dir.parent / "train_store").resolve()) in train_line and "N = 96" in train_line
     assert "86 rows trained on, 10 validated on" in train_line
-    assert f"- Evaluation store: `{store}`, N = 64" in head
+    assert f"- Evaluation store: `{store.resolve()}`, N = 64" in head
     ev = rep["evaluated"]
     assert ev["preset"] == "tiny" and ev["loss_type"] == "combined" and ev["differs_from_preset"]["epochs"] == 1
     with h5py.File(out / "embeddings.h5") as f:
