@@ -220,7 +220,8 @@ def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens
     if manifest is None:
         return  # a torchrun rank other than 0
     t = manifest["timings"]
-    dims = ", ".join(f"{m} {e['pooled_dim']}" + (f" tok {tuple(e['token_shape'])}" if e["token_shape"] else "")
+    stored_tokens = "tokens" in manifest.get("feature_kinds", [])  # the encoders know a token shape either way
+    dims = ", ".join(f"{m} {e['pooled_dim']}" + (f" tok {tuple(e['token_shape'])}" if stored_tokens else "")
                      for m, e in manifest["encoders"].items())
     console.print(f"extracted {manifest['samples']} samples in {len(manifest['parts'])} parts ({dims}); "
                   f"skipped {manifest['skip_count']}; {t['images_per_s']} images/s over {t['seconds']} s")

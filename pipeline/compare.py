@@ -79,7 +79,7 @@ def _run_entry(run_dir: Path, m: dict[str, Any]) -> Entry:
 
 
 def _report_entry(report_dir: Path) -> Entry:
-    from pipeline.report import retrieval_rows
+    from pipeline.report_md import retrieval_rows
 
     try:
         report = json.loads((report_dir / "report.json").read_text())

@@ -1,8 +1,9 @@
 """Stage 3, the I/O half: load a run and a feature store, check they fit, evaluate, and write the report.
 
     REPORT_DIR/report.json     the dict regtok.evaluate.evaluate returns (layout in issue 6 / the README)
-    REPORT_DIR/report.md       markdown tables, ready to paste into a paper draft
-    REPORT_DIR/prefix.png      recall and probe scores against k (needs matplotlib; skipped with a notice)
+    REPORT_DIR/report.md       what was evaluated, then markdown tables ready to paste (pipeline/report_md.py)
+    REPORT_DIR/prefix.png      retrieval R@1 against k and probe heatmaps (pipeline/plots.py; needs matplotlib,
+                               skipped with a notice)
     REPORT_DIR/embeddings.h5   with save_embeddings: /<modality>/k<k> (N, E) float32 shared embeddings, /keys
     REPORT_DIR/manifest.json   the eval manifest: inputs = the run and features manifests with their sha256
 """
@@ -17,7 +18,6 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from pipeline.manifest import (
     environment,
@@ -30,13 +30,11 @@ from pipeline.manifest import (
     write_json_atomic,
     write_manifest,
 )
+from pipeline.plots import plot_prefix
+from pipeline.report_md import headline, headline_sentence, print_table, render_markdown
 from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
 from regtok.evaluate import EvalConfig, evaluate
-
-DIRECTIONS = (("a_to_b", "→"), ("b_to_a", "←"))
-METRIC_COLS = ("R@1", "R@5", "R@10", "median_rank", "mean_rank")
-SHORT = {"median_rank": "MedR", "mean_rank": "MeanR"}
 
 
 class StoreColumn:
@@ -152,6 +150,62 @@ def _train_features_manifest(run_manifest: Path) -> dict | None:
     return read_manifest(path, kind="features") if path is not None else None
 
 
+KEY_CONFIG = ("model.n_registers", "model.n_shared", "model.n_layers", "model.hidden_dim", "model.embed_dim",
+              "epochs", "batch_size", "lr")
+
+
+def describe_evaluated(run: Any, run_dir: Path, run_manifest: Path, store: Any, features: Path) -> dict[str, Any]:
+    """report["evaluated"]: the run, loss, closest preset and what differs, key config, encoders, stores with N."""
+    from pipeline.runs import weights_file
+    from regtok.config import to_dict
+
+    cfg = to_dict(run.train_config)
+    preset, diff = closest_preset(cfg)
+    rm = run.manifest or {}
+    encoders = {m: {"spec": e.get("spec"), "pooled_dim": e.get("pooled_dim"),
+                    "token_shape": e.get("token_shape") if store.has("tokens") else None}
+                for m, e in (store.manifest.get("encoders") or {}).items()}
+    out: dict[str, Any] = {
+        "run": str(run_dir.resolve()), "weights": weights_file(run_dir), "step": run.step,
+        "command": " ".join(["regtok", *rm["command"][1:]]) if rm.get("command") else None,
+        "loss_type": cfg["model"]["loss_type"], "feature_kind": run.feature_kind, "preset": preset,
+        "differs_from_preset": diff, "key_config": {k: _dotted(cfg, k) for k in KEY_CONFIG}, "encoders": encoders,
+        "eval_store": {"path": str((features.parent if features.is_file() else features).resolve()), "n": store.n}}
+    for role, key in (("features", "train_store"), ("val_features", "val_store")):
+        path = _run_input(run_manifest, role)
+        if path is not None:
+            out[key] = {"path": str(path.parent.resolve()), "n": read_manifest(path, kind="features").get("samples")}
+    if "train_store" in out and "val_store" not in out:
+        out["train_store"].update(train_rows=rm.get("train_samples"), val_rows=rm.get("val_samples"))
+    return out
+
+
+def _dotted(cfg: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
+    return cfg if cfg != {} else None
+
+
+def _flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def closest_preset(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The named preset a resolved config differs least from, and those differences (dotted keys)."""
+    from regtok.config import PRESETS, TrainConfig, resolve, to_dict
+
+    flat, best = _flat(cfg), None
+    for name in PRESETS:
+        base = _flat(to_dict(resolve(TrainConfig, name)))
+        diff = {k: v for k, v in flat.items() if base.get(k) != v}
+        if best is None or len(diff) < len(best[1]):
+            best = (name, diff)
+    return best if best is not None else ("?", {})
+
+
 class EmbeddingWriter:
     """Receives (modality, k, (N, E)) from evaluate and writes embeddings.h5 under a temporary name."""
 
@@ -205,6 +259,7 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
     report["baselines"]["linear"] = linear
     report["headline"] = headline(report, run.model.cfg.loss_type)
     report["feature_kind"] = kind
+    report["evaluated"] = describe_evaluated(run, Path(run_dir), run_mpath, store, Path(features))
     written = write_report_files(report, out, console)
     if sink is not None:
         written.append(sink.close())
@@ -236,213 +291,6 @@ def write_report_files(report: dict[str, Any], out: Path, console: Console | Non
     else:
         paths.append(png)
     return paths
-
-
-BASELINE_LABELS = {"cca": "linear CCA", "linear_infonce": "linear InfoNCE head"}
-
-
-def _mean_r1(row: dict[str, Any]) -> float:
-    return (row["a_to_b"]["R@1"] + row["b_to_a"]["R@1"]) / 2
-
-
-def headline(report: dict[str, Any], loss_type: str) -> dict[str, Any]:
-    """regtok's full-prefix R@1 (mean of both directions) against the best linear baseline, with their ratio.
-
-    A flow_matching run is scored by its transported retrieval (the most Euler steps); other runs by the shared
-    embeddings' direct retrieval at the largest shared prefix.
-    """
-    full = max(report["retrieval"], key=lambda r: r["k"])
-    label, row = f"k={full['k']}", full
-    flows = [f for f in report.get("flow", []) if f["k"] == full["k"]]
-    if loss_type == "flow_matching" and flows:
-        row = max(flows, key=lambda f: f["steps"])
-        label = f"flow k={row['k']} s={row['steps']}"
-    out: dict[str, Any] = {"regtok": _mean_r1(row), "regtok_row": label,
-                           "chance": report["baselines"]["chance"]["a_to_b"]["R@1"]}
-    linear = {name: v for name, v in report["baselines"].get("linear", {}).items() if name in BASELINE_LABELS}
-    if linear:
-        best = max(linear, key=lambda name: _mean_r1(linear[name]))
-        out.update(best_baseline=best, baseline=_mean_r1(linear[best]))
-        out["ratio"] = out["regtok"] / out["baseline"] if out["baseline"] > 0 else None
-        out["below_baseline"] = out["regtok"] < out["baseline"]
-    return out
-
-
-def headline_sentence(h: dict[str, Any]) -> str:
-    """One line a person reads: regtok's R@1, the best baseline's, their ratio, and a warning when below."""
-    text = f"regtok R@1 {h['regtok']:.1%} ({h['regtok_row']}, mean of both directions; chance {h['chance']:.1%})"
-    if "baseline" not in h:
-        return text + "; no linear baseline was fitted"
-    ratio = f"{h['ratio']:.2f}×" if h.get("ratio") is not None else "n/a"
-    name = BASELINE_LABELS[h["best_baseline"]]
-    text += f" against {h['baseline']:.1%} for the best linear baseline ({name}): {ratio}"
-    if h["below_baseline"]:
-        text += ". regtok is BELOW its linear baseline on this data"
-    return text
-
-
-def retrieval_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, {"a_to_b", "b_to_a"}) rows: shared prefixes k, flow steps, linear baselines, raw pooled, chance."""
-    rows = [(f"k={r['k']}", r) for r in report["retrieval"]]
-    rows += [(f"flow k={f['k']} s={f['steps']}", f) for f in report.get("flow", [])]
-    base = report.get("baselines", {})
-    for name, label in BASELINE_LABELS.items():
-        if "a_to_b" in base.get("linear", {}).get(name, {}):
-            rows.append((label, base["linear"][name]))
-    if "a_to_b" in base.get("raw_pooled", {}):
-        rows.append(("raw pooled", base["raw_pooled"]))
-    if "chance" in base:
-        rows.append(("chance", base["chance"]))
-    return rows
-
-
-def _fmt(metric: str, value: Any) -> str:
-    if value is None:
-        return "—"
-    if metric.startswith("R@") or metric == "accuracy":
-        return f"{100 * value:.1f}"
-    if metric.endswith("_rank"):
-        return f"{value:.1f}"
-    return f"{value:.3f}"
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """The report's tables in GitHub markdown."""
-    a, b = report["modalities"]
-    lines = [f"# regtok eval: {a} ↔ {b}", "", f"N = {report['n']} paired samples (the whole split is the gallery); "
-             f"recalls in %; rows k = shared-register prefix; tie rule: {report.get('tie_rule', '?')}.", "",
-             "## Retrieval", ""]
-    heads = [f"{a}→{b} {SHORT.get(c, c)}" for c in METRIC_COLS] + [f"{b}→{a} {SHORT.get(c, c)}" for c in METRIC_COLS]
-    lines += [_md_row(["", *heads]), _md_row(["---"] * (len(heads) + 1))]
-    for label, r in retrieval_rows(report):
-        lines.append(_md_row([label] + [_fmt(c, r[d][c]) for d, _ in DIRECTIONS for c in METRIC_COLS]))
-    raw = report.get("baselines", {}).get("raw_pooled", {})
-    if "skipped" in raw:
-        lines += ["", f"Raw pooled baseline: skipped ({raw['skipped']})."]
-    lines += ["", *_md_baselines(report)]
-    lines += ["", *_md_probes(report), "", *_md_reconstruction(report)]
-    if report.get("notes"):
-        lines += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
-    return "\n".join(lines) + "\n"
-
-
-def _md_baselines(report: dict[str, Any]) -> list[str]:
-    """The headline comparison and how each linear baseline was fitted."""
-    linear = report.get("baselines", {}).get("linear")
-    if linear is None:  # evaluate() alone fits no baseline; run_eval does
-        return []
-    lines = ["## Against linear baselines", ""]
-    if "headline" in report:
-        lines += [headline_sentence(report["headline"]) + ".", ""]
-    if "skipped" in linear:
-        return lines + [f"Linear baselines: skipped ({linear['skipped']})."]
-    lines.append(f"Fitted on `{linear.get('store', '?')}` (the run's training rows), scored on this split:")
-    for name, label in BASELINE_LABELS.items():
-        fit = linear.get(name, {}).get("fit", {})
-        if name == "cca":
-            lines.append(f"- {label}: ridge {fit.get('ridge')}, {fit.get('components')} components (chosen on "
-                         f"{fit.get('val_rows')} validation rows, R@1 {fit.get('val_r1', 0):.3f}), inputs "
-                         f"standardised and reduced to {fit.get('input_dims')} dims (PCA on {fit.get('train_rows')} "
-                         "training rows)")
-        elif fit:
-            lines.append(f"- {label}: {fit.get('embed_dim')}-d per modality, symmetric InfoNCE, "
-                         f"{fit.get('epochs')} epochs of batch {fit.get('batch_size')}, same inputs")
-    return lines
-
-
-def _md_row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def _md_probes(report: dict[str, Any]) -> list[str]:
-    split = report.get("probe_split", {})
-    ks = report.get("prefixes", {}).get("probes") or sorted({p["k"] for p in report["probes"]})
-    lines = ["## Prefix probes", "", f"Linear (ridge) probes on {split.get('feature', 'register means')}; fit on "
-             f"{split.get('train', '?')} rows, scored on {split.get('test', '?')} held-out rows of this split "
-             "(accuracy in % for categorical labels, R² for continuous; — = empty group).", ""]
-    if not report["probes"]:
-        return lines + ["No label columns to probe."]
-    lines += [_md_row(["label", "metric", "modality", "group", *[f"k={k}" for k in ks]]),
-              _md_row(["---"] * (4 + len(ks)))]
-    cells: dict[tuple, dict[int, Any]] = {}
-    for p in report["probes"]:
-        cells.setdefault((p["label"], p["metric"], p["modality"], p["group"]), {})[p["k"]] = p["value"]
-    for (label, metric, m, g), by_k in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][2])):
-        lines.append(_md_row([label, metric, m, g, *[_fmt(metric, by_k.get(k)) for k in ks]]))
-    chance = {p["label"]: _fmt(p["metric"], p["chance"]) for p in report["probes"] if p.get("chance") is not None}
-    if chance:
-        lines += ["", "Constant predictor (train-part majority class or mean) on the same rows: "
-                  + ", ".join(f"{label} {v}" for label, v in sorted(chance.items())) + "."]
-    return lines
-
-
-def _md_reconstruction(report: dict[str, Any]) -> list[str]:
-    ks = sorted({r["k"] for r in report["reconstruction"]})
-    lines = ["## Reconstruction cosine of the input feature from the k-prefix", "",
-             _md_row(["modality", *[f"k={k}" for k in ks]]), _md_row(["---"] * (1 + len(ks)))]
-    for m in report["modalities"]:
-        by_k = {r["k"]: r["cosine"] for r in report["reconstruction"] if r["modality"] == m}
-        lines.append(_md_row([m, *[f"{by_k[k]:.3f}" if k in by_k else "—" for k in ks]]))
-    return lines
-
-
-def print_table(report: dict[str, Any], console: Console) -> None:
-    """The retrieval table (and a compact reconstruction line) with rich, on the given (stderr) console."""
-    a, b = report["modalities"]
-    table = Table(title=f"retrieval {a} → {b} and ←, N = {report['n']} (recall %)")
-    table.add_column("shared", no_wrap=True)
-    for _, arrow in DIRECTIONS:
-        for c in ("R@1", "R@5", "R@10", "median_rank"):
-            table.add_column(f"{arrow}{SHORT.get(c, c)}", justify="right", no_wrap=True)
-    for label, r in retrieval_rows(report):
-        table.add_row(label, *[_fmt(c, r[d][c]) for d, _ in DIRECTIONS for c in ("R@1", "R@5", "R@10", "median_rank")])
-    console.print(table)
-    if "headline" in report:
-        style = "bold red" if report["headline"].get("below_baseline") else "bold"
-        console.print(headline_sentence(report["headline"]), style=style)
-    rec = ", ".join(f"{r['modality']} k={r['k']}: {r['cosine']:.3f}" for r in report["reconstruction"])
-    console.print(f"reconstruction cosine: {rec}")
-
-
-def plot_prefix(report: dict[str, Any], path: Path) -> Path | None:
-    """prefix.png: R@1 per direction against k, and each label's probe score per (modality, group) against k."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    labels = sorted({p["label"] for p in report["probes"]})
-    fig, axes = plt.subplots(1, 1 + len(labels), figsize=(4.5 * (1 + len(labels)), 3.6), squeeze=False)
-    ax = axes[0, 0]
-    ks = [r["k"] for r in report["retrieval"]]
-    for d, arrow in DIRECTIONS:
-        ax.plot(ks, [r[d]["R@1"] for r in report["retrieval"]], marker="o", label=f"{arrow} R@1")
-    for (name, label), style in zip(BASELINE_LABELS.items(), (":", "-."), strict=True):
-        row = report["baselines"].get("linear", {}).get(name, {})
-        if "a_to_b" in row:
-            ax.axhline(_mean_r1(row), ls=style, c="black", label=f"{label} (mean)")
-    ax.axhline(report["baselines"]["chance"]["a_to_b"]["R@1"], ls="--", c="gray", label="chance")
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="shared prefix k", ylabel="R@1", title="retrieval")
-    ax.legend(fontsize=7)
-    for ax, label in zip(axes[0, 1:], labels, strict=True):
-        series: dict[str, list[tuple[int, float]]] = {}
-        metric = ""
-        for p in report["probes"]:
-            if p["label"] == label and p["value"] is not None:
-                series.setdefault(f"{p['modality']}/{p['group']}", []).append((p["k"], p["value"]))
-                metric = p["metric"]
-        for name, pts in series.items():
-            ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="prefix k", ylabel=metric, title=f"probe: {label}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def demo_summary(console: Console, root: Path) -> None:

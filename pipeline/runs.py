@@ -5,6 +5,7 @@
                                      loadable with ``weights_only=True``)
     RUN_DIR/config.json              {"train": TrainConfig, "model_spec": model.spec(), "modalities", "feature_kind"}
     RUN_DIR/metrics.jsonl            one JSON object per logging step and per epoch
+    RUN_DIR/curves.png               loss terms and validation R@1 against epoch (needs matplotlib)
     RUN_DIR/manifest.json            the run manifest (kind "run")
 
 Every file is written to a temporary name and renamed into place, so a crash leaves the previous version whole.
@@ -42,6 +43,7 @@ from pipeline.manifest import (
     write_json_atomic,
     write_manifest,
 )
+from pipeline.plots import plot_curves
 from regtok.config import TrainConfig, from_dict, to_dict
 from regtok.data import feature_stats, make_batches, sample_rows, split_rows, store_bytes
 from regtok.errors import RegtokError
@@ -52,6 +54,7 @@ BEST = "best.safetensors"  # the weights of the best validation score (keep_best
 STATE = "state.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+CURVES = "curves.png"  # loss terms and validation R@1 against epoch (with matplotlib)
 MANIFEST = "manifest.json"
 
 
@@ -237,7 +240,7 @@ def write_run_manifest(run_dir: str | os.PathLike, *, command: list[str], config
     inputs = [input_ref("features", manifest_path(features), run_dir)]
     if val_features is not None:
         inputs.append(input_ref("val_features", manifest_path(val_features), run_dir))
-    files = [file_record(run_dir / name, run_dir) for name in (CHECKPOINT, BEST, CONFIG, METRICS, STATE)
+    files = [file_record(run_dir / name, run_dir) for name in (CHECKPOINT, BEST, CONFIG, METRICS, STATE, CURVES)
              if (run_dir / name).is_file()]
     manifest = new_manifest("run", command=command, config=config, inputs=inputs,
                             outputs={"files": files, "checkpoint": files[0] if files else None},
@@ -470,6 +473,7 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
                    "last_epoch_seconds": result.metrics.get("seconds"),
                    "samples_per_s": result.metrics.get("samples_per_s")}
         metrics = {k: v for k, v in result.metrics.items() if k not in ("seconds", "samples_per_s")}  # results only
+        plot_curves(read_metrics(out), out / CURVES, best["epoch"] if best is not None else None, store.modalities)
         path = write_run_manifest(out, command=command if command is not None else list(sys.argv),
                                   config=to_dict(cfg), features=features, val_features=val_features,
                                   metrics={**metrics, "step": result.step}, timings=timings,

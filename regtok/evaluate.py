@@ -84,7 +84,8 @@ def evaluate(model: Any, features: Mapping[str, Any], labels: Mapping[str, np.nd
     enc = _encode_all(model, features, (a, b), probe_ks, retr_ks, probe_rows, cfg, device, log)
 
     report: dict[str, Any] = {"n": n, "modalities": [a, b], "retrieval": [], "tie_rule": TIE_RULE,
-                              "prefixes": {"retrieval": retr_ks, "probes": probe_ks}}
+                              "prefixes": {"retrieval": retr_ks, "probes": probe_ks,
+                                           "n_shared": mcfg.n_shared}}
     for k in retr_ks:
         log(f"retrieval k={k}")
         report["retrieval"].append({"k": k, **retrieval_metrics(enc.shared[a][k], enc.shared[b][k], cfg.chunk_size,

@@ -99,7 +99,70 @@ def test_markdown_renders_the_tables() -> None:
     assert len(widths) == 3  # three tables, each with rows of one width
     for row in ("| k=1 |", "| k=2 |", "| flow k=2 s=1 |", "| raw pooled |", "| chance |"):
         assert row in md
-    assert "| material | accuracy | vision | private | — | — |" in md
+
+
+def test_probe_table_is_one_row_per_label_without_repeated_groups() -> None:
+    feats, labels = _data(80)
+    rep = evaluate(_tiny_model(), feats, labels, SCHEMA, EvalConfig(prefixes=(1, 2, 4, 8), device="cpu"))
+    md = render_markdown(rep)
+    probes = md[md.index("## Prefix probes"):md.index("## Reconstruction")]
+    # tiny: n_shared = 2, so shared stops at k=2, private starts at k=4, and all adds nothing before k=4
+    header = "| label | chance | shared k=1 | shared k=2 | private k=4 | private k=8 | all k=4 | all k=8 |"
+    assert probes.count(header) == 2 and "### vision" in probes and "### tactile" in probes
+    rows = [line for line in probes.splitlines() if line.startswith("| material") or line.startswith("| hardness")]
+    assert len(rows) == 2 * 2  # one row per label and modality, not one per (label, modality, group)
+    by_key = {(p["modality"], p["group"], p["k"], p["label"]): p for p in rep["probes"]}
+    material = next(line for line in probes.split("### tactile")[0].splitlines() if line.startswith("| material"))
+    cells = [c.strip() for c in material.strip("|").split("|")]
+    assert cells[0] == "material (acc %)"
+    assert cells[1] == f"{100 * by_key[('vision', 'shared', 1, 'material')]['chance']:.1f}"
+    assert cells[5] == f"{100 * by_key[('vision', 'private', 8, 'material')]['value']:.1f}"
+    assert "—" not in material  # no empty private columns, no repeated shared ones
+
+
+def test_probes_fitted_on_fewer_than_100_rows_are_warned_about() -> None:
+    small = evaluate(_tiny_model(), *_data(80), SCHEMA, EvalConfig(prefixes=(1, 2), device="cpu"))
+    assert small["probe_split"]["train"] < 100
+    md = render_markdown(small)
+    warning = next(line for line in md.splitlines() if line.startswith("> **Warning:**"))
+    assert "fewer than 100 rows" in warning and f"material ({small['probe_split']['train']})" in warning
+    large = evaluate(_tiny_model(), *_data(160), SCHEMA, EvalConfig(prefixes=(1, 2), device="cpu"))
+    assert large["probe_split"]["train"] >= 100 and "Warning" not in render_markdown(large)
+
+
+def test_prefix_figure_fits_a_screen_with_every_panel(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pipeline.report import plot_prefix  # what eval writes prefix.png with
+
+    feats, labels = _data(80)
+    rng = np.random.default_rng(0)
+    extra = {f"factor{i:02d}": rng.normal(size=80) for i in range(10)}  # a store with a dozen labels
+    schema = {**SCHEMA, **{name: {"type": "continuous"} for name in extra}}
+    rep = evaluate(_tiny_model(), feats, {**labels, **extra}, schema, EvalConfig(prefixes=(1, 2, 4, 8),
+                                                                                  flow_steps=(1,), device="cpu"))
+    with Image.open(plot_prefix(rep, tmp_path / "prefix.png")) as png:  # one panel per label made 6,480 × 432 px
+        assert 600 <= png.width <= 1920 and 400 <= png.height <= 1200, png.size
+    from pipeline.plots import prefix_figure
+
+    rep["probes"] = [p for p in rep["probes"] if p["label"] in SCHEMA]
+    fig = prefix_figure(rep)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "cross-modal retrieval" in titles
+    assert {f"{m} · {g}" for m in MODS for g in ("shared", "private", "all")} <= set(titles)
+    retrieval = fig.axes[titles.index("cross-modal retrieval")]
+    legend = [t.get_text() for t in retrieval.get_legend().get_texts()]
+    assert any(t.startswith("regtok vision→tactile") for t in legend)
+    assert any(t.startswith("regtok tactile→vision") for t in legend)
+    assert any(t.startswith("chance") for t in legend) and any(t.startswith("raw pooled") for t in legend)
+    shared = fig.axes[titles.index("vision · shared")]
+    assert [t.get_text() for t in shared.get_xticklabels()] == ["1", "2"]  # shared stops at n_shared
+    rows = [t.get_text() for t in shared.get_yticklabels()]
+    assert len(rows) == 2 and all("chance" in r for r in rows)
+    texts = {t.get_text() for t in shared.texts}  # cells written as in report.md: accuracy in %
+    value = next(p["value"] for p in rep["probes"] if (p["modality"], p["group"], p["k"], p["label"]) ==
+                 ("vision", "shared", 1, "material"))
+    assert f"{100 * value:.0f}" in texts
 
 
 # ── the stage through the CLI ───────────────────────────────────────────────────────────────────────
@@ -157,8 +220,24 @@ def test_eval_cli_writes_every_report_file(run_dir: Path, tmp_path: Path) -> Non
     rep = json.loads((out / "report.json").read_text())
     assert TOP_KEYS <= set(rep) and rep["n"] == 64 and [f["steps"] for f in rep["flow"]] == [1, 4]
     assert {p["label"] for p in rep["probes"]} == {"material", "hardness"}
-    assert "## Retrieval" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "## Retrieval" in md
     assert (out / "prefix.png").read_bytes()[:4] == b"\x89PNG"
+    from PIL import Image
+
+    with Image.open(out / "prefix.png") as png:  # 18 panels in one row made 9,720 × 432 px
+        assert 600 <= png.width <= 1920 and 400 <= png.height <= 1200, png.size
+    # report.md opens with what was evaluated
+    head = md[md.index("## What was evaluated"):md.index("## Retrieval")]
+    assert f"`{run_dir.resolve()}`" in head and "**combined**" in head and "preset `tiny` with" in head
+    assert "n_layers 1" in head and "epochs 1" in head and "batch_size 32" in head
+    assert "vision `test:linear` (pooled 12)" in head and "tactile `test:linear`" in head
+    train_line = next(line for line in head.splitlines() if line.startswith("- Training store"))
+    assert str((run_dir.parent / "train_store").resolve()) in train_line and "N = 96" in train_line
+    assert "86 rows trained on, 10 validated on" in train_line
+    assert f"- Evaluation store: `{store.resolve()}`, N = 64" in head
+    ev = rep["evaluated"]
+    assert ev["preset"] == "tiny" and ev["loss_type"] == "combined" and ev["differs_from_preset"]["epochs"] == 1
     with h5py.File(out / "embeddings.h5") as f:
         width = PRESETS["tiny"]["model"]["embed_dim"]
         assert f["vision/k2"].shape == (64, width) and f["tactile/k1"].dtype == np.float32

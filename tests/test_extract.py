@@ -176,6 +176,16 @@ def test_corrupt_sample_and_truncated_shard(tmp_path):
     assert res.stdout.strip() == str(tmp_path / "st" / "manifest.json")
 
 
+@pytest.mark.parametrize("tokens", [False, True])
+def test_summary_names_a_token_shape_only_with_tokens(shards, tmp_path, tokens):
+    args = ["extract", "--shards", str(shards / "shard-000001.tar"), "--out", str(tmp_path / "st"),
+            "--encoder", "vision=tiny", "--encoder", "tactile=tiny:1", "--workers", "0", *(["--tokens"] * tokens)]
+    res = CliRunner().invoke(main, args, env={"REGTOK_NO_PROGRESS": "1"})
+    assert res.exit_code == 0, res.output
+    summary = next(line for line in res.stderr.splitlines() if line.startswith("extracted "))
+    assert ("tok (" in summary) == tokens, summary
+
+
 def test_other_encoders_refuse_an_existing_store(store, tmp_path):
     cfg = ExtractConfig(shards=json.loads((store / "manifest.json").read_text())["config"]["shards"],
                         out=str(store), encoders=(("vision", "tiny:5"), ("tactile", "tiny:1")), workers=0)

@@ -194,6 +194,35 @@ def test_tiny_run_per_loss_type(extracted, tmp_path, loss):
     assert m["metrics"]["best/val_select"] == max(scores) and m["metrics"]["best/epoch"] == scores.index(max(scores))
 
 
+def test_train_writes_curves_png_and_lists_it(store, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import pipeline.plots
+    import pipeline.runs
+
+    run = tmp_path / "run"
+    code, _, err = run_train("--features", str(store), "--out", str(run), *TINY)
+    assert code == 0, err
+    with Image.open(run / "curves.png") as png:
+        assert 600 <= png.width <= 1920 and 250 <= png.height <= 1080
+    m = read_manifest(run / "manifest.json", kind="run")
+    listed = {f["path"]: f for f in m["outputs"]["files"]}
+    assert listed["curves.png"]["sha256"] == sha256_file(run / "curves.png")
+    # the figure holds each loss term and each validation series, read from metrics.jsonl
+    drawn = {}
+    monkeypatch.setattr(pipeline.plots, "_validation_panel", lambda ax, records, best, mods: drawn.update(
+        records=records, best=best, mods=mods))
+    pipeline.plots.plot_curves(pipeline.runs.read_metrics(run), tmp_path / "again.png", 0, MODALITIES)
+    assert [r["type"] for r in drawn["records"]] == ["start", "epoch", "epoch"] and drawn["mods"] == MODALITIES
+    # without matplotlib the run trains as before and says nothing about it
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline.plots, "_pyplot", lambda: None)
+    code, _, err = run_train("--features", str(store), "--out", str(tmp_path / "bare"), *TINY)
+    assert code == 0 and not (tmp_path / "bare" / "curves.png").exists() and "matplotlib" not in err
+    assert "curves.png" not in {f["path"] for f in read_manifest(tmp_path / "bare" / "manifest.json")["outputs"][
+        "files"]}
+
+
 def test_same_seed_same_weights_and_resume_equals_uninterrupted(store, tmp_path, monkeypatch):
     import pipeline.runs
 

@@ -1,0 +1,279 @@
+"""Figures a person reads: ``prefix.png`` from an eval report and ``curves.png`` from a run's metrics.
+
+Both need matplotlib (``pip install 'regtok[plot]'``); without it each function returns None and writes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DIRECTIONS = ("a_to_b", "b_to_a")
+GROUPS = ("shared", "private", "all")
+# Horizontal reference lines of the retrieval panel: report key, label, colour, line style.
+REFERENCES = (("cca", "linear CCA", "tab:green", (0, (6, 2))), ("linear_infonce", "linear InfoNCE head",
+              "tab:purple", (0, (3, 1, 1, 1))), ("raw_pooled", "raw pooled", "tab:brown", (0, (1, 1.5))))
+DPI = 100
+
+
+def _pyplot() -> Any | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _mean_r1(row: dict[str, Any]) -> float:
+    return (row["a_to_b"]["R@1"] + row["b_to_a"]["R@1"]) / 2
+
+
+def n_shared_of(report: dict[str, Any]) -> int:
+    """The run's n_shared: recorded by evaluate, else the largest k whose private probe group is empty."""
+    recorded = report.get("prefixes", {}).get("n_shared")
+    if recorded is not None:
+        return int(recorded)
+    empty = [p["k"] for p in report["probes"] if p["group"] == "private" and p["value"] is None]
+    return max(empty, default=max((r["k"] for r in report["retrieval"]), default=1))
+
+
+def group_ks(report: dict[str, Any]) -> dict[str, list[int]]:
+    """The probe prefixes worth showing per group: shared k <= n_shared (it stops growing there), private
+    k > n_shared (empty below), all at every k."""
+    ks = report.get("prefixes", {}).get("probes") or sorted({p["k"] for p in report["probes"]})
+    n_shared = n_shared_of(report)
+    return {"shared": [k for k in ks if k <= n_shared], "private": [k for k in ks if k > n_shared], "all": list(ks)}
+
+
+def plot_prefix(report: dict[str, Any], path: Path) -> Path | None:
+    """prefix.png (see :func:`prefix_figure`); None, writing nothing, without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig = prefix_figure(report)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def prefix_figure(report: dict[str, Any]) -> Any:
+    """Retrieval R@1 against k (both directions, baselines and chance as lines) beside one heatmap of probe
+    scores (label × k) per modality × register group, chance in each row label; a matplotlib Figure."""
+    plt = _pyplot()
+    mods = list(report["modalities"])
+    labels = sorted({p["label"] for p in report["probes"]})
+    ks = {g: v for g, v in group_ks(report).items() if v} if labels else {}
+    row_h = min(0.22, 11.0 / max(len(mods) * len(labels), 1))  # inches per heatmap row; tall tables get denser
+    label_w = 0.2 + 0.048 * max((len(_row_label(report, lb)) for lb in labels), default=0)
+    block_h = [0.55 + row_h * len(labels)] * len(mods)  # one modality's heatmaps with title and k ticks
+    heat_w = sum(0.5 * len(v) for v in ks.values()) + 0.12 * (len(ks) - 1)
+    width = 0.75 + 3.7 + (0.35 + label_w + heat_w + 0.9 if ks else 0.3)
+    height = max(6.0, 0.55 + sum(block_h) + 0.1)
+    fig = plt.figure(figsize=(width, height))
+    place = lambda x, y, w, h: fig.add_axes((x / width, 1 - (y + h) / height, w / width, h / height))  # noqa: E731
+    _retrieval_panel(place(0.75, 0.55, 3.7, 3.0), report)
+    if report.get("reconstruction") and height >= 8.0:  # room below the retrieval legend
+        _reconstruction_panel(place(0.75, 5.75, 3.7, min(2.2, height - 6.4)), report)
+    image, top = None, 0.55
+    for m, bh in zip(mods, block_h, strict=True):
+        x = 0.75 + 3.7 + 0.35 + label_w
+        for j, (group, gks) in enumerate(ks.items()):
+            ax = place(x, top + 0.25, 0.5 * len(gks), bh - 0.55)
+            image = _probe_heatmap(ax, report, m, group, gks, labels, first=j == 0, row_h=row_h)
+            x += 0.5 * len(gks) + 0.12
+        top += bh
+    if image is not None:
+        cbar = fig.colorbar(image, cax=place(width - 0.8, 0.8, 0.13, min(3.0, height - 1.4)))
+        cbar.set_label("probe score: 0 = chance or worse, 1 = perfect", fontsize=7.5)
+        cbar.ax.tick_params(labelsize=7)
+    fig.text(0.1 / width, 1 - 0.15 / height, _title(report), fontsize=9.5, va="top")
+    return fig
+
+
+def _title(report: dict[str, Any]) -> str:
+    a, b = report["modalities"]
+    split = report.get("probe_split", {})
+    return (f"regtok eval {a} ↔ {b}: retrieval on N = {report['n']} pairs; probes fitted on {split.get('train', '?')} "
+            f"rows, scored on {split.get('test', '?')} (accuracy %, R² for continuous labels)")
+
+
+def _retrieval_panel(ax: Any, report: dict[str, Any]) -> None:
+    """R@1 (%) against the shared prefix k per direction, flow-transported rows dotted, references as lines."""
+    a, b = report["modalities"]
+    names = {"a_to_b": f"{a}→{b}", "b_to_a": f"{b}→{a}"}
+    rows = report["retrieval"]
+    ks = [r["k"] for r in rows]
+    # the two directions often coincide: shift their markers apart along log-k and give them distinct styles
+    for d, shift, marker, style, colour in zip(DIRECTIONS, (-0.06, 0.06), ("o", "s"), ("-", "--"),
+                                               ("tab:blue", "tab:orange"), strict=True):
+        ys = [100 * r[d]["R@1"] for r in rows]
+        ax.plot([k * 2 ** shift for k in ks], ys, marker=marker, ls=style, color=colour, lw=1.6, ms=6, zorder=3,
+                mfc="white" if d == "b_to_a" else colour, label=f"regtok {names[d]} (k={ks[-1]}: {ys[-1]:.1f}%)")
+    flows = report.get("flow") or []
+    if flows:
+        steps = max(f["steps"] for f in flows)
+        best = sorted((f for f in flows if f["steps"] == steps), key=lambda f: f["k"])
+        for d, shift, marker, colour in zip(DIRECTIONS, (-0.12, 0.12), ("^", "v"), ("tab:blue", "tab:orange"),
+                                            strict=True):
+            ys = [100 * f[d]["R@1"] for f in best]
+            ax.plot([f["k"] * 2 ** shift for f in best], ys, marker=marker, ls=":", color=colour, lw=1.2, ms=5,
+                    label=f"flow {names[d]}, {steps} steps ({ys[-1]:.1f}%)")
+    base = report.get("baselines", {})
+    refs = {**base.get("linear", {}), "raw_pooled": base.get("raw_pooled", {})}
+    for key, label, colour, style in REFERENCES:
+        row = refs.get(key, {})
+        if "a_to_b" in row:
+            ax.axhline(100 * _mean_r1(row), color=colour, ls=style, lw=1.4, zorder=1,
+                       label=f"{label}, mean of ↔ ({100 * _mean_r1(row):.1f}%)")
+    if "chance" in base:
+        chance = 100 * base["chance"]["a_to_b"]["R@1"]
+        ax.axhline(chance, color="gray", ls="--", lw=1.0, zorder=1, label=f"chance ({chance:.2g}%)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlim(min(ks) / 2 ** 0.4, max(ks) * 2 ** 0.4)
+    ax.minorticks_off()
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("shared prefix k (registers)")
+    ax.set_ylabel("R@1 (%)")
+    ax.set_title("cross-modal retrieval", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
+
+
+def _reconstruction_panel(ax: Any, report: dict[str, Any]) -> None:
+    """Cosine between each modality's input feature and its reconstruction from the k-prefix."""
+    for i, m in enumerate(report["modalities"]):
+        pts = sorted((r["k"], r["cosine"]) for r in report["reconstruction"] if r["modality"] == m)
+        ax.plot(*zip(*pts, strict=True), marker="os"[i % 2], ls=("-", "--")[i % 2], color=f"C{i + 2}", ms=5,
+                mfc="white" if i % 2 else None, label=m)
+    ks = sorted({r["k"] for r in report["reconstruction"]})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.minorticks_off()
+    ax.set_ylim(min(0.0, *(r["cosine"] for r in report["reconstruction"])) - 0.03, 1.03)
+    ax.set_xlabel("prefix k (registers)", fontsize=8)
+    ax.set_ylabel("cosine", fontsize=8)
+    ax.set_title("reconstruction of the input feature", fontsize=9)
+    ax.tick_params(labelsize=7.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, frameon=False)
+
+
+def _probe_heatmap(ax: Any, report: dict[str, Any], modality: str, group: str, ks: Sequence[int],
+                   labels: Sequence[str], first: bool, row_h: float) -> Any:
+    """label × k cells coloured from chance (0) to perfect (1), each written as in report.md."""
+    import numpy as np
+
+    cells = {(p["label"], p["k"]): p for p in report["probes"] if p["modality"] == modality and p["group"] == group}
+    score = np.full((len(labels), len(ks)), np.nan)
+    for i, label in enumerate(labels):
+        for j, k in enumerate(ks):
+            p = cells.get((label, k))
+            if p is None or p["value"] is None:
+                continue
+            chance = p.get("chance") or 0.0
+            score[i, j] = (p["value"] - chance) / max(1.0 - chance, 1e-9)
+            shade = min(max(score[i, j], 0.0), 1.0)
+            ax.text(j, i, _cell(p["metric"], p["value"]), ha="center", va="center", fontsize=min(6.5, 30 * row_h),
+                    color="white" if shade > 0.6 else "black")
+    image = ax.imshow(np.clip(score, 0, 1), cmap="YlGnBu", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(ks)), [str(k) for k in ks], fontsize=7)
+    ax.set_yticks(range(len(labels)), [_row_label(report, lb) for lb in labels] if first else [],
+                  fontsize=min(7.0, 32 * row_h))
+    ax.tick_params(length=0, pad=2)
+    ax.set_title(f"{modality} · {group}", fontsize=8.5, pad=3)
+    ax.set_xlabel("k", fontsize=7, labelpad=1)
+    return image
+
+
+def _cell(metric: str, value: float) -> str:
+    """A probe score as report.md writes it: accuracy in %, R² with two decimals (no "-0.00")."""
+    if metric == "accuracy":
+        return f"{100 * value:.0f}"
+    return f"{value:.2f}" if abs(value) >= 0.005 else "0.00"
+
+
+def _row_label(report: dict[str, Any], label: str) -> str:
+    """``label (acc %, chance 10.7)`` or ``label (R², chance -0.05)``: what a cell's number is and its floor."""
+    p = next((p for p in report["probes"] if p["label"] == label and p.get("chance") is not None), None)
+    if p is None:
+        return label
+    if p["metric"] == "accuracy":
+        return f"{label} (acc %, chance {100 * p['chance']:.1f})"
+    return f"{label} (R², chance {_cell('r2', p['chance'])})"
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, best_epoch: int | None = None,
+                modalities: Sequence[str] = ("A", "B")) -> Path | None:
+    """curves.png from metrics.jsonl records: every loss term (epoch means, and each logged step faint) and
+    validation R@1 against epoch (0: before training), the epoch whose weights were kept marked."""
+    epochs = [r for r in records if r.get("type") == "epoch"]
+    if not epochs:
+        return None
+    plt = _pyplot()
+    if plt is None:
+        return None
+    per_epoch = epochs[-1]["step"] / (epochs[-1]["epoch"] + 1)
+    terms = [k for k in epochs[-1] if k == "loss" or ("/" not in k and k not in _NOT_LOSS and not k.startswith("val"))]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10.5, 3.9))
+    for i, term in enumerate(terms):
+        colour = "black" if term == "loss" else f"C{i % 10}"
+        steps = [r for r in records if r.get("type") == "step" and _finite(r.get(term))]
+        if steps:
+            ax_loss.plot([r["step"] / per_epoch for r in steps], [r[term] for r in steps], color=colour, alpha=0.3,
+                         lw=0.9)
+        means = [(r["epoch"] + 0.5, r[term]) for r in epochs if _finite(r.get(term))]  # a mean over the epoch
+        if means:
+            ax_loss.plot(*zip(*means, strict=True), color=colour, marker="o", ms=4, lw=2.0 if term == "loss" else 1.4,
+                         label=term + (" (total)" if term == "loss" else ""))
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss terms: epoch means, every logged step faint")
+    ax_loss.legend(fontsize=7, frameon=False)
+    _validation_panel(ax_val, [r for r in records if r.get("type") in ("start", "epoch")], best_epoch, modalities)
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _validation_panel(ax: Any, records: list[dict[str, Any]], best_epoch: int | None,
+                      modalities: Sequence[str]) -> None:
+    """Validation R@1 (%) per prefix and direction after each epoch; coinciding lines' markers set apart."""
+    keys = sorted({k for r in records for k in r if k.startswith("val_r1_")})
+    values: list[float] = []
+    for i, key in enumerate(keys):
+        shift = 0.05 * (i - (len(keys) - 1) / 2)
+        pts = [(0 if r["type"] == "start" else r["epoch"] + 1, 100 * r[key]) for r in records if _finite(r.get(key))]
+        values += [y for _, y in pts]
+        ax.plot([x + shift for x, _ in pts], [y for _, y in pts], marker="os^v"[i % 4], ls=("-", "--")[i % 2],
+                ms=5, color=f"C{i // 2}", mfc="white" if i % 2 else None, label=_val_label(key, modalities))
+    if best_epoch is not None:
+        ax.axvline(best_epoch + 1, color="gray", ls=":", lw=1.2, label=f"kept weights (after epoch {best_epoch + 1})")
+    if values:
+        lo, hi = min(values), max(values)
+        pad = max(2.0, 0.08 * (hi - lo))
+        ax.set_ylim(max(-1.0, lo - pad), min(101.0, hi + pad))
+        ax.legend(fontsize=7, frameon=False)
+    ax.set(xlabel="epoch (0: before training)", ylabel="validation R@1 (%)", title="validation retrieval")
+
+
+_NOT_LOSS = {"type", "step", "epoch", "seconds", "samples_per_s", "logit_scale", "grad_norm", "lr"}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _val_label(key: str, modalities: Sequence[str]) -> str:
+    """val_r1_full_a_to_b → "full prefix, vision→tactile"; val_r1_k1_b_to_a → "k=1, tactile→vision"."""
+    a, b = (list(modalities) + ["A", "B"])[:2]
+    prefix, _, direction = key[len("val_r1_"):].partition("_")
+    arrow = {"a_to_b": f"{a}→{b}", "b_to_a": f"{b}→{a}"}.get(direction, direction)
+    return f"{'full prefix' if prefix == 'full' else prefix.replace('k', 'k=', 1)}, {arrow}"

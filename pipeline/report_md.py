@@ -1,0 +1,241 @@
+"""What a person reads from an eval report: report.md's tables, the headline sentence and the terminal table.
+
+Pure functions of the report dict that :func:`pipeline.report.run_eval` builds; no files are read or written here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.plots import group_ks, n_shared_of
+
+DIRECTIONS = (("a_to_b", "→"), ("b_to_a", "←"))
+METRIC_COLS = ("R@1", "R@5", "R@10", "median_rank", "mean_rank")
+SHORT = {"median_rank": "MedR", "mean_rank": "MeanR"}
+MIN_PROBE_ROWS = 100  # below this a probe's score is too noisy to read without a warning
+
+
+BASELINE_LABELS = {"cca": "linear CCA", "linear_infonce": "linear InfoNCE head"}
+
+
+def _mean_r1(row: dict[str, Any]) -> float:
+    return (row["a_to_b"]["R@1"] + row["b_to_a"]["R@1"]) / 2
+
+
+def headline(report: dict[str, Any], loss_type: str) -> dict[str, Any]:
+    """regtok's full-prefix R@1 (mean of both directions) against the best linear baseline, with their ratio.
+
+    A flow_matching run is scored by its transported retrieval (the most Euler steps); other runs by the shared
+    embeddings' direct retrieval at the largest shared prefix.
+    """
+    full = max(report["retrieval"], key=lambda r: r["k"])
+    label, row = f"k={full['k']}", full
+    flows = [f for f in report.get("flow", []) if f["k"] == full["k"]]
+    if loss_type == "flow_matching" and flows:
+        row = max(flows, key=lambda f: f["steps"])
+        label = f"flow k={row['k']} s={row['steps']}"
+    out: dict[str, Any] = {"regtok": _mean_r1(row), "regtok_row": label,
+                           "chance": report["baselines"]["chance"]["a_to_b"]["R@1"]}
+    linear = {name: v for name, v in report["baselines"].get("linear", {}).items() if name in BASELINE_LABELS}
+    if linear:
+        best = max(linear, key=lambda name: _mean_r1(linear[name]))
+        out.update(best_baseline=best, baseline=_mean_r1(linear[best]))
+        out["ratio"] = out["regtok"] / out["baseline"] if out["baseline"] > 0 else None
+        out["below_baseline"] = out["regtok"] < out["baseline"]
+    return out
+
+
+def headline_sentence(h: dict[str, Any]) -> str:
+    """One line a person reads: regtok's R@1, the best baseline's, their ratio, and a warning when below."""
+    text = f"regtok R@1 {h['regtok']:.1%} ({h['regtok_row']}, mean of both directions; chance {h['chance']:.1%})"
+    if "baseline" not in h:
+        return text + "; no linear baseline was fitted"
+    ratio = f"{h['ratio']:.2f}×" if h.get("ratio") is not None else "n/a"
+    name = BASELINE_LABELS[h["best_baseline"]]
+    text += f" against {h['baseline']:.1%} for the best linear baseline ({name}): {ratio}"
+    if h["below_baseline"]:
+        text += ". regtok is BELOW its linear baseline on this data"
+    return text
+
+
+def retrieval_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, {"a_to_b", "b_to_a"}) rows: shared prefixes k, flow steps, linear baselines, raw pooled, chance."""
+    rows = [(f"k={r['k']}", r) for r in report["retrieval"]]
+    rows += [(f"flow k={f['k']} s={f['steps']}", f) for f in report.get("flow", [])]
+    base = report.get("baselines", {})
+    for name, label in BASELINE_LABELS.items():
+        if "a_to_b" in base.get("linear", {}).get(name, {}):
+            rows.append((label, base["linear"][name]))
+    if "a_to_b" in base.get("raw_pooled", {}):
+        rows.append(("raw pooled", base["raw_pooled"]))
+    if "chance" in base:
+        rows.append(("chance", base["chance"]))
+    return rows
+
+
+def _fmt(metric: str, value: Any) -> str:
+    if value is None:
+        return "—"
+    if metric.startswith("R@") or metric == "accuracy":
+        return f"{100 * value:.1f}"
+    if metric.endswith("_rank"):
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report's tables in GitHub markdown."""
+    a, b = report["modalities"]
+    lines = [f"# regtok eval: {a} ↔ {b}", "", *_md_evaluated(report.get("evaluated")),
+             f"N = {report['n']} paired samples (the whole split is the gallery); "
+             f"recalls in %; rows k = shared-register prefix; tie rule: {report.get('tie_rule', '?')}.", "",
+             "## Retrieval", ""]
+    heads = [f"{a}→{b} {SHORT.get(c, c)}" for c in METRIC_COLS] + [f"{b}→{a} {SHORT.get(c, c)}" for c in METRIC_COLS]
+    lines += [_md_row(["", *heads]), _md_row(["---"] * (len(heads) + 1))]
+    for label, r in retrieval_rows(report):
+        lines.append(_md_row([label] + [_fmt(c, r[d][c]) for d, _ in DIRECTIONS for c in METRIC_COLS]))
+    raw = report.get("baselines", {}).get("raw_pooled", {})
+    if "skipped" in raw:
+        lines += ["", f"Raw pooled baseline: skipped ({raw['skipped']})."]
+    lines += ["", *_md_baselines(report)]
+    lines += ["", *_md_probes(report), "", *_md_reconstruction(report)]
+    if report.get("notes"):
+        lines += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def _md_baselines(report: dict[str, Any]) -> list[str]:
+    """The headline comparison and how each linear baseline was fitted."""
+    linear = report.get("baselines", {}).get("linear")
+    if linear is None:  # evaluate() alone fits no baseline; run_eval does
+        return []
+    lines = ["## Against linear baselines", ""]
+    if "headline" in report:
+        lines += [headline_sentence(report["headline"]) + ".", ""]
+    if "skipped" in linear:
+        return lines + [f"Linear baselines: skipped ({linear['skipped']})."]
+    lines.append(f"Fitted on `{linear.get('store', '?')}` (the run's training rows), scored on this split:")
+    for name, label in BASELINE_LABELS.items():
+        fit = linear.get(name, {}).get("fit", {})
+        if name == "cca":
+            lines.append(f"- {label}: ridge {fit.get('ridge')}, {fit.get('components')} components (chosen on "
+                         f"{fit.get('val_rows')} validation rows, R@1 {fit.get('val_r1', 0):.3f}), inputs "
+                         f"standardised and reduced to {fit.get('input_dims')} dims (PCA on {fit.get('train_rows')} "
+                         "training rows)")
+        elif fit:
+            lines.append(f"- {label}: {fit.get('embed_dim')}-d per modality, symmetric InfoNCE, "
+                         f"{fit.get('epochs')} epochs of batch {fit.get('batch_size')}, same inputs")
+    return lines
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_probes(report: dict[str, Any]) -> list[str]:
+    """One table per modality: a row per label, a column per (register group, k) that adds information."""
+    split = report.get("probe_split", {})
+    n_shared = n_shared_of(report) if report["probes"] else None
+    lines = ["## Prefix probes", "", f"Linear (ridge) probes on {split.get('feature', 'register means')}; fit on "
+             f"{split.get('train', '?')} rows, scored on {split.get('test', '?')} held-out rows of this split "
+             "(accuracy in % for categorical labels, R² for continuous; chance = a constant predictor, the "
+             "train-part majority class or mean, on the same rows; — = no score). Groups at prefix k: shared = "
+             f"registers [0, min(k, n_shared)), private = [n_shared, k), all = [0, k), with n_shared = {n_shared}. "
+             "Shared stops growing at k = n_shared and all equals shared up to there, so neither is repeated.", ""]
+    if not report["probes"]:
+        return lines + ["No label columns to probe."]
+    warning = small_probe_warning(report)
+    if warning:
+        lines += [f"> **Warning:** {warning}", ""]
+    ks = {g: v for g, v in group_ks(report).items() if v}
+    ks["all"] = [k for k in ks["all"] if k > n_shared] or ks["all"][-1:]  # all = shared for k <= n_shared
+    cols = [(g, k) for g, gks in ks.items() for k in gks]
+    cells = {(p["modality"], p["label"], p["group"], p["k"]): p for p in report["probes"]}
+    labels = sorted({p["label"] for p in report["probes"]})
+    for m in report["modalities"]:
+        lines += [f"### {m}", "", _md_row(["label", "chance", *[f"{g} k={k}" for g, k in cols]]),
+                  _md_row(["---"] * (2 + len(cols)))]
+        for label in labels:
+            found = [p for (pm, pl, _, _), p in cells.items() if pm == m and pl == label]
+            metric = found[0]["metric"] if found else "accuracy"
+            chance = next((p["chance"] for p in found if p.get("chance") is not None), None)
+            values = [cells.get((m, label, g, k), {}).get("value") for g, k in cols]
+            unit = "acc %" if metric == "accuracy" else "R²"
+            lines.append(_md_row([f"{label} ({unit})", _fmt(metric, chance), *[_fmt(metric, v) for v in values]]))
+        lines.append("")
+    return lines[:-1]
+
+
+def small_probe_warning(report: dict[str, Any]) -> str | None:
+    """A sentence naming the labels whose probes were fitted on fewer than MIN_PROBE_ROWS rows, else None."""
+    rows: dict[str, int] = {}
+    for p in report["probes"]:
+        if p.get("n_train") is not None:
+            rows[p["label"]] = min(rows.get(p["label"], p["n_train"]), p["n_train"])
+    if not rows and report.get("probe_split", {}).get("train") is not None and report["probes"]:
+        rows = {p["label"]: report["probe_split"]["train"] for p in report["probes"]}
+    small = {label: n for label, n in sorted(rows.items()) if n < MIN_PROBE_ROWS}
+    if not small:
+        return None
+    listed = ", ".join(f"{label} ({n})" for label, n in small.items())
+    return (f"probes fitted on fewer than {MIN_PROBE_ROWS} rows: {listed}. Their scores are noisy; evaluate on a "
+            "larger split (or raise --probe-max-samples) before reading them.")
+
+
+def _md_evaluated(ev: dict[str, Any] | None) -> list[str]:
+    """What was evaluated: the run, its loss, preset and key config, the encoders, the stores and their N."""
+    if not ev:
+        return []
+    diff = ", ".join(f"{k}={v}" for k, v in ev.get("differs_from_preset", {}).items()) or "nothing else"
+    key = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in ev.get("key_config", {}).items())
+    lines = ["## What was evaluated", "",
+             f"- Run: `{ev['run']}`, weights `{ev.get('weights', '?')}` (step {ev.get('step', '?')})"
+             + (f", trained by `{ev['command']}`" if ev.get("command") else ""),
+             f"- Loss: **{ev.get('loss_type', '?')}** on {ev.get('feature_kind', '?')} features",
+             f"- Config: preset `{ev.get('preset', '?')}` with {diff}; {key}"]
+    enc = ", ".join(f"{m} `{e.get('spec', '?')}` (pooled {e.get('pooled_dim', '?')}"
+                    + (f", tokens {'×'.join(map(str, e['token_shape']))}" if e.get("token_shape") else "") + ")"
+                    for m, e in ev.get("encoders", {}).items())
+    lines.append(f"- Encoders: {enc or 'not recorded'}")
+    for role, title in (("train_store", "Training store"), ("val_store", "Validation store"),
+                        ("eval_store", "Evaluation store")):
+        st = ev.get(role)
+        if st:
+            used = (f" ({st['train_rows']} rows trained on, {st['val_rows']} validated on)"
+                    if st.get("train_rows") is not None and st.get("val_rows") is not None else "")
+            lines.append(f"- {title}: `{st.get('path') or 'not readable'}`, N = {st.get('n', '?')}{used}")
+    return lines + [""]
+
+
+def _md_reconstruction(report: dict[str, Any]) -> list[str]:
+    ks = sorted({r["k"] for r in report["reconstruction"]})
+    lines = ["## Reconstruction cosine of the input feature from the k-prefix", "",
+             _md_row(["modality", *[f"k={k}" for k in ks]]), _md_row(["---"] * (1 + len(ks)))]
+    for m in report["modalities"]:
+        by_k = {r["k"]: r["cosine"] for r in report["reconstruction"] if r["modality"] == m}
+        lines.append(_md_row([m, *[f"{by_k[k]:.3f}" if k in by_k else "—" for k in ks]]))
+    return lines
+
+
+def print_table(report: dict[str, Any], console: Console) -> None:
+    """The retrieval table (and a compact reconstruction line) with rich, on the given (stderr) console."""
+    a, b = report["modalities"]
+    table = Table(title=f"retrieval {a} → {b} and ←, N = {report['n']} (recall %)")
+    table.add_column("shared", no_wrap=True)
+    for _, arrow in DIRECTIONS:
+        for c in ("R@1", "R@5", "R@10", "median_rank"):
+            table.add_column(f"{arrow}{SHORT.get(c, c)}", justify="right", no_wrap=True)
+    for label, r in retrieval_rows(report):
+        table.add_row(label, *[_fmt(c, r[d][c]) for d, _ in DIRECTIONS for c in ("R@1", "R@5", "R@10", "median_rank")])
+    console.print(table)
+    if "headline" in report:
+        style = "bold red" if report["headline"].get("below_baseline") else "bold"
+        console.print(headline_sentence(report["headline"]), style=style)
+    warning = small_probe_warning(report) if report["probes"] else None
+    if warning:
+        console.print(f"warning: {warning}", style="yellow")
+    rec = ", ".join(f"{r['modality']} k={r['k']}: {r['cosine']:.3f}" for r in report["reconstruction"])
+    console.print(f"reconstruction cosine: {rec}")
