@@ -61,12 +61,12 @@ def _stage(samples: int, repeats: int, kind: str) -> None:
 
     from rich.console import Console
 
-    from pipeline.extract import ExtractConfig, run_extract
-    from pipeline.report import run_eval
-    from pipeline.runs import train_run
-    from pipeline.synth import synthesize
     from regtok.config import TrainConfig, resolve
     from regtok.evaluate import EvalConfig
+    from regtok.pipeline.extract import ExtractConfig, run_extract
+    from regtok.pipeline.report import run_eval
+    from regtok.pipeline.runs import train_run
+    from regtok.pipeline.synth import synthesize
 
     work = Path(tempfile.mkdtemp(prefix="regtok-bench-eval-"))
     for name, n, seed in (("train", samples, 0), ("test", max(100, samples // 4), 1)):

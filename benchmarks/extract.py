@@ -40,7 +40,7 @@ import torch
 
 
 def make_data(root: Path, samples: int, shards: int) -> Path:
-    from pipeline.synth import synthesize
+    from regtok.pipeline.synth import synthesize
 
     synthesize(root / "data", samples=samples, shards=shards, seed=0)
     return root / "data" / "dataset.json"
@@ -67,9 +67,9 @@ def bare_images_per_s(spec: str, dataset: Path, batch_size: int, device: str, tu
 
 
 def bare_loop(spec: str, dataset: Path, batch_size: int, device: str, tuned_malloc: bool) -> float:
-    from pipeline.encoders import load_encoder
-    from pipeline.shards import expand_shards, iter_shard
-    from pipeline.startup import keep_freed_memory
+    from regtok.pipeline.encoders import load_encoder
+    from regtok.pipeline.shards import expand_shards, iter_shard
+    from regtok.pipeline.startup import keep_freed_memory
 
     if tuned_malloc and not keep_freed_memory():
         sys.exit("could not set malloc options (not glibc?)")
@@ -93,7 +93,7 @@ def bare_loop(spec: str, dataset: Path, batch_size: int, device: str, tuned_mall
 def e2e_images_per_s(spec: str, dataset: Path, out: Path, batch_size: int, workers: int | str,
                      device: str) -> tuple[float, dict]:
     """Images/s from the wall time of a fresh `regtok extract` process over the whole set, and its timings."""
-    cmd = [sys.executable, "-m", "cli", "extract", "--shards", str(dataset), "--out", str(out),
+    cmd = [sys.executable, "-m", "regtok", "extract", "--shards", str(dataset), "--out", str(out),
            "--encoder", f"vision={spec}", "--encoder", f"tactile={spec}", "--batch-size", str(batch_size),
            "--workers", str(workers), "--device", device]
     env = {**os.environ, "REGTOK_NO_PROGRESS": "1"}

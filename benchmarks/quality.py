@@ -31,8 +31,8 @@ TESTS = ("same", "unseen")
 
 def make_stores(work: Path, train_n: int, test_n: int, log) -> dict[str, Path]:
     """Synthesise and extract the three splits (skipped when WORK already holds them)."""
-    from pipeline.extract import ExtractConfig, run_extract
-    from pipeline.synth import synthesize
+    from regtok.pipeline.extract import ExtractConfig, run_extract
+    from regtok.pipeline.synth import synthesize
 
     splits = {"train": (train_n, 41, TRAIN_FAMILIES), "same": (test_n, 42, TRAIN_FAMILIES),
               "unseen": (test_n, 43, UNSEEN_FAMILIES)}
@@ -71,10 +71,10 @@ def cell(report: dict, loss: str) -> dict:
 def run_cell(stores: dict[str, Path], work: Path, kind: str, loss: str, preset: str, log) -> dict[str, dict]:
     from rich.console import Console
 
-    from pipeline.report import run_eval
-    from pipeline.runs import train_run
     from regtok.config import TrainConfig, resolve
     from regtok.evaluate import EvalConfig
+    from regtok.pipeline.report import run_eval
+    from regtok.pipeline.runs import train_run
 
     name = f"{preset}-{kind}-{loss}"
     run_dir = work / "runs" / name

@@ -13,7 +13,7 @@ import argparse
 import tempfile
 import time
 
-from pipeline import synth
+from regtok.pipeline import synth
 
 
 def _per_sample(fn, n: int) -> float:

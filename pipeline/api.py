@@ -101,8 +101,8 @@ class Run:
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
     """A trained run (the weights eval uses: ``best.safetensors`` when kept), on ``device`` ("auto" allowed)."""
-    from pipeline.runs import load_run as load
     from regtok.distributed import resolve_device
+    from regtok.pipeline.runs import load_run as load
 
     loaded = load(run_dir)
     dev = resolve_device(str(device))
@@ -114,7 +114,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
 def open_store(store_dir: str | os.PathLike):
     """A feature store: ``.read(kind, modality[, rows])`` float16 arrays, ``.keys()``, ``.labels()``,
     ``.modalities``, ``.n``, ``.shape(kind, modality)``."""
-    from pipeline.store import open_store as open_
+    from regtok.pipeline.store import open_store as open_
 
     return open_(store_dir)
 
@@ -128,8 +128,8 @@ class Embedder:
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Embedder:
         """Rebuild the encoders the run's training store names (spec and weights hash from the lineage)."""
-        from pipeline.encoders import load_encoder
-        from pipeline.report import _train_features_manifest
+        from regtok.pipeline.encoders import load_encoder
+        from regtok.pipeline.report import _train_features_manifest
 
         run = load_run(run_dir, device)
         features = _train_features_manifest(run.path / "manifest.json")
@@ -221,9 +221,9 @@ def embed_shards(run_dir: str | os.PathLike, shards: str, out: str | os.PathLike
     """
     import shutil
 
-    from pipeline.extract import ExtractConfig, run_extract
-    from pipeline.report import EmbeddingWriter, _train_features_manifest
     from regtok.model import allowed_keeps
+    from regtok.pipeline.extract import ExtractConfig, run_extract
+    from regtok.pipeline.report import EmbeddingWriter, _train_features_manifest
 
     out = Path(out).absolute()
     run = load_run(run_dir, "cpu")

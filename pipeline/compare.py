@@ -39,7 +39,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_entries(paths: list[str | os.PathLike]) -> list[Entry]:
     """One entry per run or report; a sweep directory gives one per trial that has a run manifest."""
-    from pipeline.manifest import manifest_path, read_manifest
+    from regtok.pipeline.manifest import manifest_path, read_manifest
 
     entries = []
     for path in paths:
@@ -64,7 +64,7 @@ def load_entries(paths: list[str | os.PathLike]) -> list[Entry]:
 
 
 def _run_entry(run_dir: Path, m: dict[str, Any]) -> Entry:
-    from pipeline.runs import read_metrics
+    from regtok.pipeline.runs import read_metrics
 
     metrics = m.get("metrics") or {}
     values = {label: metrics.get(key) for key, label in RUN_METRICS}
@@ -79,7 +79,7 @@ def _run_entry(run_dir: Path, m: dict[str, Any]) -> Entry:
 
 
 def _report_entry(report_dir: Path) -> Entry:
-    from pipeline.report_md import retrieval_rows
+    from regtok.pipeline.report_md import retrieval_rows
 
     try:
         report = json.loads((report_dir / "report.json").read_text())

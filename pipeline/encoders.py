@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.checkpoints import (
+from regtok.errors import RegtokError
+from regtok.pipeline.checkpoints import (
     file_sha256_cached,
     has_only_persistent_buffers,
     load_strict,
@@ -33,9 +34,8 @@ from pipeline.checkpoints import (
     state_dict_of,
     state_dict_sha256,
 )
-from pipeline.images import ImagePrep, prep_from_transform, simple_prep
-from pipeline.startup import gc_paused
-from regtok.errors import RegtokError
+from regtok.pipeline.images import ImagePrep, prep_from_transform, simple_prep
+from regtok.pipeline.startup import gc_paused
 
 KINDS = ("open_clip", "timm", "tvl", "tiny")
 SPEC_HELP = ("open_clip:MODEL@TAG | open_clip:hf-hub:ORG/NAME | open_clip:MODEL@/path/weights | timm:MODEL.TAG | "
@@ -270,7 +270,7 @@ def load_encoder(spec: str | EncoderSpec, device: str | torch.device = "cpu") ->
 
 def _hub_weights(spec: EncoderSpec) -> tuple[Path, dict]:
     """The cached weights file of a name that carries its weights (``hf-hub:ORG/NAME``, timm ``arch.tag``)."""
-    from pipeline.hub import advice, cache_record, hub_file, safe_first
+    from regtok.pipeline.hub import advice, cache_record, hub_file, safe_first
 
     where = f"encoder {spec}"
     if spec.kind == "open_clip":  # open_clip's own file names for a Hub model
@@ -316,7 +316,7 @@ def _check_open_clip_tag(spec: EncoderSpec, pretrained: dict) -> None:
     """Fail fast, in one line, on a tag open_clip does not know or whose weights are not to be had."""
     import os
 
-    from pipeline.hub import advice, hub_file, offline, safe_first
+    from regtok.pipeline.hub import advice, hub_file, offline, safe_first
 
     if not pretrained:
         if Path(spec.source).is_file():  # open_clip takes a file path as its pretrained argument too
@@ -369,7 +369,7 @@ def _open_clip_config(spec: EncoderSpec) -> tuple[dict, dict]:
     import open_clip
 
     if spec.model.startswith("hf-hub:"):
-        from pipeline.hub import hub_file
+        from regtok.pipeline.hub import hub_file
 
         repo = spec.model.removeprefix("hf-hub:")
         path = hub_file(repo, ["open_clip_config.json"], f"encoder {spec}", "")

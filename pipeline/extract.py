@@ -22,8 +22,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.encoders import Encoder, load_encoder, parse_spec
-from pipeline.manifest import (
+from regtok.distributed import resolve_device
+from regtok.errors import RegtokError
+from regtok.pipeline.encoders import Encoder, load_encoder, parse_spec
+from regtok.pipeline.manifest import (
     environment,
     input_ref,
     new_manifest,
@@ -31,12 +33,10 @@ from pipeline.manifest import (
     write_json_atomic,
     write_manifest,
 )
-from pipeline.samples import LabelRules, ShardBatch, ShardStream
-from pipeline.shards import expand_shards
-from pipeline.startup import gc_paused
-from pipeline.store import INDEX_NAME, PARTS_DIR, PartWriter, write_index
-from regtok.distributed import resolve_device
-from regtok.errors import RegtokError
+from regtok.pipeline.samples import LabelRules, ShardBatch, ShardStream
+from regtok.pipeline.shards import expand_shards
+from regtok.pipeline.startup import gc_paused
+from regtok.pipeline.store import INDEX_NAME, PARTS_DIR, PartWriter, write_index
 
 PAUSE_ENV = "REGTOK_EXTRACT_PAUSE_AFTER_PART"  # seconds; lets crash tests kill a run between parts
 
@@ -102,7 +102,7 @@ def resolve_job(config: ExtractConfig) -> Job:
     job = Job(config, shards, names)
     spec = Path(config.shards)
     if spec.suffix == ".json" and spec.is_file():
-        from pipeline.manifest import resolve_path
+        from regtok.pipeline.manifest import resolve_path
 
         job.dataset, job.dataset_path = read_manifest(spec, kind="dataset"), spec.absolute()
         by_path = {resolve_path(spec, s["path"]).absolute(): s.get("samples") for s in job.dataset["shards"]}
@@ -169,7 +169,7 @@ def _shard_identity(shard: Path) -> dict:
 def _input_changed(rec: dict, shard: Path) -> str | None:
     """Why the shard a part was made from is not ``shard`` now, or None: the same path, size and mtime, or
     failing that the same sha256 (a shard copied or touched without changing)."""
-    from pipeline.manifest import sha256_file
+    from regtok.pipeline.manifest import sha256_file
 
     try:
         if rec.get("shard") == str(shard) and all(rec.get(k) == v for k, v in _shard_identity(shard).items()):
@@ -183,8 +183,8 @@ def _input_changed(rec: dict, shard: Path) -> str | None:
 
 def _part_changed(rec: dict, part: Path) -> str | None:
     """Why a part file is not what its record says (size; sha256 for small parts), or None."""
-    from pipeline.manifest import sha256_file
-    from pipeline.store import HASH_PARTS_UP_TO
+    from regtok.pipeline.manifest import sha256_file
+    from regtok.pipeline.store import HASH_PARTS_UP_TO
 
     size = part.stat().st_size
     if rec.get("bytes") is not None and size != rec["bytes"]:
@@ -302,7 +302,7 @@ def encode_batch(batch: ShardBatch, encoders: dict[str, Encoder], tokens: bool) 
 
 def finish_part(job: Job, batch: ShardBatch, writer: PartWriter, bad: list[dict], fp: str) -> None:
     """Rename the part into place, then write its completion record."""
-    from pipeline.manifest import sha256_file
+    from regtok.pipeline.manifest import sha256_file
 
     n = writer.close()
     skipped = [{"shard": job.names[batch.shard], **s} for s in bad]
@@ -382,7 +382,7 @@ def run_extract(config: ExtractConfig, *, command: list[str] | None = None, show
 def _claim_out(config: ExtractConfig, overwrite: bool, rank: int, world: int, device: torch.device):
     """Rank 0 checks that ``--out`` holds nothing but an earlier extraction and locks it; every rank stops
     when rank 0 could not. Returns rank 0's :class:`~pipeline.outdir.DirLock` (None on other ranks)."""
-    from pipeline.outdir import DirLock, claim, store_foreign
+    from regtok.pipeline.outdir import DirLock, claim, store_foreign
 
     out, lock, error = Path(config.out), None, None
     if rank == 0:
@@ -443,7 +443,7 @@ def write_store(job: Job, encoders: dict[str, Encoder], fp: str, timings: dict, 
     n = write_index(root, [r["part"] for r in records], shapes, label_names)
     skipped = [s for r in records for s in r["skipped"]]
     skip_count = sum(r["skip_count"] for r in records)
-    from pipeline.manifest import file_record
+    from regtok.pipeline.manifest import file_record
 
     inputs = [input_ref("dataset", job.dataset_path, root)] if job.dataset_path else []
     inputs += [{"role": "shard", "path": r["shard"], "sha256": r["shard_sha256"], "samples": r["read"]}
@@ -498,7 +498,7 @@ def extract_progress(total: int | None, enabled: bool, console=None,
         return
     from rich.progress import TextColumn
 
-    from pipeline.console import progress, stderr_console
+    from regtok.pipeline.console import progress, stderr_console
 
     console = console or stderr_console()
     t0, seen = time.perf_counter(), [0, 0, 0]  # samples, skipped, shards finished

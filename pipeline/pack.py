@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.manifest import environment, file_record, input_ref, new_manifest, write_manifest
-from pipeline.shards import shard_name, write_shard
-from pipeline.synth import prepare_out_dir, remove_stale_shards
 from regtok.errors import RegtokError
+from regtok.pipeline.manifest import environment, file_record, input_ref, new_manifest, write_manifest
+from regtok.pipeline.shards import shard_name, write_shard
+from regtok.pipeline.synth import prepare_out_dir, remove_stale_shards
 
 Sample = tuple[str, list[tuple[str, bytes]]]
 Packable = tuple[int, str, dict[str, str], list[tuple[str, Path]]]  # row number, key, row, (member, image path)
@@ -90,7 +90,7 @@ def label_schema(rows: list[dict[str, str]], label_cols: Sequence[str],
 
 def schema_from(dataset_json: str | Path, label_cols: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The label schema of another split's ``dataset.json``, for ``label_cols`` (default: all its labels)."""
-    from pipeline.manifest import read_manifest
+    from regtok.pipeline.manifest import read_manifest
 
     path = Path(dataset_json)
     if not path.is_file():

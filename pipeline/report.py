@@ -19,7 +19,10 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from pipeline.manifest import (
+from regtok.distributed import resolve_device
+from regtok.errors import RegtokError
+from regtok.evaluate import EvalConfig, evaluate
+from regtok.pipeline.manifest import (
     environment,
     file_record,
     input_ref,
@@ -30,11 +33,8 @@ from pipeline.manifest import (
     write_json_atomic,
     write_manifest,
 )
-from pipeline.plots import plot_prefix
-from pipeline.report_md import headline, headline_sentence, print_table, render_markdown
-from regtok.distributed import resolve_device
-from regtok.errors import RegtokError
-from regtok.evaluate import EvalConfig, evaluate
+from regtok.pipeline.plots import plot_prefix
+from regtok.pipeline.report_md import headline, headline_sentence, print_table, render_markdown
 
 
 class StoreColumn:
@@ -114,8 +114,8 @@ def fit_baselines(run: Any, eval_store: Any, train_store_dir: Path | None, run_m
     """Fit the linear baselines on the run's training store (or ``train_store_dir``) and score them here."""
     import torch
 
-    from pipeline.store import open_store
     from regtok.baselines import BaselineConfig, fit_and_score
+    from regtok.pipeline.store import open_store
 
     found = _run_input(run_manifest, "features")
     if train_store_dir is None:
@@ -156,8 +156,8 @@ KEY_CONFIG = ("model.n_registers", "model.n_shared", "model.n_layers", "model.hi
 
 def describe_evaluated(run: Any, run_dir: Path, run_manifest: Path, store: Any, features: Path) -> dict[str, Any]:
     """report["evaluated"]: the run, loss, closest preset and what differs, key config, encoders, stores with N."""
-    from pipeline.runs import weights_file
     from regtok.config import to_dict
+    from regtok.pipeline.runs import weights_file
 
     cfg = to_dict(run.train_config)
     preset, diff = closest_preset(cfg)
@@ -233,8 +233,8 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
     With ``cfg.baselines`` the linear baselines are fitted on the run's training store (found through the run
     manifest) or on ``baseline_features``, and scored on ``features`` beside the register module.
     """
-    from pipeline.runs import load_run
-    from pipeline.store import open_store
+    from regtok.pipeline.runs import load_run
+    from regtok.pipeline.store import open_store
 
     t0 = time.perf_counter()
     console = console or Console(stderr=True)

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.plots import group_ks, n_shared_of
+from regtok.pipeline.plots import group_ks, n_shared_of
 
 DIRECTIONS = (("a_to_b", "→"), ("b_to_a", "←"))
 METRIC_COLS = ("R@1", "R@5", "R@10", "median_rank", "mean_rank")

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.manifest import ManifestError, manifest_path, read_manifest, resolve_path
 from regtok.errors import RegtokError
+from regtok.pipeline.manifest import ManifestError, manifest_path, read_manifest, resolve_path
 
 METRIC_TOLERANCE = 0.02  # absolute, for metrics of non-CPU training reruns
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
@@ -134,7 +134,7 @@ def _guard_store(guard: PathGuard, store: Path, what: str) -> None:
     read must lie in the tree."""
     import h5py
 
-    from pipeline.store import virtual_sources
+    from regtok.pipeline.store import virtual_sources
 
     mpath = guard.check(manifest_path(store), f"{what} manifest")
     m = read_manifest(mpath, kind="features")
@@ -151,7 +151,7 @@ def _guard_store(guard: PathGuard, store: Path, what: str) -> None:
 
 def _guard_run(guard: PathGuard, run_dir: Path) -> None:
     """The files eval reads from a run directory, and the stores its manifest names, must lie in the tree."""
-    from pipeline.runs import BEST, CHECKPOINT, CONFIG, MANIFEST
+    from regtok.pipeline.runs import BEST, CHECKPOINT, CONFIG, MANIFEST
 
     for name in (CONFIG, CHECKPOINT, BEST, MANIFEST):
         if (run_dir / name).exists() or (run_dir / name).is_symlink():
@@ -168,14 +168,14 @@ def _guard_run(guard: PathGuard, run_dir: Path) -> None:
 def _rerun_dataset(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
     old_shards = {s["path"]: s["sha256"] for s in m["shards"]}  # a malformed record fails before anything runs
     if m.get("generator"):
-        from pipeline.synth import synthesize
+        from regtok.pipeline.synth import synthesize
 
         p = m["generator"]["params"]
         log(f"synth: {p['samples']} samples in {p['shards']} shards, seed {p['seed']}")
         new = synthesize(out, samples=int(p["samples"]), shards=int(p["shards"]), seed=int(p["seed"]),
                          image_size=int(p["image_size"]), families=p.get("families"))
     else:
-        from pipeline.pack import pack
+        from regtok.pipeline.pack import pack
 
         src, cfg = m["source"], _config(m)
         log(f"pack: {src['csv']}")
@@ -190,9 +190,9 @@ def _rerun_dataset(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Calla
 
 
 def _rerun_features(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
-    from pipeline.encoders import parse_spec
-    from pipeline.extract import ExtractConfig, SkipLimitError, run_extract
-    from pipeline.shards import expand_shards
+    from regtok.pipeline.encoders import parse_spec
+    from regtok.pipeline.extract import ExtractConfig, SkipLimitError, run_extract
+    from regtok.pipeline.shards import expand_shards
 
     cfg = dict(_config(m))
     for part in str(cfg["shards"]).split("::"):
@@ -220,8 +220,8 @@ def _rerun_features(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Call
 
 
 def _rerun_run(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
-    from pipeline.runs import train_run
     from regtok.config import TrainConfig, from_dict
+    from regtok.pipeline.runs import train_run
 
     cfg = from_dict(TrainConfig, _config(m))
     features = _input(mpath, m, "features", guard).parent
@@ -248,9 +248,9 @@ def _rerun_run(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[
 
 
 def _rerun_eval(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
-    from pipeline.report import run_eval
     from regtok.config import from_dict
     from regtok.evaluate import EvalConfig
+    from regtok.pipeline.report import run_eval
 
     cfg = from_dict(EvalConfig, _config(m))
     run_ref = next((r for r in m["inputs"] if r.get("role") in ("run", "run_config")), None)

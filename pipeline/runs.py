@@ -33,7 +33,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.manifest import (
+from regtok.config import TrainConfig, from_dict, to_dict
+from regtok.data import feature_stats, make_batches, sample_rows, split_rows, store_bytes
+from regtok.errors import RegtokError
+from regtok.pipeline.manifest import (
     environment,
     file_record,
     input_ref,
@@ -43,10 +46,7 @@ from pipeline.manifest import (
     write_json_atomic,
     write_manifest,
 )
-from pipeline.plots import plot_curves
-from regtok.config import TrainConfig, from_dict, to_dict
-from regtok.data import feature_stats, make_batches, sample_rows, split_rows, store_bytes
-from regtok.errors import RegtokError
+from regtok.pipeline.plots import plot_curves
 from regtok.train import Callbacks, ResumeState, TrainResult, init_distributed, train
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -335,7 +335,7 @@ class StoreCache:
         self._arrays: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
 
     def open(self, path: str | os.PathLike) -> Any:
-        from pipeline.store import open_store
+        from regtok.pipeline.store import open_store
 
         key = str(Path(path).resolve())
         if key not in self._stores:
@@ -522,7 +522,7 @@ def train_progress(console, disable: bool) -> Iterator[Callable[[int, int, dict]
     """A rich progress bar on stderr; yields the trainer's ``on_step(step, total, record)`` callback."""
     from rich.progress import TextColumn
 
-    from pipeline.console import progress
+    from regtok.pipeline.console import progress
 
     with progress(console, TextColumn("{task.fields[info]}"), disable=disable) as bar:
         task = bar.add_task("train", total=None, info="")

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.images import IMAGE_EXTS, ImageDecodeError, ImagePrep
-from pipeline.shards import ShardReadError, iter_shard
+from regtok.pipeline.images import IMAGE_EXTS, ImageDecodeError, ImagePrep
+from regtok.pipeline.shards import ShardReadError, iter_shard
 
 
 class SkipSample(Exception):
@@ -108,7 +108,7 @@ class ShardStream(IterableDataset):
             yield from self.read_shard(index, path)
 
     def read_shard(self, index: int, path: Path) -> Iterator[ShardBatch]:
-        from pipeline.manifest import sha256_file
+        from regtok.pipeline.manifest import sha256_file
 
         batch, read = ShardBatch(index), 0
         try:

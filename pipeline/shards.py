@@ -147,7 +147,7 @@ def expand_shards(spec: str, *, allow_outside: bool = True) -> list[Path]:
 
 
 def _dataset_shards(path: Path) -> list[Path]:
-    from pipeline.manifest import read_manifest, resolve_path
+    from regtok.pipeline.manifest import read_manifest, resolve_path
 
     m = read_manifest(path, kind="dataset")
     shards = m.get("shards")

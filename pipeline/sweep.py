@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.space import Choices, Param, check_space, space_json
 from regtok.config import TrainConfig, to_dict
 from regtok.errors import RegtokError
+from regtok.pipeline.space import Choices, Param, check_space, space_json
 
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("median", "hyperband")
@@ -207,10 +207,10 @@ def run_sweep(features: str | os.PathLike, out: str | os.PathLike, scfg: SweepCo
               base: TrainConfig, *, val_features: str | os.PathLike | None = None, command: list[str] | None = None,
               console: Any = None, show_progress: bool = True) -> dict[str, Any]:
     """The whole `regtok sweep` stage; returns the report dict after writing every file."""
-    from pipeline.manifest import manifest_path, sha256_file
-    from pipeline.store import open_store
-    from pipeline.sweep_report import write_outputs
-    from pipeline.sweep_worker import WorkerSpec
+    from regtok.pipeline.manifest import manifest_path, sha256_file
+    from regtok.pipeline.store import open_store
+    from regtok.pipeline.sweep_report import write_outputs
+    from regtok.pipeline.sweep_worker import WorkerSpec
 
     out = Path(out).absolute()
     t0 = time.perf_counter()
@@ -248,7 +248,7 @@ def _claim(out: Path, study: str, storage: str) -> None:
     ``OUT/sweep.json`` names the study and storage the directory belongs to: the trial directories of two
     studies would have the same names.
     """
-    from pipeline.manifest import read_manifest
+    from regtok.pipeline.manifest import read_manifest
 
     if out.exists() and not out.is_dir():
         raise RegtokError(f"--out {out} is a file, not a directory")
@@ -283,7 +283,7 @@ def _run_workers(spec: Any, jobs: int, study: Any, total: int, console: Any, sho
     """One worker in this process, or ``jobs`` worker processes, with a progress display of the study."""
     import multiprocessing as mp
 
-    from pipeline.console import progress
+    from regtok.pipeline.console import progress
 
     bar = progress(console, _status_column(), disable=not show_progress)
     task = bar.add_task("trials", total=total, status="")
@@ -297,7 +297,7 @@ def _run_workers(spec: Any, jobs: int, study: Any, total: int, console: Any, sho
                 console.print(line)
             printed.update(n for n, _ in finished)
 
-    from pipeline.sweep_worker import WorkerSpec, run_worker, spawn_worker
+    from regtok.pipeline.sweep_worker import WorkerSpec, run_worker, spawn_worker
 
     with bar:
         if jobs == 1:

@@ -9,8 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.space import Choices, Param, Range, diff_from_defaults, space_json, trial_config
 from regtok.config import TrainConfig, to_dict
+from regtok.pipeline.space import Choices, Param, Range, diff_from_defaults, space_json, trial_config
 
 
 def trial_rows(study: Any) -> list[dict[str, Any]]:
@@ -41,8 +41,15 @@ def write_outputs(out: Path, study: Any, scfg: Any, space: dict[str, Param], bas
                   features: str | os.PathLike, val_features: str | os.PathLike | None, command: list[str] | None,
                   seconds: float) -> dict[str, Any]:
     """Write report.json, report.md, sweep.png (with matplotlib), best.yaml and manifest.json; the report."""
-    from pipeline.manifest import environment, file_record, input_ref, manifest_path, new_manifest, write_manifest
-    from pipeline.sweep import safe_url
+    from regtok.pipeline.manifest import (
+        environment,
+        file_record,
+        input_ref,
+        manifest_path,
+        new_manifest,
+        write_manifest,
+    )
+    from regtok.pipeline.sweep import safe_url
 
     rows = trial_rows(study)
     complete = [r for r in rows if r["state"] == "complete" and r["value"] is not None]

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.space import Param, as_overrides, diff_from_defaults, parse_space, trial_config
 from regtok.config import TrainConfig
 from regtok.data import derive_seed
 from regtok.errors import RegtokError
+from regtok.pipeline.space import Param, as_overrides, diff_from_defaults, parse_space, trial_config
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ def run_worker(spec: WorkerSpec, on_trial: Any = None) -> None:
     """Run trials until the study has ``spec.total`` settled ones (or the grid's queue is empty)."""
     import optuna
 
-    from pipeline.runs import StoreCache
-    from pipeline.sweep import SweepConfig, make_pruner, make_sampler, open_storage, quiet_optuna
+    from regtok.pipeline.runs import StoreCache
+    from regtok.pipeline.sweep import SweepConfig, make_pruner, make_sampler, open_storage, quiet_optuna
 
     if spec.threads:
         import torch
@@ -118,8 +118,8 @@ def run_trial(trial: Any, spec: WorkerSpec, scfg: Any, space: dict[str, Param], 
     """One trial: an ordinary run in ``SWEEP/trials/NNNN``; its final ``scfg.metric`` is the value."""
     import optuna
 
-    from pipeline.runs import train_run
-    from pipeline.sweep import metric_value
+    from regtok.pipeline.runs import train_run
+    from regtok.pipeline.sweep import metric_value
 
     if _is_surplus(trial, scfg.sampler == "grid", spec.total):
         trial.set_user_attr("surplus", True)

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import surfaces
-from pipeline.manifest import environment, file_record, new_manifest, write_manifest
-from pipeline.shards import shard_name, write_shard
 from regtok.errors import RegtokError
+from regtok.pipeline import surfaces
+from regtok.pipeline.manifest import environment, file_record, new_manifest, write_manifest
+from regtok.pipeline.shards import shard_name, write_shard
 
 GENERATOR_NAME = "regtok.synth"
 GENERATOR_VERSION = "1"
@@ -177,7 +177,7 @@ def check_args(samples: int, shards: int, image_size: int) -> None:
 def prepare_out_dir(out: Path, command: str = "synth", overwrite: bool = False) -> None:
     """Create ``out``; refuse a folder holding anything but an earlier output of ``regtok COMMAND`` (its
     dataset.json and the shards it lists) unless ``overwrite``."""
-    from pipeline.outdir import claim, dataset_foreign
+    from regtok.pipeline.outdir import claim, dataset_foreign
 
     claim(out, dataset_foreign(out, command), command, overwrite)
     out.mkdir(parents=True, exist_ok=True)

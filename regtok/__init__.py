@@ -12,7 +12,7 @@ __all__ = ["Embedder", "Run", "load_run", "open_store"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from pipeline import api
+        from regtok.pipeline import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'regtok' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The installed console script works and `import cli` stays light (no torch), so `regtok --help` is instant."""
+"""The installed console script works and `import regtok.cli` stays light (no torch), so `regtok --help` is instant."""
 
 from __future__ import annotations
 
@@ -22,14 +22,30 @@ def test_console_script_lists_the_data_commands():
 
 
 def test_importing_cli_does_not_import_heavy_modules():
-    code = ("import sys, cli; heavy = [m for m in ('torch', 'h5py', 'open_clip', 'timm', 'webdataset') "
+    code = ("import sys, regtok.cli; heavy = [m for m in ('torch', 'h5py', 'open_clip', 'timm', 'webdataset') "
             "if m in sys.modules]; print(','.join(heavy))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "", f"`import cli` imported {result.stdout.strip()}"
+    assert result.stdout.strip() == "", f"`import regtok.cli` imported {result.stdout.strip()}"
 
 
 def test_unknown_command_is_a_usage_error():
-    result = subprocess.run([sys.executable, "-m", "cli", "no-such-command"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "regtok", "no-such-command"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
+
+
+def test_the_install_adds_only_regtok_to_site_packages(tmp_path):
+    """cli/ and pipeline/ install as regtok.cli and regtok.pipeline: no generic top-level `cli` or `pipeline`."""
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(repo)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("regtok-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"regtok", wheel.name.split("-py")[0] + ".dist-info"}
+    assert {"regtok/cli/__init__.py", "regtok/pipeline/store.py", "regtok/model.py"} <= set(names)
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "regtok = regtok.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

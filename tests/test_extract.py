@@ -18,13 +18,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import main
-from pipeline.encoders import tiny_encoder
-from pipeline.extract import PAUSE_ENV, ExtractConfig, SkipLimitError, decode_workers, run_extract
-from pipeline.manifest import sha256_file
-from pipeline.shards import write_shard
-from pipeline.store import open_store
+from regtok.cli import main
 from regtok.errors import RegtokError
+from regtok.pipeline.encoders import tiny_encoder
+from regtok.pipeline.extract import PAUSE_ENV, ExtractConfig, SkipLimitError, decode_workers, run_extract
+from regtok.pipeline.manifest import sha256_file
+from regtok.pipeline.shards import write_shard
+from regtok.pipeline.store import open_store
 
 ENCODERS = (("vision", "tiny:0"), ("tactile", "tiny:1"))
 
@@ -100,7 +100,7 @@ def test_layout_shapes_dtypes_keys_labels(store, shards):
 
 
 def test_features_equal_the_encoder_on_the_images(store, shards):
-    from pipeline.shards import iter_shard
+    from regtok.pipeline.shards import iter_shard
 
     samples = [s for p in sorted(shards.glob("*.tar")) for s in iter_shard(p)]
     for modality, seed in (("vision", 0), ("tactile", 1)):
@@ -217,7 +217,7 @@ def test_skip_limit_error_is_a_regtok_error():
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(shards, store, tmp_path):
     out = tmp_path / "resumed"
-    cmd = [sys.executable, "-m", "cli", "extract", "--shards", str(shards / "shard-{000000..000002}.tar"),
+    cmd = [sys.executable, "-m", "regtok", "extract", "--shards", str(shards / "shard-{000000..000002}.tar"),
            "--out", str(out), "--encoder", "vision=tiny:0", "--encoder", "tactile=tiny:1", "--tokens",
            "--workers", "0", "--batch-size", "4"]
     env = {**os.environ, PAUSE_ENV: "30", "REGTOK_NO_PROGRESS": "1"}
@@ -243,7 +243,7 @@ def test_resume_after_kill_equals_uninterrupted_run(shards, store, tmp_path):
 
 
 def test_dataset_manifest_labels_schema_is_copied(tmp_path):
-    from pipeline.synth import synthesize
+    from regtok.pipeline.synth import synthesize
 
     ds = synthesize(tmp_path / "data", samples=12, shards=2, seed=0)
     path, m = extract(str(tmp_path / "data" / "dataset.json"), tmp_path / "st")

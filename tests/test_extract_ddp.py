@@ -17,7 +17,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     write_shards(tmp_path / "in", [4, 2, 5, 3, 1])  # 5 shards: rank 0 takes 3, rank 1 takes 2
     spec = str(tmp_path / "in" / "shard-{000000..000004}.tar")
     extract(spec, tmp_path / "one", tokens=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "regtok",
            "extract", "--shards", spec, "--out", str(tmp_path / "two"), "--encoder", "vision=tiny:0",
            "--encoder", "tactile=tiny:1", "--tokens", "--workers", "1", "--batch-size", "4", "--device", "cpu"]
     env = {**os.environ, "REGTOK_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}

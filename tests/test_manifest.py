@@ -6,9 +6,11 @@ import json
 
 import pytest
 
-from pipeline.config_io import parse_overrides
-from pipeline.lineage import lineage, verify
-from pipeline.manifest import (
+from regtok.config import PRESETS, ModelConfig, TrainConfig, from_dict, merge, resolve, to_dict
+from regtok.errors import RegtokError
+from regtok.pipeline.config_io import parse_overrides
+from regtok.pipeline.lineage import lineage, verify
+from regtok.pipeline.manifest import (
     ManifestError,
     file_record,
     input_ref,
@@ -16,8 +18,6 @@ from pipeline.manifest import (
     read_manifest,
     write_manifest,
 )
-from regtok.config import PRESETS, ModelConfig, TrainConfig, from_dict, merge, resolve, to_dict
-from regtok.errors import RegtokError
 
 
 def _chain(tmp_path):

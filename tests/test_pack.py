@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import main
-from pipeline.manifest import read_manifest, sha256_file
-from pipeline.shards import iter_shard
+from regtok.cli import main
+from regtok.pipeline.manifest import read_manifest, sha256_file
+from regtok.pipeline.shards import iter_shard
 
 
 def _image(path, seed, fmt):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from cli import main
+from regtok.cli import main
 
 STAGES = ("shards-train", "shards-test", "features-train", "features-test", "run", "eval")
 MANIFESTS = ("shards-train/dataset.json", "shards-test/dataset.json", "features-train/manifest.json",
@@ -127,7 +127,7 @@ def test_rerun_run_outside_the_tree_and_a_changed_weight(demo, tmp_path):
 
 def test_rerun_of_a_gpu_run_compares_metrics_within_the_tolerance(demo, tmp_path):
     """A run recorded on another device is compared by its final metrics (within METRIC_TOLERANCE)."""
-    from pipeline.rerun import METRIC_TOLERANCE
+    from regtok.pipeline.rerun import METRIC_TOLERANCE
 
     root, _ = demo
     run = root / f"gpu-run-{tmp_path.name}"

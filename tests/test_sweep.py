@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from test_train import write_store
 
-from cli import main
-from pipeline.manifest import read_manifest
-from pipeline.space import parse_space
+from regtok.cli import main
 from regtok.config import TrainConfig, from_dict, resolve, to_dict
 from regtok.errors import RegtokError
+from regtok.pipeline.manifest import read_manifest
+from regtok.pipeline.space import parse_space
 
 BASE = ["--preset", "tiny", "--epochs", "2", "--val-fraction", "0.25", "--batch-size", "32"]
 GRID = ["--grid", "model.n_layers=1,2", "--grid", "lr=0.001,0.0003"]
@@ -181,7 +181,7 @@ def test_nested_space_yaml_equals_dotted_keys():
 
 
 def test_shipped_spaces_parse_and_resolve():
-    from pipeline.space import check_space
+    from regtok.pipeline.space import check_space
 
     root = Path(__file__).resolve().parent.parent / "configs"
     spaces = sorted(root.glob("*space*.yaml")) + [root / "seed-table.yaml"]
@@ -203,7 +203,7 @@ class PruneAfterFirstEpoch:
 def test_pruned_trials_are_recorded_with_their_last_metric_and_rerun_the_same(store, tmp_path, monkeypatch):
     import optuna
 
-    import pipeline.sweep as sweep_mod
+    import regtok.pipeline.sweep as sweep_mod
 
     class Pruner(PruneAfterFirstEpoch, optuna.pruners.BasePruner):
         pass
@@ -236,7 +236,7 @@ def test_two_workers_share_the_study_and_run_each_point_once(store, tmp_path):
 
 def test_a_killed_sweep_resumes_and_retries_the_running_trial(store, tmp_path):
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "cli", "sweep", "--features", str(store), "--out", str(out), *GRID, "--no-prune",
+    cmd = [sys.executable, "-m", "regtok", "sweep", "--features", str(store), "--out", str(out), *GRID, "--no-prune",
            *BASE, "--epochs", "4"]
     env = {**os.environ, "REGTOK_NO_PROGRESS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -266,7 +266,7 @@ def test_a_killed_sweep_resumes_and_retries_the_running_trial(store, tmp_path):
 
 
 def test_a_stopped_run_keeps_its_checkpoint_and_says_so(store, tmp_path):
-    from pipeline.runs import train_run
+    from regtok.pipeline.runs import train_run
 
     cfg = from_dict(TrainConfig, {**to_dict(resolve(TrainConfig, "tiny")), "epochs": 3, "val_fraction": 0.25})
     path, result = train_run(store, tmp_path / "run", cfg, stop=lambda r: "enough" if r["epoch"] >= 1 else None)
@@ -331,8 +331,8 @@ def test_compare_reports_and_refuses_other_stages(swept, store, tmp_path):
 
 
 def test_shipped_train_configs_hold_only_what_differs():
-    from pipeline.config_io import load_yaml
-    from pipeline.space import diff_from_defaults
+    from regtok.pipeline.config_io import load_yaml
+    from regtok.pipeline.space import diff_from_defaults
 
     root = Path(__file__).resolve().parent.parent / "configs"
     assert resolve(TrainConfig, None, load_yaml(str(root / "default.yaml"))) == TrainConfig()

@@ -11,10 +11,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cli import main
-from pipeline.manifest import new_manifest, read_manifest, sha256_file, write_manifest
+import regtok.pipeline.plots
+import regtok.pipeline.runs
+from regtok.cli import main
 from regtok.config import TrainConfig, resolve
 from regtok.data import epoch_permutation, make_batches, split_rows
+from regtok.pipeline.manifest import new_manifest, read_manifest, sha256_file, write_manifest
 from regtok.train import lr_at, make_optimizer
 
 MODALITIES = ("vision", "tactile")
@@ -71,7 +73,7 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory) -> Path:
     """The real thing, kept tiny: `regtok synth` shards through `regtok extract` with the tiny encoders."""
-    from pipeline.synth import synthesize
+    from regtok.pipeline.synth import synthesize
 
     root = tmp_path_factory.mktemp("extracted")
     synthesize(root / "shards", samples=96, shards=2, seed=0)
@@ -164,7 +166,7 @@ def test_no_weight_decay_on_vectors_and_the_logit_scale():
 
 @pytest.mark.parametrize("loss", ["contrastive", "flow_matching", "combined"])
 def test_tiny_run_per_loss_type(extracted, tmp_path, loss):
-    from pipeline.runs import load_run, read_metrics
+    from regtok.pipeline.runs import load_run, read_metrics
 
     store, run = extracted, tmp_path / "run"
     code, out, err = run_train("--features", str(store), "--out", str(run), "--loss", loss, *TINY,
@@ -197,9 +199,6 @@ def test_tiny_run_per_loss_type(extracted, tmp_path, loss):
 def test_train_writes_curves_png_and_lists_it(store, tmp_path, monkeypatch):
     from PIL import Image
 
-    import pipeline.plots
-    import pipeline.runs
-
     run = tmp_path / "run"
     code, _, err = run_train("--features", str(store), "--out", str(run), *TINY)
     assert code == 0, err
@@ -210,13 +209,13 @@ def test_train_writes_curves_png_and_lists_it(store, tmp_path, monkeypatch):
     assert listed["curves.png"]["sha256"] == sha256_file(run / "curves.png")
     # the figure holds each loss term and each validation series, read from metrics.jsonl
     drawn = {}
-    monkeypatch.setattr(pipeline.plots, "_validation_panel", lambda ax, records, best, mods: drawn.update(
+    monkeypatch.setattr(regtok.pipeline.plots, "_validation_panel", lambda ax, records, best, mods: drawn.update(
         records=records, best=best, mods=mods))
-    pipeline.plots.plot_curves(pipeline.runs.read_metrics(run), tmp_path / "again.png", 0, MODALITIES)
+    regtok.pipeline.plots.plot_curves(regtok.pipeline.runs.read_metrics(run), tmp_path / "again.png", 0, MODALITIES)
     assert [r["type"] for r in drawn["records"]] == ["start", "epoch", "epoch"] and drawn["mods"] == MODALITIES
     # without matplotlib the run trains as before and says nothing about it
     monkeypatch.undo()
-    monkeypatch.setattr(pipeline.plots, "_pyplot", lambda: None)
+    monkeypatch.setattr(regtok.pipeline.plots, "_pyplot", lambda: None)
     code, _, err = run_train("--features", str(store), "--out", str(tmp_path / "bare"), *TINY)
     assert code == 0 and not (tmp_path / "bare" / "curves.png").exists() and "matplotlib" not in err
     assert "curves.png" not in {f["path"] for f in read_manifest(tmp_path / "bare" / "manifest.json")["outputs"][
@@ -224,7 +223,6 @@ def test_train_writes_curves_png_and_lists_it(store, tmp_path, monkeypatch):
 
 
 def test_same_seed_same_weights_and_resume_equals_uninterrupted(store, tmp_path, monkeypatch):
-    import pipeline.runs
 
     args = ["--features", str(store), *TINY, "--epochs", "3", "--batch-size", "16"]
     for name in ("a", "b"):
@@ -244,18 +242,18 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(store, tmp_path,
                 raise Crash
         return real(*a, on_step=step, **kw)
 
-    real = pipeline.runs.train_run
-    monkeypatch.setattr(pipeline.runs, "train_run", crashing_step)
+    real = regtok.pipeline.runs.train_run
+    monkeypatch.setattr(regtok.pipeline.runs, "train_run", crashing_step)
     with pytest.raises(Crash):
         run_train(*args, "--out", str(crash), "checkpoint_every=3")
-    monkeypatch.setattr(pipeline.runs, "train_run", real)
-    assert pipeline.runs.checkpoint_step(crash) == 3
+    monkeypatch.setattr(regtok.pipeline.runs, "train_run", real)
+    assert regtok.pipeline.runs.checkpoint_step(crash) == 3
     code, _, err = run_train("--features", str(store), "--out", str(crash), "--resume")
     assert code == 0, err
     c = weights(crash)
     assert all(torch.equal(a[k], c[k]) for k in a)
-    steps = [(r["type"], r["step"]) for r in pipeline.runs.read_metrics(crash)]
-    assert steps == [(r["type"], r["step"]) for r in pipeline.runs.read_metrics(tmp_path / "a")]
+    steps = [(r["type"], r["step"]) for r in regtok.pipeline.runs.read_metrics(crash)]
+    assert steps == [(r["type"], r["step"]) for r in regtok.pipeline.runs.read_metrics(tmp_path / "a")]
 
 
 def test_streaming_fallback_says_so_and_trains_the_same(store, tmp_path):
@@ -271,7 +269,7 @@ def test_streaming_fallback_says_so_and_trains_the_same(store, tmp_path):
 
 def test_nan_stops_with_a_clear_error_and_the_last_good_checkpoint(store, tmp_path, monkeypatch):
     import regtok.train as trainer
-    from pipeline.runs import checkpoint_step, load_resume
+    from regtok.pipeline.runs import checkpoint_step, load_resume
 
     real, calls = trainer._gradients, []
 
@@ -306,7 +304,7 @@ def test_unknown_config_key_is_a_one_line_error(store, tmp_path):
 
 
 def test_tokens_are_used_when_the_store_has_them(extracted, tmp_path):
-    from pipeline.runs import load_run
+    from regtok.pipeline.runs import load_run
 
     run = tmp_path / "run"
     code, _, err = run_train("--features", str(extracted), "--out", str(run), *TINY, "--epochs", "1")
@@ -321,7 +319,7 @@ def test_tokens_are_used_when_the_store_has_them(extracted, tmp_path):
 
 
 def test_run_dir_guards(store, tmp_path):
-    from pipeline.runs import STATE, load_resume
+    from regtok.pipeline.runs import STATE, load_resume
 
     run = tmp_path / "run"
     args = ["--features", str(store), "--out", str(run), *TINY, "--epochs", "1"]

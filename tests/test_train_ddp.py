@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from test_train import TINY, write_store
 
-import cli
-from pipeline.manifest import read_manifest
+from regtok.cli import main
+from regtok.pipeline.manifest import read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +26,13 @@ def test_two_rank_ddp_matches_single_process(tmp_path):
     store = write_store(tmp_path / "store")
     args = ["train", "--features", str(store), *TINY, *EXACT]
     single = tmp_path / "single"
-    result = CliRunner().invoke(cli.main, [*args, "--out", str(single)])
+    result = CliRunner().invoke(main, [*args, "--out", str(single)])
     assert result.exit_code == 0, result.stderr
 
     ddp = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           cli.__file__, *args, "--out", str(ddp)]
+           "-m", "regtok", *args, "--out", str(ddp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines() == [str(ddp / "manifest.json")]  # rank 0 alone prints

@@ -1,0 +1,60 @@
+"""The `regtok` command line: glue only (parse flags, build the config, call the library, print a summary).
+
+One module per topic: ``data`` (synth, pack), ``extract`` (extract), ``train`` (train, sweep, compare),
+``evaluate`` (eval, embed), ``lineage`` (demo, show, rerun, verify). Installed as ``regtok.cli``.
+
+Heavy imports (torch, h5py, open_clip …) happen inside each command so that `regtok --help` is instant.
+Progress and logs go to stderr; stdout carries only results. A user error is one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import click
+
+from regtok.errors import RegtokError
+
+# OSErrors a user's environment causes (a full disk, a read-only or forbidden --out): one line, not a traceback.
+USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR)
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
+
+
+class _Group(click.Group):
+    """A click group that turns :class:`RegtokError`, a usage error and an OSError of the environment (disk full,
+    read-only) into one line on stderr and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RegtokError as e:
+            click.echo(f"error: {e}", err=True)
+        except click.UsageError as e:  # click's own would be a usage block and a capitalised "Error:"
+            message = " ".join(e.format_message().split()).rstrip(".")
+            where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            click.echo(f"error: {message[:1].lower()}{message[1:]}{where}", err=True)
+        except OSError as e:
+            if e.errno not in USER_OS_ERRORS:
+                raise
+            click.echo(f"error: {e.strerror}" + (f": {e.filename}" if e.filename else ""), err=True)
+        ctx.exit(2)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # in the order of the pipeline, not alphabetical
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(package_name="regtok", prog_name="regtok")
+def main() -> None:
+    """regtok: align two sensing modalities with register tokens on cached frozen-encoder features.
+
+    \b
+    Pipeline:  shards ──extract──▶ feature store ──train──▶ run ──eval──▶ report
+    Every stage writes a manifest.json that the next stage reads.
+    """
+
+
+
+# The commands register themselves on ``main`` when imported, in the pipeline's order.
+from regtok.cli import data, extract, train, evaluate, lineage  # noqa: E402, F401, I001

@@ -1,0 +1,3 @@
+from regtok.cli import main
+
+main()

@@ -1,0 +1,96 @@
+"""Stage 3: `regtok eval`, and `regtok embed` for new images."""
+
+from __future__ import annotations
+
+import click
+
+from regtok.cli import CONTEXT, main
+from regtok.cli.extract import _workers
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    """"1,2,4" → (1, 2, 4); a bad list is a usage error (exit 2)."""
+    try:
+        items = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not items or min(items) < 1:
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return items
+
+
+@main.command(name="eval", context_settings=CONTEXT)
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True), help="Run directory (regtok train).")
+@click.option("--features", required=True, type=click.Path(exists=True), help="Held-out feature store.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory.")
+@click.option("--prefixes", default="1,2,4,8,16,32", callback=_int_list,
+              help="Prefix lengths k (<= n_registers) for probes; retrieval uses those <= n_shared.")
+@click.option("--flow-steps", default="1,4,16", callback=_int_list, help="Euler steps for flow transport.")
+@click.option("--save-embeddings", is_flag=True, help="Also write embeddings.h5 (shared embedding per k).")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", default=0, type=int, help="Seed of the probe split.")
+@click.option("--probe-test-fraction", default=0.3, type=float, help="Held-out part of the split for probes.")
+@click.option("--probe-max-samples", default=10_000, type=int, help="Probes use a seeded subset (0: all).")
+@click.option("--batch-size", default=512, type=int, help="Samples per model forward.")
+@click.option("--chunk-size", default=4096, type=int, help="Retrieval queries per score matrix chunk.")
+@click.option("--baselines/--no-baselines", default=True,
+              help="Fit the linear baselines (CCA, linear InfoNCE head) on the run's training store and report "
+                   "regtok against the best of them.")
+@click.option("--baseline-features", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Fit the baselines on this store instead  [default: the run's training store, from its manifest]")
+def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow_steps: tuple[int, ...],
+          save_embeddings: bool, device: str, seed: int, probe_test_fraction: float, probe_max_samples: int,
+          batch_size: int, chunk_size: int, baselines: bool = True, baseline_features: str | None = None) -> None:
+    """Retrieval per shared prefix (both directions), flow transport, prefix probes; prints report.json's path.
+
+    \b
+    Linear baselines (regularised CCA and a linear InfoNCE head, fitted on the run's training rows) are rows of
+    the retrieval table; the summary states regtok's full-prefix R@1 as a ratio to the best of them.
+    Writes OUT/report.json, report.md, prefix.png (with matplotlib), manifest.json, and embeddings.h5 with
+    --save-embeddings. The feature store must match the run's modalities, encoders and dims.
+    """
+    import sys
+    from pathlib import Path
+
+    from regtok.pipeline.console import stderr_console
+    from regtok.pipeline.startup import gc_paused, keep_freed_memory
+
+    keep_freed_memory()  # CPU forward passes without faulting their activations in again
+    with gc_paused(freeze=True):  # torch's import: ~0.1 s less
+        from regtok.evaluate import EvalConfig
+        from regtok.pipeline.report import run_eval
+
+    cfg = EvalConfig(prefixes=prefixes, flow_steps=flow_steps, probe_test_fraction=probe_test_fraction,
+                     probe_max_samples=probe_max_samples, seed=seed, chunk_size=chunk_size, batch_size=batch_size,
+                     device=device, baselines=baselines)
+    run_eval(run_dir, features, out, cfg, save_embeddings=save_embeddings, command=["regtok", *sys.argv[1:]],
+             console=stderr_console(), baseline_features=baseline_features)
+    click.echo(str(Path(out) / "report.json"))
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run directory.")
+@click.option("--shards", required=True, help="New shards (as for extract): a brace pattern, a directory of .tar "
+              "files or a dataset.json.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Embeddings file (HDF5).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per encoder forward pass.")
+@click.option("--workers", default="auto", callback=_workers, help="DataLoader workers decoding shards.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+def embed(run_dir: str, shards: str, out: str, batch_size: int, workers: int | str, device: str) -> None:
+    """Embed new images with a run: its frozen encoders (from its lineage), then its register modules.
+
+    Writes OUT (HDF5): /keys and /<modality>/k<k>, the (N, E) shared embedding at every shared prefix k, as
+    `regtok eval --save-embeddings` does. Undecodable samples are skipped and counted. Prints OUT.
+    """
+    import os
+
+    from regtok.pipeline.api import embed_shards
+    from regtok.pipeline.console import stderr_console
+
+    console = stderr_console()
+    result = embed_shards(run_dir, shards, out, batch_size=batch_size, device=device, workers=workers,
+                          console=console, show_progress=os.environ.get("REGTOK_NO_PROGRESS") is None)
+    console.print(f"embedded {result['samples']} samples (skipped {result['skipped']}) at prefixes "
+                  f"{', '.join(map(str, result['prefixes']))}")
+    click.echo(str(result["path"]))
+

@@ -1,0 +1,86 @@
+"""Stage 1: `regtok extract`, frozen encoders over shards into a feature store."""
+
+from __future__ import annotations
+
+import click
+
+from regtok.cli import CONTEXT, main
+
+
+def _encoder_pair(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in value:
+        modality, sep, spec = item.partition("=")
+        if not sep or not modality.strip() or not spec.strip():
+            raise click.BadParameter(f"{item!r}: expected MODALITY=SPEC, e.g. tactile=tiny")
+        pairs.append((modality.strip(), spec.strip()))
+    return tuple(pairs)
+
+
+def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise click.BadParameter(f"{value!r}: expected auto or a count >= 0")
+    return n
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--shards", required=True, help="Brace pattern (data/shard-{000000..000015}.tar), a directory of "
+              ".tar files, or a dataset.json from `regtok synth`/`regtok pack`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Feature store directory.")
+@click.option("--encoder", "encoders", multiple=True, required=True, callback=_encoder_pair,
+              metavar="MODALITY=SPEC", help="One per modality, in pair order (A first). SPEC: open_clip:MODEL@TAG, "
+              "open_clip:hf-hub:ORG/NAME, open_clip:MODEL@/path/weights, timm:MODEL.TAG (timm's pretrained tags), "
+              "timm:MODEL@/path/weights.{pth,safetensors}, "
+              "tvl:MODEL@/path/ckpt.pth (TVL Stage-1 tactile encoder), tiny[:SEED] (random-init test encoder).")
+@click.option("--tokens", is_flag=True, help="Also store token features (n, T, D_tok) per modality.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
+@click.option("--workers", default="auto", show_default=True, callback=_workers,
+              help="DataLoader workers decoding shards, or auto: none on the CPU (the forward uses every core), "
+              "up to 8 per GPU.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--max-skip-fraction", type=click.FloatRange(0, 1), default=0.01,
+              help="Exit non-zero (after writing the store) when more input than this was skipped.")
+@click.option("--overwrite", is_flag=True, help="Write into --out even if it holds something other than an "
+              "earlier extraction.")
+def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens: bool, batch_size: int,
+            workers: int | str, device: str, max_skip_fraction: float, overwrite: bool = False) -> None:
+    """Run frozen encoders over WebDataset shards into an HDF5 feature store (one part per shard).
+
+    Rerunning the same command resumes: finished parts are kept. Under `torchrun --nproc_per_node=N`
+    the ranks split the shards. Prints the store's manifest path on stdout.
+    """
+    import os
+    import sys
+    from pathlib import Path
+
+    from regtok.pipeline.console import stderr_console
+    from regtok.pipeline.startup import gc_paused, keep_freed_memory
+
+    keep_freed_memory()  # CPU forward passes without faulting their activations in again
+    with gc_paused(freeze=True):  # torch's import: ~0.1 s less
+        from regtok.pipeline.extract import ExtractConfig, run_extract
+
+    spec = "::".join(str(Path(part).absolute()) for part in shards.split("::"))  # reruns may start elsewhere
+    config = ExtractConfig(shards=spec, out=str(Path(out).absolute()), encoders=encoders, tokens=tokens,
+                           batch_size=batch_size, workers=workers, device=device,
+                           max_skip_fraction=max_skip_fraction)
+    console = stderr_console()
+    path, manifest = run_extract(config, command=["regtok", *sys.argv[1:]], console=console,
+                                 show_progress=os.environ.get("REGTOK_NO_PROGRESS") is None, overwrite=overwrite)
+    if manifest is None:
+        return  # a torchrun rank other than 0
+    t = manifest["timings"]
+    stored_tokens = "tokens" in manifest.get("feature_kinds", [])  # the encoders know a token shape either way
+    dims = ", ".join(f"{m} {e['pooled_dim']}" + (f" tok {tuple(e['token_shape'])}" if stored_tokens else "")
+                     for m, e in manifest["encoders"].items())
+    console.print(f"extracted {manifest['samples']} samples in {len(manifest['parts'])} parts ({dims}); "
+                  f"skipped {manifest['skip_count']}; {t['images_per_s']} images/s over {t['seconds']} s")
+    click.echo(str(path))
+
+

@@ -1,0 +1,163 @@
+"""The whole pipeline and its records: `regtok demo`, `show`, `rerun`, `verify`."""
+
+from __future__ import annotations
+
+import click
+
+from regtok.cli import CONTEXT, main
+from regtok.cli.data import synth
+from regtok.cli.evaluate import eval_
+from regtok.cli.extract import extract
+from regtok.cli.train import train
+from regtok.errors import RegtokError
+
+# (DESIGN.md, "Measured"), so the demo trains on token features with the tiny preset.
+DEMO_ENCODERS = (("vision", "tiny:0"), ("tactile", "tiny:1"))
+DEMO_TRAIN = ("feature_kind=tokens",)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--out", default="regtok-demo", type=click.Path(file_okay=False), help="Directory for every stage.")
+@click.option("--samples", default=2000, type=click.IntRange(min=200), help="Training pairs (held-out: a quarter).")
+@click.option("--epochs", default=5, type=click.IntRange(min=1), help="Training epochs.")
+@click.option("--overwrite", is_flag=True, help="Delete the demo's stage directories in --out first.")
+@click.pass_context
+def demo(ctx: click.Context, out: str, samples: int, epochs: int, overwrite: bool) -> None:
+    """Run the whole pipeline on the embedded synthetic set: synth → extract → train → eval.
+
+    \b
+    OUT/shards-train, shards-test   synthetic shards (seeds 0 and 1) and their dataset.json
+    OUT/features-train, -test       tiny random-init encoders' token features (HDF5) + manifest.json
+    OUT/run                         the trained register modules (tiny preset; 10 % of the training split
+                                    validates and picks the kept epoch) + manifest.json
+    OUT/eval                        report.json, report.md, prefix.png + manifest.json, with the linear
+                                    baselines fitted on the same training rows
+    """
+    import shutil
+    from pathlib import Path
+
+    from regtok.pipeline.console import stderr_console
+    from regtok.pipeline.report import demo_summary
+
+    root = Path(out)
+    stages = ("shards-train", "shards-test", "features-train", "features-test", "run", "eval")
+    present = [s for s in stages if (root / s).exists()]
+    if present and not overwrite:
+        raise RegtokError(f"{root} already holds a demo ({', '.join(present)}); pass --overwrite or another --out")
+    for s in present:
+        shutil.rmtree(root / s)
+    console = stderr_console()
+    steps = [
+        ("synthesise training shards", synth, dict(out_dir=str(root / "shards-train"), samples=samples, shards=4,
+                                                   seed=0, image_size=64)),
+        ("synthesise held-out shards", synth, dict(out_dir=str(root / "shards-test"), samples=max(100, samples // 4),
+                                                   shards=1, seed=1, image_size=64)),
+    ]
+    for split in ("train", "test"):
+        steps.append((f"extract {split} features", extract, dict(
+            shards=str(root / f"shards-{split}" / "dataset.json"), out=str(root / f"features-{split}"),
+            encoders=DEMO_ENCODERS, tokens=True, batch_size=64, workers="auto", device="auto", max_skip_fraction=0.0)))
+    steps.append(("train register modules", train, dict(
+        features=str(root / "features-train"), val_features=None, val_fraction=None,
+        out=str(root / "run"), config_file=None, preset="tiny", loss=None, epochs=epochs, batch_size=None, lr=None,
+        seed=0, device=None, resume=False, compile_=None, overrides=DEMO_TRAIN, tensorboard=False)))
+    steps.append(("evaluate on the held-out split", eval_, dict(
+        run_dir=str(root / "run"), features=str(root / "features-test"), out=str(root / "eval"), prefixes=(1, 2, 4, 8),
+        flow_steps=(1, 4, 16), save_embeddings=False, device="auto", seed=0, probe_test_fraction=0.3,
+        probe_max_samples=10_000, batch_size=512, chunk_size=4096)))
+    for i, (title, command, kwargs) in enumerate(steps, 1):
+        console.rule(f"[bold]{i}/{len(steps)} {title}")
+        ctx.invoke(command, **kwargs)
+    demo_summary(console, root)
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True))
+def show(manifest: str) -> None:
+    """Print the chain of manifests behind MANIFEST (a file or a stage directory) back to the shards."""
+    from rich.console import Console
+    from rich.tree import Tree
+
+    from regtok.pipeline.lineage import lineage, summary_line
+
+    def add(tree: Tree, node) -> None:
+        mark = {"ok": "[green]✓[/]", "missing": "[red]missing[/]", "changed": "[red]changed since recorded[/]"}
+        kind = node.manifest["kind"] if node.manifest else "?"
+        label = f"[bold]{kind}[/] {node.path}  {mark.get(node.status, node.status)}"
+        if node.manifest:
+            label += f"\n[dim]{summary_line(node.manifest)}[/]"
+        branch = tree.add(label)
+        for parent in node.parents:
+            add(branch, parent)
+        trials = (node.manifest or {}).get("trials") or [] if kind == "sweep" else []
+        for t in trials[:5]:
+            value = f"{t['value']:.4f}" if isinstance(t.get("value"), float) else "—"
+            params = ", ".join(f"{k}={v}" for k, v in (t.get("params") or {}).items())
+            branch.add(f"[dim]trial {t.get('number')} {t.get('state')} {value}  {t.get('path')}  {params}[/]")
+        if len(trials) > 5:
+            branch.add(f"[dim]… {len(trials) - 5} more trials (report.md)[/]")
+        shards = (node.manifest or {}).get("shards") or []
+        if shards:
+            names = [s.get("path", "?") for s in shards]
+            branch.add(f"[dim]shards: {', '.join(names[:4])}{' …' if len(names) > 4 else ''} ({len(names)})[/]")
+
+    root, node = Tree("lineage"), lineage(manifest)
+    add(root, node)
+    Console().print(root)
+    if node.manifest is None:  # the manifest asked for is missing or unreadable: not a lineage at all
+        raise RegtokError(node.status.removeprefix("unreadable: ") if node.status != "missing"
+                          else f"{node.path}: no manifest here")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="New directory for the rerun [default: a fresh temporary directory].")
+@click.option("--root", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Directory the manifest may read from [default: the current directory and the one holding the "
+              "stage's directory].")
+@click.option("--allow-outside", is_flag=True, help="Let the manifest name files outside --root.")
+def rerun(manifest: str, out: str | None, root: str | None, allow_outside: bool) -> None:
+    """Re-execute the stage that wrote MANIFEST into a new directory and compare the results.
+
+    \b
+    dataset:  shards byte-identical          features: arrays identical
+    run:      weights identical (CPU)        eval:     report numbers identical
+    A GPU training run is compared by its final metrics within a tolerance. Exit status 1 on a difference.
+    """
+    import tempfile
+
+    from rich.console import Console
+
+    from regtok.pipeline.rerun import rerun as rerun_stage
+    from regtok.pipeline.startup import keep_freed_memory
+
+    keep_freed_memory()  # as in the stage it reruns
+    console = Console(stderr=True)
+    target = out or tempfile.mkdtemp(prefix="regtok-rerun-")
+    result = rerun_stage(manifest, target, root=root, allow_outside=allow_outside,
+                         log=lambda msg: console.print(f"[dim]{msg}[/]"))
+    for c in result.checks:
+        mark = "[green]match[/]" if c.matched else "[red]DIFFERS[/]"
+        console.print(f"{mark:>20s}  {c.what}  [dim]{c.detail}[/]")
+    verdict = "reproduced" if result.ok else "NOT reproduced"
+    console.print(f"[bold]{result.kind} {verdict}[/]: {sum(c.matched for c in result.checks)}/{len(result.checks)} "
+                  f"checks match; rerun in {result.out}")
+    click.echo(result.out)
+    if not result.ok:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True))
+def verify(manifest: str) -> None:
+    """Check that every file MANIFEST records (inputs, shards, parts, outputs) still matches its sha256."""
+    from regtok.pipeline.lineage import verify as verify_files
+
+    checks = verify_files(manifest)
+    bad = [c for c in checks if c.status != "ok"]
+    for c in checks:
+        click.echo(f"{c.status:8s} {c.role:7s} {c.recorded}")
+    click.echo(f"{len(checks) - len(bad)}/{len(checks)} files match their recorded sha256", err=True)
+    if bad:
+        raise SystemExit(1)

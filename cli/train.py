@@ -1,0 +1,240 @@
+"""Stage 2: `regtok train`, `regtok sweep` and `regtok compare`."""
+
+from __future__ import annotations
+
+import click
+
+from regtok.cli import CONTEXT, main
+from regtok.errors import RegtokError
+from regtok.pipeline.sweep import METRICS, PRUNERS, SAMPLERS
+
+
+def _train_config_options(command):
+    """The options that build a training config, shared by `train` and `sweep` (each trial starts from them)."""
+    from regtok.config import LOSS_TYPES, PRESETS, TrainConfig
+
+    def default(key: str) -> str:
+        """Where a flag's value comes from when it is not given: the config's default, and each preset's."""
+        presets = ", ".join(f"{p} preset {v[key]:g}" for p, v in PRESETS.items() if key in v)
+        return f"[default: {getattr(TrainConfig(), key):g} (TrainConfig){'; ' + presets if presets else ''}]"
+
+    options = [
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                     help="YAML config diff (only what differs; examples in configs/)."),
+        click.option("--preset", type=click.Choice(list(PRESETS)), help="Named preset applied before the YAML."),
+        click.option("--loss", type=click.Choice(LOSS_TYPES), help="model.loss_type"),
+        click.option("--epochs", type=int, help=f"Training epochs.  {default('epochs')}"),
+        click.option("--batch-size", type=int, help=f"Global batch (all ranks together).  {default('batch_size')}"),
+        click.option("--lr", type=float, help=f"Peak learning rate.  {default('lr')}"),
+        click.option("--seed", type=int),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
+        click.option("--val-fraction", type=float, help="Else hold out this seeded fraction of --features."),
+        click.argument("overrides", nargs=-1),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _train_config(preset: str | None, config_file: str | None, saved: dict | None, overrides: tuple[str, ...],
+                  **flags):
+    """defaults → preset → (a resumed run's saved config) → YAML → flags → key=value overrides."""
+    from regtok.config import TrainConfig, resolve
+    from regtok.pipeline.config_io import load_yaml, parse_overrides
+
+    loss = flags.pop("loss", None)
+    flags = {("compile" if k == "compile_" else k): v for k, v in flags.items() if v is not None}
+    if loss is not None:
+        flags["model"] = {"loss_type": loss}
+    return resolve(TrainConfig, preset, saved, load_yaml(config_file) if config_file else None, flags,
+                   parse_overrides(overrides))
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--features", type=click.Path(exists=True), help="Feature store (dir or manifest).  [required]")
+@click.option("--val-features", type=click.Path(exists=True), help="Held-out store for per-epoch validation.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory.  [required]")
+@click.option("--print-config", is_flag=True, help="Print the resolved config (YAML) and exit; nothing is trained.")
+@click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint (same config).")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the loss step.")
+@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files to RUN_DIR/tb/ "
+              "(needs the tensorboard package: pip install -e '.[tb]').")
+@_train_config_options
+def train(features: str, val_features: str | None, val_fraction: float | None, out: str, config_file: str | None,
+          preset: str | None, loss: str | None, epochs: int | None, batch_size: int | None, lr: float | None,
+          seed: int | None, device: str | None, resume: bool, compile_: bool | None,
+          overrides: tuple[str, ...], tensorboard: bool = False, print_config: bool = False) -> None:
+    """Train the register modules on a cached feature store; prints the run manifest's path.
+
+    \b
+    Config: defaults → --preset → --config YAML → flags → key=value overrides (e.g. model.n_layers=2 lr=1e-3).
+    Under `torchrun --nproc_per_node=N --no-python regtok train …` it runs DDP; rank 0 writes RUN_DIR.
+    """
+    import os
+
+    import yaml
+
+    from regtok.config import to_dict
+    from regtok.pipeline.console import stderr_console
+    from regtok.pipeline.startup import gc_paused, keep_freed_memory
+
+    keep_freed_memory()  # CPU forward passes without faulting their activations in again
+    with gc_paused(freeze=True):  # torch's import: ~0.1 s less
+        from regtok.pipeline.runs import epoch_line, saved_train_config, train_progress, train_run
+
+    saved = saved_train_config(out) if resume and out else None
+    cfg = _train_config(preset, config_file, saved, overrides, val_fraction=val_fraction, epochs=epochs,
+                        batch_size=batch_size, lr=lr, seed=seed, device=device, compile_=compile_, loss=loss)
+    if print_config:
+        click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+        return
+    if not features or not out:
+        raise click.UsageError("--features and --out are required (unless --print-config)")
+    if tensorboard:
+        _require_tensorboard()
+    console = stderr_console()
+    is_main = os.environ.get("RANK", "0") == "0"
+    if is_main:
+        console.print("[bold]resolved config[/]\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    plain = not console.is_terminal  # a log file, nohup, CI: one complete line per epoch instead of a bar
+    on_epoch = None
+    if is_main and plain:
+        def on_epoch(record: dict) -> None:
+            console.print(epoch_line(record, cfg.epochs), markup=False, highlight=False, soft_wrap=True)
+    with train_progress(console, disable=not is_main or plain) as on_step:
+        manifest, result = train_run(features, out, cfg, val_features=val_features, resume=resume,
+                                     on_step=on_step, notify=lambda msg: is_main and console.print(msg),
+                                     on_epoch=on_epoch, tensorboard=tensorboard and is_main)
+    if manifest is not None:
+        from rich.table import Table
+
+        table = Table("final epoch", "value", title=f"{out}: {result.step} steps")
+        for k, v in result.metrics.items():
+            if "/" not in k or k == "val/R@1":
+                table.add_row(k, f"{v:.4g}")
+        console.print(table)
+        click.echo(str(manifest))
+
+
+def _require_tensorboard() -> None:
+    """One error line, before any work, when the tensorboard package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise RegtokError("--tensorboard needs the tensorboard package: pip install -e '.[tb]'")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--features", required=True, type=click.Path(exists=True), help="Feature store (dir or manifest).")
+@click.option("--val-features", type=click.Path(exists=True), help="Held-out store every trial validates on.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep directory.")
+@click.option("--space", "space_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML search space: config key → list of choices, or {low, high, log} (see configs/).")
+@click.option("--grid", multiple=True, metavar="KEY=V1,V2,…", help="A grid axis given inline (repeatable).")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="grid", help="Optuna sampler.")
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="Finished trials to reach  [default: the grid's size; 20 for tpe and random]")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, help="Worker processes on this machine.")
+@click.option("--storage", default=None, help="Optuna storage URL, shared by workers on several machines  "
+              "[default: sqlite:///OUT/study.db]")
+@click.option("--study", "study_name", default="regtok", help="Study name in the storage.")
+@click.option("--metric", type=click.Choice(METRICS), default="val/select", metavar="NAME",
+              help="What trials are scored by: val/select (what keep_best ranks epochs by: full-prefix R@1, after "
+                   "transport for flow_matching runs), val/R@1 (full prefix, untransported), or a val_r1_* key.")
+@click.option("--prune/--no-prune", default=True, help="Stop hopeless trials early (after each epoch).")
+@click.option("--pruner", type=click.Choice(PRUNERS), default="median")
+@click.option("--tensorboard", is_flag=True, help="TensorBoard events in every trial (tensorboard --logdir OUT).")
+@_train_config_options
+def sweep(features: str, val_features: str | None, out: str, space_file: str | None, grid: tuple[str, ...],
+          sampler: str, trials: int | None, jobs: int, storage: str | None, study_name: str, metric: str,
+          prune: bool, pruner: str, tensorboard: bool, config_file: str | None, preset: str | None,
+          loss: str | None, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None,
+          device: str | None, val_fraction: float | None, overrides: tuple[str, ...]) -> None:
+    """Search training configs on one feature store with Optuna; each trial is an ordinary run in OUT/trials/.
+
+    \b
+    The train flags and key=value overrides are shared by every trial; the space varies the rest.
+    Rerunning the same command continues a stopped sweep. Writes OUT/report.json, report.md, sweep.png,
+    best.yaml (for `regtok train --config`) and manifest.json; prints report.json's path.
+    """
+    import sys
+    from pathlib import Path
+
+    from regtok.pipeline.config_io import load_yaml
+    from regtok.pipeline.console import stderr_console
+    from regtok.pipeline.space import parse_grid, parse_space
+    from regtok.pipeline.startup import gc_paused
+    from regtok.pipeline.sweep import SweepConfig
+
+    with gc_paused(freeze=True):
+        from regtok.pipeline.sweep import run_sweep
+
+    if not space_file and not grid:
+        raise RegtokError("give a search space: --space SPACE.yaml or --grid KEY=V1,V2,…")
+    raw = {**(load_yaml(space_file) if space_file else {}), **parse_grid(grid)}
+    space = parse_space(raw, space_file or "--grid")
+    base = _train_config(preset, config_file, None, overrides, val_fraction=val_fraction, epochs=epochs,
+                         batch_size=batch_size, lr=lr, seed=seed, device=device, loss=loss)
+    if tensorboard:
+        _require_tensorboard()
+    scfg = SweepConfig(sampler=sampler, trials=trials, jobs=jobs, storage=storage, study=study_name, metric=metric,
+                       prune=prune, pruner=pruner, seed=base.seed, tensorboard=tensorboard)
+    console = stderr_console()
+    report = run_sweep(features, out, scfg, space, base, val_features=val_features,
+                       command=["regtok", *sys.argv[1:]], console=console)
+    _print_trials(console, report)
+    click.echo(str(Path(out) / "report.json"))
+    if report["trials"] and not report["counts"]["complete"] + report["counts"]["pruned"]:
+        first = report["trials"][0]
+        raise RegtokError(f"every trial failed (first: trial {first['number']}: {first['error']}); see report.md")
+
+
+def _print_trials(console, report: dict, top: int = 10) -> None:
+    from rich.table import Table
+
+    names = list(report["space"])
+    table = Table("trial", "state", report["metric"], "epochs", "s", *names,
+                  title=f"top trials of {len(report['trials'])} ({report['sampler']} sampler)")
+    for r in report["trials"][:top]:
+        value = f"{r['value']:.4f}" if r["value"] is not None else "—"
+        table.add_row(str(r["number"]), r["state"], value, str(r["epochs"] or "—"),
+                      f"{r['seconds']:.1f}" if r["seconds"] else "—", *(str(r["params"].get(k, "—")) for k in names))
+    console.print(table)
+    failed = [r for r in report["trials"] if r["state"] == "fail" and r["retried_as"] is None]
+    if failed:
+        console.print(f"[yellow]{len(failed)} trial(s) failed[/], first: trial {failed[0]['number']}: "
+                      f"{failed[0]['error']}")
+    if report["best"] is not None:
+        console.print(f"best: trial {report['best']['number']} → best.yaml")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also write OUT/compare.md and OUT/curves.png (validation R@1 against epoch per run).")
+@click.option("--all-keys", is_flag=True, help="Show every config key, not only those that differ.")
+def compare(paths: tuple[str, ...], out: str | None, all_keys: bool) -> None:
+    """Put runs, eval reports or sweeps (their trials) side by side; config keys that differ are highlighted."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from regtok.pipeline.compare import load_entries, plot_curves, render_markdown, tables
+
+    entries = load_entries(list(paths))
+    console = Console()
+    if not console.is_terminal:  # piped or logged: the whole table, never a truncated cell
+        console = Console(width=1000)
+    for title, columns, rows in tables(entries, all_keys):
+        table = Table("", *columns, title=title)
+        for label, cells, differs in rows:
+            style = "bold yellow" if differs else None
+            table.add_row(label, *cells, style=style)
+        console.print(table)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        plot_curves(entries, Path(out) / "curves.png")
+        (Path(out) / "compare.md").write_text(render_markdown(entries, all_keys))
+        click.echo(str(Path(out) / "compare.md"), err=True)
+

@@ -1,0 +1,5 @@
+"""`python -m regtok`: the command line."""
+
+from regtok.cli import main
+
+main()
