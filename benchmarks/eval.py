@@ -65,8 +65,8 @@ def _stage(samples: int, repeats: int, kind: str) -> None:
     from regtok.evaluate import EvalConfig
     from regtok.pipeline.extract import ExtractConfig, run_extract
     from regtok.pipeline.report import run_eval
-    from regtok.pipeline.runs import train_run
     from regtok.pipeline.synth import synthesize
+    from regtok.pipeline.train import train_run
 
     work = Path(tempfile.mkdtemp(prefix="regtok-bench-eval-"))
     for name, n, seed in (("train", samples, 0), ("test", max(100, samples // 4), 1)):

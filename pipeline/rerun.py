@@ -221,7 +221,7 @@ def _rerun_features(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Call
 
 def _rerun_run(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
     from regtok.config import TrainConfig, from_dict
-    from regtok.pipeline.runs import train_run
+    from regtok.pipeline.train import train_run
 
     cfg = from_dict(TrainConfig, _config(m))
     features = _input(mpath, m, "features", guard).parent

@@ -18,23 +18,17 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from regtok.config import TrainConfig, from_dict, to_dict
-from regtok.data import feature_stats, make_batches, sample_rows, split_rows, store_bytes
 from regtok.errors import RegtokError
 from regtok.pipeline.manifest import (
     environment,
@@ -46,8 +40,7 @@ from regtok.pipeline.manifest import (
     write_json_atomic,
     write_manifest,
 )
-from regtok.pipeline.plots import plot_curves
-from regtok.train import Callbacks, ResumeState, TrainResult, init_distributed, train
+from regtok.train import Callbacks, ResumeState
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST = "best.safetensors"  # the weights of the best validation score (keep_best); what eval and the API load
@@ -327,41 +320,6 @@ class TensorBoardLog:
         self.writer.close()
 
 
-class StoreCache:
-    """Feature stores opened once and read into memory once, for many runs in one process (a sweep worker)."""
-
-    def __init__(self) -> None:
-        self._stores: dict[str, Any] = {}
-        self._arrays: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
-
-    def open(self, path: str | os.PathLike) -> Any:
-        from regtok.pipeline.store import open_store
-
-        key = str(Path(path).resolve())
-        if key not in self._stores:
-            self._stores[key] = open_store(path)
-        return self._stores[key]
-
-    def arrays(self, store: Any, kind: str, device: torch.device) -> dict[str, torch.Tensor] | None:
-        return self._arrays.get((str(store.root), kind, str(device)))
-
-    def keep(self, store: Any, kind: str, device: torch.device, arrays: dict[str, torch.Tensor] | None) -> None:
-        if arrays is not None:
-            self._arrays[(str(store.root), kind, str(device))] = arrays
-
-
-def pick_feature_kind(store: Any, requested: str) -> str:
-    """``auto`` → tokens when the store has them, else pooled; an explicit kind must be in the store."""
-    if requested == "auto":
-        return "tokens" if store.has("tokens") else "pooled"
-    if requested not in ("pooled", "tokens"):
-        raise RegtokError(f"feature_kind must be auto, pooled or tokens, got {requested!r}")
-    if not store.has(requested):
-        have = store.manifest.get("feature_kinds")
-        raise RegtokError(f"{store.root}: the store has no {requested} features (it has {have})")
-    return requested
-
-
 def check_compatible(train_store: Any, val_store: Any, kind: str) -> None:
     """The validation store must have the same modalities (in order) and feature shapes as the training one."""
     if tuple(val_store.modalities) != tuple(train_store.modalities):
@@ -372,165 +330,7 @@ def check_compatible(train_store: Any, val_store: Any, kind: str) -> None:
             raise RegtokError(f"validation store {kind} features of {m!r} do not match the training store's")
 
 
-RESUME_FREE_KEYS = ("device", "compile", "log_every", "checkpoint_every")  # may change on --resume
-
-
 def saved_train_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The ``train`` section of a run's ``config.json``, or None when there is none."""
     path = Path(run_dir) / CONFIG
     return json.loads(path.read_text())["train"] if path.is_file() else None
-
-
-def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig, *,
-              val_features: str | os.PathLike | None = None, resume: bool = False, command: list[str] | None = None,
-              on_step: Callable[[int, int, dict], None] | None = None,
-              notify: Callable[[str], None] = lambda msg: None,
-              on_epoch: Callable[[dict], None] | None = None, tensorboard: bool = False,
-              stop: Callable[[dict], str | None] | None = None,
-              cache: StoreCache | None = None) -> tuple[Path | None, TrainResult]:
-    """Train on a feature store into ``out``; returns (manifest path on rank 0 else None, result).
-
-    ``on_step(step, total, record)`` follows every step, ``on_epoch(record)`` every epoch's metrics line.
-
-    Under ``torchrun`` every rank calls this; rank 0 writes the files. A non-finite loss is a RegtokError
-    raised after the last good state has been saved. ``stop(epoch_record)`` may end a single-process run after
-    an epoch (``result.status`` "stopped"; the manifest records ``stopped``). ``cache`` keeps stores open and
-    in memory between calls.
-    """
-    from regtok.model import RegTok
-
-    cache = cache if cache is not None else StoreCache()
-
-    t0 = time.perf_counter()
-    out = Path(out)
-    if not resume and (out / CHECKPOINT).exists():
-        raise RegtokError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    rank, world, device = init_distributed(cfg.device)
-    try:
-        store = cache.open(features)
-        if len(store.modalities) != 2:
-            raise RegtokError(f"{features}: training needs exactly two modalities, the store has {store.modalities}")
-        kind = pick_feature_kind(store, cfg.feature_kind)
-        val_store = cache.open(val_features) if val_features is not None else store
-        if val_features is not None:
-            check_compatible(store, val_store, kind)
-            train_rows, val_rows = np.arange(store.n), np.arange(val_store.n)
-        else:
-            train_rows, val_rows = split_rows(store.n, cfg.val_fraction, cfg.seed)
-        data = make_batches(store, kind, train_rows, cfg.batch_size, cfg.seed, device, cfg.max_memory_fraction,
-                            rank, world, arrays=cache.arrays(store, kind, device))
-        cache.keep(store, kind, device, data.arrays)
-        if data.streaming:
-            notify(f"the store's {kind} features ({store_bytes(store, kind) / 2**30:.2f} GiB) exceed "
-                   f"max_memory_fraction={cfg.max_memory_fraction} of free {device.type} memory: streaming batches")
-        val = None
-        if rank == 0 and len(val_rows):
-            val = make_batches(val_store, kind, val_rows, cfg.batch_size, cfg.seed, device, cfg.max_memory_fraction,
-                               arrays=data.arrays if val_store is store else cache.arrays(val_store, kind, device))
-            cache.keep(val_store, kind, device, val.arrays)
-        torch.manual_seed(cfg.seed)
-        model = RegTok(cfg.model, {m: tuple(store.shape(kind, m)) for m in store.modalities})
-        model.set_feature_stats(feature_stats(data.all()))  # the training split's, on every rank
-        state = _resume_state(out, cfg, model) if resume else None
-        if state is None and cfg.model.read_dim:
-            chosen = model.init_reads(sample_rows(data, cfg.init_max_rows, cfg.seed), cfg.seed)
-            if chosen.get("read_init") == "cca":
-                notify(f"reads start on the training split's canonical directions (ridge {chosen['ridge']:g}, "
-                       f"weights ρ^{chosen['power']:g}, validation R@1 {chosen['val_r1']:.3f})")
-        model.to(device)
-        writer = None
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            write_config(out, cfg, model, tuple(store.modalities), kind)
-            tb = TensorBoardLog(out, purge_step=state.step if state else None) if tensorboard else None
-            writer = RunWriter(out, MetricsLog(out, keep_until_step=state.step if state else None), on_step,
-                               on_epoch, tb, stop)
-        t_train = time.perf_counter()
-        notify(f"training on {len(train_rows)} samples ({kind} features, {data.steps_per_epoch} steps/epoch of "
-               f"{data.batch_size}), validating on {len(val_rows)}, device {device}, {world} rank(s)")
-        try:
-            result = train(model, data, cfg, writer, val=val, resume=state)
-        finally:  # a sweep worker runs many trials: a failed one must not leave its files open
-            if writer is not None:
-                writer.close()
-        if result.status not in ("done", "stopped"):
-            where = f"; last good state (step {result.step}) saved in {out}" if rank == 0 else ""
-            raise RegtokError(f"{result.message}; stopped{where}")
-        if not result.metrics:  # resumed a finished run
-            epochs = [r for r in read_metrics(out) if r.get("type") == "epoch"]
-            result.metrics = {k: v for k, v in (epochs[-1] if epochs else {}).items() if k not in ("type", "epoch")}
-        if rank != 0:
-            return None, result
-        full = [v for k, v in result.metrics.items() if k.startswith("val_r1_full_")]
-        if full:  # one headline number for summaries: full-prefix R@1, mean of both directions
-            result.metrics["val/R@1"] = sum(full) / len(full)
-        best = best_record(out)
-        if best is not None:  # the weights eval and the API use
-            result.metrics.update({"best/val_select": best["val_select"], "best/epoch": best["epoch"],
-                                   "best/step": best["step"]})
-        timings = {"seconds": time.perf_counter() - t0, "load_seconds": t_train - t0,
-                   "train_seconds": time.perf_counter() - t_train,
-                   "last_epoch_seconds": result.metrics.get("seconds"),
-                   "samples_per_s": result.metrics.get("samples_per_s")}
-        metrics = {k: v for k, v in result.metrics.items() if k not in ("seconds", "samples_per_s")}  # results only
-        plot_curves(read_metrics(out), out / CURVES, best["epoch"] if best is not None else None, store.modalities)
-        path = write_run_manifest(out, command=command if command is not None else list(sys.argv),
-                                  config=to_dict(cfg), features=features, val_features=val_features,
-                                  metrics={**metrics, "step": result.step}, timings=timings,
-                                  device=str(device), feature_kind=kind, modalities=list(store.modalities),
-                                  world_size=world, streaming=data.streaming, val_samples=len(val_rows),
-                                  train_samples=len(train_rows), stopped=_stopped(out, result))
-        return path, result
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _stopped(out: Path, result: TrainResult) -> dict[str, Any] | None:
-    """The manifest's record of a run stopped early: the last epoch it ran and why."""
-    if result.status != "stopped":
-        return None
-    epochs = [r["epoch"] for r in read_metrics(out) if r.get("type") == "epoch"]
-    return {"epoch": epochs[-1] if epochs else -1, "reason": result.message}
-
-
-def _resume_state(out: Path, cfg: TrainConfig, model: nn.Module) -> ResumeState:
-    """Load weights and resume state from ``out``; the run's saved config must match ``cfg``."""
-    saved = saved_train_config(out)
-    if saved is None:
-        raise RegtokError(f"{out}: nothing to resume (no {CONFIG})")
-    now = to_dict(cfg)
-    diff = [k for k in now if k not in RESUME_FREE_KEYS and now[k] != saved.get(k)]
-    if diff:
-        raise RegtokError(f"--resume with a config that differs from the run's in {', '.join(diff)}")
-    load_weights(model, out)
-    return load_resume(out)
-
-
-def epoch_line(record: dict[str, Any], epochs: int) -> str:
-    """One complete progress line for an epoch's metrics record: every loss term, then validation R@1."""
-    skip = ("type", "step", "epoch", "seconds", "samples_per_s")
-    terms = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in skip and not k.startswith("val"))
-    full = [v for k, v in record.items() if k.startswith("val_r1_full_")]
-    val = f" val R@1 {sum(full) / len(full):.4f}" if full else ""
-    return (f"epoch {record['epoch'] + 1}/{epochs} step {record['step']}: {terms}{val} "
-            f"({record.get('seconds', 0):.1f} s, {record.get('samples_per_s', 0):.0f} samples/s)")
-
-
-@contextmanager
-def train_progress(console, disable: bool) -> Iterator[Callable[[int, int, dict], None]]:
-    """A rich progress bar on stderr; yields the trainer's ``on_step(step, total, record)`` callback."""
-    from rich.progress import TextColumn
-
-    from regtok.pipeline.console import progress
-
-    with progress(console, TextColumn("{task.fields[info]}"), disable=disable) as bar:
-        task = bar.add_task("train", total=None, info="")
-
-        def on_step(step: int, total: int, record: dict) -> None:
-            skip = ("samples_per_s", "epoch", "lr", "grad_norm", "logit_scale", "loss")
-            terms = " ".join(f"{k[:5]} {v:.3f}" for k, v in record.items() if "/" not in k and k not in skip)
-            bar.update(task, completed=step, total=total, description=f"epoch {record['epoch'] + 1}",
-                       info=f"loss {record['loss']:.3f} ({terms}) {record['samples_per_s']:.0f}/s")
-
-        yield on_step

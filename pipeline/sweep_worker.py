@@ -53,8 +53,8 @@ def run_worker(spec: WorkerSpec, on_trial: Any = None) -> None:
     """Run trials until the study has ``spec.total`` settled ones (or the grid's queue is empty)."""
     import optuna
 
-    from regtok.pipeline.runs import StoreCache
     from regtok.pipeline.sweep import SweepConfig, make_pruner, make_sampler, open_storage, quiet_optuna
+    from regtok.pipeline.train import StoreCache
 
     if spec.threads:
         import torch
@@ -118,8 +118,8 @@ def run_trial(trial: Any, spec: WorkerSpec, scfg: Any, space: dict[str, Param], 
     """One trial: an ordinary run in ``SWEEP/trials/NNNN``; its final ``scfg.metric`` is the value."""
     import optuna
 
-    from regtok.pipeline.runs import train_run
     from regtok.pipeline.sweep import metric_value
+    from regtok.pipeline.train import train_run
 
     if _is_surplus(trial, scfg.sampler == "grid", spec.total):
         trial.set_user_attr("surplus", True)

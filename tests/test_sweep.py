@@ -266,7 +266,7 @@ def test_a_killed_sweep_resumes_and_retries_the_running_trial(store, tmp_path):
 
 
 def test_a_stopped_run_keeps_its_checkpoint_and_says_so(store, tmp_path):
-    from regtok.pipeline.runs import train_run
+    from regtok.pipeline.train import train_run
 
     cfg = from_dict(TrainConfig, {**to_dict(resolve(TrainConfig, "tiny")), "epochs": 3, "val_fraction": 0.25})
     path, result = train_run(store, tmp_path / "run", cfg, stop=lambda r: "enough" if r["epoch"] >= 1 else None)

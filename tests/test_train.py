@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import regtok.pipeline.plots
 import regtok.pipeline.runs
+import regtok.pipeline.train
 from regtok.cli import main
 from regtok.config import TrainConfig, resolve
 from regtok.data import epoch_permutation, make_batches, split_rows
@@ -242,11 +243,11 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(store, tmp_path,
                 raise Crash
         return real(*a, on_step=step, **kw)
 
-    real = regtok.pipeline.runs.train_run
-    monkeypatch.setattr(regtok.pipeline.runs, "train_run", crashing_step)
+    real = regtok.pipeline.train.train_run
+    monkeypatch.setattr(regtok.pipeline.train, "train_run", crashing_step)
     with pytest.raises(Crash):
         run_train(*args, "--out", str(crash), "checkpoint_every=3")
-    monkeypatch.setattr(regtok.pipeline.runs, "train_run", real)
+    monkeypatch.setattr(regtok.pipeline.train, "train_run", real)
     assert regtok.pipeline.runs.checkpoint_step(crash) == 3
     code, _, err = run_train("--features", str(store), "--out", str(crash), "--resume")
     assert code == 0, err
