@@ -63,8 +63,8 @@ def _stage(samples: int, repeats: int, kind: str) -> None:
 
     from regtok.config import TrainConfig, resolve
     from regtok.evaluate import EvalConfig
+    from regtok.pipeline.eval import run_eval
     from regtok.pipeline.extract import ExtractConfig, run_extract
-    from regtok.pipeline.report import run_eval
     from regtok.pipeline.synth import synthesize
     from regtok.pipeline.train import train_run
 

@@ -73,7 +73,7 @@ def run_cell(stores: dict[str, Path], work: Path, kind: str, loss: str, preset: 
 
     from regtok.config import TrainConfig, resolve
     from regtok.evaluate import EvalConfig
-    from regtok.pipeline.report import run_eval
+    from regtok.pipeline.eval import run_eval
     from regtok.pipeline.train import train_run
 
     name = f"{preset}-{kind}-{loss}"

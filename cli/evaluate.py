@@ -58,7 +58,7 @@ def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow
     keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
         from regtok.evaluate import EvalConfig
-        from regtok.pipeline.report import run_eval
+        from regtok.pipeline.eval import run_eval
 
     cfg = EvalConfig(prefixes=prefixes, flow_steps=flow_steps, probe_test_fraction=probe_test_fraction,
                      probe_max_samples=probe_max_samples, seed=seed, chunk_size=chunk_size, batch_size=batch_size,

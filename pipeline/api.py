@@ -129,7 +129,7 @@ class Embedder:
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Embedder:
         """Rebuild the encoders the run's training store names (spec and weights hash from the lineage)."""
         from regtok.pipeline.encoders import load_encoder
-        from regtok.pipeline.report import _train_features_manifest
+        from regtok.pipeline.eval import _train_features_manifest
 
         run = load_run(run_dir, device)
         features = _train_features_manifest(run.path / "manifest.json")
@@ -222,8 +222,9 @@ def embed_shards(run_dir: str | os.PathLike, shards: str, out: str | os.PathLike
     import shutil
 
     from regtok.model import allowed_keeps
+    from regtok.pipeline.embeddings import EmbeddingWriter
+    from regtok.pipeline.eval import _train_features_manifest
     from regtok.pipeline.extract import ExtractConfig, run_extract
-    from regtok.pipeline.report import EmbeddingWriter, _train_features_manifest
 
     out = Path(out).absolute()
     run = load_run(run_dir, "cpu")

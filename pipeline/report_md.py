@@ -1,6 +1,6 @@
 """What a person reads from an eval report: report.md's tables, the headline sentence and the terminal table.
 
-Pure functions of the report dict that :func:`pipeline.report.run_eval` builds; no files are read or written here.
+Pure functions of the report dict that :func:`regtok.pipeline.eval.run_eval` builds; no files are read or written here.
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ def _rerun_run(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[
 def _rerun_eval(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
     from regtok.config import from_dict
     from regtok.evaluate import EvalConfig
-    from regtok.pipeline.report import run_eval
+    from regtok.pipeline.eval import run_eval
 
     cfg = from_dict(EvalConfig, _config(m))
     run_ref = next((r for r in m["inputs"] if r.get("role") in ("run", "run_config")), None)

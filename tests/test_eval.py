@@ -16,7 +16,7 @@ from regtok.config import PRESETS, ModelConfig, TrainConfig, merge, resolve
 from regtok.evaluate import EvalConfig, evaluate
 from regtok.model import RegTok
 from regtok.pipeline.manifest import new_manifest, read_manifest, sha256_file, write_manifest
-from regtok.pipeline.report import render_markdown
+from regtok.pipeline.report_md import render_markdown
 from regtok.pipeline.store import PartWriter, write_index
 
 MODS = ("vision", "tactile")
@@ -133,7 +133,7 @@ def test_probes_fitted_on_fewer_than_100_rows_are_warned_about() -> None:
 def test_prefix_figure_fits_a_screen_with_every_panel(tmp_path: Path) -> None:
     from PIL import Image
 
-    from regtok.pipeline.report import plot_prefix  # what eval writes prefix.png with
+    from regtok.pipeline.plots import plot_prefix  # what eval writes prefix.png with
 
     feats, labels = _data(80)
     rng = np.random.default_rng(0)

@@ -1,0 +1,263 @@
+"""The eval stage: a run and a held-out feature store → a report directory.
+
+:func:`run_eval` loads the run and the store and checks they fit (:func:`check_compatible`), evaluates
+(:func:`regtok.evaluate.evaluate`), fits the linear baselines on the run's training rows (:func:`fit_baselines`),
+then writes the report files (:mod:`regtok.pipeline.report`) and the eval manifest.
+
+    REPORT_DIR/report.json     the dict regtok.evaluate.evaluate returns, with baselines, headline and "evaluated"
+    REPORT_DIR/report.md       what was evaluated, then markdown tables ready to paste (pipeline/report_md.py)
+    REPORT_DIR/prefix.png      retrieval R@1 against k and probe heatmaps (pipeline/plots.py; needs matplotlib)
+    REPORT_DIR/embeddings.h5   with save_embeddings: /<modality>/k<k> (N, E) float32 shared embeddings, /keys
+    REPORT_DIR/manifest.json   the eval manifest: inputs = the run and features manifests with their sha256
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from regtok.distributed import resolve_device
+from regtok.errors import RegtokError
+from regtok.evaluate import EvalConfig, evaluate
+from regtok.pipeline.embeddings import EmbeddingWriter
+from regtok.pipeline.manifest import (
+    environment,
+    file_record,
+    input_ref,
+    manifest_path,
+    new_manifest,
+    read_manifest,
+    resolve_path,
+    write_manifest,
+)
+from regtok.pipeline.report import write_report_files
+from regtok.pipeline.report_md import headline, print_table
+
+
+class StoreColumn:
+    """One modality's features of one kind in a store, sliced lazily: ``col[a:b]`` → float16 array."""
+
+    def __init__(self, store: Any, kind: str, modality: str) -> None:
+        self.store, self.kind, self.modality = store, kind, modality
+        t, d = store.shape(kind, modality)
+        self.shape = (store.n, d) if kind == "pooled" else (store.n, t, d)
+
+    def __len__(self) -> int:
+        return self.store.n
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.store.read(self.kind, self.modality, rows)
+
+
+def check_compatible(run: Any, store: Any, run_manifest: Path | None = None) -> None:
+    """RegtokError unless the store has the run's modalities, feature kind, dims, encoder specs and class lists.
+
+    Encoder specs and class lists are compared with the features manifest the run was trained on, found through the run
+    manifest (``run_manifest``) when that file and its input are still readable.
+    """
+    mods = tuple(run.model.modalities)
+    if set(mods) != set(store.modalities):
+        raise RegtokError(f"features hold modalities {list(store.modalities)}, the run was trained on {list(mods)}")
+    if not store.has(run.feature_kind):
+        raise RegtokError(f"the run uses {run.feature_kind} features, the store holds only "
+                          f"{store.manifest.get('feature_kinds')}")
+    for m in mods:
+        expected, got = tuple(run.model.inputs[m]), tuple(store.shape(run.feature_kind, m))
+        if expected != got:
+            raise RegtokError(f"{m} {run.feature_kind} features are {got} (tokens, dim) here, "
+                              f"the run expects {expected}")
+    trained = _train_features_manifest(run_manifest) if run_manifest is not None else None
+    if trained is None:
+        return
+    for m in mods:
+        spec_run = (trained.get("encoders") or {}).get(m, {}).get("spec")
+        spec_eval = (store.manifest.get("encoders") or {}).get(m, {}).get("spec")
+        if spec_run is not None and spec_run != spec_eval:
+            raise RegtokError(f"{m} encoder differs: the run was trained on {spec_run!r}, these features are "
+                              f"from {spec_eval!r}")
+    for name, spec in (trained.get("labels") or {}).items():  # a class index must name the same class
+        here = (store.manifest.get("labels") or {}).get(name) or {}
+        if "classes" in spec and "classes" in here and spec["classes"] != here["classes"]:
+            raise RegtokError(f"label {name!r} has classes {here['classes']} here but {spec['classes']} in the run's "
+                              f"training store; pack this split with --labels-from TRAIN/dataset.json")
+
+
+def _run_input(run_manifest: Path, role: str) -> Path | None:
+    """The path of the run manifest's input with ``role`` (a features manifest), when recorded and present."""
+    if not run_manifest.is_file():
+        return None
+    for ref in read_manifest(run_manifest, kind="run").get("inputs", []):
+        path = resolve_path(run_manifest, ref["path"])
+        if ref.get("role") == role and path.is_file():
+            return path
+    return None
+
+
+def baseline_training_rows(run: Any, store: Any, run_manifest: Path, same_store: bool) -> np.ndarray:
+    """The rows of the baselines' training store that the run itself trained on.
+
+    A run validated on a part of its training store (no ``val_features``) trained on the rest: the baselines
+    use exactly that rest, so neither side sees the other's validation rows. Another store is used whole.
+    """
+    from regtok.data import split_rows
+
+    if same_store and _run_input(run_manifest, "val_features") is None:
+        return split_rows(store.n, run.train_config.val_fraction, run.train_config.seed)[0]
+    return np.arange(store.n)
+
+
+def fit_baselines(run: Any, eval_store: Any, train_store_dir: Path | None, run_manifest: Path, cfg: EvalConfig,
+                  log: Any) -> dict[str, Any]:
+    """Fit the linear baselines on the run's training store (or ``train_store_dir``) and score them here."""
+    import torch
+
+    from regtok.baselines import BaselineConfig, fit_and_score
+    from regtok.pipeline.store import open_store
+
+    found = _run_input(run_manifest, "features")
+    if train_store_dir is None:
+        if found is None:
+            return {"skipped": "the run manifest names no readable training store; pass --baseline-features"}
+        train_store_dir = found.parent
+    same_store = found is not None and found.parent.resolve() == Path(train_store_dir).resolve()
+    store = open_store(train_store_dir)
+    kind, mods = run.feature_kind, tuple(run.model.modalities)
+    if set(mods) != set(store.modalities) or not store.has(kind) or any(
+            tuple(store.shape(kind, m)) != tuple(eval_store.shape(kind, m)) for m in mods):
+        raise RegtokError(f"baseline features {train_store_dir} do not match the evaluated store (modalities, "
+                          f"{kind} features and dims must be the same)")
+    rows = baseline_training_rows(run, store, run_manifest, same_store)
+    if len(rows) > cfg.baseline_max_rows:
+        rng = np.random.default_rng(cfg.seed)
+        rows = np.sort(rng.choice(rows, cfg.baseline_max_rows, replace=False))
+    read = lambda st, m, r: torch.from_numpy(np.asarray(st.read(kind, m, r), dtype=np.float32))  # noqa: E731
+    train = {m: read(store, m, rows) for m in mods}
+    test = {m: read(eval_store, m, None) for m in mods}
+    tc = run.train_config
+    bcfg = BaselineConfig(embed_dim=run.model.cfg.embed_dim, epochs=tc.epochs, batch_size=tc.batch_size,
+                          seed=cfg.seed)
+    out = fit_and_score(train, test, mods, bcfg, cfg.chunk_size, log=log)
+    out["store"] = str(train_store_dir)
+    return out
+
+
+def _train_features_manifest(run_manifest: Path) -> dict | None:
+    """The features manifest the run was trained on, when the run manifest points at a readable one."""
+    path = _run_input(run_manifest, "features")
+    return read_manifest(path, kind="features") if path is not None else None
+
+
+KEY_CONFIG = ("model.n_registers", "model.n_shared", "model.n_layers", "model.hidden_dim", "model.embed_dim",
+              "epochs", "batch_size", "lr")
+
+
+def describe_evaluated(run: Any, run_dir: Path, run_manifest: Path, store: Any, features: Path) -> dict[str, Any]:
+    """report["evaluated"]: the run, loss, closest preset and what differs, key config, encoders, stores with N."""
+    from regtok.config import to_dict
+    from regtok.pipeline.runs import weights_file
+
+    cfg = to_dict(run.train_config)
+    preset, diff = closest_preset(cfg)
+    rm = run.manifest or {}
+    encoders = {m: {"spec": e.get("spec"), "pooled_dim": e.get("pooled_dim"),
+                    "token_shape": e.get("token_shape") if store.has("tokens") else None}
+                for m, e in (store.manifest.get("encoders") or {}).items()}
+    out: dict[str, Any] = {
+        "run": str(run_dir.resolve()), "weights": weights_file(run_dir), "step": run.step,
+        "command": " ".join(["regtok", *rm["command"][1:]]) if rm.get("command") else None,
+        "loss_type": cfg["model"]["loss_type"], "feature_kind": run.feature_kind, "preset": preset,
+        "differs_from_preset": diff, "key_config": {k: _dotted(cfg, k) for k in KEY_CONFIG}, "encoders": encoders,
+        "eval_store": {"path": str((features.parent if features.is_file() else features).resolve()), "n": store.n}}
+    for role, key in (("features", "train_store"), ("val_features", "val_store")):
+        path = _run_input(run_manifest, role)
+        if path is not None:
+            out[key] = {"path": str(path.parent.resolve()), "n": read_manifest(path, kind="features").get("samples")}
+    if "train_store" in out and "val_store" not in out:
+        out["train_store"].update(train_rows=rm.get("train_samples"), val_rows=rm.get("val_samples"))
+    return out
+
+
+def _dotted(cfg: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
+    return cfg if cfg != {} else None
+
+
+def _flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def closest_preset(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The named preset a resolved config differs least from, and those differences (dotted keys)."""
+    from regtok.config import PRESETS, TrainConfig, resolve, to_dict
+
+    flat, best = _flat(cfg), None
+    for name in PRESETS:
+        base = _flat(to_dict(resolve(TrainConfig, name)))
+        diff = {k: v for k, v in flat.items() if base.get(k) != v}
+        if best is None or len(diff) < len(best[1]):
+            best = (name, diff)
+    return best if best is not None else ("?", {})
+
+
+def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str | os.PathLike, cfg: EvalConfig,
+             *, save_embeddings: bool = False, command: list[str] | None = None,
+             console: Console | None = None, baseline_features: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The whole `regtok eval` stage; returns the report dict after writing every file.
+
+    With ``cfg.baselines`` the linear baselines are fitted on the run's training store (found through the run
+    manifest) or on ``baseline_features``, and scored on ``features`` beside the register module.
+    """
+    from regtok.pipeline.runs import load_run
+    from regtok.pipeline.store import open_store
+
+    t0 = time.perf_counter()
+    console = console or Console(stderr=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = load_run(run_dir)
+    run_mpath = manifest_path(Path(run_dir))
+    store = open_store(features)
+    check_compatible(run, store, run_mpath)
+    kind = run.feature_kind
+    cols = {m: StoreColumn(store, kind, m) for m in run.model.modalities}
+    pooled = cols if kind == "pooled" else {m: StoreColumn(store, "pooled", m) for m in run.model.modalities}
+    sink = EmbeddingWriter(out / "embeddings.h5", store.keys()) if save_embeddings else None
+    with console.status("evaluating") as status:
+        log = lambda msg: status.update(f"evaluating: {msg}")  # noqa: E731
+        report = evaluate(run.model, cols, store.labels(), store.manifest.get("labels") or {}, cfg, pooled=pooled,
+                          embeddings_sink=sink, log=log)
+        linear = {"skipped": "--no-baselines"}
+        if cfg.baselines:
+            linear = fit_baselines(run, store, Path(baseline_features) if baseline_features else None, run_mpath,
+                                   cfg, log)
+    report["baselines"]["linear"] = linear
+    report["headline"] = headline(report, run.model.cfg.loss_type)
+    report["feature_kind"] = kind
+    report["evaluated"] = describe_evaluated(run, Path(run_dir), run_mpath, store, Path(features))
+    written = write_report_files(report, out, console)
+    if sink is not None:
+        written.append(sink.close())
+    print_table(report, console)
+    inputs = [input_ref("features", manifest_path(features), out)]
+    if "store" in linear:
+        inputs.append(input_ref("baseline_features", manifest_path(linear["store"]), out))
+    inputs.insert(0, input_ref("run", run_mpath, out) if run_mpath.is_file() else
+                  input_ref("run_config", Path(run_dir) / "config.json", out))
+    device = str(resolve_device(cfg.device))
+    manifest = new_manifest(
+        "eval", command=command, config=dataclasses.asdict(cfg), inputs=inputs,
+        outputs={"files": [file_record(p, out) for p in written]}, environment_=environment(device),
+        timings={"seconds": round(time.perf_counter() - t0, 3)}, samples=report["n"],
+        modalities=report["modalities"], feature_kind=kind, run_step=getattr(run, "step", None))
+    write_manifest(out / "manifest.json", manifest)
+    return report
