@@ -10,6 +10,7 @@ Progress and logs go to stderr; stdout carries only results. A user error is one
 from __future__ import annotations
 
 import errno
+import re
 
 import click
 
@@ -54,6 +55,38 @@ def main() -> None:
     Every stage writes a manifest.json that the next stage reads.
     """
 
+
+
+def config_default(cls: type, name: str):
+    """The default of a config dataclass field: the one source every option's default comes from."""
+    import dataclasses
+
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def config_option(cls: type, name: str, *decls: str, **kwargs):
+    """A click option for the field ``name`` of config ``cls``, its default taken from the dataclass (tuples are
+    shown and parsed as comma-separated lists by the option's callback)."""
+    default = config_default(cls, name)
+    if isinstance(default, tuple):
+        default = ",".join(map(str, default))
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), name, default=default, **kwargs)
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not DEVICE.fullmatch(value):
+        raise click.BadParameter(f"{value!r}: expected auto, cpu, cuda or cuda:N")
+    return value
+
+
+def device_option(default: str | None = "auto", note: str = ""):
+    """``--device``: auto (a GPU when there is one), cpu, cuda or cuda:N; the same option on every command."""
+    return click.option("--device", default=default, callback=_device, metavar="auto|cpu|cuda[:N]",
+                        help=f"Where the work runs.{' ' + note if note else ''}")
 
 
 # The commands register themselves on ``main`` when imported, in the pipeline's order.

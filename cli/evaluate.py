@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import click
 
-from regtok.cli import CONTEXT, main
+from regtok.cli import CONTEXT, config_default, config_option, device_option, main
 from regtok.cli.extract import _workers
+from regtok.config import EvalConfig
+from regtok.pipeline.extract_config import ExtractConfig
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -23,19 +25,19 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True), help="Run directory (regtok train).")
 @click.option("--features", required=True, type=click.Path(exists=True), help="Held-out feature store.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory.")
-@click.option("--prefixes", default="1,2,4,8,16,32", callback=_int_list,
-              help="Prefix lengths k (<= n_registers) for probes; retrieval uses those <= n_shared.")
-@click.option("--flow-steps", default="1,4,16", callback=_int_list, help="Euler steps for flow transport.")
+@config_option(EvalConfig, "prefixes", callback=_int_list,
+               help="Prefix lengths k (<= n_registers) for probes; retrieval uses those <= n_shared.")
+@config_option(EvalConfig, "flow_steps", callback=_int_list, help="Euler steps for flow transport.")
 @click.option("--save-embeddings", is_flag=True, help="Also write embeddings.h5 (shared embedding per k).")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", default=0, type=int, help="Seed of the probe split.")
-@click.option("--probe-test-fraction", default=0.3, type=float, help="Held-out part of the split for probes.")
-@click.option("--probe-max-samples", default=10_000, type=int, help="Probes use a seeded subset (0: all).")
-@click.option("--batch-size", default=512, type=int, help="Samples per model forward.")
-@click.option("--chunk-size", default=4096, type=int, help="Retrieval queries per score matrix chunk.")
-@click.option("--baselines/--no-baselines", default=True,
-              help="Fit the linear baselines (CCA, linear InfoNCE head) on the run's training store and report "
-                   "regtok against the best of them.")
+@device_option(config_default(EvalConfig, "device"))
+@config_option(EvalConfig, "seed", type=int, help="Seed of the probe split.")
+@config_option(EvalConfig, "probe_test_fraction", type=float, help="Held-out part of the split for probes.")
+@config_option(EvalConfig, "probe_max_samples", type=int, help="Probes use a seeded subset (0: all).")
+@config_option(EvalConfig, "batch_size", type=int, help="Samples per model forward.")
+@config_option(EvalConfig, "chunk_size", type=int, help="Retrieval queries per score matrix chunk.")
+@config_option(EvalConfig, "baselines", "--baselines/--no-baselines",
+               help="Fit the linear baselines (CCA, linear InfoNCE head) on the run's training store and report "
+                    "regtok against the best of them.")
 @click.option("--baseline-features", type=click.Path(exists=True, file_okay=False), default=None,
               help="Fit the baselines on this store instead  [default: the run's training store, from its manifest]")
 def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow_steps: tuple[int, ...],
@@ -57,7 +59,6 @@ def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow
 
     keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
-        from regtok.evaluate import EvalConfig
         from regtok.pipeline.eval import run_eval
 
     cfg = EvalConfig(prefixes=prefixes, flow_steps=flow_steps, probe_test_fraction=probe_test_fraction,
@@ -73,9 +74,9 @@ def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow
 @click.option("--shards", required=True, help="New shards (as for extract): a brace pattern, a directory of .tar "
               "files or a dataset.json.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Embeddings file (HDF5).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per encoder forward pass.")
-@click.option("--workers", default="auto", callback=_workers, help="DataLoader workers decoding shards.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@config_option(ExtractConfig, "batch_size", type=click.IntRange(min=1), help="Images per encoder forward pass.")
+@config_option(ExtractConfig, "workers", callback=_workers, help="DataLoader workers decoding shards.")
+@device_option(config_default(ExtractConfig, "device"))
 def embed(run_dir: str, shards: str, out: str, batch_size: int, workers: int | str, device: str) -> None:
     """Embed new images with a run: its frozen encoders (from its lineage), then its register modules.
 

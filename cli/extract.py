@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from regtok.cli import CONTEXT, main
+from regtok.cli import CONTEXT, config_default, config_option, device_option, main
+from regtok.pipeline.extract_config import ExtractConfig
 
 
 def _encoder_pair(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -39,13 +40,13 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | st
               "timm:MODEL@/path/weights.{pth,safetensors}, "
               "tvl:MODEL@/path/ckpt.pth (TVL Stage-1 tactile encoder), tiny[:SEED] (random-init test encoder).")
 @click.option("--tokens", is_flag=True, help="Also store token features (n, T, D_tok) per modality.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
-@click.option("--workers", default="auto", show_default=True, callback=_workers,
-              help="DataLoader workers decoding shards, or auto: none on the CPU (the forward uses every core), "
-              "up to 8 per GPU.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-@click.option("--max-skip-fraction", type=click.FloatRange(0, 1), default=0.01,
-              help="Exit non-zero (after writing the store) when more input than this was skipped.")
+@config_option(ExtractConfig, "batch_size", type=click.IntRange(min=1), help="Images per forward pass.")
+@config_option(ExtractConfig, "workers", callback=_workers,
+               help="DataLoader workers decoding shards, or auto: none on the CPU (the forward uses every core), "
+               "up to 8 per GPU.")
+@device_option(config_default(ExtractConfig, "device"), "Under torchrun, cuda is each rank's GPU.")
+@config_option(ExtractConfig, "max_skip_fraction", type=click.FloatRange(0, 1),
+               help="Exit non-zero (after writing the store) when more input than this was skipped.")
 @click.option("--overwrite", is_flag=True, help="Write into --out even if it holds something other than an "
               "earlier extraction.")
 def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens: bool, batch_size: int,
@@ -64,7 +65,7 @@ def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens
 
     keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
-        from regtok.pipeline.extract import ExtractConfig, run_extract
+        from regtok.pipeline.extract import run_extract
 
     spec = "::".join(str(Path(part).absolute()) for part in shards.split("::"))  # reruns may start elsewhere
     config = ExtractConfig(shards=spec, out=str(Path(out).absolute()), encoders=encoders, tokens=tokens,

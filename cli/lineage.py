@@ -5,15 +5,13 @@ from __future__ import annotations
 import click
 
 from regtok.cli import CONTEXT, main
-from regtok.cli.data import synth
-from regtok.cli.evaluate import eval_
-from regtok.cli.extract import extract
-from regtok.cli.train import train
 from regtok.errors import RegtokError
 
-# (DESIGN.md, "Measured"), so the demo trains on token features with the tiny preset.
+# The demo's choices: random-init encoders keep information in their tokens, not their pooled output
+# (DESIGN.md, "Measured"), so the demo trains on token features with the tiny preset. Everything else is each
+# stage's config default.
 DEMO_ENCODERS = (("vision", "tiny:0"), ("tactile", "tiny:1"))
-DEMO_TRAIN = ("feature_kind=tokens",)
+DEMO_PREFIXES = (1, 2, 4, 8)
 
 
 @main.command(context_settings=CONTEXT)
@@ -21,8 +19,7 @@ DEMO_TRAIN = ("feature_kind=tokens",)
 @click.option("--samples", default=2000, type=click.IntRange(min=200), help="Training pairs (held-out: a quarter).")
 @click.option("--epochs", default=5, type=click.IntRange(min=1), help="Training epochs.")
 @click.option("--overwrite", is_flag=True, help="Delete the demo's stage directories in --out first.")
-@click.pass_context
-def demo(ctx: click.Context, out: str, samples: int, epochs: int, overwrite: bool) -> None:
+def demo(out: str, samples: int, epochs: int, overwrite: bool) -> None:
     """Run the whole pipeline on the embedded synthetic set: synth → extract → train → eval.
 
     \b
@@ -38,37 +35,63 @@ def demo(ctx: click.Context, out: str, samples: int, epochs: int, overwrite: boo
 
     from regtok.pipeline.console import stderr_console
     from regtok.pipeline.report import demo_summary
+    from regtok.pipeline.startup import keep_freed_memory
 
-    root = Path(out)
+    root = Path(out).absolute()
     stages = ("shards-train", "shards-test", "features-train", "features-test", "run", "eval")
     present = [s for s in stages if (root / s).exists()]
     if present and not overwrite:
         raise RegtokError(f"{root} already holds a demo ({', '.join(present)}); pass --overwrite or another --out")
     for s in present:
         shutil.rmtree(root / s)
+    keep_freed_memory()
     console = stderr_console()
-    steps = [
-        ("synthesise training shards", synth, dict(out_dir=str(root / "shards-train"), samples=samples, shards=4,
-                                                   seed=0, image_size=64)),
-        ("synthesise held-out shards", synth, dict(out_dir=str(root / "shards-test"), samples=max(100, samples // 4),
-                                                   shards=1, seed=1, image_size=64)),
-    ]
-    for split in ("train", "test"):
-        steps.append((f"extract {split} features", extract, dict(
-            shards=str(root / f"shards-{split}" / "dataset.json"), out=str(root / f"features-{split}"),
-            encoders=DEMO_ENCODERS, tokens=True, batch_size=64, workers="auto", device="auto", max_skip_fraction=0.0)))
-    steps.append(("train register modules", train, dict(
-        features=str(root / "features-train"), val_features=None, val_fraction=None,
-        out=str(root / "run"), config_file=None, preset="tiny", loss=None, epochs=epochs, batch_size=None, lr=None,
-        seed=0, device=None, resume=False, compile_=None, overrides=DEMO_TRAIN, tensorboard=False)))
-    steps.append(("evaluate on the held-out split", eval_, dict(
-        run_dir=str(root / "run"), features=str(root / "features-test"), out=str(root / "eval"), prefixes=(1, 2, 4, 8),
-        flow_steps=(1, 4, 16), save_embeddings=False, device="auto", seed=0, probe_test_fraction=0.3,
-        probe_max_samples=10_000, batch_size=512, chunk_size=4096)))
-    for i, (title, command, kwargs) in enumerate(steps, 1):
+    steps = _demo_steps(root, samples, epochs, console)
+    for i, (title, step) in enumerate(steps, 1):
         console.rule(f"[bold]{i}/{len(steps)} {title}")
-        ctx.invoke(command, **kwargs)
+        step()
     demo_summary(console, root)
+
+
+def _demo_steps(root, samples: int, epochs: int, console) -> list:
+    """The demo's stages as (title, call) pairs: each stage's function with its config object; every manifest
+    records the equivalent stage command."""
+    from regtok.config import EvalConfig, TrainConfig, resolve
+    from regtok.pipeline.eval import run_eval
+    from regtok.pipeline.extract import run_extract
+    from regtok.pipeline.extract_config import ExtractConfig
+    from regtok.pipeline.synth import synthesize
+    from regtok.pipeline.train import train_progress, train_run
+
+    def shards(split: str, n: int, count: int, seed: int):
+        return lambda: console.print(f"{synthesize(root / f'shards-{split}', n, count, seed)['samples']} pairs in "
+                                     f"{root / f'shards-{split}'}")
+
+    def features(split: str):
+        cfg = ExtractConfig(shards=str(root / f"shards-{split}" / "dataset.json"), out=str(root / f"features-{split}"),
+                            encoders=DEMO_ENCODERS, tokens=True, max_skip_fraction=0.0)
+        command = ["regtok", "extract", "--shards", cfg.shards, "--out", cfg.out, "--tokens", "--max-skip-fraction",
+                   "0", *[a for m, spec in DEMO_ENCODERS for a in ("--encoder", f"{m}={spec}")]]
+        return lambda: run_extract(cfg, command=command, console=console)
+
+    def train():
+        cfg = resolve(TrainConfig, "tiny", {"epochs": epochs, "seed": 0, "feature_kind": "tokens"})
+        command = ["regtok", "train", "--features", str(root / "features-train"), "--out", str(root / "run"),
+                   "--preset", "tiny", "--epochs", str(epochs), "--seed", "0", "feature_kind=tokens"]
+        with train_progress(console, disable=not console.is_terminal) as on_step:
+            train_run(root / "features-train", root / "run", cfg, command=command, on_step=on_step,
+                      notify=console.print)
+
+    def evaluate():
+        command = ["regtok", "eval", "--run", str(root / "run"), "--features", str(root / "features-test"), "--out",
+                   str(root / "eval"), "--prefixes", ",".join(map(str, DEMO_PREFIXES))]
+        run_eval(root / "run", root / "features-test", root / "eval", EvalConfig(prefixes=DEMO_PREFIXES),
+                 command=command, console=console)
+
+    return [("synthesise training shards", shards("train", samples, 4, 0)),
+            ("synthesise held-out shards", shards("test", max(100, samples // 4), 1, 1)),
+            ("extract train features", features("train")), ("extract test features", features("test")),
+            ("train register modules", train), ("evaluate on the held-out split", evaluate)]
 
 
 @main.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from regtok.cli import CONTEXT, main
+from regtok.cli import CONTEXT, device_option, main
 from regtok.errors import RegtokError
 from regtok.pipeline.sweep import METRICS, PRUNERS, SAMPLERS
 
@@ -27,7 +27,7 @@ def _train_config_options(command):
         click.option("--batch-size", type=int, help=f"Global batch (all ranks together).  {default('batch_size')}"),
         click.option("--lr", type=float, help=f"Peak learning rate.  {default('lr')}"),
         click.option("--seed", type=int),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
+        device_option(None, f"[default: {TrainConfig().device} (TrainConfig)]"),
         click.option("--val-fraction", type=float, help="Else hold out this seeded fraction of --features."),
         click.argument("overrides", nargs=-1),
     ]

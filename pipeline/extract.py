@@ -17,14 +17,15 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
-from regtok.pipeline.encoders import Encoder, load_encoder, parse_spec
+from regtok.pipeline.encoders import Encoder, load_encoder
+from regtok.pipeline.extract_config import ExtractConfig
 from regtok.pipeline.manifest import (
     environment,
     input_ref,
@@ -43,43 +44,6 @@ PAUSE_ENV = "REGTOK_EXTRACT_PAUSE_AFTER_PART"  # seconds; lets crash tests kill 
 
 class SkipLimitError(RegtokError):
     """More samples were skipped than ``max_skip_fraction`` allows (the store was still written)."""
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Everything that determines an extraction's output (paths resolved, encoders in pair order)."""
-
-    shards: str
-    out: str
-    encoders: tuple[tuple[str, str], ...]  # ((modality, spec), ...) in pair order A, B, ...
-    tokens: bool = False
-    batch_size: int = 64
-    workers: int | str = "auto"  # DataLoader workers decoding shards, or "auto" (see decode_workers)
-    device: str = "auto"
-    max_skip_fraction: float = 0.01
-
-    def __post_init__(self) -> None:
-        mods = [m for m, _ in self.encoders]
-        if len(mods) < 2 or len(set(mods)) != len(mods):
-            raise RegtokError(f"need --encoder for at least two distinct modalities, got {mods or 'none'}")
-        for _, spec in self.encoders:
-            parse_spec(spec)
-        workers_ok = self.workers == "auto" or (isinstance(self.workers, int) and self.workers >= 0)
-        if self.batch_size < 1 or not workers_ok or not 0 <= self.max_skip_fraction <= 1:
-            raise RegtokError("batch size must be >= 1, workers auto or >= 0, max skip fraction in [0, 1]")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise RegtokError(f"device must be auto, cpu or cuda, got {self.device!r}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["encoders"] = {m: s for m, s in self.encoders}
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ExtractConfig:
-        d = dict(d)
-        enc = d.pop("encoders")
-        return cls(encoders=tuple(enc.items() if isinstance(enc, dict) else map(tuple, enc)), **d)
 
 
 @dataclass

@@ -129,6 +129,29 @@ class TrainConfig:
             raise RegtokError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `regtok eval` measures. Prefixes above n_registers are dropped; retrieval uses those <= n_shared."""
+
+    prefixes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    flow_steps: tuple[int, ...] = (1, 4, 16)
+    probe_test_fraction: float = 0.3  # held-out part of the evaluated split that probes are scored on
+    probe_val_fraction: float = 0.25  # of the train part, to choose the ridge penalty
+    probe_max_samples: int = 10_000  # probes use a seeded subset of this many rows (0: all)
+    seed: int = 0
+    chunk_size: int = 4096  # retrieval queries per GEMM
+    batch_size: int = 512  # samples per model forward
+    device: str = "auto"
+    baselines: bool = True  # fit the linear baselines (CCA, linear InfoNCE head) on the run's training store
+    baseline_max_rows: int = 20_000  # training rows (a seeded subset) the baselines are fitted on
+
+    def __post_init__(self) -> None:
+        if not self.prefixes or min(self.prefixes) < 1:
+            raise RegtokError(f"prefixes must be positive integers, got {self.prefixes}")
+        if any(s < 1 for s in self.flow_steps):
+            raise RegtokError(f"flow steps must be positive integers, got {self.flow_steps}")
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed's hyper-parameters: the dataclass defaults.
     "default": {},

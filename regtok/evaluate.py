@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from regtok.config import EvalConfig  # noqa: F401 (its home is regtok.config; imported from here too)
 from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
 from regtok.probes import LABEL_TYPES, fit_probe, split_indices
@@ -28,29 +29,6 @@ GROUPS = ("shared", "private", "all")
 TIE_RULE = "pessimistic: rank = 1 + #{j != i : s_ij >= s_ii} (a tie counts against the query)"
 EmbeddingSink = Callable[[str, int, np.ndarray], None]  # (modality, k, (N, E) float32) in sample order
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What `regtok eval` measures. Prefixes above n_registers are dropped; retrieval uses those <= n_shared."""
-
-    prefixes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    flow_steps: tuple[int, ...] = (1, 4, 16)
-    probe_test_fraction: float = 0.3  # held-out part of the evaluated split that probes are scored on
-    probe_val_fraction: float = 0.25  # of the train part, to choose the ridge penalty
-    probe_max_samples: int = 10_000  # probes use a seeded subset of this many rows (0: all)
-    seed: int = 0
-    chunk_size: int = 4096  # retrieval queries per GEMM
-    batch_size: int = 512  # samples per model forward
-    device: str = "auto"
-    baselines: bool = True  # fit the linear baselines (CCA, linear InfoNCE head) on the run's training store
-    baseline_max_rows: int = 20_000  # training rows (a seeded subset) the baselines are fitted on
-
-    def __post_init__(self) -> None:
-        if not self.prefixes or min(self.prefixes) < 1:
-            raise RegtokError(f"prefixes must be positive integers, got {self.prefixes}")
-        if any(s < 1 for s in self.flow_steps):
-            raise RegtokError(f"flow steps must be positive integers, got {self.flow_steps}")
 
 
 def prefix_plan(cfg: EvalConfig, n_registers: int, n_shared: int) -> tuple[list[int], list[int]]:

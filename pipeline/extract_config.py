@@ -1,0 +1,46 @@
+"""The extract stage's config: light to import (no torch), so the command line builds its options from it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from regtok.errors import RegtokError
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that determines an extraction's output (paths resolved, encoders in pair order)."""
+
+    shards: str
+    out: str
+    encoders: tuple[tuple[str, str], ...]  # ((modality, spec), ...) in pair order A, B, ...
+    tokens: bool = False
+    batch_size: int = 64
+    workers: int | str = "auto"  # DataLoader workers decoding shards, or "auto" (see decode_workers)
+    device: str = "auto"
+    max_skip_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        mods = [m for m, _ in self.encoders]
+        if len(mods) < 2 or len(set(mods)) != len(mods):
+            raise RegtokError(f"need --encoder for at least two distinct modalities, got {mods or 'none'}")
+        from regtok.pipeline.encoders import parse_spec  # torch, imported only when a config is built
+
+        for _, spec in self.encoders:
+            parse_spec(spec)
+        workers_ok = self.workers == "auto" or (isinstance(self.workers, int) and self.workers >= 0)
+        if self.batch_size < 1 or not workers_ok or not 0 <= self.max_skip_fraction <= 1:
+            raise RegtokError("batch size must be >= 1, workers auto or >= 0, max skip fraction in [0, 1]")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise RegtokError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["encoders"] = {m: s for m, s in self.encoders}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExtractConfig:
+        d = dict(d)
+        enc = d.pop("encoders")
+        return cls(encoders=tuple(enc.items() if isinstance(enc, dict) else map(tuple, enc)), **d)
