@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from regtok.errors import RegtokError
+from regtok.pipeline.sweep_report import fmt as _fmt
 
 RUN_METRICS = (("val/R@1", "val/R@1"), ("val_select", "val/select"), ("best/val_select", "best val/select"),
                ("best/epoch", "best epoch"), ("loss", "loss (last epoch)"), ("step", "steps"))
@@ -97,14 +98,6 @@ def _report_entry(report_dir: Path) -> Entry:
 def differing_keys(entries: list[Entry]) -> list[str]:
     keys = sorted({k for e in entries for k in e.config})
     return [k for k in keys if len({json.dumps(e.config.get(k)) for e in entries}) > 1]
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
-    return str(value)
 
 
 Table = tuple[str, list[str], list[tuple[str, list[str], bool]]]

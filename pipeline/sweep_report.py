@@ -91,7 +91,8 @@ def _write_best_yaml(path: Path, best: dict[str, Any], cfg: TrainConfig, metric:
     path.write_text(header + yaml.safe_dump(diff, sort_keys=False))
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A table cell: 4 decimals, scientific below 1e-3, an em dash for nothing."""
     if value is None:
         return "—"
     if isinstance(value, float):
@@ -118,8 +119,8 @@ def render_markdown(report: dict[str, Any], out: Path) -> str:
               "|" + "---|" * (6 + len(names))]
     for i, r in enumerate(report["trials"], 1):
         seconds = f"{r['seconds']:.1f}" if r["seconds"] else "—"
-        lines.append(f"| {i} | {r['number']} | {r['state']} | {_fmt(r['value'])} | {_fmt(r['epochs'])} | {seconds} | "
-                     + " | ".join(_fmt(r["params"].get(k)) for k in names) + " |")
+        lines.append(f"| {i} | {r['number']} | {r['state']} | {fmt(r['value'])} | {fmt(r['epochs'])} | {seconds} | "
+                     + " | ".join(fmt(r["params"].get(k)) for k in names) + " |")
     failed = [r for r in report["trials"] if r["state"] == "fail"]
     if failed:
         lines += ["", "## Failed trials", ""]
