@@ -21,8 +21,7 @@ from typing import Any
 
 from regtok.errors import RegtokError
 from regtok.pipeline.manifest import environment, file_record, input_ref, new_manifest, write_manifest
-from regtok.pipeline.shards import shard_name, write_shard
-from regtok.pipeline.synth import prepare_out_dir, remove_stale_shards
+from regtok.pipeline.shards import prepare_out_dir, remove_stale_shards, shard_name, write_shard
 
 Sample = tuple[str, list[tuple[str, bytes]]]
 Packable = tuple[int, str, dict[str, str], list[tuple[str, Path]]]  # row number, key, row, (member, image path)
