@@ -1,6 +1,6 @@
 """Stage 3, the I/O half: load a run and a feature store, check they fit, evaluate, and write the report.
 
-    REPORT_DIR/report.json     the dict regtok.evaluate.evaluate returns (layout in issue 6 / the README)
+    REPORT_DIR/report.json     the dict regtok.evaluate.evaluate returns
     REPORT_DIR/report.md       what was evaluated, then markdown tables ready to paste (pipeline/report_md.py)
     REPORT_DIR/prefix.png      retrieval R@1 against k and probe heatmaps (pipeline/plots.py; needs matplotlib,
                                skipped with a notice)

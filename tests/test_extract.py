@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from regtok.cli import main
+from regtok.data import store_bytes
 from regtok.errors import RegtokError
 from regtok.pipeline.encoders import tiny_encoder
 from regtok.pipeline.extract import PAUSE_ENV, ExtractConfig, SkipLimitError, decode_workers, run_extract
@@ -125,7 +126,7 @@ def test_feature_store_api(store):
     np.testing.assert_array_equal(s.read("pooled", "tactile", slice(None, None, 3)), a["tactile/pooled"][::3])
     labels = s.labels()
     assert labels["material"].dtype == np.float64 and set(labels) == {"material", "roughness"}
-    assert s.nbytes("pooled") == 14 * 512 * 2 * 2
+    assert store_bytes(s, "pooled") == 14 * 512 * 2 * 2
     with pytest.raises(RegtokError):
         s.read("pooled", "audio")
     with pytest.raises(RegtokError, match="not a feature store"):
