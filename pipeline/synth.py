@@ -134,7 +134,7 @@ def shard_ranges(samples: int, shards: int) -> list[range]:
     return [range(i * samples // shards, (i + 1) * samples // shards) for i in range(shards)]
 
 
-def label_schema() -> dict[str, dict[str, Any]]:
+def declared_labels() -> dict[str, dict[str, Any]]:
     """The ``labels`` block of the dataset manifest: material is categorical, every other factor continuous.
 
     Each continuous label says its ``group``: ``shared`` (both views), ``vision`` or ``tactile`` (one view).
@@ -224,7 +224,7 @@ def synthesize(out_dir: str | Path, samples: int, shards: int, seed: int, image_
         samples=samples,
         modalities=list(MODALITIES),
         families=list(families),
-        labels=label_schema(),
+        labels=declared_labels(),
         skipped=[],
         generator={"name": GENERATOR_NAME, "version": GENERATOR_VERSION, "params": params},
     )
