@@ -36,6 +36,7 @@ from torch import nn
 from regtok.config import TrainConfig, from_dict, to_dict
 from regtok.data import feature_stats, make_batches, sample_rows, split_rows, store_bytes
 from regtok.errors import RegtokError
+from regtok.pipeline.compat import check_compatible
 from regtok.pipeline.manifest import (
     environment,
     file_record,
@@ -362,16 +363,6 @@ def pick_feature_kind(store: Any, requested: str) -> str:
     return requested
 
 
-def check_compatible(train_store: Any, val_store: Any, kind: str) -> None:
-    """The validation store must have the same modalities (in order) and feature shapes as the training one."""
-    if tuple(val_store.modalities) != tuple(train_store.modalities):
-        raise RegtokError(f"validation store modalities {list(val_store.modalities)} differ from "
-                          f"{list(train_store.modalities)}")
-    for m in train_store.modalities:
-        if not val_store.has(kind) or val_store.shape(kind, m) != train_store.shape(kind, m):
-            raise RegtokError(f"validation store {kind} features of {m!r} do not match the training store's")
-
-
 RESUME_FREE_KEYS = ("device", "compile", "log_every", "checkpoint_every")  # may change on --resume
 
 
@@ -413,7 +404,8 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
         kind = pick_feature_kind(store, cfg.feature_kind)
         val_store = cache.open(val_features) if val_features is not None else store
         if val_features is not None:
-            check_compatible(store, val_store, kind)
+            check_compatible(val_store, kind, {m: store.shape(kind, m) for m in store.modalities}, ordered=True,
+                             what="the validation store", expected_by="the training store")
             train_rows, val_rows = np.arange(store.n), np.arange(val_store.n)
         else:
             train_rows, val_rows = split_rows(store.n, cfg.val_fraction, cfg.seed)
