@@ -47,7 +47,9 @@ class Run:
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         """One row of each modality's input: ``(D,)`` for pooled features, ``(T, D)`` for tokens."""
-        return {m: (d,) if self.feature_kind == "pooled" else (t, d) for m, (t, d) in self.model.inputs.items()}
+        from regtok.data import row_shape
+
+        return {m: row_shape(self.feature_kind, *shape) for m, shape in self.model.inputs.items()}
 
     @property
     def n_registers(self) -> int:

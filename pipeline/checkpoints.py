@@ -11,7 +11,7 @@ import argparse
 import hashlib
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,20 @@ def has_only_persistent_buffers(module: nn.Module) -> bool:
     """True when every buffer is in the state dict, so a meta-built module is fully defined by loading it."""
     keys = set(module.state_dict())
     return all(name in keys for name, _ in module.named_buffers())
+
+
+def build_and_load(build: Callable[[], nn.Module], sd: Mapping[str, torch.Tensor], where: str) -> nn.Module:
+    """``build()`` assigned the weights ``sd`` (strictly, see :func:`load_strict`).
+
+    The module is built on the meta device, so no memory is allocated for random weights that ``sd`` replaces;
+    a module with non-persistent buffers (which ``sd`` does not hold) is built on the CPU instead.
+    """
+    with torch.device("meta"):
+        module = build()
+    if not has_only_persistent_buffers(module):
+        module = build()
+    load_strict(module, sd, where, assign=True)
+    return module
 
 
 def state_dict_sha256(module: nn.Module) -> str:

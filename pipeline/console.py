@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -36,3 +40,44 @@ def progress(console: Console | None = None, *extra_columns, disable: bool = Fal
         disable=disable,
         transient=False,
     )
+
+
+@contextmanager
+def extract_progress(total: int | None, enabled: bool, console=None,
+                     shards: int = 0) -> Iterator[Callable[[int, int, bool], None]]:
+    """Progress on stderr (samples, samples/s, skipped); yields the ``on_batch(samples, skipped, shard_done)``
+    callback. A rich bar on a terminal; otherwise (a log file, nohup, CI) one plain line every few of the
+    ``shards`` this rank reads, and after the last."""
+    if not enabled:
+        yield lambda samples, skipped, done=False: None
+        return
+    console = console or stderr_console()
+    t0, seen = time.perf_counter(), [0, 0, 0]  # samples, skipped, shards finished
+
+    def count(samples: int, skipped: int, done: bool) -> float:
+        seen[0] += samples
+        seen[1] += skipped
+        seen[2] += bool(done)
+        return seen[0] / max(time.perf_counter() - t0, 1e-9)
+
+    if not console.is_terminal:
+        every = max(1, shards // 10)
+
+        def on_line(samples: int, skipped: int, done: bool = False) -> None:
+            rate = count(samples, skipped, done)
+            if done and (seen[2] % every == 0 or seen[2] == shards):
+                console.print(f"extract: {seen[2]}/{shards} shards, {seen[0]} samples, skipped {seen[1]}, "
+                              f"{rate:.1f} samples/s, {time.perf_counter() - t0:.1f} s", markup=False,
+                              highlight=False, soft_wrap=True)
+
+        yield on_line
+        return
+    bar = progress(console, TextColumn("{task.fields[rate]} samples/s"), TextColumn("skipped {task.fields[skipped]}"))
+    with bar:
+        task = bar.add_task("extract", total=total, rate="-", skipped=0)
+
+        def on_batch(samples: int, skipped: int, done: bool = False) -> None:
+            rate = count(samples, skipped, done)
+            bar.update(task, advance=samples + skipped, rate=f"{rate:.1f}", skipped=seen[1])
+
+        yield on_batch

@@ -11,14 +11,14 @@ Specs::
     tiny  or  tiny:SEED          a seeded random-init 1-block ViT for tests and the demo
 
 Every encoder maps uint8 images ``(B, 3, H, W)`` to pooled features ``(B, D)`` and, on request, token
-features ``(B, T, D_tok)``. Weights load without running pickled code (see :mod:`pipeline.checkpoints`);
-Hub weights come from the local Hugging Face cache (see :mod:`pipeline.hub`, which honours ``HF_HUB_OFFLINE``).
+features ``(B, T, D_tok)``. Each kind registers one builder per form of spec (:mod:`pipeline.encoder_kinds`).
+Weights load without running pickled code (see :mod:`pipeline.checkpoints`); Hub weights come from the local
+Hugging Face cache (see :mod:`pipeline.hub`, which honours ``HF_HUB_OFFLINE``).
 """
 
 from __future__ import annotations
 
 import re
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +26,8 @@ import torch
 from torch import nn
 
 from regtok.errors import RegtokError
-from regtok.pipeline.checkpoints import (
-    file_sha256_cached,
-    has_only_persistent_buffers,
-    load_strict,
-    read_checkpoint,
-    state_dict_of,
-    state_dict_sha256,
-)
-from regtok.pipeline.images import ImagePrep, prep_from_transform, simple_prep
+from regtok.pipeline.checkpoints import state_dict_sha256
+from regtok.pipeline.images import ImagePrep, simple_prep
 from regtok.pipeline.startup import gc_paused
 
 KINDS = ("open_clip", "timm", "tvl", "tiny")
@@ -55,6 +48,16 @@ class EncoderSpec:
     def is_file(self) -> bool:
         return self.source is not None and _looks_like_path(self.source)
 
+    @property
+    def form(self) -> str:
+        """How the spec names its weights: ``seed`` (tiny), ``file``, ``hf-hub`` (open_clip) or ``tag``; a kind
+        registers one builder per form (:mod:`pipeline.encoder_kinds`)."""
+        if self.kind == "tiny":
+            return "seed"
+        if self.is_file:
+            return "file"
+        return "hf-hub" if self.model.startswith("hf-hub:") else "tag"
+
     def __str__(self) -> str:
         if self.kind == "tiny":
             return f"tiny:{self.seed}"
@@ -74,7 +77,7 @@ def parse_spec(text: str) -> EncoderSpec:
     if m:
         if m.group(1) == "timm" and "." in m.group(2):
             return EncoderSpec("timm", m.group(2), None)
-        raise RegtokError(_missing_tag(text, *m.groups()))
+        raise RegtokError(missing_tag(text, *m.groups()))
     m = re.fullmatch(r"([a-z_]+):([^@]+)@(.+)", text)
     if m is None or m.group(1) not in KINDS[:3]:
         raise RegtokError(f"bad encoder spec {text!r}; expected {SPEC_HELP}")
@@ -84,17 +87,17 @@ def parse_spec(text: str) -> EncoderSpec:
     return EncoderSpec(kind, model.strip(), source.strip())
 
 
-def _missing_tag(text: str, kind: str, model: str) -> str:
+def missing_tag(text: str, kind: str, model: str) -> str:
     """The error for a spec without weights: the tags the library knows for that model."""
     if kind == "open_clip":
         import open_clip
 
         if model not in open_clip.list_models():
             return f"encoder spec {text!r}: unknown open_clip model {model!r} (see open_clip.list_models())"
-    return f"encoder spec {text!r} names no weights; {_known_tags(kind, model)}"
+    return f"encoder spec {text!r} names no weights; {known_tags(kind, model)}"
 
 
-def _known_tags(kind: str, model: str) -> str:
+def known_tags(kind: str, model: str) -> str:
     """The pretrained tags ``kind`` knows for ``model``, and how to name one or a local file instead."""
     if kind == "open_clip":
         import open_clip
@@ -249,190 +252,12 @@ def tiny_encoder(seed: int = 0, image_size: int = 64) -> Encoder:
 
 
 def load_encoder(spec: str | EncoderSpec, device: str | torch.device = "cpu") -> Encoder:
-    """Build the encoder a spec names, frozen, in eval mode, on ``device``."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Build the encoder a spec names, frozen, in eval mode, on ``device`` (by the builder its kind registers)."""
+    from regtok.pipeline.encoder_kinds import builder_for
 
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     with gc_paused():
-        if spec.kind == "tiny":
-            return tiny_encoder(spec.seed).to(device)
-        if spec.kind == "open_clip" and spec.source is not None and not spec.is_file:
-            return _open_clip_tag(spec).to(device)
-        path, info = (spec.source, {"source": "local file"}) if spec.source is not None else _hub_weights(spec)
-        if not Path(path).is_file():
-            raise RegtokError(f"encoder {spec}: weights file not found: {path}")
-        with ThreadPoolExecutor(1) as pool:  # hashing (GIL released) overlaps the imports and the model build
-            digest = pool.submit(file_sha256_cached, path)
-            build = _open_clip_file if spec.kind == "open_clip" else _timm_file
-            enc = build(spec, digest, str(path), info)
-        return enc.to(device)
-
-
-def _hub_weights(spec: EncoderSpec) -> tuple[Path, dict]:
-    """The cached weights file of a name that carries its weights (``hf-hub:ORG/NAME``, timm ``arch.tag``)."""
-    from regtok.pipeline.hub import advice, cache_record, hub_file, safe_first
-
-    where = f"encoder {spec}"
-    if spec.kind == "open_clip":  # open_clip's own file names for a Hub model
-        repo, revision, local = spec.model.removeprefix("hf-hub:"), None, "open_clip:MODEL"
-        hub_file(repo, ["open_clip_config.json"], where, advice(local, repo))
-        names = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    else:
-        import timm.models
-
-        try:
-            cfg = timm.models.get_pretrained_cfg(spec.model)
-        except RuntimeError:  # an unknown tag of a known architecture
-            cfg = None
-        if cfg is None:
-            arch = spec.model.split(".")[0]
-            raise RegtokError(f"{where}: timm has no pretrained {spec.model!r}; {_known_tags('timm', arch)}")
-        if not cfg.hf_hub_id:
-            raise RegtokError(f"{where}: timm has no Hugging Face weights for {spec.model!r}; pass a local weights "
-                              f"file (timm:{spec.model}@/path/weights)")
-        repo, _, rev = cfg.hf_hub_id.partition("@")
-        revision, local = rev or None, f"timm:{cfg.architecture}"
-        names = safe_first(cfg.hf_hub_filename) if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-    path = hub_file(repo, names, where, advice(local, repo), revision)
-    return path, {"source": "Hugging Face cache", **cache_record(path)}
-
-
-def _open_clip_tag(spec: EncoderSpec) -> Encoder:
-    import open_clip
-
-    _check_open_clip_tag(spec, open_clip.get_pretrained_cfg(spec.model, spec.source))
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(spec.model, pretrained=spec.source)
-    except (RuntimeError, ValueError, FileNotFoundError) as e:
-        raise RegtokError(f"encoder {spec}: open_clip could not load it ({e})") from None
-    visual = model.visual
-    del model  # the text tower is not needed
-    backbone = OpenClipVisual(visual)
-    return Encoder(spec, backbone, prep_from_transform(preprocess), state_dict_sha256(backbone),
-                   {"source": "open_clip pretrained tag"})
-
-
-def _check_open_clip_tag(spec: EncoderSpec, pretrained: dict) -> None:
-    """Fail fast, in one line, on a tag open_clip does not know or whose weights are not to be had."""
-    import os
-
-    from regtok.pipeline.hub import advice, hub_file, offline, safe_first
-
-    if not pretrained:
-        if Path(spec.source).is_file():  # open_clip takes a file path as its pretrained argument too
-            return
-        known = _missing_tag(f"open_clip:{spec.model}", "open_clip", spec.model).split("; ", 1)[-1]
-        raise RegtokError(f"encoder {spec}: no such tag or file {spec.source!r}; {known}")
-    if pretrained.get("hf_hub"):
-        repo, filename = os.path.split(pretrained["hf_hub"])  # 'org/name/' or 'org/name/file', as open_clip reads it
-        names = safe_first(filename or "open_clip_pytorch_model.bin")
-        hub_file(repo, names, f"encoder {spec}", advice(f"open_clip:{spec.model}", repo))
-    elif pretrained.get("url") and offline():
-        cached = Path("~/.cache/clip").expanduser() / os.path.basename(pretrained["url"])
-        if not cached.is_file():
-            raise RegtokError(f"encoder {spec}: {cached} is not there and HF_HUB_OFFLINE is set; pass a local weights "
-                              f"file (open_clip:{spec.model}@/path/weights) or download {pretrained['url']}")
-
-
-def _open_clip_file(spec: EncoderSpec, digest: Future, path: str, info: dict) -> Encoder:
-    """A checkpoint file: only the visual tower is built (on the meta device, then assigned the weights)."""
-    from dataclasses import asdict
-
-    import open_clip
-    from open_clip.model import _build_vision_tower
-    from open_clip.transform import PreprocessCfg
-
-    cfg, preprocess = _open_clip_config(spec)
-    sd = state_dict_of(read_checkpoint(path), path)
-    if any(k.startswith("visual.") for k in sd):
-        sd = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")}
-
-    def build() -> nn.Module:
-        return _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg.get("quick_gelu", False))
-
-    with torch.device("meta"):
-        visual = build()
-    if not has_only_persistent_buffers(visual):
-        visual = build()
-    load_strict(visual, sd, f"encoder {spec}", assign=True)
-    pp = {**asdict(PreprocessCfg()), **cfg.get("preprocess_cfg", {}), **preprocess, "size": visual.image_size}
-    transform = open_clip.image_transform(pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
-                                          resize_mode=pp["resize_mode"], interpolation=pp["interpolation"],
-                                          fill_color=pp["fill_color"])
-    return Encoder(spec, OpenClipVisual(visual), prep_from_transform(transform), digest.result(), info)
-
-
-def _open_clip_config(spec: EncoderSpec) -> tuple[dict, dict]:
-    """The model config and the preprocessing it overrides: built in, or a Hub model's open_clip_config.json."""
-    import json
-
-    import open_clip
-
-    if spec.model.startswith("hf-hub:"):
-        from regtok.pipeline.hub import hub_file
-
-        repo = spec.model.removeprefix("hf-hub:")
-        path = hub_file(repo, ["open_clip_config.json"], f"encoder {spec}", "")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-            return config["model_cfg"], config.get("preprocess_cfg", {})
-        except (ValueError, KeyError, TypeError) as e:
-            raise RegtokError(f"encoder {spec}: {path} is not an open_clip config ({e!r})") from None
-    cfg = open_clip.get_model_config(spec.model)
-    if cfg is None:
-        raise RegtokError(f"encoder {spec}: unknown open_clip model {spec.model!r} (see open_clip.list_models())")
-    return cfg, {}
-
-
-def _timm_file(spec: EncoderSpec, digest: Future, path: str, info: dict) -> Encoder:
-    """``timm:`` (a plain state dict) or ``tvl:`` (the ``tactile_encoder.*`` part of a TVL checkpoint)."""
-    import timm
-    from timm.data import create_transform, resolve_data_config
-
-
-    where = f"encoder {spec}"
-    if spec.kind == "tvl":
-        sd, info = _tvl_state_dict(spec)
-    else:
-        sd = state_dict_of(read_checkpoint(path), path)
-    try:
-        with torch.device("meta"):
-            probe = timm.create_model(spec.model, pretrained=False)
-    except RuntimeError as e:
-        raise RegtokError(f"{where}: {e}") from None
-    head = probe.pretrained_cfg.get("classifier", "head")
-    head = head[0] if isinstance(head, (list, tuple)) else head
-    num_classes = sd[f"{head}.weight"].shape[0] if f"{head}.weight" in sd else 0
-    kwargs = {"global_pool": "avg"} if spec.kind == "tvl" else {}  # TVL builds its tactile ViT this way
-
-    def build() -> nn.Module:
-        return timm.create_model(spec.model, pretrained=False, num_classes=num_classes, **kwargs)
-
-    with torch.device("meta"):
-        model = build()
-    if not has_only_persistent_buffers(model):
-        model = build()
-    load_strict(model, sd, where, assign=True)
-    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
-    backbone = TimmBackbone(model, use_head=spec.kind == "tvl" and num_classes > 0)
-    return Encoder(spec, backbone, prep_from_transform(transform), digest.result(), info)
-
-
-def _tvl_state_dict(spec: EncoderSpec) -> tuple[dict, dict]:
-    ckpt = read_checkpoint(spec.source, allow_namespace=True)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise RegtokError(f"encoder {spec}: not a TVL checkpoint (expected a dict with a 'model' state dict)")
-    prefix = "tactile_encoder."
-    sd = {k.removeprefix(prefix): v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-    if not sd:
-        tops = sorted({k.split(".")[0] for k in ckpt["model"]})[:8]
-        raise RegtokError(f"encoder {spec}: no '{prefix}*' keys in the checkpoint's model (found: {', '.join(tops)})")
-    args = ckpt.get("args")
-    trained = getattr(args, "tactile_model", None)
-    if trained is not None and trained != spec.model:
-        raise RegtokError(f"encoder {spec}: the checkpoint was trained with tactile_model={trained!r}")
-    epoch = ckpt.get("epoch")
-    return sd, {"source": "TVL checkpoint", "epoch": int(epoch) if isinstance(epoch, int) else None}
+        return builder_for(spec)(spec).to(device)
 
 
 def _looks_like_path(source: str) -> bool:

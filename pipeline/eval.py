@@ -22,9 +22,11 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from regtok.data import row_shape
 from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
 from regtok.evaluate import EvalConfig, evaluate
+from regtok.pipeline.compat import check_compatible
 from regtok.pipeline.embeddings import EmbeddingWriter
 from regtok.pipeline.manifest import (
     environment,
@@ -45,47 +47,13 @@ class StoreColumn:
 
     def __init__(self, store: Any, kind: str, modality: str) -> None:
         self.store, self.kind, self.modality = store, kind, modality
-        t, d = store.shape(kind, modality)
-        self.shape = (store.n, d) if kind == "pooled" else (store.n, t, d)
+        self.shape = (store.n, *row_shape(kind, *store.shape(kind, modality)))
 
     def __len__(self) -> int:
         return self.store.n
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         return self.store.read(self.kind, self.modality, rows)
-
-
-def check_compatible(run: Any, store: Any, run_manifest: Path | None = None) -> None:
-    """RegtokError unless the store has the run's modalities, feature kind, dims, encoder specs and class lists.
-
-    Encoder specs and class lists are compared with the features manifest the run was trained on, found through the run
-    manifest (``run_manifest``) when that file and its input are still readable.
-    """
-    mods = tuple(run.model.modalities)
-    if set(mods) != set(store.modalities):
-        raise RegtokError(f"features hold modalities {list(store.modalities)}, the run was trained on {list(mods)}")
-    if not store.has(run.feature_kind):
-        raise RegtokError(f"the run uses {run.feature_kind} features, the store holds only "
-                          f"{store.manifest.get('feature_kinds')}")
-    for m in mods:
-        expected, got = tuple(run.model.inputs[m]), tuple(store.shape(run.feature_kind, m))
-        if expected != got:
-            raise RegtokError(f"{m} {run.feature_kind} features are {got} (tokens, dim) here, "
-                              f"the run expects {expected}")
-    trained = _train_features_manifest(run_manifest) if run_manifest is not None else None
-    if trained is None:
-        return
-    for m in mods:
-        spec_run = (trained.get("encoders") or {}).get(m, {}).get("spec")
-        spec_eval = (store.manifest.get("encoders") or {}).get(m, {}).get("spec")
-        if spec_run is not None and spec_run != spec_eval:
-            raise RegtokError(f"{m} encoder differs: the run was trained on {spec_run!r}, these features are "
-                              f"from {spec_eval!r}")
-    for name, spec in (trained.get("labels") or {}).items():  # a class index must name the same class
-        here = (store.manifest.get("labels") or {}).get(name) or {}
-        if "classes" in spec and "classes" in here and spec["classes"] != here["classes"]:
-            raise RegtokError(f"label {name!r} has classes {here['classes']} here but {spec['classes']} in the run's "
-                              f"training store; pack this split with --labels-from TRAIN/dataset.json")
 
 
 def _run_input(run_manifest: Path, role: str) -> Path | None:
@@ -227,7 +195,8 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
     run = load_run(run_dir)
     run_mpath = manifest_path(Path(run_dir))
     store = open_store(features)
-    check_compatible(run, store, run_mpath)
+    check_compatible(store, run.feature_kind, run.model.inputs, what="the features", expected_by="the run",
+                     trained_on=_train_features_manifest(run_mpath))
     kind = run.feature_kind
     cols = {m: StoreColumn(store, kind, m) for m in run.model.modalities}
     pooled = cols if kind == "pooled" else {m: StoreColumn(store, "pooled", m) for m in run.model.modalities}

@@ -15,8 +15,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,16 +23,12 @@ import torch
 
 from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
+from regtok.pipeline.console import extract_progress
 from regtok.pipeline.encoders import Encoder, load_encoder
 from regtok.pipeline.extract_config import ExtractConfig
-from regtok.pipeline.manifest import (
-    environment,
-    input_ref,
-    new_manifest,
-    read_manifest,
-    write_json_atomic,
-    write_manifest,
-)
+from regtok.pipeline.labels import label_schema
+from regtok.pipeline.manifest import environment, input_ref, new_manifest, read_manifest, write_manifest
+from regtok.pipeline.part_records import finish_part, finished, record_path
 from regtok.pipeline.samples import LabelRules, ShardBatch, ShardStream
 from regtok.pipeline.shards import expand_shards
 from regtok.pipeline.startup import gc_paused
@@ -98,64 +93,6 @@ def fingerprint(config: ExtractConfig, encoders: dict[str, Encoder]) -> str:
     """What a finished part depends on besides its shard: encoders, weights, feature kinds."""
     key = {"tokens": config.tokens, "encoders": {m: [str(e.spec), e.weights_sha256] for m, e in encoders.items()}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def record_path(root: Path, name: str) -> Path:
-    return root / PARTS_DIR / f"{name}.json"
-
-
-def finished(root: Path, name: str, fp: str, shard: Path, stale: list[tuple[str, str]] | None = None) -> bool:
-    """Whether a shard's part is complete for this fingerprint and was made from this very shard; RegtokError if
-    it belongs to another run. A part made from another input (or changed since) is not finished; why goes
-    into ``stale``."""
-    rec_path, part = record_path(root, name), root / PARTS_DIR / f"{name}.h5"
-    if not (rec_path.is_file() and part.is_file()):
-        return False
-    try:
-        rec = json.loads(rec_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if not isinstance(rec, dict):
-        return False
-    if rec.get("fingerprint") != fp:
-        raise RegtokError(f"{root} holds parts extracted with other encoders or feature kinds; use a new --out")
-    why = _input_changed(rec, shard) or _part_changed(rec, part)
-    if why and stale is not None:
-        stale.append((name, why))
-    return why is None
-
-
-def _shard_identity(shard: Path) -> dict:
-    st = shard.stat()
-    return {"shard_bytes": st.st_size, "shard_mtime_ns": st.st_mtime_ns}
-
-
-def _input_changed(rec: dict, shard: Path) -> str | None:
-    """Why the shard a part was made from is not ``shard`` now, or None: the same path, size and mtime, or
-    failing that the same sha256 (a shard copied or touched without changing)."""
-    from regtok.pipeline.manifest import sha256_file
-
-    try:
-        if rec.get("shard") == str(shard) and all(rec.get(k) == v for k, v in _shard_identity(shard).items()):
-            return None
-        if rec.get("shard_sha256") is not None and sha256_file(shard) == rec["shard_sha256"]:
-            return None
-    except OSError:
-        pass  # unreadable now: extracting it again records the error
-    return f"made from another input ({rec.get('shard')}, sha256 {str(rec.get('shard_sha256'))[:12]}…)"
-
-
-def _part_changed(rec: dict, part: Path) -> str | None:
-    """Why a part file is not what its record says (size; sha256 for small parts), or None."""
-    from regtok.pipeline.manifest import sha256_file
-    from regtok.pipeline.store import HASH_PARTS_UP_TO
-
-    size = part.stat().st_size
-    if rec.get("bytes") is not None and size != rec["bytes"]:
-        return "changed since it was written (size)"
-    if size <= HASH_PARTS_UP_TO // 16 and rec.get("sha256") is not None and sha256_file(part) != rec["sha256"]:
-        return "changed since it was written (sha256)"
-    return None
 
 
 def extract_shards(job: Job, encoders: dict[str, Encoder], rank: int, world: int, fp: str,
@@ -262,26 +199,6 @@ def encode_batch(batch: ShardBatch, encoders: dict[str, Encoder], tokens: bool) 
         if tokens:
             out[m]["tokens"] = toks.to(torch.float16).cpu().numpy()
     return out
-
-
-def finish_part(job: Job, batch: ShardBatch, writer: PartWriter, bad: list[dict], fp: str) -> None:
-    """Rename the part into place, then write its completion record."""
-    from regtok.pipeline.manifest import sha256_file
-
-    n = writer.close()
-    skipped = [{"shard": job.names[batch.shard], **s} for s in bad]
-    lost = None
-    if batch.error:
-        expected = job.expected.get(batch.shard)
-        lost = max(expected - batch.read, 0) if expected is not None else None
-        skipped.append({"shard": job.names[batch.shard], "key": None, "reason": batch.error, "lost": lost})
-    identity = _shard_identity(job.shards[batch.shard]) if batch.sha256 else {}
-    record = {"fingerprint": fp, "shard": str(job.shards[batch.shard]), "shard_sha256": batch.sha256, **identity,
-              "part": f"{PARTS_DIR}/{writer.path.name}", "samples": n, "read": batch.read,
-              "labels": sorted({k for row in writer.labels for k in row}),
-              "bytes": writer.path.stat().st_size, "sha256": sha256_file(writer.path), "skipped": skipped,
-              "skip_count": len(bad) + ((lost if lost else 1) if batch.error else 0)}
-    write_json_atomic(record_path(Path(job.config.out), job.names[batch.shard]), record)
 
 
 def run_extract(config: ExtractConfig, *, command: list[str] | None = None, show_progress: bool = True,
@@ -420,7 +337,7 @@ def write_store(job: Job, encoders: dict[str, Encoder], fp: str, timings: dict, 
         feature_kinds=["pooled", "tokens"] if cfg.tokens else ["pooled"], samples=n,
         parts=[{"path": r["part"], "shard": name, "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
                for name, r in zip(job.names, records, strict=True)],
-        skipped=skipped, skip_count=skip_count, labels=label_schema(root, label_names, job.dataset),
+        skipped=skipped, skip_count=skip_count, labels=_labels(root, label_names, job.dataset),
     )
     path = root / "manifest.json"
     write_manifest(path, manifest)
@@ -435,62 +352,11 @@ def write_store(job: Job, encoders: dict[str, Encoder], fp: str, timings: dict, 
     return path, manifest
 
 
-def label_schema(root: Path, names: list[str], dataset: dict | None) -> dict:
-    """The dataset manifest's label schema when there is one, else every label as continuous with its range."""
+def _labels(root: Path, names: list[str], dataset: dict | None) -> dict:
+    """The dataset manifest's label schema when there is one, else the one the stored values imply."""
     if dataset and isinstance(dataset.get("labels"), dict):
         return {k: v for k, v in dataset["labels"].items() if k in names}
     import h5py
-    import numpy as np
 
-    out = {}
     with h5py.File(root / INDEX_NAME, "r") as f:
-        for name in names:
-            arr = f[f"labels/{name}"][:]
-            arr = arr[np.isfinite(arr)]
-            out[name] = {"type": "continuous", "range": [float(arr.min()), float(arr.max())] if len(arr) else None}
-    return out
-
-
-@contextmanager
-def extract_progress(total: int | None, enabled: bool, console=None,
-                     shards: int = 0) -> Iterator[Callable[[int, int, bool], None]]:
-    """Progress on stderr (samples, samples/s, skipped); yields the ``on_batch(samples, skipped, shard_done)``
-    callback. A rich bar on a terminal; otherwise (a log file, nohup, CI) one plain line every few of the
-    ``shards`` this rank reads, and after the last."""
-    if not enabled:
-        yield lambda samples, skipped, done=False: None
-        return
-    from rich.progress import TextColumn
-
-    from regtok.pipeline.console import progress, stderr_console
-
-    console = console or stderr_console()
-    t0, seen = time.perf_counter(), [0, 0, 0]  # samples, skipped, shards finished
-
-    def count(samples: int, skipped: int, done: bool) -> float:
-        seen[0] += samples
-        seen[1] += skipped
-        seen[2] += bool(done)
-        return seen[0] / max(time.perf_counter() - t0, 1e-9)
-
-    if not console.is_terminal:
-        every = max(1, shards // 10)
-
-        def on_line(samples: int, skipped: int, done: bool = False) -> None:
-            rate = count(samples, skipped, done)
-            if done and (seen[2] % every == 0 or seen[2] == shards):
-                console.print(f"extract: {seen[2]}/{shards} shards, {seen[0]} samples, skipped {seen[1]}, "
-                              f"{rate:.1f} samples/s, {time.perf_counter() - t0:.1f} s", markup=False,
-                              highlight=False, soft_wrap=True)
-
-        yield on_line
-        return
-    bar = progress(console, TextColumn("{task.fields[rate]} samples/s"), TextColumn("skipped {task.fields[skipped]}"))
-    with bar:
-        task = bar.add_task("extract", total=total, rate="-", skipped=0)
-
-        def on_batch(samples: int, skipped: int, done: bool = False) -> None:
-            rate = count(samples, skipped, done)
-            bar.update(task, advance=samples + skipped, rate=f"{rate:.1f}", skipped=seen[1])
-
-        yield on_batch
+        return label_schema({name: f[f"labels/{name}"][:] for name in names})

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from regtok.errors import RegtokError
+from regtok.pipeline.labels import is_number, label_schema
 from regtok.pipeline.manifest import environment, file_record, input_ref, new_manifest, write_manifest
-from regtok.pipeline.shards import shard_name, write_shard
-from regtok.pipeline.synth import prepare_out_dir, remove_stale_shards
+from regtok.pipeline.shards import prepare_out_dir, remove_stale_shards, shard_name, write_shard
 
 Sample = tuple[str, list[tuple[str, bytes]]]
 Packable = tuple[int, str, dict[str, str], list[tuple[str, Path]]]  # row number, key, row, (member, image path)
-FREE_TEXT_MIN_VALUES = 10  # a text column with more distinct values than this, and than half its cells, is text
 
 
 def read_rows(csv_path: Path, columns: Sequence[str]) -> tuple[list[str], list[dict[str, str]]]:
@@ -47,14 +46,6 @@ def read_rows(csv_path: Path, columns: Sequence[str]) -> tuple[list[str], list[d
     return header, rows
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def label_columns(label_cols: Sequence[str]) -> dict[str, bool]:
     """``--label-col`` values as ``{column: named as a class}``: ``COL`` or ``COL:class``."""
     out: dict[str, bool] = {}
@@ -62,30 +53,6 @@ def label_columns(label_cols: Sequence[str]) -> dict[str, bool]:
         col, sep, kind = text.rpartition(":")
         out[col if sep and kind == "class" else text] = bool(sep) and kind == "class"
     return out
-
-
-def label_schema(rows: list[dict[str, str]], label_cols: Sequence[str],
-                 as_class: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
-    """Per label column: continuous with its range if every non-empty value is numeric, else categorical
-    with its sorted distinct values as classes, unless it reads as free text (more distinct values than
-    FREE_TEXT_MIN_VALUES and than half its non-empty cells): then ``text``, kept in the json as written.
-    ``as_class`` columns are categorical whatever their values. Empty cells are missing labels (null).
-
-    ``rows`` are the packed rows only: a skipped row's values do not enter the schema.
-    """
-    labels: dict[str, dict[str, Any]] = {}
-    for col in label_cols:
-        values = [(r.get(col) or "").strip() for r in rows]
-        present = [v for v in values if v]
-        classes = sorted(set(present))
-        if present and all(_is_number(v) for v in present):
-            nums = [float(v) for v in present]
-            labels[col] = {"type": "continuous", "range": [min(nums), max(nums)]}
-        elif col not in as_class and len(classes) > max(FREE_TEXT_MIN_VALUES, len(present) // 2):
-            labels[col] = {"type": "text"}
-        else:
-            labels[col] = {"type": "categorical", "classes": classes}
-    return labels
 
 
 def schema_from(dataset_json: str | Path, label_cols: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -113,7 +80,7 @@ def check_values(packable: list[Packable], labels: dict[str, dict[str, Any]], wh
             if spec["type"] == "categorical" and text not in spec["classes"]:
                 raise RegtokError(f"row {number}: {col} {text!r} is not a class of {where} "
                                   f"({', '.join(spec['classes'])})")
-            if spec["type"] == "continuous" and not _is_number(text):
+            if spec["type"] == "continuous" and not is_number(text):
                 raise RegtokError(f"row {number}: {col} {text!r} is not a number, as {where} has it")
 
 
@@ -234,41 +201,24 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
     if not packable:
         reason = skipped[0]["reason"] if skipped else "the CSV has no rows"
         raise RegtokError(f"{csv_path}: no row could be packed ({len(skipped)} skipped; first: {reason})")
-    if given is not None:
-        labels = given
-        check_values(packable, labels, f"--labels-from {labels_from}")
-    else:
-        labels = label_schema([row for _, _, row, _ in packable], list(named), [c for c, cls in named.items() if cls])
-    samples = iter_samples(packable, labels)
-    records = []
-    while (first := next(samples, None)) is not None:
-        path = out / shard_name(len(records))
-        n = write_shard(path, itertools.chain([first], itertools.islice(samples, samples_per_shard - 1)))
-        records.append({"samples": n, **file_record(path, out)})
-    remove_stale_shards(out, [out / r["path"] for r in records])
+    labels = _schema(packable, named, given, labels_from)
+    records = write_shards(iter_samples(packable, labels), out, samples_per_shard)
     seconds = time.perf_counter() - start
     total = sum(r["samples"] for r in records)
     config = {"csv": str(csv_path), "root": str(root), "vision_col": vision_col, "tactile_col": tactile_col,
-              "label_cols": list(label_cols), "samples_per_shard": samples_per_shard}
-    if allow_outside_root:  # recorded only when used, so earlier manifests stay what they were
-        config["allow_outside_root"] = True
-    if labels_from is not None:
-        config["labels_from"] = str(labels_from)
-    command = ["regtok", "pack", str(csv_path), "--root", str(root), "--out", str(out), "--vision-col", vision_col,
-               "--tactile-col", tactile_col, *(x for c in label_cols for x in ("--label-col", c)),
-               "--samples-per-shard", str(samples_per_shard), *(["--allow-outside-root"] * allow_outside_root),
-               *(["--labels-from", str(labels_from)] if labels_from is not None else [])]
+              "label_cols": list(label_cols), "samples_per_shard": samples_per_shard,
+              **({"allow_outside_root": True} if allow_outside_root else {}),  # only when used: older manifests stay
+              **({"labels_from": str(labels_from)} if labels_from is not None else {})}
     manifest = new_manifest(
         "dataset",
-        command=command,
+        command=_command(config, out),
         config=config,
         inputs=[input_ref("csv", csv_path, out),
                 *([input_ref("labels_from", Path(labels_from), out)] if labels_from is not None else [])],
         outputs={"samples": total, "shards": len(records)},  # the shard files are listed in "shards"
         environment_=environment(),
         timings={"seconds": round(seconds, 3)},
-        shards=[{"path": r["path"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
-                for r in records],
+        shards=[{k: r[k] for k in ("path", "samples", "bytes", "sha256")} for r in records],
         samples=total,
         modalities=list(columns),
         labels=labels,
@@ -278,3 +228,35 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
     )
     write_manifest(out / "dataset.json", manifest)
     return manifest
+
+
+def _schema(packable: list[Packable], named: dict[str, bool], given: dict[str, dict[str, Any]] | None,
+            labels_from: str | Path | None) -> dict[str, dict[str, Any]]:
+    """The label schema: ``given`` (another split's, checked against the packed values) or the packed rows'."""
+    if given is not None:
+        check_values(packable, given, f"--labels-from {labels_from}")
+        return given
+    packed = [row for _, _, row, _ in packable]  # a skipped row's values do not enter the schema
+    return label_schema({c: [row.get(c) for row in packed] for c in named}, [c for c, cls in named.items() if cls])
+
+
+def write_shards(samples: Iterator[Sample], out: Path, samples_per_shard: int) -> list[dict[str, Any]]:
+    """``samples`` into ``out/shard-NNNNNN.tar`` of up to ``samples_per_shard`` each (stale higher ones removed);
+    one file record with its sample count per shard."""
+    records = []
+    while (first := next(samples, None)) is not None:
+        path = out / shard_name(len(records))
+        n = write_shard(path, itertools.chain([first], itertools.islice(samples, samples_per_shard - 1)))
+        records.append({"samples": n, **file_record(path, out)})
+    remove_stale_shards(out, [out / r["path"] for r in records])
+    return records
+
+
+def _command(config: dict[str, Any], out: Path) -> list[str]:
+    """The ``regtok pack`` command line that gives ``config``."""
+    return ["regtok", "pack", config["csv"], "--root", config["root"], "--out", str(out),
+            "--vision-col", config["vision_col"], "--tactile-col", config["tactile_col"],
+            *(x for c in config["label_cols"] for x in ("--label-col", c)),
+            "--samples-per-shard", str(config["samples_per_shard"]),
+            *(["--allow-outside-root"] * config.get("allow_outside_root", False)),
+            *(["--labels-from", config["labels_from"]] if "labels_from" in config else [])]

@@ -320,16 +320,6 @@ class TensorBoardLog:
         self.writer.close()
 
 
-def check_compatible(train_store: Any, val_store: Any, kind: str) -> None:
-    """The validation store must have the same modalities (in order) and feature shapes as the training one."""
-    if tuple(val_store.modalities) != tuple(train_store.modalities):
-        raise RegtokError(f"validation store modalities {list(val_store.modalities)} differ from "
-                          f"{list(train_store.modalities)}")
-    for m in train_store.modalities:
-        if not val_store.has(kind) or val_store.shape(kind, m) != train_store.shape(kind, m):
-            raise RegtokError(f"validation store {kind} features of {m!r} do not match the training store's")
-
-
 def saved_train_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The ``train`` section of a run's ``config.json``, or None when there is none."""
     path = Path(run_dir) / CONFIG

@@ -70,6 +70,23 @@ class ShardReadError(Exception):
         self.path, self.reason, self.samples_read = path, reason, samples_read
 
 
+def prepare_out_dir(out: Path, command: str = "synth", overwrite: bool = False) -> None:
+    """Create ``out``; refuse a folder holding anything but an earlier output of ``regtok COMMAND`` (its
+    dataset.json and the shards it lists) unless ``overwrite``."""
+    from regtok.pipeline.outdir import claim, dataset_foreign
+
+    claim(out, dataset_foreign(out, command), command, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def remove_stale_shards(out: Path, written: list[Path]) -> None:
+    """Delete ``shard-NNNNNN.tar`` files left in ``out`` by an earlier, larger run."""
+    keep = {p.name for p in written}
+    for p in out.glob("shard-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+        if p.name not in keep:
+            p.unlink()
+
+
 def iter_shard(path: str | os.PathLike) -> Iterator[ShardSample]:
     """Yield the samples of a shard in file order.
 

@@ -1,6 +1,6 @@
 """The HDF5 feature store: one part per shard, a virtual-dataset index over all parts, and a reader.
 
-Layout (contracts.md)::
+Layout::
 
     STORE_DIR/parts/<shard-stem>.h5   /<modality>/pooled (n, D) f16, /<modality>/tokens (n, T, Dt) f16,
                                       /keys (n,) utf-8, /labels/<name> (n,) float64 (NaN where absent)
@@ -125,12 +125,6 @@ def check_room(folder: Path, nbytes: int) -> None:
     if free < need:
         raise OSError(errno.ENOSPC, f"No space left on device ({free / 2**20:.1f} MiB free in {folder}, "
                       f"about {need / 2**20:.1f} MiB needed)")
-
-
-def part_rows(path: str | os.PathLike) -> int:
-    """Number of rows of a part file."""
-    with h5py.File(path, "r") as f:
-        return int(f["keys"].shape[0])
 
 
 def write_index(root: str | os.PathLike, parts: list[str], shapes: dict[str, dict[str, tuple[int, ...]]],
@@ -262,11 +256,6 @@ class FeatureStore:
                 categorical = (schema.get(name) or {}).get("type") == "categorical"
                 out[name] = arr.astype(np.int64) if categorical and np.isfinite(arr).all() else arr
         return out
-
-    def nbytes(self, kind: str) -> int:
-        """Bytes the ``kind`` features of all modalities take in memory (float16)."""
-        self._check_kind(kind)
-        return sum(self.n * int(np.prod(self.shape(kind, m))) * 2 for m in self.modalities)
 
     def _open(self) -> h5py.File:
         try:

@@ -22,7 +22,7 @@ import numpy as np
 from regtok.errors import RegtokError
 from regtok.pipeline import surfaces
 from regtok.pipeline.manifest import environment, file_record, new_manifest, write_manifest
-from regtok.pipeline.shards import shard_name, write_shard
+from regtok.pipeline.shards import prepare_out_dir, remove_stale_shards, shard_name, write_shard
 
 GENERATOR_NAME = "regtok.synth"
 GENERATOR_VERSION = "1"
@@ -134,7 +134,7 @@ def shard_ranges(samples: int, shards: int) -> list[range]:
     return [range(i * samples // shards, (i + 1) * samples // shards) for i in range(shards)]
 
 
-def label_schema() -> dict[str, dict[str, Any]]:
+def declared_labels() -> dict[str, dict[str, Any]]:
     """The ``labels`` block of the dataset manifest: material is categorical, every other factor continuous.
 
     Each continuous label says its ``group``: ``shared`` (both views), ``vision`` or ``tactile`` (one view).
@@ -172,23 +172,6 @@ def check_args(samples: int, shards: int, image_size: int) -> None:
         raise RegtokError(f"--shards must be between 1 and the number of samples ({samples}), got {shards}")
     if not 16 <= image_size <= 1024:
         raise RegtokError(f"--image-size must be between 16 and 1024 pixels (got {image_size})")
-
-
-def prepare_out_dir(out: Path, command: str = "synth", overwrite: bool = False) -> None:
-    """Create ``out``; refuse a folder holding anything but an earlier output of ``regtok COMMAND`` (its
-    dataset.json and the shards it lists) unless ``overwrite``."""
-    from regtok.pipeline.outdir import claim, dataset_foreign
-
-    claim(out, dataset_foreign(out, command), command, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def remove_stale_shards(out: Path, written: list[Path]) -> None:
-    """Delete ``shard-NNNNNN.tar`` files left in ``out`` by an earlier, larger run."""
-    keep = {p.name for p in written}
-    for p in out.glob("shard-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
-        if p.name not in keep:
-            p.unlink()
 
 
 def _samples(seed: int, indices: range, size: int, width: int, families: tuple[str, ...],
@@ -241,7 +224,7 @@ def synthesize(out_dir: str | Path, samples: int, shards: int, seed: int, image_
         samples=samples,
         modalities=list(MODALITIES),
         families=list(families),
-        labels=label_schema(),
+        labels=declared_labels(),
         skipped=[],
         generator={"name": GENERATOR_NAME, "version": GENERATOR_VERSION, "params": params},
     )

@@ -24,6 +24,7 @@ from torch import nn
 from regtok.config import TrainConfig, to_dict
 from regtok.data import Batches, feature_stats, make_batches, sample_rows, split_rows, store_bytes
 from regtok.errors import RegtokError
+from regtok.pipeline.compat import check_compatible
 from regtok.pipeline.plots import plot_curves
 from regtok.pipeline.runs import (
     CHECKPOINT,
@@ -33,7 +34,6 @@ from regtok.pipeline.runs import (
     RunWriter,
     TensorBoardLog,
     best_record,
-    check_compatible,
     load_resume,
     load_weights,
     read_metrics,
@@ -157,7 +157,8 @@ def load_split(features: str | Path, val_features: str | Path | None, cfg: Train
     kind = pick_feature_kind(store, cfg.feature_kind)
     val_store = cache.open(val_features) if val_features is not None else store
     if val_features is not None:
-        check_compatible(store, val_store, kind)
+        check_compatible(val_store, kind, {m: store.shape(kind, m) for m in store.modalities}, ordered=True,
+                         what="the validation store", expected_by="the training store")
         train_rows, val_rows = np.arange(store.n), np.arange(val_store.n)
     else:
         train_rows, val_rows = split_rows(store.n, cfg.val_fraction, cfg.seed)

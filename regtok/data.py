@@ -70,13 +70,13 @@ def available_memory(device: torch.device) -> int:
 
 def store_bytes(store: StoreLike, kind: str, rows: int | None = None) -> int:
     """Bytes the float16 arrays of ``kind`` take for ``rows`` rows (default: all)."""
-    per_row = sum(int(np.prod(_row_shape(store, kind, m))) for m in store.modalities) * 2
+    per_row = sum(int(np.prod(row_shape(kind, *store.shape(kind, m)))) for m in store.modalities) * 2
     return per_row * (store.n if rows is None else rows)
 
 
 def read_to_device(store: StoreLike, kind: str, modality: str, device: torch.device) -> Tensor:
     """The whole ``(n, D)`` or ``(n, T, D)`` array of one modality, as float16 on ``device``, in large reads."""
-    shape = (store.n, *_row_shape(store, kind, modality))
+    shape = (store.n, *row_shape(kind, *store.shape(kind, modality)))
     out = torch.empty(shape, dtype=torch.float16, device=device)
     step = max(1, READ_CHUNK_BYTES // max(1, 2 * int(np.prod(shape[1:]))))
     for start in range(0, store.n, step):
@@ -178,8 +178,9 @@ def fits_in_memory(store: StoreLike, kind: str, device: torch.device, max_memory
     return store_bytes(store, kind) <= max_memory_fraction * available_memory(device)
 
 
-def _row_shape(store: StoreLike, kind: str, modality: str) -> tuple[int, ...]:
-    n_tokens, dim = store.shape(kind, modality)
+def row_shape(kind: str, n_tokens: int, dim: int) -> tuple[int, ...]:
+    """One row of ``kind`` features: ``(D,)`` pooled, ``(T, D)`` tokens (``store.shape`` gives ``(T, D)`` for both,
+    ``T`` = 1 for pooled)."""
     return (dim,) if kind == "pooled" else (n_tokens, dim)
 
 

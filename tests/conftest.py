@@ -1,8 +1,11 @@
-"""Shared test setup: CPU only, few threads, deterministic."""
+"""Shared test setup (CPU only, few threads, deterministic) and the helpers several test modules use."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
+from pathlib import Path
 
 # Before torch is imported anywhere: the suite runs on 2 cores and starts multi-process tests; subprocesses
 # inherit these. OpenMP spin-waiting makes oversubscribed threads catastrophically slow (measured: a tiny
@@ -12,6 +15,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -24,3 +28,104 @@ def _torch_threads():
         return
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     yield
+
+
+# ── feature stores, written through the real writer ─────────────────────────────────────────────────
+
+MODALITIES = ("vision", "tactile")
+TINY = ["--preset", "tiny", "--epochs", "2", "--batch-size", "32", "--val-fraction", "0.2", "log_every=2",
+        "model.n_layers=1"]  # `regtok train` flags for a run of a few seconds
+
+
+def write_feature_store(root: Path, features: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray],
+                        keys: list[str], schema: dict, specs: dict[str, str] | None = None, n_parts: int = 2) -> Path:
+    """A feature store of ``features[modality][kind]`` rows, written as extract writes one: ``n_parts`` parts by
+    ``PartWriter``, the index by ``write_index``, and a features manifest."""
+    from regtok.pipeline.manifest import new_manifest, sha256_file, write_manifest
+    from regtok.pipeline.store import PartWriter, write_index
+
+    n = len(keys)
+    shapes = {m: {k: arr.shape[1:] for k, arr in kinds.items()} for m, kinds in features.items()}
+    parts = []
+    for i, rows in enumerate(np.array_split(np.arange(n), n_parts)):
+        rel = f"parts/shard-{i:06d}.h5"
+        writer = PartWriter(root / rel, shapes)
+        writer.append([keys[j] for j in rows], {m: {k: arr[rows] for k, arr in kinds.items()}
+                                                for m, kinds in features.items()},
+                      [{name: float(col[j]) for name, col in labels.items()} for j in rows])
+        writer.close()
+        parts.append({"path": rel, "shard": f"shard-{i:06d}.tar", "samples": len(rows),
+                      "bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)})
+    write_index(root, [p["path"] for p in parts], shapes, sorted(labels))
+    kinds = list(next(iter(features.values())))
+    encoders = {m: {"spec": (specs or {}).get(m, "test:linear"), "pooled_dim": int(f["pooled"].shape[1]),
+                    "token_shape": list(f["tokens"].shape[1:]) if "tokens" in f else None, "weights_sha256": None}
+                for m, f in features.items()}
+    write_manifest(root / "manifest.json", new_manifest(
+        "features", command=["test"], modalities=list(features), encoders=encoders, feature_kinds=kinds, samples=n,
+        skipped=[], parts=parts, labels=schema))
+    return root
+
+
+def write_store(root: Path, n: int = 100, dim: int = 12, seed: int = 0, tokens: bool = False) -> Path:
+    """A two-part store whose features are a shared latent seen through two noisy linear maps, so retrieval can
+    be learned; ``tokens`` adds 3 random tokens per row."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 4))
+    feats = {m: {"pooled": (z @ rng.normal(size=(4, dim)) + 0.3 * rng.normal(size=(n, dim))).astype(np.float16)}
+             for m in MODALITIES}
+    if tokens:
+        for m in MODALITIES:
+            feats[m]["tokens"] = rng.normal(size=(n, 3, dim)).astype(np.float16)
+    labels = {"material": (z[:, 0] > 0).astype(np.float64)}
+    return write_feature_store(root, feats, labels, [f"k{j:05d}" for j in range(n)],
+                               {"material": {"type": "categorical", "classes": ["a", "b"]}})
+
+
+# ── shards and `regtok extract` with the tiny encoders ──────────────────────────────────────────────
+
+ENCODERS = (("vision", "tiny:0"), ("tactile", "tiny:1"))
+
+
+def png(rng: np.random.Generator, size: int = 24) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample(rng: np.random.Generator, key: str, index: int) -> tuple[str, list[tuple[str, bytes]]]:
+    record = {"key": key, "material": index % 3, "roughness": round(index / 10, 3), "name": "x"}
+    return key, [("vision.png", png(rng)), ("tactile.png", png(rng)), ("json", json.dumps(record).encode())]
+
+
+def write_shards(root: Path, counts: list[int], seed: int = 0) -> list[Path]:
+    from regtok.pipeline.shards import write_shard
+
+    rng, paths, index = np.random.default_rng(seed), [], 0
+    for s, n in enumerate(counts):
+        items = []
+        for _ in range(n):
+            items.append(sample(rng, f"s{index:05d}", index))
+            index += 1
+        paths.append(root / f"shard-{s:06d}.tar")
+        write_shard(paths[-1], items)
+    return paths
+
+
+def extract(shards: str, out: Path, **kw) -> tuple[Path, dict]:
+    from regtok.pipeline.extract import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(shards=shards, out=str(out), encoders=ENCODERS, batch_size=kw.pop("batch_size", 4),
+                        workers=kw.pop("workers", 0), **kw)
+    return run_extract(cfg, command=["regtok", "extract"], show_progress=False)
+
+
+def arrays(store_dir: Path) -> dict[str, np.ndarray]:
+    import h5py
+
+    with h5py.File(store_dir / "features.h5", "r") as f:
+        out = {}
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[:]) if isinstance(obj, h5py.Dataset) else None)
+    return out

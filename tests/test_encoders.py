@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from regtok.errors import RegtokError
-from regtok.pipeline.encoders import EncoderSpec, _open_clip_tag, load_encoder, parse_spec, tiny_encoder
+from regtok.pipeline.encoder_kinds import open_clip_tag
+from regtok.pipeline.encoders import EncoderSpec, load_encoder, parse_spec, tiny_encoder
 
 OC_MODEL = "regtok-test-vit"
 OC_CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8,
@@ -176,7 +177,7 @@ def test_open_clip_local_file_and_tag_path_equal_in_memory_model(open_clip_model
     model, preprocess, path = open_clip_model
     x = _uint8_images(3, 32, seed=2)
     from_file = load_encoder(f"open_clip:{OC_MODEL}@{path}")
-    via_open_clip = _open_clip_tag(EncoderSpec("open_clip", OC_MODEL, str(path)))  # the tag code path
+    via_open_clip = open_clip_tag(EncoderSpec("open_clip", OC_MODEL, str(path)))  # the tag code path
     with torch.no_grad():
         ref = model.encode_image(from_file.prep.normalize(x))
     for enc in (from_file, via_open_clip):

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import write_feature_store
 
 from regtok.cli import main
 from regtok.config import PRESETS, ModelConfig, TrainConfig, merge, resolve
 from regtok.evaluate import EvalConfig, evaluate
 from regtok.model import RegTok
-from regtok.pipeline.manifest import new_manifest, read_manifest, sha256_file, write_manifest
+from regtok.pipeline.manifest import read_manifest, sha256_file
 from regtok.pipeline.report_md import render_markdown
-from regtok.pipeline.store import PartWriter, write_index
 
 MODS = ("vision", "tactile")
 TOP_KEYS = {"n", "retrieval", "baselines", "flow", "probes", "reconstruction", "modalities"}
@@ -170,26 +170,10 @@ def test_prefix_figure_fits_a_screen_with_every_panel(tmp_path: Path) -> None:
 
 def write_store(root: Path, n: int, seed: int, dims: tuple[int, int] = (12, 12), spec: str = "test:linear",
                 schema: dict = SCHEMA) -> Path:
-    """A feature store written with pipeline.store's own writer: two parts, the index, the manifest."""
+    """A two-part feature store of :func:`_data` (written as extract writes one, see conftest)."""
     feats, labels = _data(n, dims, seed)
-    shapes = {m: {"pooled": (d,)} for m, d in zip(MODS, dims, strict=True)}
-    parts, half = [], n // 2
-    for i, rows in enumerate((slice(0, half), slice(half, n))):
-        rel = f"parts/shard-{i:06d}.h5"
-        writer = PartWriter(root / rel, shapes)
-        idx = range(n)[rows]
-        writer.append([f"s{j:05d}" for j in idx], {m: {"pooled": feats[m][rows]} for m in MODS},
-                      [{name: float(col[j]) for name, col in labels.items()} for j in idx])
-        writer.close()
-        parts.append({"path": rel, "shard": f"shard-{i:06d}.tar", "samples": len(idx),
-                      "bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)})
-    write_index(root, [p["path"] for p in parts], shapes, sorted(labels))
-    encoders = {m: {"spec": spec, "pooled_dim": d, "token_shape": None, "weights_sha256": None}
-                for m, d in zip(MODS, dims, strict=True)}
-    write_manifest(root / "manifest.json", new_manifest(
-        "features", command=["test"], modalities=list(MODS), encoders=encoders, feature_kinds=["pooled"], samples=n,
-        parts=parts, skipped=[], labels=schema))
-    return root
+    return write_feature_store(root, {m: {"pooled": feats[m]} for m in MODS}, labels, [f"s{j:05d}" for j in range(n)],
+                               schema, specs=dict.fromkeys(MODS, spec))
 
 
 def _invoke(*args: str):

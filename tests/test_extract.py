@@ -16,53 +16,17 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import ENCODERS, arrays, extract, png, sample, write_feature_store, write_shards
 from PIL import Image
 
 from regtok.cli import main
+from regtok.data import store_bytes
 from regtok.errors import RegtokError
 from regtok.pipeline.encoders import tiny_encoder
-from regtok.pipeline.extract import PAUSE_ENV, ExtractConfig, SkipLimitError, decode_workers, run_extract
+from regtok.pipeline.extract import PAUSE_ENV, ExtractConfig, decode_workers, run_extract
 from regtok.pipeline.manifest import sha256_file
 from regtok.pipeline.shards import write_shard
 from regtok.pipeline.store import open_store
-
-ENCODERS = (("vision", "tiny:0"), ("tactile", "tiny:1"))
-
-
-def png(rng: np.random.Generator, size: int = 24) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def sample(rng: np.random.Generator, key: str, index: int) -> tuple[str, list[tuple[str, bytes]]]:
-    record = {"key": key, "material": index % 3, "roughness": round(index / 10, 3), "name": "x"}
-    return key, [("vision.png", png(rng)), ("tactile.png", png(rng)), ("json", json.dumps(record).encode())]
-
-
-def write_shards(root: Path, counts: list[int], seed: int = 0) -> list[Path]:
-    rng, paths, index = np.random.default_rng(seed), [], 0
-    for s, n in enumerate(counts):
-        items = []
-        for _ in range(n):
-            items.append(sample(rng, f"s{index:05d}", index))
-            index += 1
-        paths.append(root / f"shard-{s:06d}.tar")
-        write_shard(paths[-1], items)
-    return paths
-
-
-def extract(shards: str, out: Path, **kw) -> tuple[Path, dict]:
-    cfg = ExtractConfig(shards=shards, out=str(out), encoders=ENCODERS, batch_size=kw.pop("batch_size", 4),
-                        workers=kw.pop("workers", 0), **kw)
-    return run_extract(cfg, command=["regtok", "extract"], show_progress=False)
-
-
-def arrays(store_dir: Path) -> dict[str, np.ndarray]:
-    with h5py.File(store_dir / "features.h5", "r") as f:
-        out = {}
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[:]) if isinstance(obj, h5py.Dataset) else None)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +76,35 @@ def test_features_equal_the_encoder_on_the_images(store, shards):
         np.testing.assert_array_equal(a[f"{modality}/tokens"], tokens.half().numpy())
 
 
+def test_read_rows_in_several_ranges_equals_a_full_read(tmp_path):
+    from regtok.pipeline.store import _GAP, read_rows
+
+    n = 4 * _GAP
+    rng = np.random.default_rng(0)
+    feats = {m: {"pooled": rng.normal(size=(n, 3)).astype(np.float16)} for m in ("vision", "tactile")}
+    s = open_store(write_feature_store(tmp_path / "st", feats, {}, [f"k{j}" for j in range(n)], {}))
+    full = s.read("pooled", "vision")
+    rows = np.array([n - 2, 3, 2 * _GAP, 3, -1, _GAP + 7, 0, 2 * _GAP + 1])  # unsorted, repeated, negative, gaps
+    np.testing.assert_array_equal(s.read("pooled", "vision", rows), full[rows])
+    reads = []
+
+    class Recording:  # the dataset, recording each read
+        def __init__(self, ds):
+            self.ds, self.shape, self.dtype = ds, ds.shape, ds.dtype
+
+        def __getitem__(self, index):
+            reads.append(index)
+            return self.ds[index]
+
+    with h5py.File(s.root / "features.h5", "r") as f:
+        mask = np.zeros(n, dtype=bool)
+        mask[rows] = True
+        for index in (rows, mask):
+            np.testing.assert_array_equal(read_rows(Recording(f["vision/pooled"]), index, n), full[index])
+    # gaps over _GAP rows are seeked over, smaller ones read through: rows 0-3, 263-513 and 1022-1023
+    assert reads == 2 * [slice(0, 4), slice(_GAP + 7, 2 * _GAP + 2), slice(n - 2, n)]
+
+
 def test_feature_store_api(store):
     s = open_store(store / "manifest.json")
     a = arrays(store)
@@ -125,7 +118,7 @@ def test_feature_store_api(store):
     np.testing.assert_array_equal(s.read("pooled", "tactile", slice(None, None, 3)), a["tactile/pooled"][::3])
     labels = s.labels()
     assert labels["material"].dtype == np.float64 and set(labels) == {"material", "roughness"}
-    assert s.nbytes("pooled") == 14 * 512 * 2 * 2
+    assert store_bytes(s, "pooled") == 14 * 512 * 2 * 2
     with pytest.raises(RegtokError):
         s.read("pooled", "audio")
     with pytest.raises(RegtokError, match="not a feature store"):
@@ -208,10 +201,6 @@ def test_bad_workers_flag_is_one_line(value, tmp_path):
     res = CliRunner().invoke(main, ["extract", "--shards", str(tmp_path), "--out", str(tmp_path / "st"),
                                     "--encoder", "vision=tiny", "--encoder", "tactile=tiny:1", "--workers", value])
     assert res.exit_code == 2 and "expected auto or a count >= 0" in res.output
-
-
-def test_skip_limit_error_is_a_regtok_error():
-    assert issubclass(SkipLimitError, RegtokError)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_extract import arrays, extract, write_shards
+from conftest import arrays, extract, write_shards
 
 
 @pytest.mark.slow

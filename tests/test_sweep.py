@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import write_store
 from safetensors.torch import load_file
-from test_train import write_store
 
 from regtok.cli import main
 from regtok.config import TrainConfig, from_dict, resolve, to_dict

@@ -165,7 +165,7 @@ def test_demo_manifest_matches_the_generator(tmp_path):
     from regtok.pipeline.shards import write_shard
 
     demo = read_manifest(Path(__file__).resolve().parent.parent / "data_manifests" / "demo.json", kind="dataset")
-    assert demo["labels"] == synth.label_schema()
+    assert demo["labels"] == synth.declared_labels()
     import platform
 
     if demo["generator"]["params"]["numpy"] != np.__version__:

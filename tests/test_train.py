@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import MODALITIES, TINY, write_store
 from safetensors.torch import load_file
 
 import regtok.pipeline.plots
@@ -17,53 +18,8 @@ import regtok.pipeline.train
 from regtok.cli import main
 from regtok.config import TrainConfig, resolve
 from regtok.data import epoch_permutation, make_batches, split_rows
-from regtok.pipeline.manifest import new_manifest, read_manifest, sha256_file, write_manifest
+from regtok.pipeline.manifest import read_manifest, sha256_file
 from regtok.train import lr_at, make_optimizer
-
-MODALITIES = ("vision", "tactile")
-TINY = ["--preset", "tiny", "--epochs", "2", "--batch-size", "32", "--val-fraction", "0.2", "log_every=2",
-        "model.n_layers=1"]
-
-
-def write_store(root: Path, n: int = 100, dim: int = 12, seed: int = 0, tokens: bool = False) -> Path:
-    """A feature store in the contract's layout (two parts + a virtual index + manifest), written with h5py.
-
-    The features are a shared latent seen through two noisy linear maps, so retrieval can be learned.
-    """
-    import h5py
-
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=(n, 4))
-    feats = {f"{m}/pooled": (z @ rng.normal(size=(4, dim)) + 0.3 * rng.normal(size=(n, dim))).astype(np.float16)
-             for m in MODALITIES}
-    if tokens:
-        feats.update({f"{m}/tokens": rng.normal(size=(n, 3, dim)).astype(np.float16) for m in MODALITIES})
-    feats["labels/material"] = (z[:, 0] > 0).astype(np.float64)
-    keys = np.array([f"k{j:05d}" for j in range(n)], dtype=object)
-    parts = []
-    for i, rows in enumerate([slice(0, n // 2), slice(n // 2, n)]):
-        rel = f"parts/shard-{i:06d}.h5"
-        (root / "parts").mkdir(parents=True, exist_ok=True)
-        with h5py.File(root / rel, "w") as f:
-            f.create_dataset("keys", data=keys[rows], dtype=h5py.string_dtype("utf-8"))
-            for name, arr in feats.items():
-                f.create_dataset(name, data=arr[rows])
-        parts.append({"path": rel, "shard": f"shard-{i:06d}.tar", "samples": n // 2,
-                      "bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)})
-    with h5py.File(root / "features.h5", "w") as f:
-        f.create_dataset("keys", data=keys, dtype=h5py.string_dtype("utf-8"))
-        for name, arr in feats.items():
-            layout = h5py.VirtualLayout(shape=arr.shape, dtype=arr.dtype)
-            for i, p in enumerate(parts):
-                layout[i * (n // 2):(i + 1) * (n // 2)] = h5py.VirtualSource(p["path"], name, (n // 2, *arr.shape[1:]))
-            f.create_virtual_dataset(name, layout)
-    encoders = {m: {"spec": "test:linear", "pooled_dim": dim, "token_shape": [3, dim] if tokens else None,
-                    "weights_sha256": None} for m in MODALITIES}
-    manifest = new_manifest("features", command=["test"], modalities=list(MODALITIES), encoders=encoders,
-                            feature_kinds=["pooled", "tokens"] if tokens else ["pooled"], samples=n, skipped=[],
-                            parts=parts, labels={"material": {"type": "categorical", "classes": ["a", "b"]}})
-    write_manifest(root / "manifest.json", manifest)
-    return root
 
 
 @pytest.fixture(scope="module")

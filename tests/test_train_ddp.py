@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY, write_store
 from safetensors.torch import load_file
-from test_train import TINY, write_store
 
 from regtok.cli import main
 from regtok.pipeline.manifest import read_manifest

@@ -1,0 +1,53 @@
+"""Label schemas: the ``labels`` block of dataset and features manifests, inferred in one place.
+
+Each label is ``{"type": "continuous", "range": [lo, hi]}``, ``{"type": "categorical", "classes": [...]}`` (a
+value is a class index) or ``{"type": "text"}`` (kept in the sample json, never a number); a generator that
+knows its labels declares them instead (``pipeline.synth.declared_labels``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+FREE_TEXT_MIN_VALUES = 10  # a text column with more distinct values than this, and than half its cells, is text
+
+
+def label_schema(columns: Mapping[str, Sequence[str] | np.ndarray],
+                 as_class: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """The manifest's ``labels`` block implied by each label's values ``{name: values}``.
+
+    A float array (NaN where absent, as a store holds labels) is continuous with the range of its finite values
+    (null when there are none). Text cells ("" where absent, as a CSV holds labels): continuous with its range
+    if every non-empty value is numeric, else categorical with its sorted distinct values as classes, unless it
+    reads as free text (more distinct values than FREE_TEXT_MIN_VALUES and than half its non-empty cells): then
+    ``text``, kept in the json as written. ``as_class`` columns are categorical whatever their values.
+    """
+    labels: dict[str, dict[str, Any]] = {}
+    for col, values in columns.items():
+        if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+            finite = values[np.isfinite(values)]
+            labels[col] = {"type": "continuous",
+                           "range": [float(finite.min()), float(finite.max())] if len(finite) else None}
+            continue
+        values = [(v or "").strip() for v in values]
+        present = [v for v in values if v]
+        classes = sorted(set(present))
+        if present and all(is_number(v) for v in present):
+            nums = [float(v) for v in present]
+            labels[col] = {"type": "continuous", "range": [min(nums), max(nums)]}
+        elif col not in as_class and len(classes) > max(FREE_TEXT_MIN_VALUES, len(present) // 2):
+            labels[col] = {"type": "text"}
+        else:
+            labels[col] = {"type": "categorical", "classes": classes}
+    return labels
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
