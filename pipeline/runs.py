@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -36,6 +35,7 @@ from torch import nn
 from regtok.config import TrainConfig, from_dict, to_dict
 from regtok.data import feature_stats, make_batches, sample_rows, split_rows, store_bytes
 from regtok.errors import RegtokError
+from regtok.pipeline.distributed import init_distributed, leave_process_group, memory_budget
 from regtok.pipeline.manifest import (
     environment,
     file_record,
@@ -47,7 +47,7 @@ from regtok.pipeline.manifest import (
     write_manifest,
 )
 from regtok.pipeline.plots import plot_curves
-from regtok.train import Callbacks, ResumeState, TrainResult, init_distributed, train
+from regtok.train import Callbacks, ResumeState, TrainResult, train
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST = "best.safetensors"  # the weights of the best validation score (keep_best); what eval and the API load
@@ -417,15 +417,17 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
             train_rows, val_rows = np.arange(store.n), np.arange(val_store.n)
         else:
             train_rows, val_rows = split_rows(store.n, cfg.val_fraction, cfg.seed)
-        data = make_batches(store, kind, train_rows, cfg.batch_size, cfg.seed, device, cfg.max_memory_fraction,
-                            rank, world, arrays=cache.arrays(store, kind, device))
+        data = make_batches(store, kind, train_rows, cfg.batch_size, cfg.seed, device,
+                            memory_budget(device, cfg.max_memory_fraction), rank, world,
+                            arrays=cache.arrays(store, kind, device))
         cache.keep(store, kind, device, data.arrays)
         if data.streaming:
             notify(f"the store's {kind} features ({store_bytes(store, kind) / 2**30:.2f} GiB) exceed "
                    f"max_memory_fraction={cfg.max_memory_fraction} of free {device.type} memory: streaming batches")
         val = None
         if rank == 0 and len(val_rows):
-            val = make_batches(val_store, kind, val_rows, cfg.batch_size, cfg.seed, device, cfg.max_memory_fraction,
+            val = make_batches(val_store, kind, val_rows, cfg.batch_size, cfg.seed, device,
+                               memory_budget(device, cfg.max_memory_fraction),
                                arrays=data.arrays if val_store is store else cache.arrays(val_store, kind, device))
             cache.keep(val_store, kind, device, val.arrays)
         torch.manual_seed(cfg.seed)
@@ -482,8 +484,7 @@ def train_run(features: str | os.PathLike, out: str | os.PathLike, cfg: TrainCon
                                   train_samples=len(train_rows), stopped=_stopped(out, result))
         return path, result
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(world)
 
 
 def _stopped(out: Path, result: TrainResult) -> dict[str, Any] | None:
