@@ -71,11 +71,11 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (fused where available); no weight decay on 1-d (and 0-d) parameters or the logit scale."""
-    decay, plain = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (plain if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    """AdamW (fused where available); weight decay on matrices only, by tensor rank alone as nanoGPT: no decay on
+    biases, norms, tokens (1-d) or the logit scale (0-d)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    plain = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
     kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
     try:
@@ -96,17 +96,28 @@ class LossModule(nn.Module):
         return self.model.losses(batch, generator=generator, rank=self.rank, world_size=self.world_size)
 
 
+def wrap(model: nn.Module, data: Batches, cfg: TrainConfig) -> nn.Module:
+    """The module a step calls: the model's losses, under DDP for more than one rank, compiled on request.
+
+    Every parameter is in the graph of the loss for every config (the model builds only what its loss type uses;
+    a zero weight or a detached path leaves the parameter's other paths in the graph; tests/test_model.py checks
+    it), so DDP is not asked to search for unused parameters, a graph traversal per step. Were one ever unused,
+    DDP would stop at the next step and say so.
+    """
+    device = data.device
+    net: nn.Module = LossModule(model, data.rank, data.world_size)
+    if data.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    return torch.compile(net) if cfg.compile else net
+
+
 def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callbacks | None = None,
           val: Batches | None = None, resume: ResumeState | None = None) -> TrainResult:
     """Train ``model`` (already on ``data.device``) for ``cfg.epochs`` epochs of ``data``; see the module doc."""
     cb = callbacks or Callbacks()
     device, world = data.device, data.world_size
-    net: nn.Module = LossModule(model, data.rank, world)
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=True)
-    if cfg.compile:
-        net = torch.compile(net)
+    net = wrap(model, data, cfg)
     opt = make_optimizer(model, cfg)
     spe = data.steps_per_epoch
     total = cfg.epochs * spe
