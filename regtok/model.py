@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regtok.blocks import Block, CrossBlock, prefix_causal_mask
+from regtok.blocks import Block, PreservationDecoder, prefix_causal_mask
 from regtok.config import ModelConfig, from_dict, to_dict
 from regtok.errors import RegtokError
 from regtok.flow import VelocityNet, direction_index, euler_sample, logit_normal
@@ -78,32 +78,6 @@ def gaussian_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 def mrl_prefixes(n_shared: int) -> list[int]:
     """The shared-prefix lengths the MRL contrastive mode sums over: powers of two up to n_shared, and n_shared."""
     return allowed_keeps(n_shared, "power_of_two")
-
-
-class PreservationDecoder(nn.Module):
-    """T learned query tokens cross-attend to the (masked) register set and reconstruct the input: (B, T, D_in)."""
-
-    def __init__(self, cfg: ModelConfig, n_tokens: int, d_in: int) -> None:
-        super().__init__()
-        d = cfg.hidden_dim
-        self.queries = nn.Parameter(torch.empty(n_tokens, d))
-        nn.init.trunc_normal_(self.queries, std=0.02)
-        self.summary = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
-        self.blocks = nn.ModuleList(
-            CrossBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.decoder_layers)
-        )
-        self.norm = nn.LayerNorm(d)
-        self.out = nn.Linear(d, d_in)
-
-    def forward(self, registers: Tensor) -> Tensor:
-        """registers: (B, R, d) → (B, T, D_in)."""
-        # The queries start from a summary of the whole (masked) register set, so every kept register reaches
-        # the reconstruction additively, not only the few a softmax read picks out.
-        summary = self.summary(registers.mean(dim=1))  # (B, d)
-        q = self.queries.unsqueeze(0) + summary.unsqueeze(1)  # (B, T, d)
-        for block in self.blocks:
-            q = block(q, registers)  # (B, T, d)
-        return self.out(self.norm(q))  # (B, T, D_in)
 
 
 class RegisterModule(nn.Module):
