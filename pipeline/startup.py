@@ -4,7 +4,8 @@ Torch's import creates about half a million long-lived objects, open_clip's (tor
 sympy …) about a million more, and neither creates cyclic garbage, so the full collections they trigger only
 cost time (:func:`gc_paused`). Torch's CPU tensors come from the C library's ``malloc``, which by default hands
 large freed blocks back to the kernel, so each forward pass faults its activations in again
-(:func:`keep_freed_memory`). This module imports nothing heavy, so the command line (``regtok.cli``) can use it before importing torch.
+(:func:`keep_freed_memory`). This module imports nothing heavy, so the command line (``regtok.cli``) can use it
+before importing torch.
 """
 
 from __future__ import annotations
