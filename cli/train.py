@@ -70,7 +70,6 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
     Config: defaults → --preset → --config YAML → flags → key=value overrides (e.g. model.n_layers=2 lr=1e-3).
     Under `torchrun --nproc_per_node=N --no-python regtok train …` it runs DDP; rank 0 writes RUN_DIR.
     """
-    import os
 
     import yaml
 
@@ -80,6 +79,7 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
 
     keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
+        from regtok.pipeline.distributed import is_main_process
         from regtok.pipeline.runs import saved_train_config
         from regtok.pipeline.train import epoch_line, train_progress, train_run
 
@@ -94,7 +94,7 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
     if tensorboard:
         _require_tensorboard()
     console = stderr_console()
-    is_main = os.environ.get("RANK", "0") == "0"
+    is_main = is_main_process()
     if is_main:
         console.print("[bold]resolved config[/]\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     plain = not console.is_terminal  # a log file, nohup, CI: one complete line per epoch instead of a bar

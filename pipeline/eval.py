@@ -210,7 +210,7 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
             linear = fit_baselines(run, store, Path(baseline_features) if baseline_features else None, run_mpath,
                                    cfg, log)
     report["baselines"]["linear"] = linear
-    report["headline"] = headline(report, run.model.cfg.loss_type)
+    report["headline"] = headline(report, run.model.cfg.scored_by_transport)
     report["feature_kind"] = kind
     report["evaluated"] = describe_evaluated(run, Path(run_dir), run_mpath, store, Path(features))
     written = write_report_files(report, out, console)

@@ -212,13 +212,13 @@ def run_extract(config: ExtractConfig, *, command: list[str] | None = None, show
     """
     import torch.distributed as dist
 
+    from regtok.pipeline.distributed import join_process_group, launched, leave_process_group
+
     t0 = time.perf_counter()
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", 0)))
+    rank, world, local_rank = launched()
+    device = pick_device(config.device, local_rank)
     if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        join_process_group(device)
     lock = None
     try:
         job = resolve_job(config)
@@ -256,8 +256,7 @@ def run_extract(config: ExtractConfig, *, command: list[str] | None = None, show
     finally:
         if lock is not None:
             lock.release()
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(world)
 
 
 def _claim_out(config: ExtractConfig, overwrite: bool, rank: int, world: int, device: torch.device):

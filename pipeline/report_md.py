@@ -25,16 +25,17 @@ def _mean_r1(row: dict[str, Any]) -> float:
     return (row["a_to_b"]["R@1"] + row["b_to_a"]["R@1"]) / 2
 
 
-def headline(report: dict[str, Any], loss_type: str) -> dict[str, Any]:
+def headline(report: dict[str, Any], by_transport: bool) -> dict[str, Any]:
     """regtok's full-prefix R@1 (mean of both directions) against the best linear baseline, with their ratio.
 
-    A flow_matching run is scored by its transported retrieval (the most Euler steps); other runs by the shared
-    embeddings' direct retrieval at the largest shared prefix.
+    A run ``by_transport`` (``ModelConfig.scored_by_transport``: flow_matching) is scored by its transported
+    retrieval (the most Euler steps); other runs by the shared embeddings' direct retrieval at the largest shared
+    prefix.
     """
     full = max(report["retrieval"], key=lambda r: r["k"])
     label, row = f"k={full['k']}", full
     flows = [f for f in report.get("flow", []) if f["k"] == full["k"]]
-    if loss_type == "flow_matching" and flows:
+    if by_transport and flows:
         row = max(flows, key=lambda f: f["steps"])
         label = f"flow k={row['k']} s={row['steps']}"
     out: dict[str, Any] = {"regtok": _mean_r1(row), "regtok_row": label,

@@ -19,7 +19,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -275,7 +275,7 @@ def _check_metric(metric: str, space: dict[str, Param], base: TrainConfig) -> No
         return
     param = space.get("model.loss_type")
     losses = set(param.values) if isinstance(param, Choices) else {base.model.loss_type}
-    if "contrastive" in losses:
+    if not all(replace(base.model, loss_type=loss).uses_flow for loss in losses):
         raise RegtokError(f"--metric {metric} needs a flow head, which contrastive runs lack; use val/select")
 
 

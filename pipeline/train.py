@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from regtok.config import TrainConfig, to_dict
 from regtok.data import Batches, feature_stats, make_batches, sample_rows, split_rows, store_bytes
 from regtok.errors import RegtokError
 from regtok.pipeline.compat import check_compatible
+from regtok.pipeline.distributed import init_distributed, leave_process_group, memory_budget
 from regtok.pipeline.plots import plot_curves
 from regtok.pipeline.runs import (
     CHECKPOINT,
@@ -41,7 +41,7 @@ from regtok.pipeline.runs import (
     write_config,
     write_run_manifest,
 )
-from regtok.train import ResumeState, TrainResult, init_distributed, train
+from regtok.train import ResumeState, TrainResult, train
 
 
 class StoreCache:
@@ -144,8 +144,7 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
         return finish_run(out, cfg, split, result, command, features, val_features, str(device), world,
                           timings), result
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(world)
 
 
 def load_split(features: str | Path, val_features: str | Path | None, cfg: TrainConfig, cache: StoreCache,
@@ -162,15 +161,17 @@ def load_split(features: str | Path, val_features: str | Path | None, cfg: Train
         train_rows, val_rows = np.arange(store.n), np.arange(val_store.n)
     else:
         train_rows, val_rows = split_rows(store.n, cfg.val_fraction, cfg.seed)
-    data = make_batches(store, kind, train_rows, cfg.batch_size, cfg.seed, device, cfg.max_memory_fraction,
-                        rank, world, arrays=cache.arrays(store, kind, device))
+    data = make_batches(store, kind, train_rows, cfg.batch_size, cfg.seed, device,
+                        memory_budget(device, cfg.max_memory_fraction), rank, world,
+                        arrays=cache.arrays(store, kind, device))
     cache.keep(store, kind, device, data.arrays)
     if data.streaming:
         notify(f"the store's {kind} features ({store_bytes(store, kind) / 2**30:.2f} GiB) exceed "
                f"max_memory_fraction={cfg.max_memory_fraction} of free {device.type} memory: streaming batches")
     val = None
     if rank == 0 and len(val_rows):
-        val = make_batches(val_store, kind, val_rows, cfg.batch_size, cfg.seed, device, cfg.max_memory_fraction,
+        val = make_batches(val_store, kind, val_rows, cfg.batch_size, cfg.seed, device,
+                           memory_budget(device, cfg.max_memory_fraction),
                            arrays=data.arrays if val_store is store else cache.arrays(val_store, kind, device))
         cache.keep(val_store, kind, device, val.arrays)
     return Split(store, val_store, kind, train_rows, val_rows, data, val)

@@ -1,4 +1,5 @@
-"""Transformer building blocks: pre-norm self-attention with a boolean mask, cross-attention, MLP.
+"""Transformer building blocks: pre-norm self-attention with a boolean mask, cross-attention, MLP, and the
+preservation decoder built from them.
 
 All attention goes through ``torch.nn.functional.scaled_dot_product_attention``; shapes are static so the
 blocks compile.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from regtok.config import ModelConfig
 
 
 def prefix_causal_mask(n_tokens: int, n_registers: int, device: torch.device | None = None) -> Tensor:
@@ -93,3 +96,29 @@ class CrossBlock(nn.Module):
         """q: (B, Lq, d); context: (B, Lk, d)."""
         q = q + self.attn(self.norm_q(q), context=self.norm_kv(context))  # (B, Lq, d)
         return q + self.mlp(self.norm2(q))
+
+
+class PreservationDecoder(nn.Module):
+    """T learned query tokens cross-attend to the (masked) register set and reconstruct the input: (B, T, D_in)."""
+
+    def __init__(self, cfg: ModelConfig, n_tokens: int, d_in: int) -> None:
+        super().__init__()
+        d = cfg.hidden_dim
+        self.queries = nn.Parameter(torch.empty(n_tokens, d))
+        nn.init.trunc_normal_(self.queries, std=0.02)
+        self.summary = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(
+            CrossBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.decoder_layers)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, d_in)
+
+    def forward(self, registers: Tensor) -> Tensor:
+        """registers: (B, R, d) → (B, T, D_in)."""
+        # The queries start from a summary of the whole (masked) register set, so every kept register reaches
+        # the reconstruction additively, not only the few a softmax read picks out.
+        summary = self.summary(registers.mean(dim=1))  # (B, d)
+        q = self.queries.unsqueeze(0) + summary.unsqueeze(1)  # (B, T, d)
+        for block in self.blocks:
+            q = block(q, registers)  # (B, T, d)
+        return self.out(self.norm(q))  # (B, T, D_in)

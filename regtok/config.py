@@ -94,6 +94,27 @@ class ModelConfig:
         if self.hidden_dim % self.n_heads:
             raise RegtokError(f"hidden_dim ({self.hidden_dim}) must be divisible by n_heads ({self.n_heads})")
 
+    # Which terms the loss type has: decided here once; the model, the losses and the trainer ask these.
+    @property
+    def uses_contrastive(self) -> bool:
+        """The loss has the InfoNCE term (and the model a learnable logit scale)."""
+        return self.loss_type in ("contrastive", "combined")
+
+    @property
+    def uses_flow(self) -> bool:
+        """The loss has the flow-matching and anti-collapse terms (and the model a velocity head)."""
+        return self.loss_type in ("flow_matching", "combined")
+
+    @property
+    def flow_scale(self) -> float:
+        """The flow terms' factor in the total: ``flow_weight`` beside the contrastive term, 1 on their own."""
+        return self.flow_weight if self.uses_contrastive else 1.0
+
+    @property
+    def scored_by_transport(self) -> bool:
+        """A run without a contrastive term is scored by retrieval after the flow's transport."""
+        return self.uses_flow and not self.uses_contrastive
+
 
 @dataclass(frozen=True)
 class TrainConfig:

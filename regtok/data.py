@@ -2,8 +2,9 @@
 
 The whole store (every modality of the chosen feature kind) is read once, in large contiguous reads, into
 device memory as float16; each epoch draws batches from a seeded random permutation made on the device. A store
-larger than ``max_memory_fraction`` of the available memory is streamed instead: each chunk of the same
-permutation is read with one sorted read per modality. Under DDP each rank takes its slice of every global batch.
+larger than the caller's memory budget (``pipeline.distributed.memory_budget``) is streamed instead: each chunk
+of the same permutation is read with one sorted read per modality. Under DDP each rank takes its slice of every
+global batch.
 
 The store is any object with ``modalities``, ``n``, ``shape(kind, modality)`` and ``read(kind, modality, rows)``
 (``pipeline.store.FeatureStore``); nothing here knows the file format.
@@ -12,7 +13,6 @@ The store is any object with ``modalities``, ``n``, ``shape(kind, modality)`` an
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -52,20 +52,6 @@ def split_rows(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.n
     n_val = min(max(n_val, 2 if val_fraction > 0 else 0), n - 1)
     order = np.random.default_rng(derive_seed(seed, "split")).permutation(n)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def available_memory(device: torch.device) -> int:
-    """Free bytes on ``device`` (GPU: free device memory; CPU: MemAvailable, else free physical pages)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def store_bytes(store: StoreLike, kind: str, rows: int | None = None) -> int:
@@ -158,9 +144,10 @@ class Batches:
 
 
 def make_batches(store: StoreLike, kind: str, rows: np.ndarray, batch_size: int, seed: int, device: torch.device,
-                 max_memory_fraction: float = 0.5, rank: int = 0, world_size: int = 1,
+                 memory_budget: int | None = None, rank: int = 0, world_size: int = 1,
                  arrays: dict[str, Tensor] | None = None) -> Batches:
-    """Batches of ``rows``; reads the whole store into ``device`` memory unless it is too large (then streams).
+    """Batches of ``rows``; reads the whole store into ``device`` memory unless it takes more than
+    ``memory_budget`` bytes (then streams; ``None``: no limit).
 
     Pass ``arrays`` from an earlier call to share one in-memory copy between train and validation splits.
     The effective global batch is ``min(batch_size, len(rows))`` rounded down to a multiple of ``world_size``.
@@ -168,14 +155,14 @@ def make_batches(store: StoreLike, kind: str, rows: np.ndarray, batch_size: int,
     batch_size = min(batch_size, len(rows)) // world_size * world_size
     if batch_size < 1:
         raise ValueError(f"{len(rows)} rows cannot make a batch for {world_size} rank(s)")
-    if arrays is None and fits_in_memory(store, kind, device, max_memory_fraction):
+    if arrays is None and fits_in_memory(store, kind, memory_budget):
         arrays = {m: read_to_device(store, kind, m, device) for m in store.modalities}
     return Batches(store, kind, np.asarray(rows, dtype=np.int64), batch_size, seed, device, arrays, rank, world_size)
 
 
-def fits_in_memory(store: StoreLike, kind: str, device: torch.device, max_memory_fraction: float) -> bool:
-    """Whether the store's ``kind`` arrays fit in ``max_memory_fraction`` of the device's available memory."""
-    return store_bytes(store, kind) <= max_memory_fraction * available_memory(device)
+def fits_in_memory(store: StoreLike, kind: str, memory_budget: int | None) -> bool:
+    """Whether the store's ``kind`` arrays fit in ``memory_budget`` bytes (``None``: no limit)."""
+    return memory_budget is None or store_bytes(store, kind) <= memory_budget
 
 
 def row_shape(kind: str, n_tokens: int, dim: int) -> tuple[int, ...]:

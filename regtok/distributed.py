@@ -1,4 +1,8 @@
-"""torch.distributed helpers: rank/world queries and an all_gather that carries gradients.
+"""Device names and the one collective the losses need: an all_gather that carries gradients.
+
+Nothing here detects distributed mode or reads the process group's state: the stage decides it once
+(``pipeline.distributed``) and passes ``rank`` and ``world_size`` down, as open_clip's ``ClipLoss(rank=…,
+world_size=…)``.
 
 Why gather with autograd: a contrastive loss on rank r compares its local rows with every rank's columns.
 With ``torch.distributed.nn.functional.all_gather`` the backward sums, onto each rank's own embeddings, the
@@ -11,7 +15,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from regtok.errors import RegtokError
@@ -30,27 +33,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def is_distributed() -> bool:
-    """True when a process group is initialised with more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def gather_with_grad(x: Tensor, world_size: int = 1) -> Tensor:
+    """Concatenate ``x`` (B, ...) from the ``world_size`` ranks along dim 0, in rank order, differentiably.
 
-
-def world_size() -> int:
-    """Number of ranks (1 when not distributed)."""
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def rank() -> int:
-    """This process's rank (0 when not distributed)."""
-    return dist.get_rank() if is_distributed() else 0
-
-
-def gather_with_grad(x: Tensor) -> Tensor:
-    """Concatenate ``x`` (B, ...) from every rank along dim 0, in rank order, differentiably.
-
-    Every rank must pass the same shape. Returns ``x`` itself when not distributed.
+    Every rank must pass the same shape. Returns ``x`` itself for one rank.
     """
-    if not is_distributed():
+    if world_size == 1:
         return x
     from torch.distributed.nn.functional import all_gather
 
@@ -60,6 +48,6 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)  # (W*B, ...)
 
 
-def local_offset(batch: int) -> int:
-    """Index of this rank's first row in the gathered batch (equal local batch sizes)."""
-    return rank() * batch
+def local_offset(batch: int, rank: int = 0) -> int:
+    """Index of rank ``rank``'s first row in the gathered batch (equal local batch sizes)."""
+    return rank * batch

@@ -1,8 +1,9 @@
 """Loss functions. Each is pure and returns a dict of named terms (every term gets logged).
 
-Distributed exactness: terms that compare samples across the batch (InfoNCE, variance/covariance) gather
-embeddings from every rank with autograd (:func:`regtok.distributed.gather_with_grad`), so that DDP's
-gradient averaging reproduces the single-process full-batch gradient; per-sample terms are local means.
+Distributed exactness: terms that compare samples across the batch (InfoNCE, variance/covariance, uniformity)
+gather embeddings from the ``world_size`` ranks with autograd (:func:`regtok.distributed.gather_with_grad`), so
+that DDP's gradient averaging reproduces the single-process full-batch gradient; per-sample terms are local
+means. ``rank`` and ``world_size`` are arguments (as open_clip's ``ClipLoss``), never read from global state.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ def _fp32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor) -> dict[str, Tensor]:
+def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor, rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
     """Symmetric InfoNCE between paired, L2-normalised embeddings a, b: (B, E) each; logit_scale: () > 0.
 
     Local rows are scored against the columns of every rank (gathered with autograd); labels are offset
-    by this rank's position in the gathered batch. Returns "contrastive" (mean of both directions),
+    by ``rank``'s position in the gathered batch. Returns "contrastive" (mean of both directions),
     "contrastive/a_to_b", "contrastive/b_to_a".
     """
     a, b = _fp32(a), _fp32(b)
-    b_all = gather_with_grad(b)  # (N, E), N = world * B
-    a_all = gather_with_grad(a)  # (N, E)
-    labels = torch.arange(a.shape[0], device=a.device) + local_offset(a.shape[0])  # (B,)
+    b_all = gather_with_grad(b, world_size)  # (N, E), N = world * B
+    a_all = gather_with_grad(a, world_size)  # (N, E)
+    labels = torch.arange(a.shape[0], device=a.device) + local_offset(a.shape[0], rank)  # (B,)
     logits_ab = logit_scale * a @ b_all.T  # (B, N)
     logits_ba = logit_scale * b @ a_all.T  # (B, N)
     a_to_b = F.cross_entropy(logits_ab, labels)
@@ -41,13 +42,15 @@ def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor) -> dict[str, Tensor]:
     return {"contrastive": (a_to_b + b_to_a) / 2, "contrastive/a_to_b": a_to_b, "contrastive/b_to_a": b_to_a}
 
 
-def mrl_info_nce(prefixes: dict[int, tuple[Tensor, Tensor]], logit_scale: Tensor) -> dict[str, Tensor]:
+def mrl_info_nce(prefixes: dict[int, tuple[Tensor, Tensor]], logit_scale: Tensor, rank: int = 0,
+                 world_size: int = 1) -> dict[str, Tensor]:
     """Matryoshka-style InfoNCE: the mean over prefix lengths k of ``info_nce(a_k, b_k)``.
 
     prefixes: {k: (a_k, b_k)} with a_k, b_k (B, E) the shared embeddings from the first k shared registers.
     Returns "contrastive" (the mean) and "contrastive/k<k>" for each k.
     """
-    terms = {f"contrastive/k{k}": info_nce(a, b, logit_scale)["contrastive"] for k, (a, b) in prefixes.items()}
+    terms = {f"contrastive/k{k}": info_nce(a, b, logit_scale, rank, world_size)["contrastive"]
+             for k, (a, b) in prefixes.items()}
     terms["contrastive"] = torch.stack(list(terms.values())).mean()
     return terms
 
@@ -58,14 +61,14 @@ def preservation_loss(recon: Tensor, target: Tensor) -> Tensor:
     return (1.0 - F.cosine_similarity(recon, target.to(recon.dtype), dim=-1)).mean()
 
 
-def variance_covariance(z: Tensor, eps: float = 1e-4) -> dict[str, Tensor]:
-    """VICReg-style anti-collapse terms on L2-normalised embeddings z: (B, E), gathered over ranks.
+def variance_covariance(z: Tensor, eps: float = 1e-4, world_size: int = 1) -> dict[str, Tensor]:
+    """VICReg-style anti-collapse terms on L2-normalised embeddings z: (B, E), gathered over ``world_size`` ranks.
 
     z is rescaled by √E so an isotropic spread on the sphere has unit variance per dimension.
     "variance": mean over dims of relu(1 − std); "covariance": squared off-diagonal covariance / E.
     Both are 0 for whitened embeddings and grow as the embeddings collapse to a point or a subspace.
     """
-    z = gather_with_grad(_fp32(z)) * math.sqrt(z.shape[1])  # (N, E)
+    z = gather_with_grad(_fp32(z), world_size) * math.sqrt(z.shape[1])  # (N, E)
     n, e = z.shape
     zc = z - z.mean(dim=0, keepdim=True)  # (N, E)
     std = torch.sqrt(zc.pow(2).sum(dim=0) / (n - 1) + eps)  # (E,)
@@ -74,13 +77,14 @@ def variance_covariance(z: Tensor, eps: float = 1e-4) -> dict[str, Tensor]:
     return {"variance": F.relu(1.0 - std).mean(), "covariance": off.pow(2).sum() / e}
 
 
-def uniformity(z: Tensor, t: float = 2.0) -> Tensor:
-    """Wang & Isola's uniformity of L2-normalised z (B, E), gathered over ranks: log mean_{i≠j} exp(−t‖z_i − z_j‖²).
+def uniformity(z: Tensor, t: float = 2.0, world_size: int = 1) -> Tensor:
+    """Wang & Isola's uniformity of L2-normalised z (B, E), gathered over ``world_size`` ranks:
+    log mean_{i≠j} exp(−t‖z_i − z_j‖²).
 
     Lowest when the embeddings spread over the sphere, 0 when they collapse to a point; unlike a per-dimension
     variance hinge it does not ask weak directions to be as spread as strong ones.
     """
-    z_all = gather_with_grad(_fp32(z))  # (N, E)
+    z_all = gather_with_grad(_fp32(z), world_size)  # (N, E)
     n = z_all.shape[0]
     sq = (2 - 2 * z_all @ z_all.T).clamp_min(0)  # (N, N) squared distances of unit vectors
     off = ~torch.eye(n, dtype=torch.bool, device=z.device)
@@ -120,10 +124,10 @@ def total_loss(terms: dict[str, Tensor], cfg: ModelConfig) -> Tensor:
     (flow + anti-collapse). Every type adds preservation_weight × preservation.
     """
     loss = cfg.preservation_weight * terms["preservation"]
-    if cfg.loss_type in ("contrastive", "combined"):
+    if cfg.uses_contrastive:
         loss = loss + terms["contrastive"]
-    if cfg.loss_type in ("flow_matching", "combined"):
+    if cfg.uses_flow:
         flow = terms["flow"] + cfg.flow_var_weight * terms["variance"] + cfg.flow_cov_weight * terms["covariance"]
         flow = flow + cfg.flow_uniformity_weight * terms["uniformity"]
-        loss = loss + (cfg.flow_weight if cfg.loss_type == "combined" else 1.0) * flow
+        loss = loss + cfg.flow_scale * flow
     return loss

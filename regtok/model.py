@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regtok.blocks import Block, CrossBlock, prefix_causal_mask
+from regtok.blocks import Block, PreservationDecoder, prefix_causal_mask
 from regtok.config import ModelConfig, from_dict, to_dict
 from regtok.errors import RegtokError
 from regtok.flow import VelocityNet, direction_index, euler_sample, logit_normal
@@ -78,32 +78,6 @@ def gaussian_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 def mrl_prefixes(n_shared: int) -> list[int]:
     """The shared-prefix lengths the MRL contrastive mode sums over: powers of two up to n_shared, and n_shared."""
     return allowed_keeps(n_shared, "power_of_two")
-
-
-class PreservationDecoder(nn.Module):
-    """T learned query tokens cross-attend to the (masked) register set and reconstruct the input: (B, T, D_in)."""
-
-    def __init__(self, cfg: ModelConfig, n_tokens: int, d_in: int) -> None:
-        super().__init__()
-        d = cfg.hidden_dim
-        self.queries = nn.Parameter(torch.empty(n_tokens, d))
-        nn.init.trunc_normal_(self.queries, std=0.02)
-        self.summary = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
-        self.blocks = nn.ModuleList(
-            CrossBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.decoder_layers)
-        )
-        self.norm = nn.LayerNorm(d)
-        self.out = nn.Linear(d, d_in)
-
-    def forward(self, registers: Tensor) -> Tensor:
-        """registers: (B, R, d) → (B, T, D_in)."""
-        # The queries start from a summary of the whole (masked) register set, so every kept register reaches
-        # the reconstruction additively, not only the few a softmax read picks out.
-        summary = self.summary(registers.mean(dim=1))  # (B, d)
-        q = self.queries.unsqueeze(0) + summary.unsqueeze(1)  # (B, T, d)
-        for block in self.blocks:
-            q = block(q, registers)  # (B, T, d)
-        return self.out(self.norm(q))  # (B, T, D_in)
 
 
 class RegisterModule(nn.Module):
@@ -284,12 +258,14 @@ class RegTok(nn.Module):
         self.inputs = {m: (int(t), int(d)) for m, (t, d) in inputs.items()}
         self.modalities: tuple[str, str] = tuple(inputs)  # type: ignore[assignment]
         self.encoders = nn.ModuleDict({m: RegisterModule(cfg, t, d) for m, (t, d) in self.inputs.items()})
-        self.uses_contrastive = cfg.loss_type in ("contrastive", "combined")
-        self.has_flow = cfg.loss_type in ("flow_matching", "combined")
         # Only the parameters the loss type uses exist, so every parameter gets a gradient (DDP requires it).
-        if self.uses_contrastive:
-            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
-        self.flow = VelocityNet(cfg.embed_dim, cfg.flow_hidden_dim, cfg.flow_layers) if self.has_flow else None
+        if cfg.uses_contrastive:
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))  # 0-d: no decay
+        self.flow = VelocityNet(cfg.embed_dim, cfg.flow_hidden_dim, cfg.flow_layers) if cfg.uses_flow else None
+
+    @property
+    def has_flow(self) -> bool:
+        return self.cfg.uses_flow
 
     @torch.no_grad()
     def set_feature_stats(self, stats: dict[str, tuple[Tensor, Tensor]]) -> None:
@@ -335,8 +311,13 @@ class RegTok(nn.Module):
             keep = sample_keep(a.shape[0], self.cfg.n_registers, self.cfg.nested_dropout_mode, generator, a.device)
         return {m: self.encoders[m](batch[m], keep=keep) for m in self.modalities}
 
-    def losses(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Every loss term (detached diagnostics included) and "loss", the total to backpropagate."""
+    def losses(self, batch: dict[str, Tensor], generator: torch.Generator | None = None, rank: int = 0,
+               world_size: int = 1) -> dict[str, Tensor]:
+        """Every loss term (detached diagnostics included) and "loss", the total to backpropagate.
+
+        ``batch`` is this rank's part of a global batch split over ``world_size`` ranks: the terms that compare
+        samples gather the other ranks' embeddings, so the gradient DDP averages is the full batch's.
+        """
         cfg = self.cfg
         a = batch[self.modalities[0]]
         # All randomness first (one eager call each under torch.compile), then one traceable computation.
@@ -344,7 +325,7 @@ class RegTok(nn.Module):
         if self.training:
             keep = sample_keep(a.shape[0], cfg.n_registers, cfg.nested_dropout_mode, generator, a.device)
         dtype = self.encoders[self.modalities[0]].in_proj.weight.dtype
-        t = logit_normal(2 * a.shape[0], generator, a.device, dtype) if self.has_flow else None  # (2B,)
+        t = logit_normal(2 * a.shape[0], generator, a.device, dtype) if cfg.uses_flow else None  # (2B,)
         inputs = batch
         if self.training and cfg.feature_noise > 0:  # augmentation in feature space; the targets stay clean
             inputs = {m: x + cfg.feature_noise * self.encoders[m].feature_std.to(x.dtype) * gaussian_like(x, generator)
@@ -355,19 +336,21 @@ class RegTok(nn.Module):
         for m in self.modalities:
             terms[f"preservation/{m}"] = preservation_loss(outs[m].recon, self.encoders[m].as_tokens(batch[m]))
         terms["preservation"] = torch.stack([terms[f"preservation/{m}"] for m in self.modalities]).mean()
-        if self.uses_contrastive:
-            terms.update(self._contrastive_terms(oa, ob))
-        if self.has_flow:
+        if cfg.uses_contrastive:
+            terms.update(self._contrastive_terms(oa, ob, rank, world_size))
+        if cfg.uses_flow:
             sa, sb = (oa.shared, ob.shared) if cfg.flow_encoder_grad else (oa.shared.detach(), ob.shared.detach())
             terms.update(flow_matching_loss(self.flow, sa, sb, generator, cfg.flow_stop_grad, t=t))
-            vc = [variance_covariance(o.shared) for o in (oa, ob)]
+            vc = [variance_covariance(o.shared, world_size=world_size) for o in (oa, ob)]
             terms["variance"] = (vc[0]["variance"] + vc[1]["variance"]) / 2
             terms["covariance"] = (vc[0]["covariance"] + vc[1]["covariance"]) / 2
-            terms["uniformity"] = (uniformity(oa.shared) + uniformity(ob.shared)) / 2
+            terms["uniformity"] = (uniformity(oa.shared, world_size=world_size)
+                                   + uniformity(ob.shared, world_size=world_size)) / 2
         terms["loss"] = total_loss(terms, cfg)
         return terms
 
-    def _contrastive_terms(self, oa: RegisterOutput, ob: RegisterOutput) -> dict[str, Tensor]:
+    def _contrastive_terms(self, oa: RegisterOutput, ob: RegisterOutput, rank: int,
+                           world_size: int) -> dict[str, Tensor]:
         """InfoNCE on the shared embeddings, or (mrl) its mean over every power-of-two shared prefix."""
         scale = self.logit_scale()
         if self.cfg.mrl:
@@ -377,9 +360,9 @@ class RegTok(nn.Module):
                     eb.embed_shared(ob.registers, ob.keep.clamp(max=k)))
                 for k in mrl_prefixes(self.cfg.n_shared)
             }
-            terms = mrl_info_nce(prefixes, scale)
+            terms = mrl_info_nce(prefixes, scale, rank, world_size)
         else:
-            terms = info_nce(oa.shared, ob.shared, scale)
+            terms = info_nce(oa.shared, ob.shared, scale, rank, world_size)
         return {**terms, "logit_scale": scale.detach()}
 
     @torch.no_grad()

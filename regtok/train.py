@@ -11,7 +11,6 @@ bit-identical to an uninterrupted one. Files are the caller's business (``callba
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,6 @@ from torch import Tensor, nn
 
 from regtok.config import TrainConfig
 from regtok.data import Batches, derive_seed
-from regtok.distributed import resolve_device
 from regtok.retrieval import paired_ranks
 
 
@@ -73,11 +71,11 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (fused where available); no weight decay on 1-d (and 0-d) parameters or the logit scale."""
-    decay, plain = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (plain if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    """AdamW (fused where available); weight decay on matrices only, by tensor rank alone as nanoGPT: no decay on
+    biases, norms, tokens (1-d) or the logit scale (0-d)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    plain = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
     kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
     try:
@@ -87,14 +85,31 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 class LossModule(nn.Module):
-    """``model.losses`` as a forward, so DDP and ``torch.compile`` see the whole loss computation."""
+    """``model.losses`` on this rank's part of the batch as a forward, so DDP and ``torch.compile`` see the whole
+    loss computation."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, rank: int = 0, world_size: int = 1):
         super().__init__()
-        self.model = model
+        self.model, self.rank, self.world_size = model, rank, world_size
 
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        return self.model.losses(batch, generator=generator)
+        return self.model.losses(batch, generator=generator, rank=self.rank, world_size=self.world_size)
+
+
+def wrap(model: nn.Module, data: Batches, cfg: TrainConfig) -> nn.Module:
+    """The module a step calls: the model's losses, under DDP for more than one rank, compiled on request.
+
+    Every parameter is in the graph of the loss for every config (the model builds only what its loss type uses;
+    a zero weight or a detached path leaves the parameter's other paths in the graph; tests/test_model.py checks
+    it), so DDP is not asked to search for unused parameters, a graph traversal per step. Were one ever unused,
+    DDP would stop at the next step and say so.
+    """
+    device = data.device
+    net: nn.Module = LossModule(model, data.rank, data.world_size)
+    if data.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    return torch.compile(net) if cfg.compile else net
 
 
 def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callbacks | None = None,
@@ -102,12 +117,7 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
     """Train ``model`` (already on ``data.device``) for ``cfg.epochs`` epochs of ``data``; see the module doc."""
     cb = callbacks or Callbacks()
     device, world = data.device, data.world_size
-    net: nn.Module = LossModule(model)
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=True)
-    if cfg.compile:
-        net = torch.compile(net)
+    net = wrap(model, data, cfg)
     opt = make_optimizer(model, cfg)
     spe = data.steps_per_epoch
     total = cfg.epochs * spe
@@ -222,7 +232,7 @@ def validate(model: nn.Module, val: Batches) -> dict[str, float]:
             moved_b = model.transport(b, "b_to_a", VAL_FLOW_STEPS)
             out["val_r1_flow_a_to_b"] = float((paired_ranks(moved_a.float(), b) == 1).double().mean())
             out["val_r1_flow_b_to_a"] = float((paired_ranks(moved_b.float(), a) == 1).double().mean())
-    chosen = "flow" if model.cfg.loss_type == "flow_matching" else "full"
+    chosen = "flow" if model.cfg.scored_by_transport else "full"
     out["val_select"] = (out[f"val_r1_{chosen}_a_to_b"] + out[f"val_r1_{chosen}_b_to_a"]) / 2
     model.train(was_training)
     return out
@@ -241,17 +251,3 @@ def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
         torch.set_rng_state(state["cpu"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); joins the torchrun process group when ``WORLD_SIZE`` > 1 (NCCL or gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_name)
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device

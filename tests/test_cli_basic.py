@@ -37,12 +37,16 @@ def test_unknown_command_is_a_usage_error():
 
 def test_the_install_adds_only_regtok_to_site_packages(tmp_path):
     """cli/ and pipeline/ install as regtok.cli and regtok.pipeline: no generic top-level `cli` or `pipeline`."""
+    import shutil as sh
     import zipfile
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
+    repo, src = Path(__file__).resolve().parent.parent, tmp_path / "src"
+    keep = ("cli", "pipeline", "regtok")  # a copy, so the build leaves no build/ or egg-info in the checkout
+    sh.copytree(repo, src, ignore=lambda d, names: [n for n in names if Path(d) == repo and n not in keep
+                                                   and n not in ("pyproject.toml", "README.md")])
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path), str(repo)], check=True, capture_output=True, timeout=300)
+                    str(tmp_path), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("regtok-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"regtok", wheel.name.split("-py")[0] + ".dist-info"}

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from regtok.config import PRESETS, ModelConfig, resolve
-from regtok.distributed import gather_with_grad, is_distributed, local_offset, rank, world_size
+from regtok.distributed import gather_with_grad, local_offset
 from regtok.losses import variance_covariance
 from regtok.model import RegTok
 
@@ -33,11 +33,11 @@ def _batch() -> dict[str, torch.Tensor]:
             "tactile": torch.randn(BATCH, 3, 10, generator=g, dtype=torch.float64)}
 
 
-def _loss(model: RegTok, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _loss(model: RegTok, batch: dict[str, torch.Tensor], rank: int = 0, world: int = 1) -> torch.Tensor:
     """Contrastive (gathered with autograd) + preservation (local mean) + a gathered batch statistic."""
-    terms = model.losses(batch)
+    terms = model.losses(batch, rank=rank, world_size=world)
     outs = model(batch)
-    return terms["loss"] + variance_covariance(outs["vision"].shared)["covariance"]
+    return terms["loss"] + variance_covariance(outs["vision"].shared, world_size=world)["covariance"]
 
 
 def _grads(model: RegTok) -> dict[str, torch.Tensor]:
@@ -48,17 +48,17 @@ def _worker(r: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=WORLD)
     try:
-        assert is_distributed() and world_size() == WORLD and rank() == r
+        assert dist.is_initialized() and dist.get_world_size() == WORLD and dist.get_rank() == r
         local = BATCH // WORLD
-        assert local_offset(local) == r * local
+        assert local_offset(local, r) == r * local
         x = (torch.arange(3.0) + 10 * r).requires_grad_()
-        gathered = gather_with_grad(x)  # (W*3,)
+        gathered = gather_with_grad(x, WORLD)  # (W*3,)
         (gathered * torch.arange(6.0)).sum().backward()  # rank r's rows get the sum of both ranks' gradients
         assert torch.equal(x.grad, WORLD * torch.arange(3.0) + 3 * r * WORLD)
         model = _model()
         rows = slice(r * local, (r + 1) * local)
         batch = {m: v[rows] for m, v in _batch().items()}
-        _loss(model, batch).backward()
+        _loss(model, batch, r, WORLD).backward()
         for p in model.parameters():  # what DDP does: average the gradients over ranks
             dist.all_reduce(p.grad)
             p.grad /= WORLD
@@ -78,7 +78,7 @@ def test_two_gloo_ranks_average_to_the_full_batch_gradient(tmp_path: Path):
     ddp = torch.load(out, weights_only=True)
 
     model = _model()
-    assert not is_distributed()
+    assert not dist.is_initialized()
     _loss(model, _batch()).backward()
     full = _grads(model)
     assert set(ddp) == set(full)

@@ -167,6 +167,22 @@ def test_every_parameter_gets_a_finite_gradient(loss_type, mrl):
     assert model.has_flow == (loss_type != "contrastive")
 
 
+@pytest.mark.parametrize("kw", [
+    {"preservation_weight": 0.0, "nested_dropout_mode": "none"},
+    {"read_dim": 0, "register_dim": 4, "decoder_layers": 0, "n_shared": 8},
+    {"loss_type": "flow_matching", "flow_encoder_grad": False, "flow_uniformity_weight": 0.0,
+     "preservation_weight": 0.0},
+    {"loss_type": "combined", "mrl": True, "flow_encoder_grad": False, "preservation_through_shared": True},
+])
+def test_every_parameter_is_in_the_graph_of_the_loss(kw):
+    """What DDP without ``find_unused_parameters`` needs: a zero weight, a detached path or no nested dropout
+    still leaves every parameter a gradient (zero, possibly)."""
+    torch.manual_seed(0)
+    model = RegTok(tiny(**kw), INPUTS).double().train()
+    model.losses(batch(b=16), generator=torch.Generator().manual_seed(0))["loss"].backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+
+
 def test_private_registers_get_no_gradient_from_contrastive_alone():
     torch.manual_seed(0)
     model = RegTok(tiny(preservation_weight=0.0), INPUTS).double().train()

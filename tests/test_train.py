@@ -85,7 +85,7 @@ def test_streaming_and_rank_shards_give_the_in_memory_batches():
     store, cpu = ArrayStore(), torch.device("cpu")
     rows = np.arange(3, 47)
     mem = make_batches(store, "pooled", rows, 8, seed=1, device=cpu)
-    stream = make_batches(store, "pooled", rows, 8, seed=1, device=cpu, max_memory_fraction=0.0)
+    stream = make_batches(store, "pooled", rows, 8, seed=1, device=cpu, memory_budget=0)
     assert not mem.streaming and stream.streaming and mem.steps_per_epoch == 5
     ranks = [make_batches(store, "pooled", rows, 8, seed=1, device=cpu, rank=r, world_size=2) for r in (0, 1)]
     for a, b, r0, r1 in zip(mem.epoch(2), stream.epoch(2), ranks[0].epoch(2), ranks[1].epoch(2), strict=True):
