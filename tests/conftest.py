@@ -129,3 +129,14 @@ def arrays(store_dir: Path) -> dict[str, np.ndarray]:
         out = {}
         f.visititems(lambda name, obj: out.__setitem__(name, obj[:]) if isinstance(obj, h5py.Dataset) else None)
     return out
+
+
+def one_line_error(result) -> str:
+    """The exit-2 contract of a click ``Result``: no traceback, and the last line on stderr is the only one that
+    starts with 'error:' (progress may come before it)."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and "Traceback" not in result.stderr, result.stderr
+    return errors[0]

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from conftest import one_line_error
 from PIL import Image
 
 from regtok.cli import main
@@ -39,16 +40,6 @@ TRAIN = ["--preset", "tiny", "--epochs", "2", "--batch-size", "8", "--val-fracti
 
 def regtok(*args: str | Path) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(result: Result) -> str:
-    """Exit 2, no traceback, and the last line on stderr is the only one that starts with 'error:'."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert errors == lines[-1:] and "Traceback" not in result.stderr, result.stderr
-    return errors[0]
 
 
 def extract_cli(shards: str | Path, out: Path, *extra: str) -> Result:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from conftest import one_line_error
 
 from regtok.cli import main
 
@@ -28,17 +29,6 @@ def manifest_of(stage: Path) -> Path:
 
 def regtok(*args: str | Path) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(result: Result) -> str:
-    """The exit-2 contract: no traceback, one line starting with 'error:' (the last on stderr; progress may come
-    before it)."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert errors == lines[-1:] and "Traceback" not in result.stderr, result.stderr
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
