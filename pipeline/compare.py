@@ -66,6 +66,7 @@ def load_entries(paths: list[str | os.PathLike]) -> list[Entry]:
 
 def _run_entry(run_dir: Path, m: dict[str, Any]) -> Entry:
     from regtok.pipeline.runs import read_metrics
+    from regtok.train import full_r1
 
     metrics = m.get("metrics") or {}
     values = {label: metrics.get(key) for key, label in RUN_METRICS}
@@ -73,9 +74,9 @@ def _run_entry(run_dir: Path, m: dict[str, Any]) -> Entry:
         values["stopped after epoch"] = m["stopped"].get("epoch", 0) + 1
     curve = []
     for r in read_metrics(run_dir):
-        full = [v for k, v in r.items() if k.startswith("val_r1_full_")]
-        if r.get("type") in ("start", "epoch") and full:
-            curve.append((int(r["epoch"]) + 1, sum(full) / len(full)))  # "start" (epoch -1) is epoch 0
+        r1 = full_r1(r)
+        if r.get("type") in ("start", "epoch") and r1 is not None:
+            curve.append((int(r["epoch"]) + 1, r1))  # "start" (epoch -1) is epoch 0
     return Entry(str(run_dir), "run", values, _flatten(m.get("config") or {}), curve)
 
 

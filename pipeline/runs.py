@@ -40,7 +40,7 @@ from regtok.pipeline.manifest import (
     write_json_atomic,
     write_manifest,
 )
-from regtok.train import Callbacks, ResumeState
+from regtok.train import Callbacks, ResumeState, full_r1
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST = "best.safetensors"  # the weights of the best validation score (keep_best); what eval and the API load
@@ -312,9 +312,9 @@ class TensorBoardLog:
                 continue
             group = "val" if key.startswith("val_") else ("train" if kind == "step" else "epoch")
             self.writer.add_scalar(f"{group}/{key}", value, step)
-        full = [v for k, v in record.items() if k.startswith("val_r1_full_")]
-        if full:
-            self.writer.add_scalar("val/R@1", sum(full) / len(full), step)
+        r1 = full_r1(record)
+        if r1 is not None:
+            self.writer.add_scalar("val/R@1", r1, step)
 
     def close(self) -> None:
         self.writer.close()

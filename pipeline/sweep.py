@@ -62,14 +62,14 @@ class SweepConfig:
 
 def metric_value(record: dict[str, Any], metric: str) -> float:
     """``metric`` of an epoch record (or a run's final metrics)."""
+    from regtok.train import full_r1
+
     if metric == "val/select":
         return float(record["val_select"])
-    if metric == "val/R@1":
-        full = [v for k, v in record.items() if k.startswith("val_r1_full_")]
-        return sum(full) / len(full)
-    if metric not in record:
+    value = full_r1(record) if metric == "val/R@1" else record.get(metric)
+    if value is None:
         raise RegtokError(f"metric {metric!r} is not in the run's validation record (flow metrics need flow runs)")
-    return float(record[metric])
+    return float(value)
 
 
 def default_storage(sweep_dir: Path) -> str:

@@ -41,7 +41,7 @@ from regtok.pipeline.runs import (
     write_config,
     write_run_manifest,
 )
-from regtok.train import ResumeState, TrainResult, train
+from regtok.train import ResumeState, TrainResult, full_r1, train
 
 
 class StoreCache:
@@ -202,9 +202,9 @@ def finish_run(out: Path, cfg: TrainConfig, split: Split, result: TrainResult, c
     if not result.metrics:  # resumed a finished run
         epochs = [r for r in read_metrics(out) if r.get("type") == "epoch"]
         result.metrics = {k: v for k, v in (epochs[-1] if epochs else {}).items() if k not in ("type", "epoch")}
-    full = [v for k, v in result.metrics.items() if k.startswith("val_r1_full_")]
-    if full:  # one headline number for summaries: full-prefix R@1, mean of both directions
-        result.metrics["val/R@1"] = sum(full) / len(full)
+    r1 = full_r1(result.metrics)
+    if r1 is not None:  # one headline number for summaries
+        result.metrics["val/R@1"] = r1
     best = best_record(out)
     if best is not None:  # the weights eval and the API use
         result.metrics.update({"best/val_select": best["val_select"], "best/epoch": best["epoch"],
@@ -246,8 +246,8 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     """One complete progress line for an epoch's metrics record: every loss term, then validation R@1."""
     skip = ("type", "step", "epoch", "seconds", "samples_per_s")
     terms = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in skip and not k.startswith("val"))
-    full = [v for k, v in record.items() if k.startswith("val_r1_full_")]
-    val = f" val R@1 {sum(full) / len(full):.4f}" if full else ""
+    r1 = full_r1(record)
+    val = f" val R@1 {r1:.4f}" if r1 is not None else ""
     return (f"epoch {record['epoch'] + 1}/{epochs} step {record['step']}: {terms}{val} "
             f"({record.get('seconds', 0):.1f} s, {record.get('samples_per_s', 0):.0f} samples/s)")
 

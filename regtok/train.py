@@ -205,6 +205,12 @@ def _read_terms(terms: dict[str, Tensor], grad_norm: Tensor, world: int) -> dict
     return dict(zip(names, values.tolist(), strict=True))
 
 
+def full_r1(record: dict[str, Any]) -> float | None:
+    """The headline validation number of a record: full-prefix R@1, mean of both directions (None: no validation)."""
+    full = [v for k, v in record.items() if k.startswith("val_r1_full_")]
+    return sum(full) / len(full) if full else None
+
+
 VAL_FLOW_STEPS = 4  # Euler steps of the validation transport (flow runs)
 
 
