@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from regtok.config import flatten
 from regtok.errors import RegtokError
 from regtok.pipeline.sweep_report import fmt as _fmt
 
@@ -26,16 +27,6 @@ class Entry:
     values: dict[str, Any]  # row label → value
     config: dict[str, Any] = field(default_factory=dict)  # flattened (dotted keys)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, validation R@1), runs only
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def load_entries(paths: list[str | os.PathLike]) -> list[Entry]:
@@ -77,7 +68,7 @@ def _run_entry(run_dir: Path, m: dict[str, Any]) -> Entry:
         r1 = full_r1(r)
         if r.get("type") in ("start", "epoch") and r1 is not None:
             curve.append((int(r["epoch"]) + 1, r1))  # "start" (epoch -1) is epoch 0
-    return Entry(str(run_dir), "run", values, _flatten(m.get("config") or {}), curve)
+    return Entry(str(run_dir), "run", values, flatten(m.get("config") or {}), curve)
 
 
 def _report_entry(report_dir: Path) -> Entry:

@@ -14,17 +14,15 @@ def parse_overrides(items: typing.Iterable[str]) -> dict[str, Any]:
     """``["model.n_layers=2", "lr=1e-3"]`` → nested dict; values parsed as YAML scalars."""
     import yaml
 
-    out: dict[str, Any] = {}
+    from regtok.config import nested
+
+    flat: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise RegtokError(f"override {item!r} is not of the form key=value")
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else raw
-    return out
+        flat[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+    return nested(flat)
 
 
 def load_yaml(path: str) -> dict[str, Any]:

@@ -157,20 +157,13 @@ def _dotted(cfg: dict[str, Any], key: str) -> Any:
     return cfg if cfg != {} else None
 
 
-def _flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in cfg.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def closest_preset(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The named preset a resolved config differs least from, and those differences (dotted keys)."""
-    from regtok.config import PRESETS, TrainConfig, resolve, to_dict
+    from regtok.config import PRESETS, TrainConfig, flatten, resolve, to_dict
 
-    flat, best = _flat(cfg), None
+    flat, best = flatten(cfg), None
     for name in PRESETS:
-        base = _flat(to_dict(resolve(TrainConfig, name)))
+        base = flatten(to_dict(resolve(TrainConfig, name)))
         diff = {k: v for k, v in flat.items() if base.get(k) != v}
         if best is None or len(diff) < len(best[1]):
             best = (name, diff)

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from regtok.config import TrainConfig, from_dict, merge, to_dict
+from regtok.config import TrainConfig, flatten, from_dict, merge, nested, to_dict
 from regtok.errors import RegtokError
 
 
@@ -139,18 +139,6 @@ def parse_grid(items: typing.Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def nested(params: dict[str, Any]) -> dict[str, Any]:
-    """{"model.n_shared": 4, "lr": 1e-3} → {"model": {"n_shared": 4}, "lr": 1e-3}."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
 def check_space(space: dict[str, Param], base: TrainConfig, sampler: str, where: str) -> None:
     """Each choice (and each range end) must resolve against ``base`` on its own; a grid needs choices only."""
     for name, param in space.items():
@@ -187,15 +175,10 @@ def diff_from_defaults(cfg: TrainConfig) -> dict[str, Any]:
     return diff(to_dict(cfg), to_dict(TrainConfig()))
 
 
-def as_overrides(diff: dict[str, Any], prefix: str = "") -> list[str]:
+def as_overrides(diff: dict[str, Any]) -> list[str]:
     """A nested diff as ``key=value`` command-line overrides."""
-    out = []
-    for key, value in diff.items():
-        if isinstance(value, dict):
-            out += as_overrides(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={'true' if value is True else 'false' if value is False else value}")
-    return out
+    return [f"{key}={'true' if value is True else 'false' if value is False else value}"
+            for key, value in flatten(diff).items()]
 
 
 def trial_config(base: TrainConfig | dict[str, Any], params: dict[str, Any]) -> TrainConfig:

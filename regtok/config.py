@@ -243,6 +243,26 @@ def _did_you_mean(cls: type, key: str, where: str) -> str:
     return f" (did you mean {where}{close[0]}?)" if close else ""
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"n_shared": 4}, "lr": 1e-3} → {"model.n_shared": 4, "lr": 1e-3}: a nested config's dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"model.n_shared": 4, "lr": 1e-3} → {"model": {"n_shared": 4}, "lr": 1e-3}: the inverse of :func:`flatten`."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
 def merge(cfg: T, diff: dict[str, Any] | None) -> T:
     """Apply a nested dict of changes to a config (unknown keys are an error)."""
     base = to_dict(cfg)
