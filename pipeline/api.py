@@ -131,24 +131,12 @@ class Embedder:
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Embedder:
         """Rebuild the encoders the run's training store names (spec and weights hash from the lineage)."""
         from regtok.pipeline.encoders import load_encoder
-        from regtok.pipeline.eval import _train_features_manifest
 
         run = load_run(run_dir, device)
-        features = _train_features_manifest(run.path / "manifest.json")
-        if features is None:
-            raise RegtokError(f"{run.path}: the run manifest does not lead to its training store's manifest, "
-                              "which names the encoders")
         encoders = {}
-        for m in run.modalities:
-            rec = (features.get("encoders") or {}).get(m) or {}
-            if not rec.get("spec"):
-                raise RegtokError(f"the training store of {run.path} records no encoder for {m!r}")
-            enc = load_encoder(rec["spec"], run.device)
-            recorded = rec.get("weights_sha256")
-            if recorded and enc.weights_sha256 and recorded != enc.weights_sha256:
-                raise RegtokError(f"the {m} encoder {rec['spec']} has weights {enc.weights_sha256[:12]}…, the run's "
-                                  f"store was extracted with {recorded[:12]}…")
-            encoders[m] = enc
+        for m, rec in training_encoders(run).items():
+            encoders[m] = load_encoder(rec["spec"], run.device)
+            check_weights(m, rec, encoders[m].weights_sha256)
         return cls(run, encoders)
 
     def features(self, images: Iterable[Any], modality: str, batch_size: int = 64) -> np.ndarray:
@@ -184,6 +172,29 @@ class Embedder:
         if modality not in self.encoders:
             raise RegtokError(f"the run has modalities {', '.join(self.encoders)}, not {modality!r}")
         return self.encoders[modality]
+
+
+def training_encoders(run: Run) -> dict[str, dict]:
+    """``{modality: encoder record}`` of the store the run trained on (its spec and weights hash), in pair order."""
+    from regtok.pipeline.eval import _train_features_manifest
+
+    features = _train_features_manifest(run.path / "manifest.json")
+    if features is None:
+        raise RegtokError(f"{run.path}: the run manifest does not lead to its training store's manifest, which "
+                          "names the encoders")
+    records = {m: (features.get("encoders") or {}).get(m) or {} for m in run.modalities}
+    missing = [m for m, rec in records.items() if not rec.get("spec")]
+    if missing:
+        raise RegtokError(f"the training store of {run.path} records no encoder for {missing[0]!r}")
+    return records
+
+
+def check_weights(modality: str, record: dict, weights_sha256: str | None) -> None:
+    """The encoder loaded now must have the weights the run's store was extracted with."""
+    recorded = record.get("weights_sha256")
+    if recorded and weights_sha256 and recorded != weights_sha256:
+        raise RegtokError(f"the {modality} encoder {record['spec']} has weights {weights_sha256[:12]}…, the run's "
+                          f"store was extracted with {recorded[:12]}…")
 
 
 def _as_list(images: Any) -> Sequence[Any]:
@@ -225,16 +236,12 @@ def embed_shards(run_dir: str | os.PathLike, shards: str, out: str | os.PathLike
 
     from regtok.model import allowed_keeps
     from regtok.pipeline.embeddings import EmbeddingWriter
-    from regtok.pipeline.eval import _train_features_manifest
     from regtok.pipeline.extract import ExtractConfig, run_extract
 
     out = Path(out).absolute()
     run = load_run(run_dir, "cpu")
-    features = _train_features_manifest(run.path / "manifest.json")
-    if features is None:
-        raise RegtokError(f"{run.path}: the run manifest does not lead to its training store, which names the "
-                          "encoders")
-    encoders = tuple((m, (features.get("encoders") or {}).get(m, {}).get("spec", "")) for m in run.modalities)
+    records = training_encoders(run)
+    encoders = tuple((m, rec["spec"]) for m, rec in records.items())
     tmp = out.with_name(f".{out.name}.store.{os.getpid()}.tmp")
     spec = "::".join(str(Path(part).absolute()) for part in shards.split("::"))
     try:
@@ -242,9 +249,7 @@ def embed_shards(run_dir: str | os.PathLike, shards: str, out: str | os.PathLike
                             batch_size=batch_size, workers=workers, device=device, max_skip_fraction=1.0)
         _, manifest = run_extract(cfg, command=["regtok", "embed"], console=console, show_progress=show_progress)
         for m, rec in manifest["encoders"].items():
-            recorded = features["encoders"][m].get("weights_sha256")
-            if recorded and rec.get("weights_sha256") and recorded != rec["weights_sha256"]:
-                raise RegtokError(f"the {m} encoder's weights differ from those the run's store was extracted with")
+            check_weights(m, records[m], rec.get("weights_sha256"))
         store = open_store(tmp)
         ks = allowed_keeps(run.n_shared, "power_of_two")  # the shared prefixes eval's retrieval reports
         out.parent.mkdir(parents=True, exist_ok=True)
