@@ -90,11 +90,16 @@ def settled(study: Any) -> int:
     """Trials that are done: complete, pruned, or failed and not queued again (surplus ones excluded)."""
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
+    return _count(study.get_trials(deepcopy=False), (TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def _count(trials: list, live: tuple, below: int | None = None) -> int:
+    """Trials in a ``live`` state or failed without a retry, not surplus (and numbered below ``below``)."""
+    from optuna.trial import TrialState
+
     retried = {t.system_attrs.get("failed_trial") for t in trials}
-    done = (TrialState.COMPLETE, TrialState.PRUNED)
-    return sum(t.state in done or (t.state == TrialState.FAIL and t.number not in retried
-                                   and not t.user_attrs.get("surplus")) for t in trials)
+    return sum((below is None or t.number < below) and not t.user_attrs.get("surplus") and
+               (t.state in live or (t.state == TrialState.FAIL and t.number not in retried)) for t in trials)
 
 
 def _is_surplus(trial: Any, grid: bool, total: int) -> bool:
@@ -105,12 +110,8 @@ def _is_surplus(trial: Any, grid: bool, total: int) -> bool:
         return False  # a retry of a trial whose worker died
     if grid:
         return "fixed_params" not in attrs  # not one of the queued grid points
-    trials = trial.study.get_trials(deepcopy=False)
-    retried = {t.system_attrs.get("failed_trial") for t in trials}
-    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-    below = sum(t.number < trial.number and not t.user_attrs.get("surplus") and
-                (t.state in counted or (t.state == TrialState.FAIL and t.number not in retried)) for t in trials)
-    return below >= total
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    return _count(trial.study.get_trials(deepcopy=False), live, below=trial.number) >= total
 
 
 def run_trial(trial: Any, spec: WorkerSpec, scfg: Any, space: dict[str, Param], base: TrainConfig,
