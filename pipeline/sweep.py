@@ -331,23 +331,15 @@ def _status_column() -> Any:
 
 
 def _status(study: Any) -> tuple[int, str, list[tuple[int, str]]]:
-    """(finished count, one status line, [(number, line) per finished trial])."""
-    from optuna.trial import TrialState
+    """(finished count, one status line, [(number, line) per finished trial]), from the report's trial rows."""
+    from regtok.pipeline.sweep_report import fmt, trial_rows
 
-    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
-    count = {s: sum(t.state == s for t in trials) for s in TrialState}
-    scored = [(t.value, t.number) for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    best = f"best {max(scored)[0]:.4f} (trial {max(scored)[1]})" if scored else "best —"
-    status = (f"{count[TrialState.RUNNING]} running, {count[TrialState.PRUNED]} pruned, "
-              f"{count[TrialState.FAIL]} failed; {best}")
-    finished = []
-    for t in trials:
-        if t.state.is_finished():
-            value = t.value if t.value is not None else t.user_attrs.get("last_value")
-            shown = f"{value:.4f}" if isinstance(value, float) else "—"
-            note = f" ({t.user_attrs['error']})" if t.state == TrialState.FAIL and "error" in t.user_attrs else ""
-            finished.append((t.number, f"trial {t.number}: {t.state.name.lower()} {shown} "
-                                       f"{json.dumps(t.params)}{note}"))
-    return count[TrialState.COMPLETE] + count[TrialState.PRUNED], status, finished
-
-
+    rows = trial_rows(study)  # best complete trial first
+    count = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail", "running")}
+    best = next((f"best {r['value']:.4f} (trial {r['number']})" for r in rows
+                 if r["state"] == "complete" and r["value"] is not None), "best —")
+    status = f"{count['running']} running, {count['pruned']} pruned, {count['fail']} failed; {best}"
+    finished = [(r["number"], f"trial {r['number']}: {r['state']} {fmt(r['value'])} {json.dumps(r['params'])}"
+                 + (f" ({r['error']})" if r["state"] == "fail" and r["error"] else ""))
+                for r in sorted(rows, key=lambda r: r["number"]) if r["state"] != "running"]
+    return count["complete"] + count["pruned"], status, finished
