@@ -92,7 +92,9 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
     if not features or not out:
         raise click.UsageError("--features and --out are required (unless --print-config)")
     if tensorboard:
-        _require_tensorboard()
+        from regtok.pipeline.runs import require_tensorboard
+
+        require_tensorboard()
     console = stderr_console()
     is_main = is_main_process()
     if is_main:
@@ -115,14 +117,6 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
                 table.add_row(k, f"{v:.4g}")
         console.print(table)
         click.echo(str(manifest))
-
-
-def _require_tensorboard() -> None:
-    """One error line, before any work, when the tensorboard package is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") is None:
-        raise RegtokError("--tensorboard needs the tensorboard package: pip install -e '.[tb]'")
 
 
 @main.command(context_settings=CONTEXT)
@@ -177,7 +171,9 @@ def sweep(features: str, val_features: str | None, out: str, space_file: str | N
     base = _train_config(preset, config_file, None, overrides, val_fraction=val_fraction, epochs=epochs,
                          batch_size=batch_size, lr=lr, seed=seed, device=device, loss=loss)
     if tensorboard:
-        _require_tensorboard()
+        from regtok.pipeline.runs import require_tensorboard
+
+        require_tensorboard()
     scfg = SweepConfig(sampler=sampler, trials=trials, jobs=jobs, storage=storage, study=study_name, metric=metric,
                        prune=prune, pruner=pruner, seed=base.seed, tensorboard=tensorboard)
     console = stderr_console()

@@ -294,6 +294,17 @@ class RunWriter(Callbacks):
             self.tb.close()
 
 
+TENSORBOARD_MISSING = "--tensorboard needs the tensorboard package: pip install -e '.[tb]'"
+
+
+def require_tensorboard() -> None:
+    """One error line, before any work, when the tensorboard package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise RegtokError(TENSORBOARD_MISSING)
+
+
 class TensorBoardLog:
     """``RUN_DIR/tb/`` event files: every loss term, lr, gradient norm and samples/s per logged step (``train/``),
     the epoch means (``epoch/``) and validation R@1 (``val/``) per epoch, against the optimizer step."""
@@ -302,7 +313,7 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise RegtokError("--tensorboard needs the tensorboard package: pip install -e '.[tb]'") from None
+            raise RegtokError(TENSORBOARD_MISSING) from None
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
 
     def log(self, record: dict[str, Any]) -> None:
