@@ -65,7 +65,7 @@ class Run:
         return self._run(features, modality, k, batch_size, lambda out: out.shared)
 
     def registers(self, features: Any, modality: str, k: int | None = None, batch_size: int = 512) -> np.ndarray:
-        """Register states ``(N, R, d)`` float32; slots from ``k`` on hold the mask token (default: all kept)."""
+        """Register states ``(N, R, d)`` float32; slot i >= ``k`` holds position i's mask token (default: all kept)."""
         return self._run(features, modality, k if k is not None else self.n_registers, batch_size,
                          lambda out: out.registers)
 

@@ -103,6 +103,12 @@ def save_best(run_dir: str | os.PathLike, model: nn.Module, record: dict[str, An
     os.replace(_write_weights(run_dir, BEST, model, meta), run_dir / BEST)
 
 
+def rewrite_weights(run_dir: str | os.PathLike, name: str, model: nn.Module) -> None:
+    """Atomically replace the weights file ``name`` with ``model``'s weights, keeping its metadata (step …)."""
+    run_dir = Path(run_dir)
+    os.replace(_write_weights(run_dir, name, model, _metadata(run_dir / name)), run_dir / name)
+
+
 def checkpoint_step(run_dir: str | os.PathLike, name: str = CHECKPOINT) -> int:
     """The step recorded in ``checkpoint.safetensors`` (or ``name``)."""
     return int(_metadata(Path(run_dir) / name).get("step", 0))
@@ -146,6 +152,9 @@ def load_weights(model: nn.Module, run_dir: str | os.PathLike, name: str = CHECK
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise RegtokError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+    if any(k.endswith(("decoder.queries", "decoder.summary.1.weight")) for k in weights):
+        raise RegtokError(f"{path} was written by an older regtok, whose preservation decoder this version replaced "
+                          "(docs/learning.md); train the run again")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise RegtokError(f"{path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -37,7 +37,9 @@ from regtok.pipeline.runs import (
     load_resume,
     load_weights,
     read_metrics,
+    rewrite_weights,
     saved_train_config,
+    weights_file,
     write_config,
     write_run_manifest,
 )
@@ -139,6 +141,7 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
             raise RegtokError(f"{result.message}; stopped{where}")
         if rank != 0:
             return None, result
+        refit_kept_decoders(out, model, split, cfg, notify)
         timings = {"seconds": time.perf_counter() - t0, "load_seconds": t_train - t0,
                    "train_seconds": time.perf_counter() - t_train}
         return finish_run(out, cfg, split, result, command, features, val_features, str(device), world,
@@ -187,12 +190,34 @@ def build_model(split: Split, cfg: TrainConfig, out: Path, resume: bool,
     model = RegTok(cfg.model, {m: tuple(store.shape(kind, m)) for m in store.modalities})
     model.set_feature_stats(feature_stats(split.data.all()))  # the training split's, on every rank
     state = _resume_state(out, cfg, model) if resume else None
-    if state is None and cfg.model.read_dim:
-        chosen = model.init_reads(sample_rows(split.data, cfg.init_max_rows, cfg.seed), cfg.seed)
-        if chosen.get("read_init") == "cca":
-            notify(f"reads start on the training split's canonical directions (ridge {chosen['ridge']:g}, "
-                   f"weights ρ^{chosen['power']:g}, validation R@1 {chosen['val_r1']:.3f})")
+    if state is None:
+        if cfg.model.read_dim:
+            chosen = model.init_reads(sample_rows(split.data, cfg.init_max_rows, cfg.seed), cfg.seed)
+            if chosen.get("read_init") == "cca":
+                notify(f"reads start on the training split's canonical directions (ridge {chosen['ridge']:g}, "
+                       f"weights ρ^{chosen['power']:g}, validation R@1 {chosen['val_r1']:.3f})")
+        left = model.fit_decoders(sample_rows(split.data, DECODER_FIT_ROWS, cfg.seed))
+        notify("the decoders start as a linear readout of the start's registers (unexplained share at the full "
+               "prefix: " + ", ".join(f"{m} {v[-1]:.3f}" for m, v in left.items()) + ")")
     return model, state
+
+
+DECODER_FIT_ROWS = 4096  # training rows (a seeded subset) the decoders are fitted on in closed form
+
+
+def refit_kept_decoders(out: Path, model: nn.Module, split: Split, cfg: TrainConfig,
+                        notify: Callable[[str], None]) -> None:
+    """Fit the decoders of the weights eval will use (best.safetensors, else checkpoint.safetensors) in closed form
+    on the training rows, and write them back: whichever epoch keep_best chose, its reconstruction is converged."""
+    import copy
+
+    name = weights_file(out)
+    kept = copy.deepcopy(model)
+    load_weights(kept, out, name)
+    left = kept.fit_decoders(sample_rows(split.data, DECODER_FIT_ROWS, cfg.seed))
+    rewrite_weights(out, name, kept)
+    notify(f"decoders of {name} refitted on the training rows (unexplained share at the full prefix: "
+           + ", ".join(f"{m} {v[-1]:.3f}" for m, v in left.items()) + ")")
 
 
 def finish_run(out: Path, cfg: TrainConfig, split: Split, result: TrainResult, command: list[str] | None,

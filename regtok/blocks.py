@@ -99,26 +99,41 @@ class CrossBlock(nn.Module):
 
 
 class PreservationDecoder(nn.Module):
-    """T learned query tokens cross-attend to the (masked) register set and reconstruct the input: (B, T, D_in)."""
+    """Reconstruct the module's standardised input (B, T, D_in) from its (masked) register set (B, R, d).
 
-    def __init__(self, cfg: ModelConfig, n_tokens: int, d_in: int) -> None:
+    Every register position has its own linear map into a K-wide code, the coordinates of the module's read
+    basis (a PCA of the flattened standardised input, :meth:`RegisterModule.fit_read_basis`); the code is mapped
+    back through that basis and added to the per-position training mean. So every output position has its own
+    readout (a shared set of queries cross-attending to the registers gave nearly one vector for every position,
+    docs/learning.md), and the decoding of a k-prefix is the sum of k registers' contributions, coarse to fine.
+    The maps are not learnt by the optimizer: :meth:`RegisterModule.fit_decoder` fits them in closed form (the
+    trainer refits them after every epoch), so the reconstruction is converged for every saved state, and the
+    preservation loss trains the encoder to make its registers decodable. Without a read basis (``read_dim`` 0)
+    the code is the flattened standardised input itself.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_tokens: int, d_in: int, code_width: int) -> None:
         super().__init__()
-        d = cfg.hidden_dim
-        self.queries = nn.Parameter(torch.empty(n_tokens, d))
-        nn.init.trunc_normal_(self.queries, std=0.02)
-        self.summary = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
-        self.blocks = nn.ModuleList(
-            CrossBlock(d, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.decoder_layers)
-        )
-        self.norm = nn.LayerNorm(d)
-        self.out = nn.Linear(d, d_in)
+        d, r = cfg.hidden_dim, cfg.n_registers
+        self.n_tokens, self.d_in = n_tokens, d_in
+        flat = n_tokens * d_in
+        self.code_width = code_width or flat
+        self.register_buffer("weight", torch.zeros(r, d, self.code_width))  # (R, d, K), set by fit_decoder
+        self.register_buffer("bias", torch.zeros(self.code_width))  # (K,)
+        # Inverse of the read: flat ≈ mean + (code @ basisᵀ) · scale (set with the read basis; see fit_read_basis).
+        self.register_buffer("decode_mean", torch.zeros(flat))  # (F,) per-position mean of the training rows
+        self.register_buffer("decode_scale", torch.ones(flat))  # (F,)
 
-    def forward(self, registers: Tensor) -> Tensor:
-        """registers: (B, R, d) → (B, T, D_in)."""
-        # The queries start from a summary of the whole (masked) register set, so every kept register reaches
-        # the reconstruction additively, not only the few a softmax read picks out.
-        summary = self.summary(registers.mean(dim=1))  # (B, d)
-        q = self.queries.unsqueeze(0) + summary.unsqueeze(1)  # (B, T, d)
-        for block in self.blocks:
-            q = block(q, registers)  # (B, T, d)
-        return self.out(self.norm(q))  # (B, T, D_in)
+    def code(self, registers: Tensor) -> Tensor:
+        """registers (B, R, d) → the K-wide code (B, K) of the reconstruction: Σ_i registers[:, i] @ weight[i]."""
+        return torch.einsum("brd,rdk->bk", registers, self.weight.to(registers.dtype)) + self.bias  # (B, K)
+
+    def forward(self, registers: Tensor, read_basis: Tensor | None) -> Tensor:
+        """registers: (B, R, d); read_basis: the module's (F, K) read basis, or None → (B, T, D_in)."""
+        return self.unread(self.code(registers), read_basis)
+
+    def unread(self, code: Tensor, read_basis: Tensor | None) -> Tensor:
+        """A code (B, K) → the standardised input (B, T, D_in) it stands for: mean + (code @ basisᵀ) · scale."""
+        if read_basis is not None:
+            code = self.decode_mean + (code @ read_basis.to(code.dtype).T) * self.decode_scale  # (B, F)
+        return code.view(len(code), self.n_tokens, self.d_in)  # (B, T, D_in)

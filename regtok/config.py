@@ -50,7 +50,13 @@ class ModelConfig:
     # between the two modalities and the private ones with the leading principal components (the module then
     # starts where the linear baseline ends); "random": Gaussian reads.
     read_init: str = "cca"
-    decoder_layers: int = 1  # blocks of the preservation decoder
+    # How many canonical directions the shared registers start on (0: as many as their channels hold). Fewer
+    # directions keep what is specific to one modality out of the shared part (docs/learning.md, the split).
+    shared_dirs: int = 0
+    # Weight of the agreement term: the mean squared difference between the two modalities' kept shared
+    # registers, relative to their energy. Anything one modality's shared part holds that the other's does not
+    # (what is specific to it) costs here; the alignment terms keep the registers apart across samples.
+    agreement_weight: float = 0.0
     # Training-time Gaussian noise on the cached features, in units of each dimension's std (0: off); the
     # preservation target stays the clean feature.
     feature_noise: float = 0.0
@@ -89,6 +95,9 @@ class ModelConfig:
             raise RegtokError(f"read_init must be one of {READ_INITS}, got {self.read_init!r}")
         if self.read_dim < 0:
             raise RegtokError(f"read_dim must be >= 0 (0 = no linear read), got {self.read_dim}")
+        if self.shared_dirs < 0 or self.agreement_weight < 0:
+            raise RegtokError(f"shared_dirs and agreement_weight must be >= 0, got {self.shared_dirs} and "
+                              f"{self.agreement_weight}")
         if self.register_dim < 0:
             raise RegtokError(f"register_dim must be >= 0 (0 = no bottleneck), got {self.register_dim}")
         if self.hidden_dim % self.n_heads:
@@ -163,7 +172,7 @@ class EvalConfig:
     chunk_size: int = 4096  # retrieval queries per GEMM
     batch_size: int = 512  # samples per model forward
     device: str = "auto"
-    baselines: bool = True  # fit the linear baselines (CCA, linear InfoNCE head) on the run's training store
+    baselines: bool = True  # fit the baselines (CCA, weighted CCA, start, linear and MLP heads) on the training rows
     baseline_max_rows: int = 20_000  # training rows (a seeded subset) the baselines are fitted on
 
     def __post_init__(self) -> None:
@@ -201,7 +210,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # Keys that older runs recorded and this version ignores when reading them (testing aids that left the config).
-RETIRED_KEYS: dict[str, tuple[str, ...]] = {"TrainConfig": ("nan_at_step",)}
+RETIRED_KEYS: dict[str, tuple[str, ...]] = {"TrainConfig": ("nan_at_step",),
+                                            "ModelConfig": ("decoder_layers",)}  # the decoder is now fitted
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

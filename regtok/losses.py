@@ -61,6 +61,20 @@ def preservation_loss(recon: Tensor, target: Tensor) -> Tensor:
     return (1.0 - F.cosine_similarity(recon, target.to(recon.dtype), dim=-1)).mean()
 
 
+def agreement_loss(a: Tensor, b: Tensor, keep: Tensor) -> Tensor:
+    """How far two modalities' shared registers are from holding the same thing: the mean squared difference of
+    the kept ones over their mean energy. a, b: (B, S, d) shared registers; keep: (B,) kept prefix. → ().
+
+    Scale-free, so it cannot be lowered by shrinking both; what one modality's registers hold and the other's do
+    not (what is specific to it) is what it costs.
+    """
+    a, b = _fp32(a), _fp32(b)
+    w = (torch.arange(a.shape[1], device=a.device) < keep[:, None]).to(a.dtype)[..., None]  # (B, S, 1)
+    diff = ((a - b) * w).pow(2).sum()
+    energy = ((a.pow(2) + b.pow(2)) * w).sum() / 2
+    return diff / energy.clamp_min(1e-12)
+
+
 def variance_covariance(z: Tensor, eps: float = 1e-4, world_size: int = 1) -> dict[str, Tensor]:
     """VICReg-style anti-collapse terms on L2-normalised embeddings z: (B, E), gathered over ``world_size`` ranks.
 
@@ -121,9 +135,11 @@ def total_loss(terms: dict[str, Tensor], cfg: ModelConfig) -> Tensor:
     """The scalar to backpropagate, from the named terms, per ``cfg.loss_type``.
 
     contrastive: contrastive; flow_matching: flow + anti-collapse; combined: contrastive + flow_weight ×
-    (flow + anti-collapse). Every type adds preservation_weight × preservation.
+    (flow + anti-collapse). Every type adds preservation_weight × preservation (and agreement_weight × agreement).
     """
     loss = cfg.preservation_weight * terms["preservation"]
+    if cfg.agreement_weight > 0:
+        loss = loss + cfg.agreement_weight * terms["agreement"]
     if cfg.uses_contrastive:
         loss = loss + terms["contrastive"]
     if cfg.uses_flow:

@@ -25,6 +25,7 @@ from regtok.config import ModelConfig, from_dict, to_dict
 from regtok.errors import RegtokError
 from regtok.flow import VelocityNet, direction_index, euler_sample, logit_normal
 from regtok.losses import (
+    agreement_loss,
     flow_matching_loss,
     info_nce,
     mrl_info_nce,
@@ -90,9 +91,11 @@ class RegisterModule(nn.Module):
         self.in_proj = nn.Linear(d_in, d)
         self.pos_embed = nn.Parameter(torch.empty(n_tokens, d))
         self.register_tokens = nn.Parameter(torch.empty(r, d))
-        self.mask_token = nn.Parameter(torch.empty(d))
-        for p in (self.pos_embed, self.register_tokens, self.mask_token):
+        for p in (self.pos_embed, self.register_tokens):
             nn.init.trunc_normal_(p, std=0.02)
+        # What a masked slot holds, one per position: that register's mean state (set by fit_decoder), so a masked
+        # register adds its mean contribution to the decoder's sum and nothing to the shared embedding.
+        self.register_buffer("mask_token", torch.zeros(r, d))
         self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.n_layers))
         for block in self.blocks:  # residual branches start small: the blocks refine the reads, not replace them
             for lin in (block.attn.proj, block.mlp.fc2):
@@ -114,7 +117,7 @@ class RegisterModule(nn.Module):
             nn.init.normal_(self.up, std=cfg.register_dim**-0.5)
             self.up_bias = nn.Parameter(torch.zeros(r, d))
         self.shared_proj = nn.Linear(d, cfg.embed_dim)
-        self.decoder = PreservationDecoder(cfg, n_tokens, d_in)
+        self.decoder = PreservationDecoder(cfg, n_tokens, d_in, self.read_width)
         # Per-dimension standardisation of the cached features, set from the training split by the trainer
         # (RegTok.set_feature_stats) and saved with the weights. Frozen encoders' features share a large common
         # direction (mean cosine 0.8-0.99 between random samples of random-init encoders): without this the
@@ -171,6 +174,9 @@ class RegisterModule(nn.Module):
         scale = codes.pow(2).mean().sqrt().clamp_min(1e-12)
         self.read_basis.copy_((basis / scale).to(self.read_basis))
         self.read_center.copy_((center / scale).to(self.read_center))
+        # The decoder's way back: flat = mean + (code @ read_basisᵀ) · std² · scale² inverts the read on its span.
+        self.decoder.decode_mean.copy_(red.mean.to(self.decoder.decode_mean))
+        self.decoder.decode_scale.copy_((red.std.pow(2) * scale.pow(2)).to(self.decoder.decode_scale))
         return (codes / scale).float()
 
     @torch.no_grad()
@@ -200,6 +206,37 @@ class RegisterModule(nn.Module):
                 break
             w[i].zero_()
             w[i, lo: min(k, lo + d), : min(k, lo + d) - lo] = torch.eye(min(k, lo + d) - lo, dtype=w.dtype)
+            self.register_tokens[i].zero_()  # no constant offset: the register is exactly its components
+
+    @torch.no_grad()
+    def fit_decoder(self, registers: Tensor, codes: Tensor, ridge: float = 1e-3) -> list[float]:
+        """Fit the decoder in closed form, coarse to fine: register i's map is the ridge regression of what
+        registers 0..i-1 leave unexplained of ``codes`` (N, K) on register i's states ``registers[:, i]`` (N, R, d).
+
+        So every prefix k decodes to the sum of its k contributions, each the best linear correction of the prefix
+        before it, and a longer prefix never explains less of the training rows. The mask token is set to the
+        registers' mean state, so a masked register contributes its mean contribution (folded into the bias).
+        ``ridge`` is relative to each register's mean variance. Returns the residual's share of the codes'
+        energy after each register (the training rows' 1 − R² per prefix).
+        """
+        regs, z = registers.double(), codes.double()  # (N, R, d), (N, K)
+        mean = regs.mean(0)  # (R, d)
+        z_mean = z.mean(0)
+        resid = z - z_mean
+        energy = resid.pow(2).sum().clamp_min(1e-12)
+        weight = torch.zeros_like(self.decoder.weight, dtype=torch.float64)  # (R, d, K)
+        left = []
+        for i in range(regs.shape[1]):
+            x = regs[:, i] - mean[i]  # (N, d)
+            gram = x.T @ x  # (d, d)
+            reg = ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype)
+            weight[i] = torch.linalg.solve(gram + reg, x.T @ resid)  # (d, K)
+            resid = resid - x @ weight[i]
+            left.append(float(resid.pow(2).sum() / energy))
+        self.decoder.weight.copy_(weight.to(self.decoder.weight))
+        self.decoder.bias.copy_((z_mean - torch.einsum("rd,rdk->k", mean, weight)).to(self.decoder.bias))
+        self.mask_token.copy_(mean.to(self.mask_token))
+        return left
 
     def readout(self, h: Tensor) -> Tensor:
         """Register states from :meth:`encode`'s output (B, T + n, d) → (B, n, d), through the bottleneck if any."""
@@ -233,18 +270,36 @@ class RegisterModule(nn.Module):
     def forward(self, x: Tensor, keep: int | Tensor | None = None,
                 generator: torch.Generator | None = None) -> RegisterOutput:
         """x: (B, D_in) or (B, T, D_in). See the module docstring for ``keep``."""
-        h = self.encode(x)  # (B, T+R, d)
-        regs = self.readout(h)  # (B, R, d)
-        keep_t = self.resolve_keep(keep, generator, h.shape[0], h.device)  # (B,)
-        kept = torch.arange(self.cfg.n_registers, device=h.device) < keep_t[:, None]  # (B, R)
-        regs = torch.where(kept[..., None], regs, self.mask_token.to(regs.dtype))  # (B, R, d)
+        regs = self.registers_of(x)  # (B, R, d)
+        return self.outputs(regs, self.resolve_keep(keep, generator, regs.shape[0], regs.device))
+
+    def registers_of(self, x: Tensor) -> Tensor:
+        """Every register's state (B, R, d) for input x (B, D_in) or (B, T, D_in); a k-prefix is its first k."""
+        return self.readout(self.encode(x))
+
+    def outputs(self, regs: Tensor, keep: Tensor) -> RegisterOutput:
+        """The heads on a register set (B, R, d) of which the first ``keep`` (B,) are kept: masking, the shared
+        embedding and the reconstruction. One encoding serves every prefix length (the registers are causal)."""
+        kept = torch.arange(self.cfg.n_registers, device=regs.device) < keep[:, None]  # (B, R)
+        regs = torch.where(kept[..., None], regs, self.mask_token.to(regs.dtype))  # (B, R, d): slot i → its token
         to_decoder = regs
         if not self.cfg.preservation_through_shared:  # the decoder reads the shared registers but cannot move them
             s = self.cfg.n_shared
             to_decoder = torch.cat([regs[:, :s].detach(), regs[:, s:]], dim=1)  # (B, R, d)
-        return RegisterOutput(
-            registers=regs, keep=keep_t, shared=self.embed_shared(regs, keep_t), recon=self.decoder(to_decoder)
-        )
+        return RegisterOutput(registers=regs, keep=keep, shared=self.embed_shared(regs, keep),
+                              recon=self.decoder(to_decoder, self.read_basis if self.read_width else None))
+
+    def read_code(self, x: Tensor) -> Tensor:
+        """The read's code of x: the standardised, flattened input in the read basis (B, K); without a read
+        (read_dim 0) the standardised, flattened input itself (B, T·D_in). The decoder's target space."""
+        flat = self.as_tokens(x).reshape(len(x), -1)  # (B, F)
+        if not self.read_width:
+            return flat
+        return flat @ self.read_basis.to(flat.dtype) - self.read_center.to(flat.dtype)  # (B, K)
+
+    def decode_code(self, code: Tensor) -> Tensor:
+        """A code (B, K) of :meth:`read_code`'s space → the standardised input it stands for (B, T, D_in)."""
+        return self.decoder.unread(code, self.read_basis if self.read_width else None)
 
 
 class RegTok(nn.Module):
@@ -293,11 +348,33 @@ class RegTok(nn.Module):
 
         enc = self.encoders[a]
         n_dirs = min(enc.read_weight.shape[2], enc.shared_proj.weight.shape[0])  # the shared channels there are
+        n_dirs = min(n_dirs, self.cfg.shared_dirs) if self.cfg.shared_dirs else n_dirs
         pa, pb, info = weighted_cca(codes[a], codes[b], n_dirs, val_fraction, seed)
         for m, p in ((a, pa), (b, pb)):
             scale = (codes[m] @ p).pow(2).mean().sqrt().clamp_min(1e-12)  # unit mean variance per channel
             self.encoders[m].init_reads(p / scale)
         return {"read_init": "cca", **info}
+
+    @torch.no_grad()
+    def fit_decoders(self, features: dict[str, Tensor], batch_size: int = 256) -> dict[str, list[float]]:
+        """Fit each module's preservation decoder in closed form (:meth:`RegisterModule.fit_decoder`) on the rows
+        ``{modality: (N, D) or (N, T, D)}``, as the model now encodes them; returns each residual share per prefix.
+
+        The trainer calls it at the start (the decoder then starts where a linear readout of the start's
+        registers ends) and on the weights it keeps, so their reconstruction is converged whichever epoch won.
+        """
+        was_training = self.training
+        self.eval()
+        out = {}
+        for m in self.modalities:
+            enc = self.encoders[m]
+            x = features[m]
+            device = enc.read_center.device if enc.read_width else enc.in_proj.weight.device
+            batches = [x[i:i + batch_size].to(device) for i in range(0, len(x), batch_size)]
+            parts = [(enc.registers_of(b).float(), enc.read_code(b).float()) for b in batches]
+            out[m] = enc.fit_decoder(torch.cat([r for r, _ in parts]), torch.cat([c for _, c in parts]))
+        self.train(was_training)
+        return out
 
     def logit_scale(self) -> Tensor:
         """exp of the learnable log-scale, clamped at cfg.max_logit_scale. ()."""
@@ -336,6 +413,8 @@ class RegTok(nn.Module):
         for m in self.modalities:
             terms[f"preservation/{m}"] = preservation_loss(outs[m].recon, self.encoders[m].as_tokens(batch[m]))
         terms["preservation"] = torch.stack([terms[f"preservation/{m}"] for m in self.modalities]).mean()
+        if cfg.agreement_weight > 0:
+            terms["agreement"] = agreement_loss(oa.registers[:, :cfg.n_shared], ob.registers[:, :cfg.n_shared], oa.keep)
         if cfg.uses_contrastive:
             terms.update(self._contrastive_terms(oa, ob, rank, world_size))
         if cfg.uses_flow:

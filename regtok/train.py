@@ -176,7 +176,7 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
 def _track_best(model: nn.Module, record: dict[str, Any], best: float, cfg: TrainConfig, cb: Callbacks) -> float:
     """Call ``cb.on_best`` when ``record``'s validation score beats ``best`` (keep_best); the new best."""
     score = record["val_select"]
-    if cfg.keep_best and score > best:
+    if cfg.keep_best and score >= best:  # a tie goes to the later epoch: trained longer, same retrieval
         cb.on_best(model, record)
         return score
     return best

@@ -82,8 +82,8 @@ def test_registers_mask_the_slots_past_k(world):
     regs = run.registers(store.read("tokens", "tactile", slice(0, 5)), "tactile", k=2)
     cfg = run.model.cfg
     assert regs.shape == (5, cfg.n_registers, cfg.hidden_dim)
-    mask = run.model.encoders["tactile"].mask_token.detach().numpy().reshape(-1)
-    assert np.allclose(regs[:, 2:], mask) and not np.allclose(regs[:, :2], mask)
+    mask = run.model.encoders["tactile"].mask_token.detach().numpy()  # (R, d): one per position
+    assert np.allclose(regs[:, 2:], mask[2:]) and not np.allclose(regs[:, :2], mask[:2])
 
 
 def test_bad_input_is_a_clear_error(world):

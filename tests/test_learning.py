@@ -65,6 +65,7 @@ def train(loss_type: str, **overrides) -> tuple[RegTok, dict[str, torch.Tensor]]
         opt.zero_grad()
         loss.backward()
         opt.step()
+    model.fit_decoders(problem.sample(1024, g))  # as the trainer does with the weights it keeps
     return model.eval(), problem.sample(N_TEST, torch.Generator().manual_seed(1))
 
 

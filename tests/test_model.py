@@ -70,12 +70,14 @@ def test_k_register_encoding_equals_prefix_of_full_encoding(register_dim):
         out = m(x, keep=k)
         torch.testing.assert_close(out.registers[:, :k], alone, rtol=0, atol=1e-12)
         torch.testing.assert_close(out.registers[:, :k], full.registers[:, :k], rtol=0, atol=1e-12)
-        assert torch.equal(out.registers[:, k:], m.mask_token.expand(x.shape[0], r - k, -1))
+        assert torch.equal(out.registers[:, k:], m.mask_token[k:].expand(x.shape[0], -1, -1))
         assert torch.equal(out.keep, torch.full((x.shape[0],), k))
 
 
 def test_shared_embedding_is_masked_mean_of_kept_shared_registers():
     m = module()
+    with torch.no_grad():
+        m.decoder.weight.normal_()  # a decoder that reads every slot (an unfitted one is zero)
     x = batch()["tactile"]
     s = m.cfg.n_shared
     keep = torch.tensor([1, 2, 8, 1, 4, 2])
@@ -136,7 +138,7 @@ def test_training_mode_keeps_a_per_sample_prefix_shared_by_both_modalities():
     assert len(set(keep.tolist())) > 1 and set(keep.tolist()) <= {1, 2, 4, 8}
     for m, o in outs.items():
         for i, k in enumerate(keep.tolist()):
-            assert torch.equal(o.registers[i, k:], model.encoders[m].mask_token.expand(8 - k, -1))
+            assert torch.equal(o.registers[i, k:], model.encoders[m].mask_token[k:])
     same = model(batch(b=64), generator=torch.Generator().manual_seed(3))
     assert torch.equal(same["vision"].keep, keep)
     model.eval()
@@ -169,7 +171,7 @@ def test_every_parameter_gets_a_finite_gradient(loss_type, mrl):
 
 @pytest.mark.parametrize("kw", [
     {"preservation_weight": 0.0, "nested_dropout_mode": "none"},
-    {"read_dim": 0, "register_dim": 4, "decoder_layers": 0, "n_shared": 8},
+    {"read_dim": 0, "register_dim": 4, "n_shared": 8},
     {"loss_type": "flow_matching", "flow_encoder_grad": False, "flow_uniformity_weight": 0.0,
      "preservation_weight": 0.0},
     {"loss_type": "combined", "mrl": True, "flow_encoder_grad": False, "preservation_through_shared": True},
@@ -191,8 +193,7 @@ def test_private_registers_get_no_gradient_from_contrastive_alone():
     for enc in model.encoders.values():
         assert enc.register_tokens.grad[:s].abs().sum() > 0
         assert torch.equal(enc.register_tokens.grad[s:], torch.zeros_like(enc.register_tokens.grad[s:]))
-        assert enc.mask_token.grad.abs().sum() == 0
-        assert all(p.grad.abs().sum() == 0 for p in enc.decoder.parameters())
+        assert list(enc.decoder.parameters()) == []  # fitted in closed form (fit_decoder), not by the optimizer
 
 
 def test_logit_scale_is_clamped():
