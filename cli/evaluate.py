@@ -36,13 +36,15 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
 @config_option(EvalConfig, "batch_size", type=int, help="Samples per model forward.")
 @config_option(EvalConfig, "chunk_size", type=int, help="Retrieval queries per score matrix chunk.")
 @config_option(EvalConfig, "baselines", "--baselines/--no-baselines",
-               help="Fit the linear baselines (CCA, linear InfoNCE head) on the run's training store and report "
+               help="Fit the baselines (linear CCA, weighted CCA, the model at its start, linear and MLP InfoNCE "
+                    "heads) on the run's training rows and report "
                     "regtok against the best of them.")
-@click.option("--baseline-features", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Fit the baselines on this store instead  [default: the run's training store, from its manifest]")
+@click.option("--fit-features", "--baseline-features", "fit_features", type=click.Path(exists=True, file_okay=False),
+              default=None, help="Fit the baselines, the probes and the reconstruction references on this store "
+              "instead  [default: the rows the run trained on, from its manifest]")
 def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow_steps: tuple[int, ...],
           save_embeddings: bool, device: str, seed: int, probe_test_fraction: float, probe_max_samples: int,
-          batch_size: int, chunk_size: int, baselines: bool = True, baseline_features: str | None = None) -> None:
+          batch_size: int, chunk_size: int, baselines: bool = True, fit_features: str | None = None) -> None:
     """Retrieval per shared prefix (both directions), flow transport, prefix probes; prints report.json's path.
 
     \b
@@ -65,7 +67,7 @@ def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow
                      probe_max_samples=probe_max_samples, seed=seed, chunk_size=chunk_size, batch_size=batch_size,
                      device=device, baselines=baselines)
     run_eval(run_dir, features, out, cfg, save_embeddings=save_embeddings, command=["regtok", *sys.argv[1:]],
-             console=stderr_console(), baseline_features=baseline_features)
+             console=stderr_console(), fit_features=fit_features)
     click.echo(str(Path(out) / "report.json"))
 
 

@@ -1,7 +1,8 @@
 """The eval stage: a run and a held-out feature store → a report directory.
 
 :func:`run_eval` loads the run and the store and checks they fit (:func:`check_compatible`), evaluates
-(:func:`regtok.evaluate.evaluate`), fits the linear baselines on the run's training rows (:func:`fit_baselines`),
+(:func:`regtok.evaluate.evaluate`, whose probes and reconstruction references are fitted on the run's training rows,
+:func:`fit_store`), fits the baselines on the same rows (:func:`fit_baselines`),
 then writes the report files (:mod:`regtok.pipeline.report`) and the eval manifest.
 
     REPORT_DIR/report.json     the dict regtok.evaluate.evaluate returns, with baselines, headline and "evaluated"
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,39 +82,103 @@ def baseline_training_rows(run: Any, store: Any, run_manifest: Path, same_store:
     return np.arange(store.n)
 
 
-def fit_baselines(run: Any, eval_store: Any, train_store_dir: Path | None, run_manifest: Path, cfg: EvalConfig,
-                  log: Any) -> dict[str, Any]:
-    """Fit the linear baselines on the run's training store (or ``train_store_dir``) and score them here."""
-    import torch
+class RowsColumn(StoreColumn):
+    """One modality's features of one kind at given rows of a store: ``col[a:b]`` → rows[a:b] as float16."""
 
-    from regtok.baselines import BaselineConfig, fit_and_score
+    def __init__(self, store: Any, kind: str, modality: str, rows: np.ndarray) -> None:
+        super().__init__(store, kind, modality)
+        self.rows = rows
+        self.shape = (len(rows), *self.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.store.read(self.kind, self.modality, self.rows[rows])
+
+
+@dataclass
+class FitStore:
+    """The store and rows the baselines, probes and reconstruction references are fitted on."""
+
+    store: Any
+    rows: np.ndarray
+    path: Path
+    source: str
+
+
+def fit_store(run: Any, eval_store: Any, train_store_dir: Path | None, run_manifest: Path) -> FitStore | str:
+    """The run's training rows (or the whole of ``train_store_dir``); a sentence saying why not when unreadable."""
     from regtok.pipeline.store import open_store
 
     found = _run_input(run_manifest, "features")
     if train_store_dir is None:
         if found is None:
-            return {"skipped": "the run manifest names no readable training store; pass --baseline-features"}
+            return "the run manifest names no readable training store; pass --fit-features"
         train_store_dir = found.parent
     same_store = found is not None and found.parent.resolve() == Path(train_store_dir).resolve()
     store = open_store(train_store_dir)
     kind, mods = run.feature_kind, tuple(run.model.modalities)
     if set(mods) != set(store.modalities) or not store.has(kind) or any(
             tuple(store.shape(kind, m)) != tuple(eval_store.shape(kind, m)) for m in mods):
-        raise RegtokError(f"baseline features {train_store_dir} do not match the evaluated store (modalities, "
+        raise RegtokError(f"fit features {train_store_dir} do not match the evaluated store (modalities, "
                           f"{kind} features and dims must be the same)")
     rows = baseline_training_rows(run, store, run_manifest, same_store)
+    source = "the run's training rows" if same_store else "the named store"
+    return FitStore(store, rows, Path(train_store_dir), f"{source} ({len(rows)} of {train_store_dir})")
+
+
+def fit_rows(run: Any, fit: FitStore) -> Any:
+    """The FitRows of ``fit`` for regtok.evaluate: lazy feature columns and the rows' labels."""
+    from regtok.evaluate import FitRows
+
+    labels = {name: col[fit.rows] for name, col in fit.store.labels().items()}
+    cols = {m: RowsColumn(fit.store, run.feature_kind, m, fit.rows) for m in run.model.modalities}
+    return FitRows(cols, labels, fit.source)
+
+
+def fit_baselines(run: Any, eval_store: Any, fit: FitStore, cfg: EvalConfig, log: Any) -> dict[str, Any]:
+    """Fit the baselines on ``fit``'s rows (a seeded subset of at most baseline_max_rows) and score them here; the
+    model at its start (rebuilt from the same rows) is one of them."""
+    import torch
+
+    from regtok.baselines import BaselineConfig, fit_and_score
+
+    kind, mods, rows = run.feature_kind, tuple(run.model.modalities), fit.rows
     if len(rows) > cfg.baseline_max_rows:
         rng = np.random.default_rng(cfg.seed)
         rows = np.sort(rng.choice(rows, cfg.baseline_max_rows, replace=False))
     read = lambda st, m, r: torch.from_numpy(np.asarray(st.read(kind, m, r), dtype=np.float32))  # noqa: E731
-    train = {m: read(store, m, rows) for m in mods}
+    train = {m: read(fit.store, m, rows) for m in mods}
     test = {m: read(eval_store, m, None) for m in mods}
-    tc = run.train_config
-    bcfg = BaselineConfig(embed_dim=run.model.cfg.embed_dim, epochs=tc.epochs, batch_size=tc.batch_size,
-                          seed=cfg.seed)
+    bcfg = BaselineConfig(embed_dim=run.model.cfg.embed_dim, seed=cfg.seed)
     out = fit_and_score(train, test, mods, bcfg, cfg.chunk_size, log=log)
-    out["store"] = str(train_store_dir)
+    log("baseline: the model at its start")
+    out["start"] = start_retrieval(run, fit, test, cfg)
+    out["store"] = str(fit.path)
     return out
+
+
+def start_retrieval(run: Any, fit: FitStore, test: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
+    """Retrieval of the run's model at its start, before any step: rebuilt as the trainer built it (same seed,
+    statistics, read basis and CCA start) from ``fit``'s rows, at the full shared prefix."""
+    import torch
+
+    from regtok.data import make_batches
+    from regtok.pipeline.train import Split, build_model
+    from regtok.retrieval import retrieval_metrics
+
+    tc = run.train_config
+    data = make_batches(fit.store, run.feature_kind, fit.rows, tc.batch_size, tc.seed, torch.device("cpu"), 1 << 62)
+    split = Split(fit.store, fit.store, run.feature_kind, fit.rows, np.arange(0), data, None)
+    model, _ = build_model(split, tc, Path(), resume=False, notify=lambda _m: None)
+    model.eval()
+    k = model.cfg.n_shared
+    with torch.no_grad():
+        emb = {m: torch.cat([model.encoders[m](test[m][i:i + cfg.batch_size], keep=k).shared
+                             for i in range(0, len(test[m]), cfg.batch_size)]) for m in model.modalities}
+    a, b = model.modalities
+    return {**retrieval_metrics(emb[a], emb[b], cfg.chunk_size), "fit": {"k": k, "rows": len(fit.rows)}}
 
 
 def _train_features_manifest(run_manifest: Path) -> dict | None:
@@ -172,11 +238,11 @@ def closest_preset(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str | os.PathLike, cfg: EvalConfig,
              *, save_embeddings: bool = False, command: list[str] | None = None,
-             console: Console | None = None, baseline_features: str | os.PathLike | None = None) -> dict[str, Any]:
+             console: Console | None = None, fit_features: str | os.PathLike | None = None) -> dict[str, Any]:
     """The whole `regtok eval` stage; returns the report dict after writing every file.
 
-    With ``cfg.baselines`` the linear baselines are fitted on the run's training store (found through the run
-    manifest) or on ``baseline_features``, and scored on ``features`` beside the register module.
+    The baselines (with ``cfg.baselines``), the probes and the reconstruction references are fitted on the run's
+    training rows (found through the run manifest) or on the store ``fit_features``, and scored on ``features``.
     """
     from regtok.pipeline.runs import load_run
     from regtok.pipeline.store import open_store
@@ -194,25 +260,27 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
     cols = {m: StoreColumn(store, kind, m) for m in run.model.modalities}
     pooled = cols if kind == "pooled" else {m: StoreColumn(store, "pooled", m) for m in run.model.modalities}
     sink = EmbeddingWriter(out / "embeddings.h5", store.keys()) if save_embeddings else None
+    fit = fit_store(run, store, Path(fit_features) if fit_features else None, run_mpath)
     with console.status("evaluating") as status:
         log = lambda msg: status.update(f"evaluating: {msg}")  # noqa: E731
         report = evaluate(run.model, cols, store.labels(), store.manifest.get("labels") or {}, cfg, pooled=pooled,
-                          embeddings_sink=sink, log=log)
+                          embeddings_sink=sink, log=log, fit=fit_rows(run, fit) if isinstance(fit, FitStore) else None)
         linear = {"skipped": "--no-baselines"}
         if cfg.baselines:
-            linear = fit_baselines(run, store, Path(baseline_features) if baseline_features else None, run_mpath,
-                                   cfg, log)
+            linear = fit_baselines(run, store, fit, cfg, log) if isinstance(fit, FitStore) else {"skipped": fit}
     report["baselines"]["linear"] = linear
     report["headline"] = headline(report, run.model.cfg.scored_by_transport)
     report["feature_kind"] = kind
     report["evaluated"] = describe_evaluated(run, Path(run_dir), run_mpath, store, Path(features))
+    if isinstance(fit, FitStore):
+        report["fit_store"] = str(fit.path.resolve())
     written = write_report_files(report, out, console)
     if sink is not None:
         written.append(sink.close())
     print_table(report, console)
     inputs = [input_ref("features", manifest_path(features), out)]
-    if "store" in linear:
-        inputs.append(input_ref("baseline_features", manifest_path(linear["store"]), out))
+    if isinstance(fit, FitStore):
+        inputs.append(input_ref("fit_features", manifest_path(fit.path), out))
     inputs.insert(0, input_ref("run", run_mpath, out) if run_mpath.is_file() else
                   input_ref("run_config", Path(run_dir) / "config.json", out))
     device = str(resolve_device(cfg.device))

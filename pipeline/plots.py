@@ -13,8 +13,12 @@ from typing import Any
 DIRECTIONS = ("a_to_b", "b_to_a")
 GROUPS = ("shared", "private", "all")
 # Horizontal reference lines of the retrieval panel: report key, label, colour, line style.
-REFERENCES = (("cca", "linear CCA", "tab:green", (0, (6, 2))), ("linear_infonce", "linear InfoNCE head",
-              "tab:purple", (0, (3, 1, 1, 1))), ("raw_pooled", "raw pooled", "tab:brown", (0, (1, 1.5))))
+REFERENCES = (("cca", "linear CCA", "tab:green", (0, (6, 2))),
+              ("weighted_cca", "weighted CCA", "tab:olive", (0, (6, 1, 1, 1))),
+              ("start", "regtok at its start", "tab:gray", (0, (2, 1))),
+              ("linear_infonce", "linear InfoNCE head", "tab:purple", (0, (3, 1, 1, 1))),
+              ("mlp_infonce", "MLP InfoNCE head", "tab:red", (0, (4, 2, 1, 2))),
+              ("raw_pooled", "raw pooled", "tab:brown", (0, (1, 1.5))))
 DPI = 100
 
 
@@ -42,12 +46,17 @@ def n_shared_of(report: dict[str, Any]) -> int:
     return max(empty, default=max((r["k"] for r in report["retrieval"]), default=1))
 
 
-def group_ks(report: dict[str, Any]) -> dict[str, list[int]]:
-    """The probe prefixes worth showing per group: shared k <= n_shared (it stops growing there), private
-    k > n_shared (empty below), all at every k."""
-    ks = report.get("prefixes", {}).get("probes") or sorted({p["k"] for p in report["probes"]})
+def group_ks(report: dict[str, Any]) -> dict[str, list[int | None]]:
+    """The probe cells worth showing per group: the raw features (k None), shared k <= n_shared (it stops growing
+    there), private and all k > n_shared (private is empty below, all equals shared)."""
+    ks = report.get("prefixes", {}).get("probes") or sorted({p["k"] for p in report["probes"] if p["k"] is not None})
     n_shared = n_shared_of(report)
-    return {"shared": [k for k in ks if k <= n_shared], "private": [k for k in ks if k > n_shared], "all": list(ks)}
+    shared = [k for k in ks if k <= n_shared]
+    if any(p["group"] == "shared" and p["k"] == n_shared for p in report["probes"]) and n_shared not in shared:
+        shared.append(n_shared)
+    raw = [None] if any(p["group"] == "raw" for p in report["probes"]) else []
+    return {"raw": raw, "shared": shared, "private": [k for k in ks if k > n_shared],
+            "all": [k for k in ks if k > n_shared]}
 
 
 def plot_prefix(report: dict[str, Any], path: Path) -> Path | None:
@@ -146,22 +155,31 @@ def _retrieval_panel(ax: Any, report: dict[str, Any]) -> None:
 
 
 def _reconstruction_panel(ax: Any, report: dict[str, Any]) -> None:
-    """Cosine between each modality's input feature and its reconstruction from the k-prefix."""
+    """Cosine between each modality's input feature and its reconstruction from the k-prefix, with its references:
+    the per-position training mean (flat, dotted) and a ridge readout from the same registers (dashed)."""
+    rows = report["reconstruction"]
     for i, m in enumerate(report["modalities"]):
-        pts = sorted((r["k"], r["cosine"]) for r in report["reconstruction"] if r["modality"] == m)
-        ax.plot(*zip(*pts, strict=True), marker="os"[i % 2], ls=("-", "--")[i % 2], color=f"C{i + 2}", ms=5,
-                mfc="white" if i % 2 else None, label=m)
-    ks = sorted({r["k"] for r in report["reconstruction"]})
+        mine = sorted((r for r in rows if r["modality"] == m), key=lambda r: r["k"])
+        ks = [r["k"] for r in mine]
+        ax.plot(ks, [r["cosine"] for r in mine], marker="os"[i % 2], color=f"C{i + 2}", ms=5, lw=1.6,
+                label=f"{m}: decoder")
+        if mine and "ridge_reference" in mine[0]:
+            ax.plot(ks, [r["ridge_reference"] for r in mine], ls="--", color=f"C{i + 2}", lw=1.0, alpha=0.8,
+                    label=f"{m}: ridge readout")
+            ax.axhline(mine[0]["mean_reference"], ls=":", color=f"C{i + 2}", lw=1.0,
+                       label=f"{m}: per-position mean ({mine[0]['mean_reference']:.2f})")
+    ks = sorted({r["k"] for r in rows})
+    values = [r[key] for r in rows for key in ("cosine", "ridge_reference", "mean_reference") if key in r]
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.minorticks_off()
-    ax.set_ylim(min(0.0, *(r["cosine"] for r in report["reconstruction"])) - 0.03, 1.03)
+    ax.set_ylim(min(0.0, *values) - 0.03, 1.03)
     ax.set_xlabel("prefix k (registers)", fontsize=8)
     ax.set_ylabel("cosine", fontsize=8)
     ax.set_title("reconstruction of the input feature", fontsize=9)
     ax.tick_params(labelsize=7.5)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, frameon=False)
+    ax.legend(fontsize=6.5, frameon=False, ncol=2)
 
 
 def _probe_heatmap(ax: Any, report: dict[str, Any], modality: str, group: str, ks: Sequence[int],
@@ -182,12 +200,12 @@ def _probe_heatmap(ax: Any, report: dict[str, Any], modality: str, group: str, k
             ax.text(j, i, _cell(p["metric"], p["value"]), ha="center", va="center", fontsize=min(6.5, 30 * row_h),
                     color="white" if shade > 0.6 else "black")
     image = ax.imshow(np.clip(score, 0, 1), cmap="YlGnBu", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(ks)), [str(k) for k in ks], fontsize=7)
+    ax.set_xticks(range(len(ks)), ["raw" if k is None else str(k) for k in ks], fontsize=7)
     ax.set_yticks(range(len(labels)), [_row_label(report, lb) for lb in labels] if first else [],
                   fontsize=min(7.0, 32 * row_h))
     ax.tick_params(length=0, pad=2)
-    ax.set_title(f"{modality} · {group}", fontsize=8.5, pad=3)
-    ax.set_xlabel("k", fontsize=7, labelpad=1)
+    ax.set_title(f"{modality} · {group}" if group != "raw" else f"{modality} · input", fontsize=8.5, pad=3)
+    ax.set_xlabel("k" if group != "raw" else "", fontsize=7, labelpad=1)
     return image
 
 

@@ -15,7 +15,7 @@ from regtok.pipeline.manifest import (
     write_json_atomic,
 )
 from regtok.pipeline.plots import plot_prefix
-from regtok.pipeline.report_md import headline_sentence, render_markdown
+from regtok.pipeline.report_md import headline_sentence, parts_line, reconstruction_line, render_markdown
 
 
 def write_report_files(report: dict[str, Any], out: Path, console: Console | None = None) -> list[Path]:
@@ -46,11 +46,17 @@ def demo_summary(console: Console, root: Path) -> None:
                   f"{r1[k_full]:.1%} with {k_full} shared registers, {r1[k_one]:.1%} with {k_one}; chance {chance:.1%}")
     if "headline" in report:
         console.print(headline_sentence(report["headline"]))
-    material = [p for p in report["probes"] if p["label"] == "material" and p["group"] == "shared"
-                and p["k"] == k_full and p["value"] is not None]
-    for p in material:
-        console.print(f"material class from {p['modality']}'s {k_full} shared registers: {p['value']:.1%} accuracy "
-                      f"(chance {p.get('chance', float('nan')):.1%})")
+    material = {(p["modality"], p["group"]): p for p in report["probes"] if p["label"] == "material"
+                and p["value"] is not None and (p["group"] == "raw" or (p["group"] == "shared"
+                                                                        and p["k"] == report["parts"]["k_shared"]))}
+    for m in report["modalities"]:
+        if (m, "shared") in material and (m, "raw") in material:
+            console.print(f"material class from {m}'s shared registers: {material[(m, 'shared')]['value']:.1%} "
+                          f"accuracy, from its raw features {material[(m, 'raw')]['value']:.1%} (chance "
+                          f"{material[(m, 'raw')].get('chance', float('nan')):.1%})")
+    if report.get("parts"):
+        console.print(f"what leaks into the shared part, and what the private part keeps: {parts_line(report)}")
+    console.print(reconstruction_line(report))
     console.print("manifests (regtok show / verify / rerun take any of them):")
     for stage in ("shards-train/dataset.json", "shards-test/dataset.json", "features-train/manifest.json",
                   "features-test/manifest.json", "run/manifest.json", "eval/manifest.json"):

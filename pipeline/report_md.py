@@ -18,7 +18,8 @@ SHORT = {"median_rank": "MedR", "mean_rank": "MeanR"}
 MIN_PROBE_ROWS = 100  # below this a probe's score is too noisy to read without a warning
 
 
-BASELINE_LABELS = {"cca": "linear CCA", "linear_infonce": "linear InfoNCE head"}
+BASELINE_LABELS = {"cca": "linear CCA", "weighted_cca": "weighted CCA (ρ^p)", "start": "regtok at its start",
+                   "linear_infonce": "linear InfoNCE head", "mlp_infonce": "MLP InfoNCE head"}
 
 
 def _mean_r1(row: dict[str, Any]) -> float:
@@ -26,7 +27,7 @@ def _mean_r1(row: dict[str, Any]) -> float:
 
 
 def headline(report: dict[str, Any], by_transport: bool) -> dict[str, Any]:
-    """regtok's full-prefix R@1 (mean of both directions) against the best linear baseline, with their ratio.
+    """regtok's full-prefix R@1 (mean of both directions) against the best baseline, with their ratio.
 
     A run ``by_transport`` (``ModelConfig.scored_by_transport``: flow_matching) is scored by its transported
     retrieval (the most Euler steps); other runs by the shared embeddings' direct retrieval at the largest shared
@@ -53,17 +54,17 @@ def headline_sentence(h: dict[str, Any]) -> str:
     """One line a person reads: regtok's R@1, the best baseline's, their ratio, and a warning when below."""
     text = f"regtok R@1 {h['regtok']:.1%} ({h['regtok_row']}, mean of both directions; chance {h['chance']:.1%})"
     if "baseline" not in h:
-        return text + "; no linear baseline was fitted"
+        return text + "; no baseline was fitted"
     ratio = f"{h['ratio']:.2f}×" if h.get("ratio") is not None else "n/a"
     name = BASELINE_LABELS[h["best_baseline"]]
-    text += f" against {h['baseline']:.1%} for the best linear baseline ({name}): {ratio}"
+    text += f" against {h['baseline']:.1%} for the best baseline ({name}): {ratio}"
     if h["below_baseline"]:
-        text += ". regtok is BELOW its linear baseline on this data"
+        text += ". regtok is BELOW its best baseline on this data"
     return text
 
 
 def retrieval_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, {"a_to_b", "b_to_a"}) rows: shared prefixes k, flow steps, linear baselines, raw pooled, chance."""
+    """(label, {"a_to_b", "b_to_a"}) rows: shared prefixes k, flow steps, baselines, raw pooled, chance."""
     rows = [(f"k={r['k']}", r) for r in report["retrieval"]]
     rows += [(f"flow k={f['k']} s={f['steps']}", f) for f in report.get("flow", [])]
     base = report.get("baselines", {})
@@ -109,27 +110,40 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def _md_baselines(report: dict[str, Any]) -> list[str]:
-    """The headline comparison and how each linear baseline was fitted."""
+    """The headline comparison and how each baseline was fitted."""
     linear = report.get("baselines", {}).get("linear")
     if linear is None:  # evaluate() alone fits no baseline; run_eval does
         return []
-    lines = ["## Against linear baselines", ""]
+    lines = ["## Against the baselines", ""]
     if "headline" in report:
         lines += [headline_sentence(report["headline"]) + ".", ""]
     if "skipped" in linear:
-        return lines + [f"Linear baselines: skipped ({linear['skipped']})."]
-    lines.append(f"Fitted on `{linear.get('store', '?')}` (the run's training rows), scored on this split:")
+        return lines + [f"Baselines: skipped ({linear['skipped']})."]
+    lines.append(f"Fitted on `{linear.get('store', '?')}` (the run's training rows), scored on this split; inputs "
+                 "standardised and PCA-reduced on the training rows; every choice made on a validation part of them:")
     for name, label in BASELINE_LABELS.items():
         fit = linear.get(name, {}).get("fit", {})
-        if name == "cca":
-            lines.append(f"- {label}: ridge {fit.get('ridge')}, {fit.get('components')} components (chosen on "
-                         f"{fit.get('val_rows')} validation rows, R@1 {fit.get('val_r1', 0):.3f}), inputs "
-                         f"standardised and reduced to {fit.get('input_dims')} dims (PCA on {fit.get('train_rows')} "
-                         "training rows)")
-        elif fit:
-            lines.append(f"- {label}: {fit.get('embed_dim')}-d per modality, symmetric InfoNCE, "
-                         f"{fit.get('epochs')} epochs of batch {fit.get('batch_size')}, same inputs")
+        if fit:
+            lines.append(f"- {label}: {_fit_text(name, fit)}")
     return lines
+
+
+def _fit_text(name: str, fit: dict[str, Any]) -> str:
+    """How one baseline was fitted, in a few words."""
+    if name == "cca":
+        ridges = fit.get("ridges_tried") or [0]
+        return (f"ridge {fit.get('ridge'):g} (of {len(ridges)}, {min(ridges):g}–{max(ridges):g}), "
+                f"{fit.get('components')} components (of 1–{max(fit.get('components_tried') or [0])}), validation "
+                f"R@1 {fit.get('val_r1', 0):.3f} on {fit.get('val_rows')} rows; inputs {fit.get('input_dims')} dims")
+    if name == "weighted_cca":
+        return (f"{fit.get('directions')} canonical directions weighted by ρ^{fit.get('power', 0):g}, ridge "
+                f"{fit.get('ridge', 0):g}, validation R@1 {fit.get('val_r1', 0):.3f}")
+    if name == "start":
+        return f"the run's model before any step (its CCA start), full shared prefix k={fit.get('k')}"
+    kind = f"MLP (hidden {fit.get('hidden')}, dropout {fit.get('dropout'):g})" if fit.get("hidden") else "linear map"
+    return (f"{kind} to {fit.get('embed_dim')}-d per modality, symmetric InfoNCE, lr {fit.get('lr'):g}, weight decay "
+            f"{fit.get('weight_decay'):g}, batch {fit.get('batch_size')}, stopped early at epoch {fit.get('epoch')} "
+            f"of {fit.get('epochs_run')} (validation R@1 {fit.get('val_r1', 0):.3f})")
 
 
 def _md_row(cells: list[str]) -> str:
@@ -137,37 +151,65 @@ def _md_row(cells: list[str]) -> str:
 
 
 def _md_probes(report: dict[str, Any]) -> list[str]:
-    """One table per modality: a row per label, a column per (register group, k) that adds information."""
+    """One table per modality: a row per label (with the part it belongs to), a column per cell: the raw input,
+    then each (register group, k) that adds information."""
     split = report.get("probe_split", {})
     n_shared = n_shared_of(report) if report["probes"] else None
-    lines = ["## Prefix probes", "", f"Linear (ridge) probes on {split.get('feature', 'register means')}; fit on "
-             f"{split.get('train', '?')} rows, scored on {split.get('test', '?')} held-out rows of this split "
-             "(accuracy in % for categorical labels, R² for continuous; chance = a constant predictor, the "
-             "train-part majority class or mean, on the same rows; — = no score). Groups at prefix k: shared = "
-             f"registers [0, min(k, n_shared)), private = [n_shared, k), all = [0, k), with n_shared = {n_shared}. "
-             "Shared stops growing at k = n_shared and all equals shared up to there, so neither is repeated.", ""]
+    lines = ["## What each part holds", "",
+             f"Linear (ridge) probes on {split.get('feature', 'the registers')}; fitted on {split.get('train', '?')} "
+             f"rows ({split.get('source', 'a part of this split')}), scored on {split.get('test', '?')} rows of this "
+             "split (accuracy in % for categorical labels, R² for continuous; chance = a constant predictor on the "
+             "same rows; — = no score). Groups at prefix k, their registers concatenated: shared = registers "
+             f"[0, min(k, n_shared)), private = [n_shared, k), all = [0, k), with n_shared = {n_shared}. "
+             "A label's part (shared, or one modality's own) is what the store's label schema says.", ""]
     if not report["probes"]:
         return lines + ["No label columns to probe."]
+    lines += _md_parts(report)
     warning = small_probe_warning(report)
     if warning:
         lines += [f"> **Warning:** {warning}", ""]
-    ks = {g: v for g, v in group_ks(report).items() if v}
-    ks["all"] = [k for k in ks["all"] if k > n_shared] or ks["all"][-1:]  # all = shared for k <= n_shared
-    cols = [(g, k) for g, gks in ks.items() for k in gks]
+    cols = [(g, k) for g, gks in group_ks(report).items() for k in gks]
     cells = {(p["modality"], p["label"], p["group"], p["k"]): p for p in report["probes"]}
     labels = sorted({p["label"] for p in report["probes"]})
+    parts = report.get("label_parts", {})
+    heads = ["raw input" if g == "raw" else f"{g} k={k}" for g, k in cols]
     for m in report["modalities"]:
-        lines += [f"### {m}", "", _md_row(["label", "chance", *[f"{g} k={k}" for g, k in cols]]),
-                  _md_row(["---"] * (2 + len(cols)))]
+        lines += [f"### {m}", "", _md_row(["label", "part", "chance", *heads]), _md_row(["---"] * (3 + len(cols)))]
         for label in labels:
             found = [p for (pm, pl, _, _), p in cells.items() if pm == m and pl == label]
             metric = found[0]["metric"] if found else "accuracy"
             chance = next((p["chance"] for p in found if p.get("chance") is not None), None)
             values = [cells.get((m, label, g, k), {}).get("value") for g, k in cols]
             unit = "acc %" if metric == "accuracy" else "R²"
-            lines.append(_md_row([f"{label} ({unit})", _fmt(metric, chance), *[_fmt(metric, v) for v in values]]))
+            lines.append(_md_row([f"{label} ({unit})", parts.get(label) or "—", _fmt(metric, chance),
+                                  *[_fmt(metric, v) for v in values]]))
         lines.append("")
     return lines[:-1]
+
+
+def _md_parts(report: dict[str, Any]) -> list[str]:
+    """Leakage, complementarity and what the shared part keeps, per modality, with the labels they are over."""
+    parts = report.get("parts")
+    if not parts:
+        return []
+    lines = [f"Leakage: a modality's own factors read from its shared part (k = {parts['k_shared']}), as a share of "
+             f"what the raw input gives (0 = none leaks). Complementarity: the same factors from the private part "
+             f"(k = {parts['k_private']}; 1 = all kept). Shared kept: the shared factors from the shared part. "
+             "Each is Σ max(0, part score) / Σ raw score over the labels the raw input decodes (score = R², or "
+             f"accuracy above chance as a share of the way to 1; labels with a raw score under "
+             f"{parts['min_raw_score']} are left out).", "",
+             _md_row(["modality", "leakage ↓", "complementarity ↑", "shared kept ↑", "over"]),
+             _md_row(["---"] * 5)]
+    for m in report["modalities"]:
+        used = parts["labels"].get(m, {})
+        over = "; ".join(f"{key}: {', '.join(v)}" for key, v in used.items() if v) or "no labels with a part"
+        lines.append(_md_row([m, *[_ratio(parts[key].get(m)) for key in ("leakage", "complementarity",
+                                                                           "shared_kept")], over]))
+    return lines + [""]
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def small_probe_warning(report: dict[str, Any]) -> str | None:
@@ -212,12 +254,20 @@ def _md_evaluated(ev: dict[str, Any] | None) -> list[str]:
 
 
 def _md_reconstruction(report: dict[str, Any]) -> list[str]:
+    """The decoder's cosine per k beside its references: the per-position training mean and a ridge readout from the
+    same k registers (fitted on the same rows as the probes)."""
     ks = sorted({r["k"] for r in report["reconstruction"]})
-    lines = ["## Reconstruction cosine of the input feature from the k-prefix", "",
-             _md_row(["modality", *[f"k={k}" for k in ks]]), _md_row(["---"] * (1 + len(ks)))]
+    lines = ["## Reconstruction of the input feature from the k-prefix", "",
+             "Cosine between the standardised input (per token) and its reconstruction, on the probe rows of this "
+             "split. References: the per-position mean of the training rows, and a ridge readout into the decoder's "
+             "code space from the same k registers.", "",
+             _md_row(["modality", "", *[f"k={k}" for k in ks]]), _md_row(["---"] * (2 + len(ks)))]
+    names = (("cosine", "decoder"), ("mean_reference", "per-position mean"), ("ridge_reference", "ridge readout"))
     for m in report["modalities"]:
-        by_k = {r["k"]: r["cosine"] for r in report["reconstruction"] if r["modality"] == m}
-        lines.append(_md_row([m, *[f"{by_k[k]:.3f}" if k in by_k else "—" for k in ks]]))
+        by_k = {r["k"]: r for r in report["reconstruction"] if r["modality"] == m}
+        for key, name in names:
+            if any(key in r for r in by_k.values()):
+                lines.append(_md_row([m, name, *[f"{by_k[k][key]:.3f}" if k in by_k else "—" for k in ks]]))
     return lines
 
 
@@ -238,5 +288,25 @@ def print_table(report: dict[str, Any], console: Console) -> None:
     warning = small_probe_warning(report) if report["probes"] else None
     if warning:
         console.print(f"warning: {warning}", style="yellow")
-    rec = ", ".join(f"{r['modality']} k={r['k']}: {r['cosine']:.3f}" for r in report["reconstruction"])
-    console.print(f"reconstruction cosine: {rec}")
+    console.print(reconstruction_line(report))
+    parts = report.get("parts")
+    if parts:
+        console.print(parts_line(report))
+
+
+def reconstruction_line(report: dict[str, Any]) -> str:
+    """The reconstruction cosine at the full prefix per modality, beside its two references."""
+    rows = {r["modality"]: r for r in sorted(report["reconstruction"], key=lambda r: r["k"])}  # the largest k
+    text = ", ".join(f"{m} {r['cosine']:.3f}" + (f" (ridge readout {r['ridge_reference']:.3f}, per-position mean "
+                                                 f"{r['mean_reference']:.3f})" if "ridge_reference" in r else "")
+                     for m, r in rows.items())
+    k = max(r["k"] for r in report["reconstruction"])
+    return f"reconstruction cosine at k={k}: {text}"
+
+
+def parts_line(report: dict[str, Any]) -> str:
+    """Leakage and complementarity per modality in one line."""
+    parts = report["parts"]
+    return "; ".join(f"{m}: leakage {_ratio(parts['leakage'].get(m))}, complementarity "
+                     f"{_ratio(parts['complementarity'].get(m))}, shared kept {_ratio(parts['shared_kept'].get(m))}"
+                     for m in report["modalities"])

@@ -259,15 +259,15 @@ def _rerun_eval(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable
     run_dir = guard.check(resolve_path(mpath, run_ref["path"]), "run").parent
     features = _input(mpath, m, "features", guard).parent
     save_embeddings = any(Path(f["path"]).name == "embeddings.h5" for f in m["outputs"].get("files", []))
-    base = next((r for r in m["inputs"] if r.get("role") == "baseline_features"), None)
-    base_features = _input(mpath, m, "baseline_features", guard).parent if base else None
+    base = next((r["role"] for r in m["inputs"] if r.get("role") in ("fit_features", "baseline_features")), None)
+    base_features = _input(mpath, m, base, guard).parent if base else None  # baseline_features: older manifests
     _guard_run(guard, run_dir)
     for store in (features, base_features):
         if store is not None:
             _guard_store(guard, store, "features")
     log(f"eval: run {run_dir} on {features}")
     new = run_eval(run_dir, features, out, cfg, save_embeddings=save_embeddings, command=list(m["command"]),
-                   baseline_features=base_features)
+                   fit_features=base_features)
     old = json.loads((mpath.parent / "report.json").read_text())
     return compare_numbers(old, json.loads(json.dumps(new)), "report", tol=0.0)
 

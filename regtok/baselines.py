@@ -1,15 +1,21 @@
-"""Linear Stage-2 baselines, fitted on a training split and scored on the evaluated split.
+"""Stage-2 baselines, fitted on a training split and scored on the evaluated split.
 
-A register module is worth running only if it beats the simplest methods on the same cache, so every
-evaluation fits two of them on the run's training store, on the same feature kind:
+A register module is worth running only if it beats the simplest methods on the same cache, so every evaluation
+fits these on the run's training rows, on the same feature kind:
 
 - ``cca``: regularised linear CCA. The ridge (relative to the mean variance) and the number of canonical
-  components are chosen by R@1 on a seeded validation part of the training split, then refitted on all of it.
-- ``linear_infonce``: one linear map per modality to an ``embed_dim``-wide, L2-normalised embedding, trained
-  with the symmetric InfoNCE loss and a learnable temperature (the run's batch size and epochs).
+  components are chosen by R@1 on a seeded validation part of the training split, then refitted on all of it;
+  a ridge chosen at the edge of its grid extends the grid that way until it is not (so widening it changes
+  nothing), and the components run from 1 to every dimension there is.
+- ``weighted_cca``: the canonical directions weighted by ρ^p instead of a hard component count (ridge and power
+  chosen on validation), the linear map the register module starts from.
+- ``linear_infonce``: one linear map per modality to an ``embed_dim``-wide, L2-normalised embedding, symmetric
+  InfoNCE with a learnable temperature, early-stopped on validation R@1.
+- ``mlp_infonce``: the TVL/CLIP-style Stage-2 head, a two-layer MLP per modality (GELU, dropout, weight decay),
+  the same loss and early stopping; its learning rate and dropout are chosen on validation.
 
 Inputs are standardised per dimension; token features are flattened and reduced by a PCA fitted on the
-training split (at most ``max_dim`` dimensions), so both baselines see one vector per sample. Everything is a
+training split (at most ``max_dim`` dimensions), so every baseline sees one vector per sample. Everything is a
 pure function of the arrays and a seed: no files, no printing.
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +32,9 @@ from torch import Tensor
 
 from regtok.retrieval import paired_ranks, retrieval_metrics
 
-CCA_RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # times the mean per-dimension variance
-CCA_COMPONENTS = (8, 16, 32, 64, 128, 256, 512)
+CCA_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the mean per-dimension variance; extended at an edge
+CCA_MAX_RIDGE_STEPS = 4  # how far (×10 each) the ridge grid extends past an edge it chose
+CCA_COMPONENTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # and every dimension there is
 
 
 @dataclass
@@ -92,9 +100,10 @@ def weighted_cca(xa: Tensor, xb: Tensor, n_dirs: int, val_fraction: float,
     """
     val, fit = _val_split(len(xa), val_fraction, seed)
     best = (-1.0, CCA_RIDGES[0], CCA_POWERS[0])
+    path = _CCAPath(xa[fit], xb[fit])
     for ridge in CCA_RIDGES:
-        pa, pb, ma, mb, rho = _canonical(xa[fit], xb[fit], ridge, n_dirs)
-        ea, eb = (xa[val] - ma) @ pa, (xb[val] - mb) @ pb
+        pa, pb, rho = path.directions(ridge, n_dirs)
+        ea, eb = (xa[val] - path.ma.float()) @ pa, (xb[val] - path.mb.float()) @ pb
         for power in CCA_POWERS:
             w = rho**power
             score = mean_r1(F.normalize(ea * w, dim=-1), F.normalize(eb * w, dim=-1))
@@ -114,23 +123,32 @@ def _val_split(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     return order[:n_val], order[n_val:]
 
 
+class _CCAPath:
+    """Ridge CCA of (N, D_a), (N, D_b) for any ridge from one eigendecomposition of each covariance: whitening
+    by (C + ridge · mean(diag C) · I)^(-1/2) = V diag((λ + ridge · mean λ)^(-1/2)) Vᵀ, then one SVD per ridge."""
+
+    def __init__(self, xa: Tensor, xb: Tensor) -> None:
+        a, b = xa.double(), xb.double()
+        self.ma, self.mb = a.mean(0), b.mean(0)
+        a, b = a - self.ma, b - self.mb
+        self.eig = [torch.linalg.eigh(x.T @ x / len(a)) for x in (a, b)]  # (D,), (D, D) each
+        self.cross = a.T @ b / len(a)  # (D_a, D_b)
+
+    def directions(self, ridge: float, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The k leading canonical directions, projections of centred inputs (D_a, k), (D_b, k) float32, and
+        the canonical correlations (k,), strongest first."""
+        wa, wb = (v @ torch.diag((e.clamp_min(0) + ridge * e.clamp_min(0).mean()).clamp_min(1e-12).rsqrt()) @ v.T
+                  for e, v in self.eig)  # (D, D) each
+        u, rho, vh = torch.linalg.svd(wa @ self.cross @ wb, full_matrices=False)
+        k = min(k, len(rho))
+        return (wa @ u[:, :k]).float(), (wb @ vh[:k].T).float(), rho[:k].float()
+
+
 def _canonical(xa: Tensor, xb: Tensor, ridge: float, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The k leading canonical directions of ridge CCA: projections of centred inputs (D_a, k), (D_b, k)
-    float32, the column means (D_a,), (D_b,) and the canonical correlations (k,), strongest first."""
-    a, b = xa.double(), xb.double()
-    ma, mb = a.mean(0), b.mean(0)
-    a, b = a - ma, b - mb
-    wa, wb = (_inv_sqrt(x.T @ x / len(a), ridge) for x in (a, b))  # (D, D) each
-    u, rho, vh = torch.linalg.svd(wa @ (a.T @ b / len(a)) @ wb, full_matrices=False)
-    k = min(k, len(rho))
-    return (wa @ u[:, :k]).float(), (wb @ vh[:k].T).float(), ma.float(), mb.float(), rho[:k].float()
-
-
-def _inv_sqrt(c: Tensor, ridge: float) -> Tensor:
-    """(C + ridge · mean(diag C) · I)^(-1/2) of a symmetric PSD matrix."""
-    reg = c + ridge * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)
-    evals, evecs = torch.linalg.eigh(reg)
-    return evecs @ torch.diag(evals.clamp_min(1e-12).rsqrt()) @ evecs.T
+    """The k leading canonical directions of ridge CCA (see :class:`_CCAPath`) and the column means."""
+    path = _CCAPath(xa, xb)
+    pa, pb, rho = path.directions(ridge, k)
+    return pa, pb, path.ma.float(), path.mb.float(), rho
 
 
 def mean_r1(a: Tensor, b: Tensor) -> float:
@@ -139,65 +157,136 @@ def mean_r1(a: Tensor, b: Tensor) -> float:
 
 
 def select_cca(xa: Tensor, xb: Tensor, val_fraction: float, seed: int) -> tuple[CCA, dict[str, float]]:
-    """CCA with ridge and components chosen on a validation part of (xa, xb), refitted on all rows."""
+    """CCA with ridge and components chosen on a validation part of (xa, xb), refitted on all rows.
+
+    The ridge grid is extended ×10 past whichever edge it chose (up to CCA_MAX_RIDGE_STEPS times), so the choice
+    is interior; the components run over powers of two up to, and including, every dimension there is.
+    """
     val, fit = _val_split(len(xa), val_fraction, seed)
-    best: tuple[float, float, int] = (-1.0, CCA_RIDGES[0], CCA_COMPONENTS[0])
-    for ridge in CCA_RIDGES:
-        full = CCA.fit(xa[fit], xb[fit], ridge, max(CCA_COMPONENTS))
-        for k in CCA_COMPONENTS:
-            if k > full.proj_a.shape[1] and k != CCA_COMPONENTS[0]:
-                break
-            trial = CCA(full.proj_a[:, :k], full.proj_b[:, :k], ridge, k)
-            score = mean_r1(*trial.embed(xa[val], xb[val]))
-            if score > best[0]:
-                best = (score, ridge, k)
-    score, ridge, k = best
-    return CCA.fit(xa, xb, ridge, k), {"val_r1": score, "ridge": ridge, "components": k, "val_rows": len(val)}
+    top = min(xa.shape[1], xb.shape[1], len(fit))
+    comps = sorted({k for k in CCA_COMPONENTS if k < top} | {top})
+    scores: dict[float, tuple[float, int]] = {}
+    path = _CCAPath(xa[fit], xb[fit])
+    va, vb = xa[val] - path.ma.float(), xb[val] - path.mb.float()  # CCA.embed takes centred rows
+
+    def score(ridge: float) -> tuple[float, int]:
+        if ridge not in scores:
+            pa, pb, _ = path.directions(ridge, top)
+            best = max(((mean_r1(*CCA(pa[:, :k], pb[:, :k], ridge, k).embed(va, vb)), k)
+                        for k in comps if k <= pa.shape[1]), key=lambda t: (t[0], -t[1]))
+            scores[ridge] = best
+        return scores[ridge]
+
+    ridges = list(CCA_RIDGES)
+    for _ in range(CCA_MAX_RIDGE_STEPS + 1):
+        best = max(ridges, key=lambda r: (score(r)[0], r))  # ties: the larger ridge (the simpler fit)
+        if best == ridges[0] and score(best)[0] > 0:
+            ridges.insert(0, ridges[0] / 10)
+        elif best == ridges[-1] and score(best)[0] > 0:
+            ridges.append(ridges[-1] * 10)
+        else:
+            break
+    (val_r1, k), ridge = score(best), best
+    return CCA.fit(xa, xb, ridge, k), {"val_r1": val_r1, "ridge": ridge, "components": k, "val_rows": len(val),
+                                       "ridges_tried": [float(r) for r in ridges], "components_tried": comps}
 
 
-def fit_linear_infonce(xa: Tensor, xb: Tensor, embed_dim: int, epochs: int, batch_size: int, seed: int,
-                       lr: float = 1e-3, weight_decay: float = 0.01,
-                       init_temperature: float = 0.07) -> tuple[Tensor, Tensor]:
-    """Linear maps (D_a, E), (D_b, E) trained with symmetric InfoNCE on (N, D_a), (N, D_b); AdamW, cosine lr."""
+@dataclass(frozen=True)
+class HeadConfig:
+    """An InfoNCE head: ``hidden`` 0 is linear, else a two-layer GELU MLP with ``dropout``; early-stopped."""
+
+    embed_dim: int = 64
+    hidden: int = 0
+    dropout: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 256
+    max_epochs: int = 200
+    patience: int = 10  # epochs without a better validation R@1 before stopping
+    init_temperature: float = 0.07
+
+
+def _head(d_in: int, cfg: HeadConfig, g: torch.Generator) -> torch.nn.Module:
+    """A linear map, or Linear → GELU → Dropout → Linear; initialised from ``g``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
+        if not cfg.hidden:
+            return torch.nn.Linear(d_in, cfg.embed_dim, bias=False)
+        return torch.nn.Sequential(torch.nn.Linear(d_in, cfg.hidden), torch.nn.GELU(), torch.nn.Dropout(cfg.dropout),
+                                   torch.nn.Linear(cfg.hidden, cfg.embed_dim))
+
+
+def fit_infonce_head(xa: Tensor, xb: Tensor, cfg: HeadConfig, val_fraction: float,
+                     seed: int) -> tuple[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], dict[str, Any]]:
+    """A head per modality trained with symmetric InfoNCE on (N, D_a), (N, D_b) with AdamW, and stopped early: the
+    epoch with the best R@1 on a seeded validation part of the rows is kept. Returns the embedding function
+    (xa, xb) → L2-normalised (M, E) each, and what was chosen. Dropout draws from the global generator, so the
+    fit runs under a forked one seeded with ``seed``: the same call gives the same head, whatever ran before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _fit_head(xa, xb, cfg, val_fraction, seed)
+
+
+def _fit_head(xa: Tensor, xb: Tensor, cfg: HeadConfig, val_fraction: float,
+              seed: int) -> tuple[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], dict[str, Any]]:
     g = torch.Generator().manual_seed(seed)
     xa, xb = xa.float(), xb.float()
-    wa = torch.nn.Parameter(torch.randn(xa.shape[1], embed_dim, generator=g) / math.sqrt(xa.shape[1]))
-    wb = torch.nn.Parameter(torch.randn(xb.shape[1], embed_dim, generator=g) / math.sqrt(xb.shape[1]))
-    log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
-    opt = torch.optim.AdamW([{"params": [wa, wb], "weight_decay": weight_decay},
-                             {"params": [log_scale], "weight_decay": 0.0}], lr=lr)
-    n = len(xa)
-    bs = max(2, min(batch_size, n))
-    steps_per_epoch = max(1, n // bs)
-    total = max(1, epochs * steps_per_epoch)
-    step = 0
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(steps_per_epoch):
+    val, fit = _val_split(len(xa), val_fraction, seed)
+    heads = torch.nn.ModuleList([_head(xa.shape[1], cfg, g), _head(xb.shape[1], cfg, g)])
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+    decay = [p for p in heads.parameters() if p.dim() >= 2]
+    plain = [p for p in heads.parameters() if p.dim() < 2] + [log_scale]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": plain, "weight_decay": 0.0}], lr=cfg.lr)
+
+    def embed(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        return F.normalize(heads[0](a), dim=-1), F.normalize(heads[1](b), dim=-1)
+
+    bs = max(2, min(cfg.batch_size, len(fit)))
+    best, best_epoch, best_state, epoch = -1.0, -1, None, 0
+    for epoch in range(cfg.max_epochs):
+        heads.train()
+        perm = fit[torch.randperm(len(fit), generator=g)]
+        for i in range(max(1, len(fit) // bs)):
             idx = perm[i * bs:(i + 1) * bs]
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            ea, eb = F.normalize(xa[idx] @ wa, dim=-1), F.normalize(xb[idx] @ wb, dim=-1)  # (B, E)
+            ea, eb = embed(xa[idx], xb[idx])  # (B, E)
             logits = log_scale.clamp(max=math.log(100.0)).exp() * ea @ eb.T  # (B, B)
             labels = torch.arange(len(idx))
             loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
-    return wa.detach(), wb.detach()
+        heads.eval()
+        with torch.no_grad():
+            score = mean_r1(*embed(xa[val], xb[val]))
+        if score > best:
+            best, best_epoch = score, epoch
+            best_state = {k: v.clone() for k, v in heads.state_dict().items()}
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    heads.load_state_dict(best_state)
+    heads.eval()
+    return torch.no_grad()(embed), {"val_r1": best, "epoch": best_epoch + 1, "epochs_run": epoch + 1,
+                                    "val_rows": len(val)}
 
 
 @dataclass(frozen=True)
 class BaselineConfig:
-    """How the baselines are fitted: reduction width, validation part for CCA, the linear head's schedule."""
+    """How the baselines are fitted: reduction width, validation part, the InfoNCE heads' width and batch."""
 
     max_dim: int = 512
     val_fraction: float = 0.2
     embed_dim: int = 64
-    epochs: int = 20
-    batch_size: int = 256
+    batch_size: int = 256  # the InfoNCE heads' batch
     seed: int = 0
+    mlp_hidden: int = 1024
+    mlp_grid: tuple[tuple[float, float], ...] = ((1e-3, 0.5), (3e-4, 0.3))  # (lr, dropout) pairs, chosen on validation
+    mlp_weight_decay: float = 0.1
+    max_epochs: int = 100
+    patience: int = 5
+
+
+BASELINES = ("cca", "weighted_cca", "linear_infonce", "mlp_infonce")
 
 
 def fit_and_score(train: dict[str, Tensor], test: dict[str, Tensor], modalities: tuple[str, str],
@@ -213,14 +302,36 @@ def fit_and_score(train: dict[str, Tensor], test: dict[str, Tensor], modalities:
     tr = {m: red[m](train[m]) for m in (a, b)}  # (N_train, K)
     te = {m: red[m](test[m]) for m in (a, b)}  # (N_test, K)
     reduced = {"input_dims": {m: int(tr[m].shape[1]) for m in (a, b)}, "train_rows": int(len(tr[a]))}
+    score = lambda ea, eb: retrieval_metrics(ea, eb, chunk_size, device)  # noqa: E731
     log("baseline: linear CCA")
     cca, chosen = select_cca(tr[a], tr[b], cfg.val_fraction, cfg.seed)
-    out: dict[str, dict] = {"cca": {**retrieval_metrics(*cca.embed(te[a], te[b]), chunk_size, device),
-                                    "fit": {**reduced, **chosen}}}
+    out: dict[str, dict] = {"cca": {**score(*cca.embed(te[a], te[b])), "fit": {**reduced, **chosen}}}
+    log("baseline: weighted CCA")
+    n_dirs = min(tr[a].shape[1], tr[b].shape[1])
+    pa, pb, info = weighted_cca(tr[a], tr[b], n_dirs, cfg.val_fraction, cfg.seed)
+    ma, mb = tr[a].mean(0), tr[b].mean(0)
+    out["weighted_cca"] = {**score(F.normalize((te[a] - ma) @ pa, dim=-1), F.normalize((te[b] - mb) @ pb, dim=-1)),
+                           "fit": {**reduced, **info, "directions": n_dirs}}
     log("baseline: linear InfoNCE head")
-    wa, wb = fit_linear_infonce(tr[a], tr[b], cfg.embed_dim, cfg.epochs, cfg.batch_size, cfg.seed)
-    ea, eb = F.normalize(te[a] @ wa, dim=-1), F.normalize(te[b] @ wb, dim=-1)
-    out["linear_infonce"] = {**retrieval_metrics(ea, eb, chunk_size, device),
-                             "fit": {**reduced, "embed_dim": cfg.embed_dim, "epochs": cfg.epochs,
-                                     "batch_size": cfg.batch_size}}
+    linear = HeadConfig(embed_dim=cfg.embed_dim, batch_size=cfg.batch_size, max_epochs=cfg.max_epochs,
+                        patience=cfg.patience)
+    embed, info = fit_infonce_head(tr[a], tr[b], linear, cfg.val_fraction, cfg.seed)
+    out["linear_infonce"] = {**score(*embed(te[a], te[b])), "fit": {**reduced, **_head_fit(linear, info)}}
+    best = None
+    for lr, dropout in cfg.mlp_grid:
+        log(f"baseline: MLP InfoNCE head (lr {lr:g}, dropout {dropout:g})")
+        mlp = HeadConfig(embed_dim=cfg.embed_dim, hidden=cfg.mlp_hidden, dropout=dropout, lr=lr,
+                         weight_decay=cfg.mlp_weight_decay, batch_size=cfg.batch_size, max_epochs=cfg.max_epochs,
+                         patience=cfg.patience)
+        embed, info = fit_infonce_head(tr[a], tr[b], mlp, cfg.val_fraction, cfg.seed)
+        if best is None or info["val_r1"] > best[2]["val_r1"]:
+            best = (mlp, embed, info)
+    mlp, embed, info = best
+    out["mlp_infonce"] = {**score(*embed(te[a], te[b])),
+                          "fit": {**reduced, **_head_fit(mlp, info), "grid": [list(g) for g in cfg.mlp_grid]}}
     return out
+
+
+def _head_fit(cfg: HeadConfig, info: dict[str, Any]) -> dict[str, Any]:
+    keys = ("embed_dim", "hidden", "dropout", "lr", "weight_decay", "batch_size", "patience")
+    return {**{k: getattr(cfg, k) for k in keys}, **info}

@@ -1,12 +1,12 @@
-"""Stage 3, the library half: retrieval per prefix, flow transport, prefix probes and reconstruction → a report dict.
+"""Stage 3, the library half: retrieval per prefix, flow transport, what each part holds and reconstruction → a
+report dict.
 
-``evaluate`` reads features batch by batch (any array-like that slices, e.g. an HDF5 dataset), runs the model
-once per prefix length k on each batch, and keeps only what the metrics need: the shared embeddings of the
-retrieval prefixes, and per-group register means for the probe rows. No files, no printing.
-
-Register groups at prefix k: ``shared`` = slots [0, min(k, n_shared)), ``private`` = slots [n_shared, k)
-(empty, so reported as null, when k <= n_shared), ``all`` = slots [0, k). A group's probe feature is the
-mean of its registers (B, d), so every k gives a feature of one width.
+``evaluate`` reads features batch by batch (any array-like that slices, e.g. an HDF5 dataset) and encodes each batch
+once: the registers are causal, so the first k registers are the k-register encoding, and the heads (shared
+embedding, decoder) run on them for every prefix length k. It keeps only what the metrics need: the shared
+embeddings of the retrieval prefixes, and for the probe rows (a seeded subset) the concatenated registers and the
+read code. Probes and the reconstruction's ridge reference are fitted on ``fit`` (the run's training rows) and
+scored here (:mod:`regtok.parts`); without ``fit``, on a held-out part of the evaluated split. No files, no printing.
 """
 
 from __future__ import annotations
@@ -22,13 +22,22 @@ from torch import Tensor
 from regtok.config import EvalConfig  # noqa: F401 (its home is regtok.config; imported from here too)
 from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
-from regtok.probes import LABEL_TYPES, fit_probe, split_indices
+from regtok.parts import GROUPS, cosine, label_targets, part_summary, probe_plan, probe_rows  # noqa: F401
+from regtok.probes import RidgeMap, split_indices
 from regtok.retrieval import RECALL_KS, chance_metrics, l2_normalize, paired_ranks, rank_metrics, retrieval_metrics
 
-GROUPS = ("shared", "private", "all")
 TIE_RULE = "pessimistic: rank = 1 + #{j != i : s_ij >= s_ii} (a tie counts against the query)"
 EmbeddingSink = Callable[[str, int, np.ndarray], None]  # (modality, k, (N, E) float32) in sample order
 Log = Callable[[str], None]
+
+
+@dataclass
+class FitRows:
+    """The rows probes and reconstruction references are fitted on: the run's training rows, as array-likes."""
+
+    features: Mapping[str, Any]  # modality → (N, D) or (N, T, D)
+    labels: Mapping[str, np.ndarray]  # name → (N,)
+    source: str = "the run's training rows"
 
 
 def prefix_plan(cfg: EvalConfig, n_registers: int, n_shared: int) -> tuple[list[int], list[int]]:
@@ -43,13 +52,14 @@ def prefix_plan(cfg: EvalConfig, n_registers: int, n_shared: int) -> tuple[list[
 
 
 def evaluate(model: Any, features: Mapping[str, Any], labels: Mapping[str, np.ndarray],
-             label_schema: Mapping[str, Mapping[str, Any]], cfg: EvalConfig, *,
+             label_schema: Mapping[str, Mapping[str, Any]], cfg: EvalConfig, *, fit: FitRows | None = None,
              pooled: Mapping[str, Any] | None = None, embeddings_sink: EmbeddingSink | None = None,
              log: Log | None = None) -> dict[str, Any]:
     """Evaluate a RegTok on one split. features: {modality: (N, D) or (N, T, D) array-like}, the model's inputs.
 
+    fit: the rows probes and reconstruction references are fitted on (None: a part of this split).
     pooled: the raw pooled features for the cosine baseline (default: ``features`` when they are pooled).
-    labels: {name: (N,)}; label_schema: {name: {"type": "categorical" | "continuous", …}} (store manifest).
+    labels: {name: (N,)}; label_schema: {name: {"type": "categorical" | "continuous", "group": …}} (store manifest).
     Returns the report dict (see pipeline/report.py for the files written from it).
     """
     log = log or (lambda _msg: None)
@@ -58,12 +68,10 @@ def evaluate(model: Any, features: Mapping[str, Any], labels: Mapping[str, np.nd
     mcfg = model.cfg
     probe_ks, retr_ks = prefix_plan(cfg, mcfg.n_registers, mcfg.n_shared)
     device = resolve_device(cfg.device)
-    probe_rows, train, test = _probe_split(n, cfg)
-    enc = _encode_all(model, features, (a, b), probe_ks, retr_ks, probe_rows, cfg, device, log)
-
+    rows = _subset(n, cfg.probe_max_samples, cfg.seed)
+    enc = _encode(model, features, (a, b), probe_ks, retr_ks, rows, cfg, device, log)
     report: dict[str, Any] = {"n": n, "modalities": [a, b], "retrieval": [], "tie_rule": TIE_RULE,
-                              "prefixes": {"retrieval": retr_ks, "probes": probe_ks,
-                                           "n_shared": mcfg.n_shared}}
+                              "prefixes": {"retrieval": retr_ks, "probes": probe_ks, "n_shared": mcfg.n_shared}}
     for k in retr_ks:
         log(f"retrieval k={k}")
         report["retrieval"].append({"k": k, **retrieval_metrics(enc.shared[a][k], enc.shared[b][k], cfg.chunk_size,
@@ -73,22 +81,130 @@ def evaluate(model: Any, features: Mapping[str, Any], labels: Mapping[str, np.nd
                 embeddings_sink(m, k, enc.shared[m][k].numpy())
     report["baselines"] = _baselines(n, pooled if pooled is not None else features, (a, b), cfg, device)
     report["flow"] = _flow(model, enc.shared, (a, b), retr_ks, cfg, device, log)
-    report["reconstruction"] = [{"k": k, "modality": m, "cosine": enc.recon[m][k] / n}
-                                for k in probe_ks for m in (a, b)]
-    probe_labels = {name: torch.as_tensor(np.asarray(col))[probe_rows] for name, col in labels.items()}
-    report["probes"], notes = _probes(enc.groups, probe_labels, label_schema, train, test, cfg, mcfg.n_shared, log)
-    report["probe_split"] = {"rows": len(probe_rows), "train": len(train), "test": len(test), "seed": cfg.seed,
-                             "test_fraction": cfg.probe_test_fraction, "val_fraction_of_train": cfg.probe_val_fraction,
-                             "feature": "mean of the group's kept registers (hidden_dim)"}
-    report["notes"] = notes
+    report.update(_parts(model, features, labels, label_schema, cfg, fit, rows, enc, probe_ks, device, log))
     return report
 
 
 @dataclass
 class _Encoded:
     shared: dict[str, dict[int, Tensor]]  # modality → k → (N, E) float32, retrieval prefixes only
-    groups: dict[str, dict[int, dict[str, Tensor]]]  # modality → k → group → (P, d) float32, probe rows only
-    recon: dict[str, dict[int, float]]  # modality → k → summed per-sample reconstruction cosine
+    registers: dict[str, Tensor]  # modality → (P, R·d) float16, every register of the probe rows, concatenated
+    codes: dict[str, Tensor]  # modality → (P, K) float32, the read code (the decoder's target space) of those rows
+    recon: dict[str, dict[int, Tensor]]  # modality → k → (P,) the decoder's reconstruction cosine per probe row
+
+
+@torch.no_grad()
+def _encode(model: Any, features: Mapping[str, Any], mods: Sequence[str], ks: list[int], retr_ks: list[int],
+            rows: Tensor, cfg: EvalConfig, device: torch.device, log: Log) -> _Encoded:
+    """One pass over ``features``, one encoding per batch; the heads run per prefix length k on it."""
+    model = model.to(device).eval()
+    n = len(features[mods[0]])
+    in_rows = torch.zeros(n, dtype=torch.bool)
+    in_rows[rows] = True
+    shared: dict[str, dict[int, list[Tensor]]] = {m: {k: [] for k in retr_ks} for m in mods}
+    regs: dict[str, list[Tensor]] = {m: [] for m in mods}
+    codes: dict[str, list[Tensor]] = {m: [] for m in mods}
+    recon: dict[str, dict[int, list[Tensor]]] = {m: {k: [] for k in ks} for m in mods}
+    for start in range(0, n, cfg.batch_size):
+        end = min(start + cfg.batch_size, n)
+        sel = in_rows[start:end]
+        if not retr_ks and not bool(sel.any()):
+            continue
+        log(f"encode {end}/{n}")
+        for m in mods:
+            enc = model.encoders[m]
+            x = torch.from_numpy(np.asarray(features[m][start:end])).to(device, torch.float32)
+            full = enc.registers_of(x)  # (B, R, d)
+            for k in retr_ks:
+                keep = torch.full((len(x),), k, dtype=torch.long, device=device)
+                shared[m][k].append(enc.embed_shared(full, keep).float().cpu())
+            if not bool(sel.any()):
+                continue
+            x, full = x[sel.to(device)], full[sel.to(device)]
+            regs[m].append(full.flatten(1).half().cpu())
+            codes[m].append(enc.read_code(x).float().cpu())
+            target = enc.as_tokens(x)  # (b, T, D_in)
+            for k in ks:
+                keep = torch.full((len(x),), k, dtype=torch.long, device=device)
+                recon[m][k].append(cosine(enc.outputs(full, keep).recon, target).cpu())
+    cat = torch.cat
+    return _Encoded(shared={m: {k: cat(v) for k, v in per.items()} for m, per in shared.items()},
+                    registers={m: cat(v) for m, v in regs.items()}, codes={m: cat(v) for m, v in codes.items()},
+                    recon={m: {k: cat(v) for k, v in per.items()} for m, per in recon.items()})
+
+
+def _subset(n: int, cap: int, seed: int) -> Tensor:
+    """A seeded subset of range(n) of at most ``cap`` rows (0: all), sorted."""
+    if not cap or cap >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:cap].sort().values
+
+
+def _parts(model: Any, features: Mapping[str, Any], labels: Mapping[str, np.ndarray],
+           schema: Mapping[str, Mapping[str, Any]], cfg: EvalConfig, fit: FitRows | None, rows: Tensor,
+           enc: _Encoded, ks: list[int], device: torch.device, log: Log) -> dict[str, Any]:
+    """Probes, the part summary and reconstruction with its references, fitted on ``fit`` (or a part of here)."""
+    mods, mcfg = model.modalities, model.cfg
+    test_labels = {name: torch.as_tensor(np.asarray(col))[rows] for name, col in labels.items()}
+    if fit is not None:
+        fit_rows = _subset(len(fit.features[mods[0]]), cfg.probe_max_samples, cfg.seed)
+        fenc = _encode(model, fit.features, mods, [], [], fit_rows, cfg, device, log)
+        fit_labels = {name: torch.as_tensor(np.asarray(col))[fit_rows] for name, col in fit.labels.items()}
+        test, test_rows = enc, rows
+        split = {"source": fit.source, "train": len(fit_rows), "test": len(rows)}
+    else:  # no training rows: a held-out part of this split
+        tr, te = split_indices(len(rows), cfg.probe_test_fraction, cfg.seed)
+        fenc, test, test_rows = _slice(enc, tr), _slice(enc, te), rows[te]
+        fit_labels = {name: col[tr] for name, col in test_labels.items()}
+        test_labels = {name: col[te] for name, col in test_labels.items()}
+        split = {"source": "a part of the evaluated split (no training rows were given)", "train": len(tr),
+                 "test": len(te)}
+    targets, notes = label_targets(fit_labels, None, test_labels, schema)
+    width = mcfg.hidden_dim
+    raw = {m: (fenc.codes[m], test.codes[m]) for m in mods}
+    probes = probe_rows(fenc.registers, test.registers, targets, probe_plan(ks, mcfg.n_shared), mcfg.n_shared,
+                        width, raw, cfg.seed, cfg.probe_val_fraction, log)
+    split.update(seed=cfg.seed, val_fraction_of_train=cfg.probe_val_fraction,
+                 feature="the group's registers, concatenated; raw = the input in the read's PCA basis")
+    return {"probes": probes, "probe_split": split, "notes": notes,
+            "label_parts": {name: schema.get(name, {}).get("group") for name in targets},
+            "parts": part_summary(probes, schema, mods, mcfg.n_shared, mcfg.n_registers),
+            "reconstruction": _reconstruction(model, features, test_rows, fenc, test, ks, cfg, device, log)}
+
+
+def _slice(enc: _Encoded, idx: Tensor) -> _Encoded:
+    return _Encoded(shared={}, registers={m: v[idx] for m, v in enc.registers.items()},
+                    codes={m: v[idx] for m, v in enc.codes.items()},
+                    recon={m: {k: v[idx] for k, v in per.items()} for m, per in enc.recon.items()})
+
+
+@torch.no_grad()
+def _reconstruction(model: Any, features: Mapping[str, Any], rows: Tensor, fit: _Encoded, test: _Encoded,
+                    ks: list[int], cfg: EvalConfig, device: torch.device, log: Log) -> list[dict[str, Any]]:
+    """Per (k, modality), on the test ``rows``: the decoder's reconstruction cosine beside the per-position training
+    mean's and a ridge readout's from the same k registers (fitted on ``fit``, into the decoder's code space), each
+    against the standardised input itself (a second pass reads it)."""
+    width = model.cfg.hidden_dim
+    codes: dict[str, dict[Any, Tensor]] = {}
+    for m in model.modalities:
+        codes[m] = {"mean": fit.codes[m].mean(0, keepdim=True).expand(len(rows), -1)}
+        for k in ks:
+            log(f"reconstruction references {m} k={k}")
+            cols = slice(0, k * width)
+            readout = RidgeMap.fit(fit.registers[m][:, cols], fit.codes[m], cfg.seed)
+            codes[m][k] = readout(test.registers[m][:, cols]).float()  # (P, K)
+    sums = {m: dict.fromkeys(codes[m], 0.0) for m in model.modalities}
+    for i in range(0, len(rows), cfg.batch_size):
+        idx = rows[i: i + cfg.batch_size].numpy()
+        for m in model.modalities:
+            enc = model.encoders[m]
+            x = torch.from_numpy(np.asarray(features[m][idx[0]: idx[-1] + 1])[idx - idx[0]]).to(device, torch.float32)
+            target = enc.as_tokens(x)  # (b, T, D_in)
+            for key, c in codes[m].items():
+                sums[m][key] += float(cosine(enc.decode_code(c[i: i + len(idx)].to(device)), target).sum())
+    return [{"k": k, "modality": m, "cosine": float(test.recon[m][k].mean()),
+             "mean_reference": sums[m]["mean"] / len(rows), "ridge_reference": sums[m][k] / len(rows)}
+            for m in model.modalities for k in ks]
 
 
 def _check_lengths(features: Mapping[str, Any], labels: Mapping[str, np.ndarray], mods: Sequence[str]) -> int:
@@ -102,60 +218,6 @@ def _check_lengths(features: Mapping[str, Any], labels: Mapping[str, np.ndarray]
     if n < 2:
         raise RegtokError(f"evaluation needs at least 2 samples, got {n}")
     return n
-
-
-def _probe_split(n: int, cfg: EvalConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """Probe rows (a seeded subset of the split, sorted) and the train/test positions within them."""
-    cap = cfg.probe_max_samples or n
-    rows = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[: min(cap, n)].sort().values
-    train, test = split_indices(len(rows), cfg.probe_test_fraction, cfg.seed)
-    return rows, train, test
-
-
-@torch.no_grad()
-def _encode_all(model: Any, features: Mapping[str, Any], mods: Sequence[str], probe_ks: list[int],
-                retr_ks: list[int], probe_rows: Tensor, cfg: EvalConfig, device: torch.device, log: Log) -> _Encoded:
-    """One pass over the features; for each batch, one forward per prefix length k."""
-    model = model.to(device).eval()
-    n, n_shared = len(features[mods[0]]), model.cfg.n_shared
-    in_probe = torch.zeros(n, dtype=torch.bool)
-    in_probe[probe_rows] = True
-    shared: dict[str, dict[int, list[Tensor]]] = {m: {k: [] for k in retr_ks} for m in mods}
-    groups: dict[str, dict[int, dict[str, list[Tensor]]]] = {m: {k: {} for k in probe_ks} for m in mods}
-    recon = {m: dict.fromkeys(probe_ks, 0.0) for m in mods}
-    for start in range(0, n, cfg.batch_size):
-        end = min(start + cfg.batch_size, n)
-        log(f"encode {end}/{n}")
-        batch = {m: torch.from_numpy(np.asarray(features[m][start:end])).to(device, torch.float32) for m in mods}
-        sel = in_probe[start:end].to(device)  # (B,)
-        for k in sorted(set(probe_ks) | set(retr_ks)):
-            outs = model(batch, keep=k)
-            for m in mods:
-                o = outs[m]
-                if k in shared[m]:
-                    shared[m][k].append(o.shared.float().cpu())
-                if k in recon[m]:
-                    recon[m][k] += float(_recon_cosine(o.recon, model.encoders[m].as_tokens(batch[m])).sum())
-                    for g, feat in _group_means(o.registers[sel], k, n_shared).items():
-                        groups[m][k].setdefault(g, []).append(feat)
-    return _Encoded(
-        shared={m: {k: torch.cat(v) for k, v in per.items()} for m, per in shared.items()},
-        groups={m: {k: {g: torch.cat(v) for g, v in gs.items()} for k, gs in per.items()} for m, per in groups.items()},
-        recon=recon,
-    )
-
-
-def _group_means(registers: Tensor, k: int, n_shared: int) -> dict[str, Tensor]:
-    """registers (B, R, d) → {group: (B, d) float32 cpu} at prefix k; the private group only when k > n_shared."""
-    out = {"shared": registers[:, : min(k, n_shared)].mean(1), "all": registers[:, :k].mean(1)}  # (B, d)
-    if k > n_shared:
-        out["private"] = registers[:, n_shared:k].mean(1)  # (B, d)
-    return {g: v.float().cpu() for g, v in out.items()}
-
-
-def _recon_cosine(recon: Tensor, x: Tensor) -> Tensor:
-    """Per-sample cosine between reconstruction (B, T, D) and the module's standardised input (B, T, D). (B,)"""
-    return torch.nn.functional.cosine_similarity(recon.float(), x, dim=-1).mean(1)  # (B,)
 
 
 def _baselines(n: int, pooled: Mapping[str, Any], mods: Sequence[str], cfg: EvalConfig,
@@ -196,34 +258,3 @@ def _transport(model: Any, x: Tensor, direction: str, steps: int, batch: int, de
     parts = [model.transport(x[i: i + batch].to(device), direction, steps).float().cpu()
              for i in range(0, len(x), batch)]
     return torch.cat(parts)  # (N, E)
-
-
-def _probes(groups: dict[str, dict[int, dict[str, Tensor]]], labels: Mapping[str, Tensor],
-            schema: Mapping[str, Mapping[str, Any]], train: Tensor, test: Tensor, cfg: EvalConfig, n_shared: int,
-            log: Log) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every (modality, k, group, label) probe; the private group at k <= n_shared is null (it is empty)."""
-    rows: list[dict[str, Any]] = []
-    notes = [f"private group is empty for k <= n_shared ({n_shared}); its probes are reported as null"]
-    usable = {}
-    for name, col in labels.items():
-        kind = schema.get(name, {}).get("type")
-        if kind not in LABEL_TYPES:
-            notes.append(f"label {name!r} skipped: type {kind!r} is not one of {LABEL_TYPES}")
-            continue
-        classes = schema[name].get("classes")
-        usable[name] = (col, kind, len(classes) if classes else None)
-    for m, per_k in groups.items():
-        for k, feats in per_k.items():
-            log(f"probes {m} k={k}")
-            for group in GROUPS:
-                for name, (col, kind, n_classes) in usable.items():
-                    metric = "accuracy" if kind == "categorical" else "r2"
-                    entry = {"k": k, "modality": m, "group": group, "label": name, "metric": metric, "value": None}
-                    if group in feats:
-                        r = fit_probe(feats[group], col, kind, train, test, n_classes, cfg.seed,
-                                      cfg.probe_val_fraction)
-                        if r is not None:
-                            entry.update(value=r.value, chance=r.chance, alpha=r.alpha, n_train=r.n_train,
-                                         n_test=r.n_test)
-                    rows.append(entry)
-    return rows, notes

@@ -34,18 +34,18 @@ def r1(result: dict) -> float:
 
 def test_each_baseline_recovers_the_plant_and_cca_picks_its_dimension():
     train, test = planted(N_TRAIN, 1), planted(N_TEST, 2)
-    res = fit_and_score(train, test, MODS, BaselineConfig(embed_dim=16, epochs=80, batch_size=128))
+    res = fit_and_score(train, test, MODS, BaselineConfig(embed_dim=16, batch_size=128))
     assert r1(res["cca"]) > 0.9 and r1(res["linear_infonce"]) > 0.6, {k: r1(v) for k, v in res.items()}
     assert res["cca"]["fit"]["components"] in (8, 16)  # the plant has 12 shared dimensions
     # the control: the same baselines on unpaired test rows are at chance
     shuffled = {"vision": test["vision"], "tactile": test["tactile"].flip(0)}
-    res = fit_and_score(train, shuffled, MODS, BaselineConfig(embed_dim=16, epochs=2, batch_size=128))
+    res = fit_and_score(train, shuffled, MODS, BaselineConfig(embed_dim=16, batch_size=128, max_epochs=2))
     assert max(r1(v) for k, v in res.items() if k != "store") < 10 / N_TEST
 
 
 def test_token_features_are_flattened_and_reduced_like_the_same_numbers_pooled():
     train, test = planted(N_TRAIN, 1, tokens=True), planted(N_TEST, 2, tokens=True)
-    res = fit_and_score(train, test, MODS, BaselineConfig(max_dim=24, embed_dim=16, epochs=3, batch_size=128))
+    res = fit_and_score(train, test, MODS, BaselineConfig(max_dim=24, embed_dim=16, batch_size=128, max_epochs=3))
     assert res["cca"]["fit"]["input_dims"] == {"vision": 24, "tactile": 24}  # PCA to max_dim
     assert r1(res["cca"]) > 0.9
 
@@ -53,7 +53,7 @@ def test_token_features_are_flattened_and_reduced_like_the_same_numbers_pooled()
 def test_results_do_not_depend_on_the_order_of_rows():
     train, test = planted(N_TRAIN, 1), planted(N_TEST, 2)
     perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(5))
-    cfg = BaselineConfig(embed_dim=16, epochs=3, batch_size=N_TRAIN)  # one full batch: order-free gradients
+    cfg = BaselineConfig(embed_dim=16, batch_size=N_TRAIN, max_epochs=3)  # one full batch: order-free gradients
     a = fit_and_score(train, test, MODS, cfg)
     b = fit_and_score({m: x[perm] for m, x in train.items()}, test, MODS, cfg)
     assert abs(r1(a["cca"]) - r1(b["cca"])) < 0.02  # the validation part differs; the fit does not much
@@ -89,7 +89,7 @@ def test_the_register_module_starts_at_the_linear_baseline():
     with torch.no_grad():
         outs = model.eval()(test, keep=cfg.n_shared)
     start = mean_r1(outs["vision"].shared, outs["tactile"].shared)
-    base = fit_and_score(train, test, MODS, BaselineConfig(embed_dim=16, epochs=1, batch_size=128))
+    base = fit_and_score(train, test, MODS, BaselineConfig(embed_dim=16, batch_size=128, max_epochs=1))
     assert start >= r1(base["cca"]) - 0.02, (start, r1(base["cca"]))
     assert mean_r1(before["vision"].shared, before["tactile"].shared) < 10 / N_TEST  # the control: random reads
     # prefixes stay nested: the 1-register encoding is the prefix of the full one

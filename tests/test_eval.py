@@ -66,13 +66,17 @@ def test_report_has_every_key_and_the_documented_shapes() -> None:
     assert rep["baselines"]["chance"]["a_to_b"]["R@1"] == pytest.approx(1 / 120)
     assert rep["baselines"]["raw_pooled"]["a_to_b"]["R@1"] > 5 / 120  # the raw views do share a latent
     probes = {(p["k"], p["modality"], p["group"], p["label"]): p for p in rep["probes"]}
-    assert len(probes) == 4 * 2 * 3 * 2  # k in 1,2,4,8 × modalities × groups × labels
+    # raw, shared k=1,2 (it stops at n_shared), private and all at k=4,8 (empty / equal to shared below)
+    cells = {("raw", None), ("shared", 1), ("shared", 2), ("private", 4), ("private", 8), ("all", 4), ("all", 8)}
+    assert set(probes) == {(k, m, g, label) for g, k in cells for m in MODS for label in SCHEMA}
     for (k, _, group, label), p in probes.items():
-        assert p["metric"] == ("accuracy" if label == "material" else "r2")
-        assert (p["value"] is None) == (group == "private" and k <= n_shared)
-    assert rep["probe_split"]["train"] + rep["probe_split"]["test"] == 120
+        assert p["metric"] == ("accuracy" if label == "material" else "r2") and p["value"] is not None
+        assert group == "raw" or k > n_shared or group == "shared"
+    assert rep["probe_split"]["train"] + rep["probe_split"]["test"] == 120  # no training rows: a part of this split
     assert {(r["k"], r["modality"]) for r in rep["reconstruction"]} == {(k, m) for k in (1, 2, 4, 8) for m in MODS}
-    assert all(-1.0 <= r["cosine"] <= 1.0 for r in rep["reconstruction"])
+    assert all(-1.0 <= r[key] <= 1.0 for r in rep["reconstruction"]
+               for key in ("cosine", "mean_reference", "ridge_reference"))
+    assert set(rep["parts"]) >= {"leakage", "complementarity", "shared_kept"}
     assert set(sunk) == {(m, k) for m in MODS for k in (1, 2)}
     e = sunk[("vision", 2)]
     assert e.shape == (120, model.cfg.embed_dim) and e.dtype == np.float32
@@ -92,11 +96,16 @@ def test_markdown_renders_the_tables() -> None:
     feats, labels = _data(80)
     rep = evaluate(_tiny_model(), feats, labels, SCHEMA, EvalConfig(prefixes=(1, 2, 4), flow_steps=(1,), device="cpu"))
     md = render_markdown(rep)
-    for title in ("## Retrieval", "## Prefix probes", "## Reconstruction"):
+    for title in ("## Retrieval", "## What each part holds", "## Reconstruction"):
         assert title in md
-    table_lines = [line for line in md.splitlines() if line.startswith("|")]
-    widths = {line.count("|") for line in table_lines}
-    assert len(widths) == 3  # three tables, each with rows of one width
+    tables, block = [], []
+    for line in [*md.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append(line.count("|"))
+        elif block:
+            tables, block = [*tables, block], []
+    assert len(tables) == 5  # retrieval, parts, probes of each modality, reconstruction
+    assert all(len(set(t)) == 1 for t in tables)  # each with rows of one width
     for row in ("| k=1 |", "| k=2 |", "| flow k=2 s=1 |", "| raw pooled |", "| chance |"):
         assert row in md
 
@@ -105,19 +114,21 @@ def test_probe_table_is_one_row_per_label_without_repeated_groups() -> None:
     feats, labels = _data(80)
     rep = evaluate(_tiny_model(), feats, labels, SCHEMA, EvalConfig(prefixes=(1, 2, 4, 8), device="cpu"))
     md = render_markdown(rep)
-    probes = md[md.index("## Prefix probes"):md.index("## Reconstruction")]
+    probes = md[md.index("## What each part holds"):md.index("## Reconstruction")]
     # tiny: n_shared = 2, so shared stops at k=2, private starts at k=4, and all adds nothing before k=4
-    header = "| label | chance | shared k=1 | shared k=2 | private k=4 | private k=8 | all k=4 | all k=8 |"
+    header = ("| label | part | chance | raw input | shared k=1 | shared k=2 | private k=4 | private k=8 | all k=4 | "
+              "all k=8 |")
     assert probes.count(header) == 2 and "### vision" in probes and "### tactile" in probes
     rows = [line for line in probes.splitlines() if line.startswith("| material") or line.startswith("| hardness")]
     assert len(rows) == 2 * 2  # one row per label and modality, not one per (label, modality, group)
     by_key = {(p["modality"], p["group"], p["k"], p["label"]): p for p in rep["probes"]}
     material = next(line for line in probes.split("### tactile")[0].splitlines() if line.startswith("| material"))
     cells = [c.strip() for c in material.strip("|").split("|")]
-    assert cells[0] == "material (acc %)"
-    assert cells[1] == f"{100 * by_key[('vision', 'shared', 1, 'material')]['chance']:.1f}"
-    assert cells[5] == f"{100 * by_key[('vision', 'private', 8, 'material')]['value']:.1f}"
-    assert "—" not in material  # no empty private columns, no repeated shared ones
+    assert cells[0] == "material (acc %)" and cells[1] == "—"  # SCHEMA names no part
+    assert cells[2] == f"{100 * by_key[('vision', 'shared', 1, 'material')]['chance']:.1f}"
+    assert cells[3] == f"{100 * by_key[('vision', 'raw', None, 'material')]['value']:.1f}"
+    assert cells[7] == f"{100 * by_key[('vision', 'private', 8, 'material')]['value']:.1f}"
+    assert "—" not in material.split("|", 3)[3]  # no empty private columns, no repeated shared ones
 
 
 def test_probes_fitted_on_fewer_than_100_rows_are_warned_about() -> None:
@@ -149,7 +160,7 @@ def test_prefix_figure_fits_a_screen_with_every_panel(tmp_path: Path) -> None:
     fig = prefix_figure(rep)
     titles = [ax.get_title() for ax in fig.axes]
     assert "cross-modal retrieval" in titles
-    assert {f"{m} · {g}" for m in MODS for g in ("shared", "private", "all")} <= set(titles)
+    assert {f"{m} · {g}" for m in MODS for g in ("input", "shared", "private", "all")} <= set(titles)
     retrieval = fig.axes[titles.index("cross-modal retrieval")]
     legend = [t.get_text() for t in retrieval.get_legend().get_texts()]
     assert any(t.startswith("regtok vision→tactile") for t in legend)
@@ -157,8 +168,10 @@ def test_prefix_figure_fits_a_screen_with_every_panel(tmp_path: Path) -> None:
     assert any(t.startswith("chance") for t in legend) and any(t.startswith("raw pooled") for t in legend)
     shared = fig.axes[titles.index("vision · shared")]
     assert [t.get_text() for t in shared.get_xticklabels()] == ["1", "2"]  # shared stops at n_shared
-    rows = [t.get_text() for t in shared.get_yticklabels()]
+    first = fig.axes[titles.index("vision · input")]  # the raw input's column comes first and names the rows
+    rows = [t.get_text() for t in first.get_yticklabels()]
     assert len(rows) == 2 and all("chance" in r for r in rows)
+    assert [t.get_text() for t in first.get_xticklabels()] == ["raw"]
     texts = {t.get_text() for t in shared.texts}  # cells written as in report.md: accuracy in %
     value = next(p["value"] for p in rep["probes"] if (p["modality"], p["group"], p["k"], p["label"]) ==
                  ("vision", "shared", 1, "material"))
@@ -258,7 +271,8 @@ def test_retrieval_at_n_shared_when_no_prefix_is_that_small() -> None:
     feats, labels = _data(40)
     rep = evaluate(_tiny_model(), feats, labels, SCHEMA, EvalConfig(prefixes=(4, 8), flow_steps=(1,), device="cpu"))
     assert [r["k"] for r in rep["retrieval"]] == [2] and [f["k"] for f in rep["flow"]] == [2]
-    assert {p["k"] for p in rep["probes"]} == {4, 8} and {r["k"] for r in rep["reconstruction"]} == {4, 8}
+    assert {p["k"] for p in rep["probes"]} == {None, 2, 4, 8} and {r["k"] for r in rep["reconstruction"]} == {4, 8}
+    assert {p["k"] for p in rep["probes"] if p["group"] == "shared"} == {2}  # the whole shared part, for leakage
 
 
 def test_token_features_with_pooled_features_for_the_baseline() -> None:
@@ -280,22 +294,26 @@ def test_eval_reports_linear_baselines_fitted_on_the_run_training_rows(run_dir: 
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "report.json").read_text())
     linear = rep["baselines"]["linear"]
-    assert set(linear) >= {"cca", "linear_infonce", "store"}
+    names = ("cca", "weighted_cca", "start", "linear_infonce", "mlp_infonce")
+    assert set(linear) == {*names, "store"}
     assert Path(linear["store"]).resolve() == (run_dir.parent / "train_store").resolve()
-    for name in ("cca", "linear_infonce"):
+    for name in names:
         assert set(linear[name]["a_to_b"]) == METRICS and set(linear[name]["b_to_a"]) == METRICS
-    # the run validated on 10 % of its store: the baselines use exactly the other 90 %
-    assert linear["cca"]["fit"]["train_rows"] == 96 - round(96 * 0.1)
+    # the run validated on 10 % of its store: the baselines, probes and references use exactly the other 90 %
+    assert linear["cca"]["fit"]["train_rows"] == 96 - round(96 * 0.1) == rep["probe_split"]["train"]
+    assert linear["mlp_infonce"]["fit"]["hidden"] > 0 and linear["mlp_infonce"]["fit"]["dropout"] > 0
     h = rep["headline"]
-    best = max(("cca", "linear_infonce"), key=lambda n: linear[n]["a_to_b"]["R@1"] + linear[n]["b_to_a"]["R@1"])
+    best = max(names, key=lambda n: linear[n]["a_to_b"]["R@1"] + linear[n]["b_to_a"]["R@1"])
     assert h["best_baseline"] == best and h["ratio"] == pytest.approx(h["regtok"] / h["baseline"])
     assert h["below_baseline"] == (h["regtok"] < h["baseline"])
     md = (out / "report.md").read_text()
-    assert "| linear CCA |" in md and "| linear InfoNCE head |" in md and "## Against linear baselines" in md
-    assert ("BELOW its linear baseline" in md) == h["below_baseline"]
-    assert "linear baseline" in r.stderr  # the terminal summary says it too
+    for row in ("| linear CCA |", "| weighted CCA (ρ^p) |", "| regtok at its start |", "| linear InfoNCE head |",
+                "| MLP InfoNCE head |"):
+        assert row in md
+    assert "## Against the baselines" in md and ("BELOW its best baseline" in md) == h["below_baseline"]
+    assert "best baseline" in r.stderr  # the terminal summary says it too
     eval_manifest = read_manifest(out / "manifest.json", kind="eval")
-    assert "baseline_features" in {ref["role"] for ref in eval_manifest["inputs"]}
+    assert "fit_features" in {ref["role"] for ref in eval_manifest["inputs"]}
 
 
 def test_no_baselines_skips_them_and_baseline_features_names_another_store(run_dir: Path, tmp_path: Path) -> None:
@@ -313,5 +331,5 @@ def test_no_baselines_skips_them_and_baseline_features_names_another_store(run_d
     assert Path(linear["store"]).resolve() == other.resolve() and linear["cca"]["fit"]["train_rows"] == 80
     bad = write_store(tmp_path / "bad", n=40, seed=3, dims=(12, 10))
     r = _invoke("eval", "--run", str(run_dir), "--features", str(store), "--out", str(tmp_path / "c"),
-                "--baseline-features", str(bad))
-    assert r.exit_code == 2 and r.output.startswith("error: baseline features")
+                "--fit-features", str(bad))
+    assert r.exit_code == 2 and r.output.startswith("error: fit features")
