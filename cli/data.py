@@ -59,6 +59,9 @@ def synth(out_dir: str, samples: int, shards: int, seed: int, image_size: int, f
 @click.option("--labels-from", type=click.Path(dir_okay=False), default=None, metavar="TRAIN/dataset.json",
               help="Reuse another split's label schema, so class indices match it (its labels are the default "
               "--label-col); a class it lacks is an error.")
+@click.option("--label-group", "label_groups", multiple=True, metavar="LABEL=GROUP",
+              help="Which part should hold a label (repeatable): shared (both views depend on it), vision or "
+              "tactile (that view only); eval reads leakage and complementarity from them.")
 @click.option("--samples-per-shard", default=1000, type=int, help="Samples per tar shard.")
 @click.option("--allow-outside-root", is_flag=True,
               help="Read image paths that resolve outside --root (else such rows are skipped and listed).")
@@ -66,7 +69,7 @@ def synth(out_dir: str, samples: int, shards: int, seed: int, image_size: int, f
               "earlier pack output.")
 def pack(csv_path: str, root: str | None, out_dir: str, vision_col: str, tactile_col: str,
          label_cols: tuple[str, ...], samples_per_shard: int, allow_outside_root: bool = False,
-         overwrite: bool = False, labels_from: str | None = None) -> None:
+         overwrite: bool = False, labels_from: str | None = None, label_groups: tuple[str, ...] = ()) -> None:
     """Pack a paired dataset given as a CSV of relative image paths (TVL / SSVTP layout) into shards.
 
     Image bytes are copied unchanged after a decode check; every CSV column goes into KEY.json. Rows with a
@@ -75,6 +78,7 @@ def pack(csv_path: str, root: str | None, out_dir: str, vision_col: str, tactile
     from pathlib import Path
 
     from regtok.pipeline.console import progress, stderr_console
+    from regtok.pipeline.labels import parse_groups
     from regtok.pipeline.pack import pack as pack_csv
 
     console = stderr_console()
@@ -88,7 +92,8 @@ def pack(csv_path: str, root: str | None, out_dir: str, vision_col: str, tactile
         m = pack_csv(csv_path, root, out_dir, vision_col=vision_col, tactile_col=tactile_col,
                      label_cols=label_cols, samples_per_shard=samples_per_shard,
                      progress=lambda n: bar.advance(bar.task_ids[0], n), on_rows=start,
-                     allow_outside_root=allow_outside_root, overwrite=overwrite, labels_from=labels_from)
+                     allow_outside_root=allow_outside_root, overwrite=overwrite, labels_from=labels_from,
+                     label_groups=parse_groups(label_groups))
     finally:
         bar.stop()
     skipped = m["skipped"]

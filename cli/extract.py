@@ -49,8 +49,12 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | st
                help="Exit non-zero (after writing the store) when more input than this was skipped.")
 @click.option("--overwrite", is_flag=True, help="Write into --out even if it holds something other than an "
               "earlier extraction.")
+@click.option("--label-group", "label_groups", multiple=True, metavar="LABEL=GROUP",
+              help="Which part should hold a label (repeatable): shared (both views depend on it) or a modality's "
+              "name (that view only); eval reads leakage and complementarity from them.")
 def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens: bool, batch_size: int,
-            workers: int | str, device: str, max_skip_fraction: float, overwrite: bool = False) -> None:
+            workers: int | str, device: str, max_skip_fraction: float, overwrite: bool = False,
+            label_groups: tuple[str, ...] = ()) -> None:
     """Run frozen encoders over WebDataset shards into an HDF5 feature store (one part per shard).
 
     Rerunning the same command resumes: finished parts are kept. Under `torchrun --nproc_per_node=N`
@@ -61,8 +65,10 @@ def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens
     from pathlib import Path
 
     from regtok.pipeline.console import stderr_console
+    from regtok.pipeline.labels import parse_groups
     from regtok.pipeline.startup import gc_paused, keep_freed_memory
 
+    groups = tuple(parse_groups(label_groups).items())
     keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
         from regtok.pipeline.extract import run_extract
@@ -70,7 +76,7 @@ def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens
     spec = "::".join(str(Path(part).absolute()) for part in shards.split("::"))  # reruns may start elsewhere
     config = ExtractConfig(shards=spec, out=str(Path(out).absolute()), encoders=encoders, tokens=tokens,
                            batch_size=batch_size, workers=workers, device=device,
-                           max_skip_fraction=max_skip_fraction)
+                           max_skip_fraction=max_skip_fraction, label_groups=groups)
     console = stderr_console()
     path, manifest = run_extract(config, command=["regtok", *sys.argv[1:]], console=console,
                                  show_progress=os.environ.get("REGTOK_NO_PROGRESS") is None, overwrite=overwrite)

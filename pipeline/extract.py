@@ -26,7 +26,7 @@ from regtok.errors import RegtokError
 from regtok.pipeline.console import extract_progress
 from regtok.pipeline.encoders import Encoder, load_encoder
 from regtok.pipeline.extract_config import ExtractConfig
-from regtok.pipeline.labels import label_schema
+from regtok.pipeline.labels import label_schema, with_groups
 from regtok.pipeline.manifest import environment, input_ref, new_manifest, read_manifest, write_manifest
 from regtok.pipeline.part_records import finish_part, finished, record_path
 from regtok.pipeline.samples import LabelRules, ShardBatch, ShardStream
@@ -336,7 +336,8 @@ def write_store(job: Job, encoders: dict[str, Encoder], fp: str, timings: dict, 
         feature_kinds=["pooled", "tokens"] if cfg.tokens else ["pooled"], samples=n,
         parts=[{"path": r["part"], "shard": name, "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
                for name, r in zip(job.names, records, strict=True)],
-        skipped=skipped, skip_count=skip_count, labels=_labels(root, label_names, job.dataset),
+        skipped=skipped, skip_count=skip_count,
+        labels=with_groups(_labels(root, label_names, job.dataset), dict(cfg.label_groups), list(encoders)),
     )
     path = root / "manifest.json"
     write_manifest(path, manifest)

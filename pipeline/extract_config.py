@@ -19,6 +19,9 @@ class ExtractConfig:
     workers: int | str = "auto"  # DataLoader workers decoding shards, or "auto" (see decode_workers)
     device: str = "auto"
     max_skip_fraction: float = 0.01
+    # ((label, group), ...): which part of the representation should hold a label, "shared" or a modality's name
+    # (recorded in the manifest's label schema; see pipeline/labels.py)
+    label_groups: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         mods = [m for m, _ in self.encoders]
@@ -33,14 +36,20 @@ class ExtractConfig:
             raise RegtokError("batch size must be >= 1, workers auto or >= 0, max skip fraction in [0, 1]")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise RegtokError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        bad = [g for _, g in self.label_groups if g not in ("shared", *mods)]
+        if bad:
+            raise RegtokError(f"--label-group: the group must be shared or one of {', '.join(mods)}, got {bad[0]!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["encoders"] = {m: s for m, s in self.encoders}
+        d["label_groups"] = dict(self.label_groups)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ExtractConfig:
         d = dict(d)
         enc = d.pop("encoders")
-        return cls(encoders=tuple(enc.items() if isinstance(enc, dict) else map(tuple, enc)), **d)
+        groups = d.pop("label_groups", {})  # older manifests have none
+        return cls(encoders=tuple(enc.items() if isinstance(enc, dict) else map(tuple, enc)),
+                   label_groups=tuple(groups.items() if isinstance(groups, dict) else map(tuple, groups)), **d)

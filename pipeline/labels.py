@@ -2,7 +2,9 @@
 
 Each label is ``{"type": "continuous", "range": [lo, hi]}``, ``{"type": "categorical", "classes": [...]}`` (a
 value is a class index) or ``{"type": "text"}`` (kept in the sample json, never a number); a generator that
-knows its labels declares them instead (``pipeline.synth.declared_labels``).
+knows its labels declares them instead (``pipeline.synth.declared_labels``). A label may also say which part of
+the representation should hold it, ``"group"``: ``shared`` (both views depend on it) or a modality's name (one
+view only); ``regtok eval`` reads leakage and complementarity from them (:func:`with_groups` sets them).
 """
 
 from __future__ import annotations
@@ -51,3 +53,35 @@ def is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def parse_groups(values: Sequence[str]) -> dict[str, str]:
+    """``--label-group NAME=GROUP`` values → {name: group}; a malformed or repeated one is an error."""
+    from regtok.errors import RegtokError
+
+    out: dict[str, str] = {}
+    for text in values:
+        name, eq, group = text.partition("=")
+        if not eq or not name.strip() or not group.strip():
+            raise RegtokError(f"--label-group needs NAME=GROUP (GROUP: shared or a modality), got {text!r}")
+        if name.strip() in out:
+            raise RegtokError(f"--label-group names {name.strip()!r} twice")
+        out[name.strip()] = group.strip()
+    return out
+
+
+def with_groups(schema: Mapping[str, dict[str, Any]], groups: Mapping[str, str],
+                modalities: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``schema`` with each named label's ``group`` set: ``shared`` or one of ``modalities``; unknown labels and
+    groups are errors that name what is allowed."""
+    from regtok.errors import RegtokError
+
+    allowed = ("shared", *modalities)
+    out = {name: dict(spec) for name, spec in schema.items()}
+    for name, group in groups.items():
+        if name not in out:
+            raise RegtokError(f"--label-group {name}={group}: no label {name!r} (labels: {', '.join(out) or 'none'})")
+        if group not in allowed:
+            raise RegtokError(f"--label-group {name}={group}: the group must be one of {', '.join(allowed)}")
+        out[name]["group"] = group
+    return out

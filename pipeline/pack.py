@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from regtok.errors import RegtokError
-from regtok.pipeline.labels import is_number, label_schema
+from regtok.pipeline.labels import is_number, label_schema, with_groups
 from regtok.pipeline.manifest import environment, file_record, input_ref, new_manifest, write_manifest
 from regtok.pipeline.shards import prepare_out_dir, remove_stale_shards, shard_name, write_shard
 
@@ -172,7 +172,8 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
          tactile_col: str = "tactile", label_cols: Sequence[str] = (), samples_per_shard: int = 1000,
          progress: Callable[[int], None] | None = None,
          on_rows: Callable[[int], None] | None = None, allow_outside_root: bool = False,
-         overwrite: bool = False, labels_from: str | Path | None = None) -> dict[str, Any]:
+         overwrite: bool = False, labels_from: str | Path | None = None,
+         label_groups: dict[str, str] | None = None) -> dict[str, Any]:
     """Pack ``csv_path`` (image paths relative to ``root``, default: the CSV's folder) into ``out_dir``.
 
     Writes ``shard-000000.tar`` … of up to ``samples_per_shard`` samples and ``out_dir/dataset.json``, and
@@ -180,6 +181,7 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
     called with 1 per row handled. Images outside ``root`` are skipped unless ``allow_outside_root``;
     ``out_dir`` must be empty or hold an earlier pack output, unless ``overwrite``. ``labels_from`` (another
     split's ``dataset.json``) gives the label schema, whose columns are the default ``label_cols``.
+    ``label_groups`` ({label: "shared" | "vision" | "tactile"}) says which part should hold a label.
     """
     csv_path = Path(csv_path)
     root = csv_path.parent if root is None else Path(root)
@@ -201,14 +203,15 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
     if not packable:
         reason = skipped[0]["reason"] if skipped else "the CSV has no rows"
         raise RegtokError(f"{csv_path}: no row could be packed ({len(skipped)} skipped; first: {reason})")
-    labels = _schema(packable, named, given, labels_from)
+    labels = with_groups(_schema(packable, named, given, labels_from), label_groups or {}, list(columns))
     records = write_shards(iter_samples(packable, labels), out, samples_per_shard)
     seconds = time.perf_counter() - start
     total = sum(r["samples"] for r in records)
     config = {"csv": str(csv_path), "root": str(root), "vision_col": vision_col, "tactile_col": tactile_col,
               "label_cols": list(label_cols), "samples_per_shard": samples_per_shard,
               **({"allow_outside_root": True} if allow_outside_root else {}),  # only when used: older manifests stay
-              **({"labels_from": str(labels_from)} if labels_from is not None else {})}
+              **({"labels_from": str(labels_from)} if labels_from is not None else {}),
+              **({"label_groups": dict(label_groups)} if label_groups else {})}
     manifest = new_manifest(
         "dataset",
         command=_command(config, out),
@@ -259,4 +262,5 @@ def _command(config: dict[str, Any], out: Path) -> list[str]:
             *(x for c in config["label_cols"] for x in ("--label-col", c)),
             "--samples-per-shard", str(config["samples_per_shard"]),
             *(["--allow-outside-root"] * config.get("allow_outside_root", False)),
-            *(["--labels-from", config["labels_from"]] if "labels_from" in config else [])]
+            *(["--labels-from", config["labels_from"]] if "labels_from" in config else []),
+            *(x for name, g in config.get("label_groups", {}).items() for x in ("--label-group", f"{name}={g}"))]

@@ -137,9 +137,10 @@ def shard_ranges(samples: int, shards: int) -> list[range]:
 def declared_labels() -> dict[str, dict[str, Any]]:
     """The ``labels`` block of the dataset manifest: material is categorical, every other factor continuous.
 
-    Each continuous label says its ``group``: ``shared`` (both views), ``vision`` or ``tactile`` (one view).
+    Each label says its ``group``: ``shared`` (both views; the material too), ``vision`` or ``tactile`` (one view).
     """
-    labels: dict[str, dict[str, Any]] = {"material": {"type": "categorical", "classes": list(surfaces.FAMILIES)}}
+    labels: dict[str, dict[str, Any]] = {"material": {"type": "categorical", "classes": list(surfaces.FAMILIES),
+                                                      "group": "shared"}}
     for name, (lo, hi, group) in FACTORS.items():
         labels[name] = {"type": "continuous", "range": [lo, hi], "group": group}
         if name in CIRCULAR:
