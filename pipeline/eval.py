@@ -27,6 +27,7 @@ from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
 from regtok.evaluate import EvalConfig, evaluate
 from regtok.pipeline.compat import check_compatible
+from regtok.pipeline.console import stderr_console
 from regtok.pipeline.embeddings import EmbeddingWriter
 from regtok.pipeline.manifest import (
     environment,
@@ -76,7 +77,7 @@ def baseline_training_rows(run: Any, store: Any, run_manifest: Path, same_store:
     from regtok.data import split_rows
 
     if same_store and _run_input(run_manifest, "val_features") is None:
-        return split_rows(store.n, run.train_config.val_fraction, run.train_config.seed)[0]
+        return split_rows(store.n, run.train_config.val_fraction, run.train_config.split_seed)[0]
     return np.arange(store.n)
 
 
@@ -127,7 +128,7 @@ KEY_CONFIG = ("model.n_registers", "model.n_shared", "model.n_layers", "model.hi
 
 def describe_evaluated(run: Any, run_dir: Path, run_manifest: Path, store: Any, features: Path) -> dict[str, Any]:
     """report["evaluated"]: the run, loss, closest preset and what differs, key config, encoders, stores with N."""
-    from regtok.config import to_dict
+    from regtok.config import closest_preset, to_dict
     from regtok.pipeline.runs import weights_file
 
     cfg = to_dict(run.train_config)
@@ -157,19 +158,6 @@ def _dotted(cfg: dict[str, Any], key: str) -> Any:
     return cfg if cfg != {} else None
 
 
-def closest_preset(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The named preset a resolved config differs least from, and those differences (dotted keys)."""
-    from regtok.config import PRESETS, TrainConfig, flatten, resolve, to_dict
-
-    flat, best = flatten(cfg), None
-    for name in PRESETS:
-        base = flatten(to_dict(resolve(TrainConfig, name)))
-        diff = {k: v for k, v in flat.items() if base.get(k) != v}
-        if best is None or len(diff) < len(best[1]):
-            best = (name, diff)
-    return best if best is not None else ("?", {})
-
-
 def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str | os.PathLike, cfg: EvalConfig,
              *, save_embeddings: bool = False, command: list[str] | None = None,
              console: Console | None = None, baseline_features: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -182,7 +170,7 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
     from regtok.pipeline.store import open_store
 
     t0 = time.perf_counter()
-    console = console or Console(stderr=True)
+    console = console or stderr_console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = load_run(run_dir)
