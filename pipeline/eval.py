@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from regtok.data import row_shape
+from regtok.data import row_shape, rows_digest
 from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
 from regtok.evaluate import EvalConfig, evaluate
@@ -102,6 +102,9 @@ def fit_baselines(run: Any, eval_store: Any, train_store_dir: Path | None, run_m
         raise RegtokError(f"baseline features {train_store_dir} do not match the evaluated store (modalities, "
                           f"{kind} features and dims must be the same)")
     rows = baseline_training_rows(run, store, run_manifest, same_store)
+    recorded = ((run.manifest or {}).get("split") or {}).get("train_rows_sha256")
+    fitted_on = {"n": len(rows), "sha256": rows_digest(rows), "same_as_run": recorded == rows_digest(rows)
+                 if recorded and same_store else None}
     if len(rows) > cfg.baseline_max_rows:
         rng = np.random.default_rng(cfg.seed)
         rows = np.sort(rng.choice(rows, cfg.baseline_max_rows, replace=False))
@@ -112,7 +115,7 @@ def fit_baselines(run: Any, eval_store: Any, train_store_dir: Path | None, run_m
     bcfg = BaselineConfig(embed_dim=run.model.cfg.embed_dim, epochs=tc.epochs, batch_size=tc.batch_size,
                           seed=cfg.seed)
     out = fit_and_score(train, test, mods, bcfg, cfg.chunk_size, log=log)
-    out["store"] = str(train_store_dir)
+    out["store"], out["train_rows"] = str(train_store_dir), fitted_on
     return out
 
 
@@ -138,7 +141,7 @@ def describe_evaluated(run: Any, run_dir: Path, run_manifest: Path, store: Any, 
                     "token_shape": e.get("token_shape") if store.has("tokens") else None}
                 for m, e in (store.manifest.get("encoders") or {}).items()}
     out: dict[str, Any] = {
-        "run": str(run_dir.resolve()), "weights": weights_file(run_dir), "step": run.step,
+        "run": str(run_dir.resolve()), "weights": weights_file(run_dir), "step": run.step, "epoch": run.epoch,
         "command": " ".join(["regtok", *rm["command"][1:]]) if rm.get("command") else None,
         "loss_type": cfg["model"]["loss_type"], "feature_kind": run.feature_kind, "preset": preset,
         "differs_from_preset": diff, "key_config": {k: _dotted(cfg, k) for k in KEY_CONFIG}, "encoders": encoders,
@@ -148,7 +151,8 @@ def describe_evaluated(run: Any, run_dir: Path, run_manifest: Path, store: Any, 
         if path is not None:
             out[key] = {"path": str(path.parent.resolve()), "n": read_manifest(path, kind="features").get("samples")}
     if "train_store" in out and "val_store" not in out:
-        out["train_store"].update(train_rows=rm.get("train_samples"), val_rows=rm.get("val_samples"))
+        out["train_store"].update(train_rows=rm.get("train_samples"), val_rows=rm.get("val_samples"),
+                                  split=rm.get("split"))
     return out
 
 

@@ -241,7 +241,7 @@ def test_incompatible_features_are_a_one_line_error(run_dir: Path, tmp_path: Pat
     r = _invoke("eval", "--run", str(run_dir), "--features", str(store), "--out", str(tmp_path / "rep"))
     assert r.exit_code == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
-    expected = {"dims": "expects", "spec": "encoder differs", "classes": "label 'material' has classes"}[change]
+    expected = {"dims": "expects", "spec": "encoder differs", "classes": "label 'material' differs from"}[change]
     assert expected in r.stderr and (change != "classes" or "--labels-from" in r.stderr)
 
 
