@@ -158,7 +158,7 @@ def _table(entries: list[Entry], title: str, all_keys: bool) -> CompareTable:
         cells = [_names(members, entries), str(len(members))]
         for label in labels:
             present = [e.values[label] for e in members if isinstance(e.values.get(label), int | float)]
-            cells.append(spread_text(present, percent=label in recalls) if present else "—")
+            cells.append(spread_text(present, percent=label in recalls, n=len(members)) if present else "—")
         ns = sorted({e.val_n for e in members if e.val_n})
         cells.append("/".join(map(str, ns)) or "—")
         cells += [_cell(members[0].config.get(k)) for k in keys]
@@ -175,7 +175,7 @@ def _notes(entries: list[Entry], groups: list[list[Entry]], title: str) -> list[
     notes = [resolution_text(n) + ("" if len(ns) < 2 else f" (N differs between rows: {', '.join(map(str, ns))})")]
     ks = [k for k in entries[0].values if k.startswith("R@1 k=")]
     key = SELECT if title == "runs" else max(ks, key=lambda k: int(k.removeprefix("R@1 k=")), default=None)
-    means = {_names(g, entries): mean_std(v)[0] for g in groups
+    means = {f"[{_names(g, entries)}]": mean_std(v)[0] for g in groups
              if (v := [e.values[key] for e in g if isinstance(e.values.get(key), int | float)])}
     warning = tie_warning(within_one_step(means, n), len(means), n, what="rows")
     return notes + ([f"warning: by {key}, {warning}"] if warning else [])

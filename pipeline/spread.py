@@ -32,13 +32,16 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def spread_text(values: Sequence[float], percent: bool = True) -> str:
-    """"83.3 ± 1.2 (n=3)" for several values, "83.3" for one; recalls as percentages when ``percent``."""
+def spread_text(values: Sequence[float], percent: bool = True, n: int | None = None) -> str:
+    """"83.3 ± 1.2" for several values (with " (n=2)" when fewer than the row's ``n``), the value itself when they
+    are all equal; recalls as percentages when ``percent``."""
     if not values:
         return "—"
     mean, std = mean_std(values)
-    show = (lambda v: pct(v)) if percent else (lambda v: f"{v:.4g}")
-    return show(mean) if std is None else f"{show(mean)} ± {show(std)} (n={len(values)})"
+    if len(set(values)) == 1:
+        return pct(values[0]) if percent else f"{values[0]:.4g}"
+    text = f"{pct(mean)} ± {pct(std)}" if percent else f"{mean:.4g} ± {std:.2g}"
+    return text + (f" (n={len(values)})" if n is None or len(values) != n else "")
 
 
 def seed_groups(items: Iterable[T], config: Callable[[T], dict[str, Any]],

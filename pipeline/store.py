@@ -209,8 +209,8 @@ class FeatureStore:
         schema = self.manifest.get("labels") or {}
         labels = [f"{name} ({len(spec['classes'])} classes)" if spec.get("type") == "categorical" else name
                   for name, spec in schema.items()]
-        return (f"FeatureStore({str(self.root)!r}, N={self.n}, {', '.join(mods)}, labels "
-                f"{', '.join(labels) or 'none'})")
+        shown = ", ".join(labels[:6]) + (f", … ({len(labels)} labels)" if len(labels) > 6 else "")
+        return f"FeatureStore({str(self.root)!r}, N={self.n}, {', '.join(mods)}, labels {shown or 'none'})"
 
     def keys(self) -> list[str]:
         """Sample keys in row order."""

@@ -49,6 +49,7 @@ def test_demo_writes_every_manifest_and_prints_the_summary(demo):
     assert "material class from vision's 2 shared registers" in result.stderr
     assert json.loads((root / "features-train/manifest.json").read_text())["samples"] == 200
     assert (root / "eval" / "report.md").is_file()
+    assert result.stdout.strip() == str(root / "eval" / "report.md")  # stdout carries the result
 
 
 def test_demo_refuses_to_overwrite_without_the_flag(demo):

@@ -80,13 +80,14 @@ def test_a_grid_sweep_runs_each_point_once_as_an_ordinary_run(swept, store):
     assert code == 0 and "grid sweep, 4 trials (4 complete" in stdout
 
 
-def test_best_yaml_holds_only_what_differs_and_rebuilds_the_best_trial(swept):
+def test_best_yaml_rebuilds_the_best_trial_with_or_without_a_preset(swept):
     best = json.loads((swept / "report.json").read_text())["best"]
     diff = yaml.safe_load((swept / "best.yaml").read_text())
     assert "beta1" not in diff and diff["epochs"] == 2 and diff["model"]["n_registers"] == 8  # tiny preset, no defaults
     saved = json.loads((swept / best["path"] / "config.json").read_text())["train"]
-    rebuilt = {**to_dict(resolve(TrainConfig, None, diff)), "device": saved["device"]}
-    assert rebuilt == saved
+    for preset in (None, "tiny", "default"):
+        rebuilt = {**to_dict(resolve(TrainConfig, preset, diff)), "device": saved["device"]}
+        assert rebuilt == saved, preset
 
 
 def test_rerunning_a_finished_sweep_repeats_nothing(swept, store):
