@@ -115,7 +115,7 @@ def show(manifest: str) -> None:
             add(branch, parent)
         trials = (node.manifest or {}).get("trials") or [] if kind == "sweep" else []
         for t in trials[:5]:
-            value = f"{t['value']:.4f}" if isinstance(t.get("value"), float) else "—"
+            value = f"{100 * t['value']:.1f} %" if isinstance(t.get("value"), float) else "—"
             params = ", ".join(f"{k}={v}" for k, v in (t.get("params") or {}).items())
             branch.add(f"[dim]trial {t.get('number')} {t.get('state')} {value}  {t.get('path')}  {params}[/]")
         if len(trials) > 5:

@@ -6,8 +6,7 @@ import click
 
 from regtok.cli import CONTEXT, device_option, main
 from regtok.errors import RegtokError
-from regtok.pipeline.sweep import METRICS, PRUNERS, SAMPLERS
-from regtok.pipeline.weights import KEEP
+from regtok.pipeline.sweep import KEEP, METRICS, PRUNERS, SAMPLERS
 
 
 def _train_config_options(command):

@@ -75,6 +75,14 @@ def schema_from(dataset_json: str | Path, label_cols: Sequence[str]) -> dict[str
     return {c: labels[c] for c in (label_cols or labels)}
 
 
+def image_columns(vision_col: str | None, tactile_col: str | None) -> dict[str, str]:
+    """``{modality: CSV column}`` of the modalities to pack (one alone when the other's column is None)."""
+    columns = {m: col for m, col in (("vision", vision_col), ("tactile", tactile_col)) if col}
+    if not columns:
+        raise RegtokError("pack needs an image column: --vision-col, --tactile-col or both")
+    return columns
+
+
 def check_values(packable: list[Packable], labels: dict[str, dict[str, Any]], where: str) -> None:
     """RegtokError for a packed row whose value a reused schema cannot hold (an unseen class, text for a number)."""
     for number, _, row, _ in packable:
@@ -193,9 +201,7 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
         raise RegtokError(f"--samples-per-shard must be at least 1 (got {samples_per_shard})")
     if not root.is_dir():
         raise RegtokError(f"image root is not a directory: {root}")
-    columns = {m: col for m, col in (("vision", vision_col), ("tactile", tactile_col)) if col}
-    if not columns:
-        raise RegtokError("pack needs an image column: --vision-col, --tactile-col or both")
+    columns = image_columns(vision_col, tactile_col)
     named = label_columns(label_cols)
     given = schema_from(labels_from, list(named)) if labels_from is not None else None
     header, rows = read_rows(csv_path, [*columns.values(), *(given or named)])

@@ -30,10 +30,10 @@ from typing import Any
 from regtok.config import TrainConfig, to_dict
 from regtok.errors import RegtokError
 from regtok.pipeline.space import Choices, Param, check_space, space_json
-from regtok.pipeline.weights import KEEP
 
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("median", "hyperband")
+KEEP = ("best", "last", "all")  # the weight files a finished trial keeps (regtok.pipeline.weights.prune_weights)
 # What a trial is scored by. val/select is what keep_best ranks epochs by: full-prefix R@1 (mean of both
 # directions), after transport for flow_matching runs, so runs of every loss type compare fairly.
 METRICS = ("val/select", "val/R@1", "val_r1_full_a_to_b", "val_r1_full_b_to_a", "val_r1_k1_a_to_b",

@@ -42,7 +42,6 @@ BEST = "best.safetensors"  # the weights of the best validation score (keep_best
 BUFFERS = "buffers.safetensors"  # the fixed buffers, once per run
 STATE = "state.pt"
 EPOCHS_FROM = "epochs_from"  # best.safetensors metadata: "1" where epochs are counted from 1 (absent: from 0)
-KEEP = ("best", "last", "all")  # what a finished sweep trial keeps (prune_weights)
 
 
 def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: ResumeState) -> None:
@@ -195,10 +194,10 @@ def prune_weights(run_dir: str | os.PathLike, keep: str) -> list[str]:
     ``last``: what a resume needs, the last weights and the resume state (eval then uses the last weights);
     ``all``: everything.
     """
-    if keep not in KEEP:
-        raise RegtokError(f"--keep must be one of {', '.join(KEEP)}, got {keep!r}")
     run_dir = Path(run_dir)
     drop = {"all": (), "last": (BEST,), "best": (CHECKPOINT, STATE) if (run_dir / BEST).is_file() else (STATE,)}
+    if keep not in drop:
+        raise RegtokError(f"--keep must be one of {', '.join(drop)}, got {keep!r}")
     removed = [name for name in drop[keep] if (run_dir / name).is_file()]
     for name in removed:
         (run_dir / name).unlink()
