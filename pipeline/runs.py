@@ -88,10 +88,10 @@ class MetricsLog:
         """Open for appending; with ``keep_until_step`` drop lines after that step first (for resume)."""
         self.path = Path(run_dir) / METRICS
         if keep_until_step is not None and self.path.is_file():
-            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_until_step]
+            lines = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+            kept = [r for r in counted_from_one(lines) if r.get("step", 0) <= keep_until_step]
             tmp = self.path.with_name(f".{METRICS}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
             os.replace(tmp, self.path)
         elif keep_until_step is None:
             self.path.write_text("")
@@ -108,10 +108,16 @@ class MetricsLog:
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Every line of ``metrics.jsonl``, epochs counted from 1 (0: before training) whatever version wrote it."""
     path = Path(run_dir) / METRICS
-    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    return counted_from_one([json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+                            if path.is_file() else [])
+
+
+def counted_from_one(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Metrics records with epochs counted from 1: lines of a version that counted from 0 (its start line is
+    epoch -1, its first epoch 0) are shifted; others are returned as they are."""
     if any((r.get("type") == "start" and r.get("epoch") == -1) or (r.get("type") in ("step", "epoch")
                                                                    and r.get("epoch") == 0) for r in records):
-        records = [{**r, "epoch": r["epoch"] + 1} if "epoch" in r else r for r in records]  # counted from 0
+        return [{**r, "epoch": r["epoch"] + 1} if "epoch" in r else r for r in records]
     return records
 
 
@@ -154,8 +160,9 @@ def load_run(run_dir: str | os.PathLike, weights: str = "best") -> LoadedRun:
         raise RegtokError(f"{run_dir / CONFIG} is not valid JSON ({e.msg})") from None
     chosen = weights_file(run_dir) if weights == "best" else CHECKPOINT
     if not (run_dir / chosen).is_file():
-        raise RegtokError(f"{run_dir} has no {chosen}: it kept only its best weights (a sweep trial with --keep "
-                          "best); load weights='best'")
+        why = ("it kept only its best weights (a sweep trial with --keep best); load weights='best'"
+               if weights == "last" else "the run has no weights yet")
+        raise RegtokError(f"{run_dir} has no {chosen}: {why}")
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
         model = RegTok.from_spec(config["model_spec"])
     load_weights(model, run_dir, chosen)
