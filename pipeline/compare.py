@@ -17,7 +17,9 @@ from typing import Any
 from regtok.config import flatten
 from regtok.errors import RegtokError
 from regtok.pipeline.spread import (
+    EVALUATE_MORE,
     NOT_A_METHOD,
+    VALIDATE_MORE,
     mean_std,
     resolution_text,
     seed_groups,
@@ -149,10 +151,11 @@ def _table(entries: list[Entry], title: str, all_keys: bool) -> CompareTable:
     groups = seed_groups(entries, lambda e: e.config)
     differ = [k for k in differing_keys(entries) if k.split(".")[-1] not in NOT_A_METHOD]
     keys = [k for k in sorted({k for e in entries for k in e.config}) if k != "report"] if all_keys else differ
-    labels = list(dict.fromkeys(label for e in entries for label in e.values))
     recalls = {label for e in entries for label in e.recalls}
-    columns = [title, "n", *[f"{label} (%)" if label in recalls else label for label in labels], "val N",
-               *keys]
+    labels = list(dict.fromkeys(label for e in entries for label in e.values))
+    labels = [lb for lb in labels if lb in recalls] + [lb for lb in labels if lb not in recalls]  # recalls first
+    columns = [title, "n", *[f"{label} (%)" if label in recalls else label for label in labels],
+               "val N" if title == "runs" else "N", *keys]
     rows = []
     for members in groups:
         cells = [_names(members, entries), str(len(members))]
@@ -172,12 +175,16 @@ def _notes(entries: list[Entry], groups: list[list[Entry]], title: str) -> list[
     """The validation N and step, and a warning when rows are within one step of the best."""
     ns = sorted({e.val_n for e in entries if e.val_n})
     n = ns[0] if ns else None
-    notes = [resolution_text(n) + ("" if len(ns) < 2 else f" (N differs between rows: {', '.join(map(str, ns))})")]
+    runs = title == "runs"
+    differs = "" if len(ns) < 2 else f" (N differs between rows: {', '.join(map(str, ns))})"
+    notes = [resolution_text(n, "validation rows" if runs else "evaluated pairs") + differs]
     ks = [k for k in entries[0].values if k.startswith("R@1 k=")]
     key = SELECT if title == "runs" else max(ks, key=lambda k: int(k.removeprefix("R@1 k=")), default=None)
     means = {f"[{_names(g, entries)}]": mean_std(v)[0] for g in groups
              if (v := [e.values[key] for e in g if isinstance(e.values.get(key), int | float)])}
-    warning = tie_warning(within_one_step(means, n), len(means), n, what="rows")
+    warning = tie_warning(within_one_step(means, n), len(means), n, what="rows",
+                          data="validation set" if runs else "evaluated split",
+                          advice=VALIDATE_MORE if runs else EVALUATE_MORE)
     return notes + ([f"warning: by {key}, {warning}"] if warning else [])
 
 

@@ -60,11 +60,11 @@ def resolution(n: int | None) -> float | None:
     return 1.0 / n if n else None
 
 
-def resolution_text(n: int | None) -> str:
+def resolution_text(n: int | None, rows: str = "validation rows") -> str:
     """"N = 28 validation rows: a recall moves in steps of 1/N = 3.6 %"."""
     if not n:
-        return "validation N unknown"
-    return f"N = {n} validation rows: a recall moves in steps of 1/N = {100 / n:.2g} %"
+        return f"N ({rows}) unknown"
+    return f"N = {n} {rows}: a recall moves in steps of 1/N = {100 / n:.2g} %"
 
 
 def within_one_step(values: dict[Any, float], n: int | None) -> list[Any]:
@@ -76,10 +76,15 @@ def within_one_step(values: dict[Any, float], n: int | None) -> list[Any]:
     return [name for name, v in values.items() if best - v <= step + 1e-12]
 
 
-def tie_warning(names: list[Any], total: int, n: int | None, what: str = "trials") -> str | None:
+VALIDATE_MORE = "Validate on more rows (--val-fraction, --val-features) or compare means over seeds."
+EVALUATE_MORE = "Evaluate on a larger held-out split or compare means over seeds."
+
+
+def tie_warning(names: list[Any], total: int, n: int | None, what: str = "trials", data: str = "validation set",
+                advice: str = VALIDATE_MORE) -> str | None:
     """A sentence when more than one of ``total`` entries is within one step of the best, else None."""
     if len(names) < 2 or not n:
         return None
     return (f"{len(names)} of {total} {what} ({', '.join(map(str, names[:8]))}{' …' if len(names) > 8 else ''}) "
-            f"are within one step (1/N = {100 / n:.2g} %, N = {n}) of the best: this validation set cannot tell "
-            "them apart. Validate on more rows (--val-fraction, --val-features) or compare means over seeds.")
+            f"are within one step (1/N = {100 / n:.2g} %, N = {n}) of the best: this {data} cannot tell them apart. "
+            + advice)

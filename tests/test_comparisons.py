@@ -340,3 +340,22 @@ def test_default_yaml_names_the_method_and_the_readme_documents_sweep_json():
     assert "shared/000" not in text and "seed's" not in text and "design card" not in text
     readme = (root / "README.md").read_text()
     assert "`sweep.json`" in readme.split("## The pipeline")[1]
+
+
+def test_eval_reports_of_runs_that_differ_only_in_seed_are_one_row(tmp_path):
+    from regtok.pipeline.compare import _report_entry, tables
+
+    def report(name: str, r1: float, **differs) -> Path:
+        row = {"a_to_b": {"R@1": r1}, "b_to_a": {"R@1": r1}}
+        data = {"n": 200, "retrieval": [{"k": 2, **row}], "baselines": {}, "headline": {"ratio": 1.0},
+                "evaluated": {"preset": "tiny", "differs_from_preset": differs, "eval_store": {"path": "/test"}}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(data))
+        return tmp_path / name
+
+    entries = [_report_entry(report("a", 0.80, seed=0)), _report_entry(report("b", 0.90, seed=1)),
+               _report_entry(report("c", 0.50, **{"model.n_layers": 2}))]
+    (table,) = tables(entries)
+    assert table.columns[:3] == ["eval reports", "n", "R@1 k=2 (%)"] and "model.n_layers" in table.columns
+    assert [row[:3] for row in table.rows] == [["a, b", "2", "85.0 ± 7.1"], ["c", "1", "50.0"]]
+    assert table.notes[0] == "N = 200 evaluated pairs: a recall moves in steps of 1/N = 0.5 %"
