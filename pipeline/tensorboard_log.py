@@ -117,7 +117,7 @@ def write_sweep_experiment(sweep_dir: Path, space: dict[str, list[Any] | None], 
         if choices and len({type(v) for v in shown}) == 1:
             domains[key] = shown
     chosen = tag("kept", metric.replace("val/", "val_").removeprefix("val_"))  # the sweep's --metric, kept
-    experiment, _, _ = hparams(values, dict.fromkeys(dict.fromkeys([*SWEEP_METRICS, chosen]), 0.0), domains)
+    experiment, _, _ = hparams(values, dict.fromkeys([*SWEEP_METRICS, chosen], 0.0), domains)
     writer = _writer(sweep_dir / "tb")
     writer.file_writer.add_summary(experiment)
     writer.close()
