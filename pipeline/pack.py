@@ -192,9 +192,8 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
     returns that manifest. ``on_rows`` is told the number of CSV rows once they are read; ``progress`` is
     called with 1 per row handled. Images outside ``root`` are skipped unless ``allow_outside_root``;
     ``out_dir`` must be empty or hold an earlier pack output, unless ``overwrite``. ``labels_from`` (another
-    split's ``dataset.json``) gives the label schema, whose columns are the default ``label_cols``.
-    ``vision_col`` or ``tactile_col`` None packs the other modality alone.
-    """
+    split's ``dataset.json``) gives the label schema, whose columns are the default ``label_cols``. A column of
+    None packs the other modality alone."""
     csv_path = Path(csv_path)
     root = csv_path.parent if root is None else Path(root)
     if samples_per_shard < 1:
