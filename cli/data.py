@@ -51,11 +51,13 @@ def synth(out_dir: str, samples: int, shards: int, seed: int, image_size: int, f
 @click.option("--root", type=click.Path(file_okay=False), default=None,
               help="Folder the CSV's image paths are relative to  [default: the CSV's folder]")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--vision-col", default="url", help="CSV column with the vision image path.")
-@click.option("--tactile-col", default="tactile", help="CSV column with the tactile image path.")
+@click.option("--vision-col", default=None, help="CSV column with the vision image path  [default: url, unless only "
+              "--tactile-col is given: then touch alone is packed]")
+@click.option("--tactile-col", default=None, help="CSV column with the tactile image path  [default: tactile, unless "
+              "only --vision-col is given: then vision alone is packed]")
 @click.option("--label-col", "label_cols", multiple=True,
               help="Label column (repeatable): numeric columns stay numbers, text columns become class indices, "
-              "free text (a caption) stays text unless named COL:class.")
+              "free text (a caption) stays text; COL:class or COL:text decides.")
 @click.option("--labels-from", type=click.Path(dir_okay=False), default=None, metavar="TRAIN/dataset.json",
               help="Reuse another split's label schema, so class indices match it (its labels are the default "
               "--label-col); a class it lacks is an error.")
@@ -67,13 +69,15 @@ def synth(out_dir: str, samples: int, shards: int, seed: int, image_size: int, f
               help="Read image paths that resolve outside --root (else such rows are skipped and listed).")
 @click.option("--overwrite", is_flag=True, help="Write into --out even if it holds something other than an "
               "earlier pack output.")
-def pack(csv_path: str, root: str | None, out_dir: str, vision_col: str, tactile_col: str,
+def pack(csv_path: str, root: str | None, out_dir: str, vision_col: str | None, tactile_col: str | None,
          label_cols: tuple[str, ...], samples_per_shard: int, allow_outside_root: bool = False,
          overwrite: bool = False, labels_from: str | None = None, label_groups: tuple[str, ...] = ()) -> None:
     """Pack a paired dataset given as a CSV of relative image paths (TVL / SSVTP layout) into shards.
 
-    Image bytes are copied unchanged after a decode check; every CSV column goes into KEY.json. Rows with a
-    missing or unreadable image are skipped and listed in dataset.json. Prints the path of OUT_DIR/dataset.json.
+    Image bytes are copied unchanged after a decode check; every CSV column goes into KEY.json (as text; the
+    --label-col columns also as numbers). Give only one of --vision-col/--tactile-col to pack that modality alone
+    (e.g. touch-only images for `regtok embed`). Rows with a missing or unreadable image are skipped and listed in
+    dataset.json. Prints the path of OUT_DIR/dataset.json.
     """
     from pathlib import Path
 
@@ -81,6 +85,8 @@ def pack(csv_path: str, root: str | None, out_dir: str, vision_col: str, tactile
     from regtok.pipeline.labels import parse_groups
     from regtok.pipeline.pack import pack as pack_csv
 
+    if vision_col is None and tactile_col is None:
+        vision_col, tactile_col = "url", "tactile"  # TVL's columns
     console = stderr_console()
     bar = progress(console)
 

@@ -79,11 +79,16 @@ def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow
 @config_option(ExtractConfig, "batch_size", type=click.IntRange(min=1), help="Images per encoder forward pass.")
 @config_option(ExtractConfig, "workers", callback=_workers, help="DataLoader workers decoding shards.")
 @device_option(config_default(ExtractConfig, "device"))
-def embed(run_dir: str, shards: str, out: str, batch_size: int, workers: int | str, device: str) -> None:
+@click.option("--modality", "modalities", multiple=True, metavar="NAME",
+              help="Embed only this modality (repeatable)  [default: the run's modalities the shards hold, e.g. "
+                   "touch alone for shards packed with only --tactile-col]")
+def embed(run_dir: str, shards: str, out: str, batch_size: int, workers: int | str, device: str,
+          modalities: tuple[str, ...] = ()) -> None:
     """Embed new images with a run: its frozen encoders (from its lineage), then its register modules.
 
     Writes OUT (HDF5): /keys and /<modality>/k<k>, the (N, E) shared embedding at every shared prefix k, as
-    `regtok eval --save-embeddings` does. Undecodable samples are skipped and counted. Prints OUT.
+    `regtok eval --save-embeddings` does, for each modality the shards hold (one is enough: touch-only query
+    images). Undecodable samples are skipped and counted. Prints OUT.
     """
     import os
 
@@ -92,8 +97,9 @@ def embed(run_dir: str, shards: str, out: str, batch_size: int, workers: int | s
 
     console = stderr_console()
     result = embed_shards(run_dir, shards, out, batch_size=batch_size, device=device, workers=workers,
-                          console=console, show_progress=os.environ.get("REGTOK_NO_PROGRESS") is None)
-    console.print(f"embedded {result['samples']} samples (skipped {result['skipped']}) at prefixes "
-                  f"{', '.join(map(str, result['prefixes']))}")
+                          console=console, show_progress=os.environ.get("REGTOK_NO_PROGRESS") is None,
+                          modalities=modalities or None)
+    console.print(f"embedded {result['samples']} samples (skipped {result['skipped']}) of "
+                  f"{', '.join(result['modalities'])} at prefixes {', '.join(map(str, result['prefixes']))}")
     click.echo(str(result["path"]))
 

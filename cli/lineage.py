@@ -33,7 +33,7 @@ def demo(out: str, samples: int, epochs: int, overwrite: bool) -> None:
     import shutil
     from pathlib import Path
 
-    from regtok.pipeline.console import stderr_console
+    from regtok.pipeline.console import heading, stderr_console
     from regtok.pipeline.report import demo_summary
     from regtok.pipeline.startup import keep_freed_memory
 
@@ -48,9 +48,10 @@ def demo(out: str, samples: int, epochs: int, overwrite: bool) -> None:
     console = stderr_console()
     steps = _demo_steps(root, samples, epochs, console)
     for i, (title, step) in enumerate(steps, 1):
-        console.rule(f"[bold]{i}/{len(steps)} {title}")
+        heading(console, f"[bold]{i}/{len(steps)} {title}")
         step()
     demo_summary(console, root)
+    click.echo(str(root / "eval" / "report.md"))  # the result, on stdout
 
 
 def _demo_steps(root, samples: int, epochs: int, console) -> list:
@@ -98,9 +99,9 @@ def _demo_steps(root, samples: int, epochs: int, console) -> list:
 @click.argument("manifest", type=click.Path(exists=True))
 def show(manifest: str) -> None:
     """Print the chain of manifests behind MANIFEST (a file or a stage directory) back to the shards."""
-    from rich.console import Console
     from rich.tree import Tree
 
+    from regtok.pipeline.console import stdout_console
     from regtok.pipeline.lineage import lineage, summary_line
 
     def add(tree: Tree, node) -> None:
@@ -114,7 +115,7 @@ def show(manifest: str) -> None:
             add(branch, parent)
         trials = (node.manifest or {}).get("trials") or [] if kind == "sweep" else []
         for t in trials[:5]:
-            value = f"{t['value']:.4f}" if isinstance(t.get("value"), float) else "—"
+            value = f"{100 * t['value']:.1f} %" if isinstance(t.get("value"), float) else "—"
             params = ", ".join(f"{k}={v}" for k, v in (t.get("params") or {}).items())
             branch.add(f"[dim]trial {t.get('number')} {t.get('state')} {value}  {t.get('path')}  {params}[/]")
         if len(trials) > 5:
@@ -126,7 +127,7 @@ def show(manifest: str) -> None:
 
     root, node = Tree("lineage"), lineage(manifest)
     add(root, node)
-    Console().print(root)
+    stdout_console().print(root)
     if node.manifest is None:  # the manifest asked for is missing or unreadable: not a lineage at all
         raise RegtokError(node.status.removeprefix("unreadable: ") if node.status != "missing"
                           else f"{node.path}: no manifest here")
@@ -150,13 +151,12 @@ def rerun(manifest: str, out: str | None, root: str | None, allow_outside: bool)
     """
     import tempfile
 
-    from rich.console import Console
-
+    from regtok.pipeline.console import stderr_console
     from regtok.pipeline.rerun import rerun as rerun_stage
     from regtok.pipeline.startup import keep_freed_memory
 
     keep_freed_memory()  # as in the stage it reruns
-    console = Console(stderr=True)
+    console = stderr_console()
     target = out or tempfile.mkdtemp(prefix="regtok-rerun-")
     result = rerun_stage(manifest, target, root=root, allow_outside=allow_outside,
                          log=lambda msg: console.print(f"[dim]{msg}[/]"))

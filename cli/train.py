@@ -6,7 +6,7 @@ import click
 
 from regtok.cli import CONTEXT, device_option, main
 from regtok.errors import RegtokError
-from regtok.pipeline.sweep import METRICS, PRUNERS, SAMPLERS
+from regtok.pipeline.sweep import KEEP, METRICS, PRUNERS, SAMPLERS
 
 
 def _train_config_options(command):
@@ -91,8 +91,9 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
         return
     if not features or not out:
         raise click.UsageError("--features and --out are required (unless --print-config)")
+    _check_device(cfg.device)  # before the resolved config is printed
     if tensorboard:
-        from regtok.pipeline.runs import require_tensorboard
+        from regtok.pipeline.tensorboard_log import require_tensorboard
 
         require_tensorboard()
     console = stderr_console()
@@ -111,10 +112,12 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
     if manifest is not None:
         from rich.table import Table
 
-        table = Table("final epoch", "value", title=f"{out}: {result.step} steps")
+        from regtok.pipeline.spread import pct
+
+        table = Table("final epoch", "value", title=f"{out}: {result.step} steps (recalls in %)")
         for k, v in result.metrics.items():
-            if "/" not in k or k == "val/R@1":
-                table.add_row(k, f"{v:.4g}")
+            if "/" not in k or k in ("val/R@1", "best/val_select", "best/epoch"):
+                table.add_row(k, pct(v) if "val" in k else f"{v:.4g}")
         console.print(table)
         click.echo(str(manifest))
 
@@ -138,11 +141,14 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
                    "transport for flow_matching runs), val/R@1 (full prefix, untransported), or a val_r1_* key.")
 @click.option("--prune/--no-prune", default=True, help="Stop hopeless trials early (after each epoch).")
 @click.option("--pruner", type=click.Choice(PRUNERS), default="median")
-@click.option("--tensorboard", is_flag=True, help="TensorBoard events in every trial (tensorboard --logdir OUT).")
+@click.option("--tensorboard", is_flag=True, help="TensorBoard events in every trial and the HParams experiment "
+              "(tensorboard --logdir OUT).")
+@click.option("--keep", type=click.Choice(KEEP), default="best", help="Weight files a finished trial keeps: best (what "
+              "eval needs), last (what --resume needs; eval then uses the last weights), all.")
 @_train_config_options
 def sweep(features: str, val_features: str | None, out: str, space_file: str | None, grid: tuple[str, ...],
           sampler: str, trials: int | None, jobs: int, storage: str | None, study_name: str, metric: str,
-          prune: bool, pruner: str, tensorboard: bool, config_file: str | None, preset: str | None,
+          prune: bool, pruner: str, tensorboard: bool, keep: str, config_file: str | None, preset: str | None,
           loss: str | None, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None,
           device: str | None, val_fraction: float | None, overrides: tuple[str, ...]) -> None:
     """Search training configs on one feature store with Optuna; each trial is an ordinary run in OUT/trials/.
@@ -170,12 +176,13 @@ def sweep(features: str, val_features: str | None, out: str, space_file: str | N
     space = parse_space(raw, space_file or "--grid")
     base = _train_config(preset, config_file, None, overrides, val_fraction=val_fraction, epochs=epochs,
                          batch_size=batch_size, lr=lr, seed=seed, device=device, loss=loss)
+    _check_device(base.device)
     if tensorboard:
-        from regtok.pipeline.runs import require_tensorboard
+        from regtok.pipeline.tensorboard_log import require_tensorboard
 
         require_tensorboard()
     scfg = SweepConfig(sampler=sampler, trials=trials, jobs=jobs, storage=storage, study=study_name, metric=metric,
-                       prune=prune, pruner=pruner, seed=base.seed, tensorboard=tensorboard)
+                       prune=prune, pruner=pruner, seed=base.seed, tensorboard=tensorboard, keep=keep)
     console = stderr_console()
     report = run_sweep(features, out, scfg, space, base, val_features=val_features,
                        command=["regtok", *sys.argv[1:]], console=console)
@@ -189,14 +196,23 @@ def sweep(features: str, val_features: str | None, out: str, space_file: str | N
 def _print_trials(console, report: dict, top: int = 10) -> None:
     from rich.table import Table
 
+    from regtok.pipeline.spread import pct
+    from regtok.pipeline.sweep_report import notes
+
     names = list(report["space"])
-    table = Table("trial", "state", report["metric"], "epochs", "s", *names,
+    table = Table("trial", "state", f"{report['metric']} (%)", "kept epoch", "epochs", "s", *names,
                   title=f"top trials of {len(report['trials'])} ({report['sampler']} sampler)")
     for r in report["trials"][:top]:
-        value = f"{r['value']:.4f}" if r["value"] is not None else "—"
-        table.add_row(str(r["number"]), r["state"], value, str(r["epochs"] or "—"),
-                      f"{r['seconds']:.1f}" if r["seconds"] else "—", *(str(r["params"].get(k, "—")) for k in names))
+        table.add_row(str(r["number"]), r["state"], pct(r["value"]), str(r["kept_epoch"] or "—"),
+                      str(r["epochs"] or "—"), f"{r['seconds']:.1f}" if r["seconds"] else "—",
+                      *(str(r["params"].get(k, "—")) for k in names))
     console.print(table)
+    for g in report["groups"]:
+        params = ", ".join(f"{k}={v}" for k, v in g["params"].items())
+        console.print(f"over seeds: {params}: {pct(g['mean'])} ± {pct(g['std'])} % (n={g['n']})", markup=False,
+                      highlight=False, soft_wrap=True)
+    for line in notes(report):
+        console.print(line.replace("**", ""), markup=False, highlight=False, soft_wrap=True)
     failed = [r for r in report["trials"] if r["state"] == "fail" and r["retried_as"] is None]
     if failed:
         console.print(f"[yellow]{len(failed)} trial(s) failed[/], first: trial {failed[0]['number']}: "
@@ -205,33 +221,40 @@ def _print_trials(console, report: dict, top: int = 10) -> None:
         console.print(f"best: trial {report['best']['number']} → best.yaml")
 
 
+def _check_device(device: str) -> None:
+    """A device that is not here (--device cuda without CUDA) is one error line before any output."""
+    from regtok.distributed import resolve_device
+
+    resolve_device(device)
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Also write OUT/compare.md and OUT/curves.png (validation R@1 against epoch per run).")
+              help="Also write OUT/compare.md and OUT/curves.png (the validation score against epoch per row).")
 @click.option("--all-keys", is_flag=True, help="Show every config key, not only those that differ.")
 def compare(paths: tuple[str, ...], out: str | None, all_keys: bool) -> None:
-    """Put runs, eval reports or sweeps (their trials) side by side; config keys that differ are highlighted."""
+    """Put runs, eval reports or sweeps (their trials) side by side: one row per configuration, runs that differ
+    only in seed together as mean ± std (n); the config keys that differ are highlighted. Recalls in %."""
     from pathlib import Path
 
-    from rich.console import Console
     from rich.table import Table
 
     from regtok.pipeline.compare import load_entries, plot_curves, render_markdown, tables
+    from regtok.pipeline.console import stdout_console
 
     entries = load_entries(list(paths))
-    console = Console()
-    if not console.is_terminal:  # piped or logged: the whole table, never a truncated cell
-        console = Console(width=1000)
-    for title, columns, rows in tables(entries, all_keys):
-        table = Table("", *columns, title=title)
-        for label, cells, differs in rows:
-            style = "bold yellow" if differs else None
-            table.add_row(label, *cells, style=style)
+    console = stdout_console()  # piped or logged: the whole table, never a truncated cell
+    for t in tables(entries, all_keys):
+        table = Table(*[f"[bold yellow]{c}[/]" if i in t.highlight else c for i, c in enumerate(t.columns)],
+                      title=t.title)
+        for row in t.rows:
+            table.add_row(*row)
         console.print(table)
+        for note in t.notes:
+            console.print(note, markup=False, highlight=False, soft_wrap=True)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         plot_curves(entries, Path(out) / "curves.png")
         (Path(out) / "compare.md").write_text(render_markdown(entries, all_keys))
         click.echo(str(Path(out) / "compare.md"), err=True)
-

@@ -2,8 +2,8 @@
 
     import regtok
 
-    run = regtok.load_run("runs/contrastive")              # knows its modalities, input shapes and config
-    store = regtok.open_store("features/ssvtp-test")       # store.read(kind, modality), .keys(), .labels()
+    run = regtok.load_run("runs/contrastive")              # the weights eval uses; weights="last" for the last
+    store = regtok.open_store("features/ssvtp-test")       # store.read(kind, modality), .keys(), .labels(names=True)
     z = run.embed(store.read(run.feature_kind, "vision"), "vision", k=4)   # (N, E) shared embeddings, prefix 4
     regs = run.registers(store.read(run.feature_kind, "tactile"), "tactile")  # (N, R, d) register states
 
@@ -28,20 +28,41 @@ import torch
 from regtok.errors import RegtokError
 
 
-@dataclass
+@dataclass(repr=False)
 class Run:
     """A trained run: the register model with its config, on ``device``, in eval mode."""
 
     path: Path
-    model: Any  # regtok.model.RegTok
-    config: Any  # regtok.config.TrainConfig
-    feature_kind: str  # "pooled" or "tokens": what the model reads
+    """The run directory."""
+    model: Any
+    """The register modules (a ``regtok.model.RegTok``), in eval mode."""
+    config: Any
+    """The resolved ``regtok.config.TrainConfig`` the run was trained with."""
+    feature_kind: str
+    """``"pooled"`` or ``"tokens"``: the feature rows the model reads."""
     manifest: dict
+    """The run manifest (inputs, metrics, lineage); empty when the run has none."""
     step: int
+    """The optimizer step of the loaded weights."""
     device: torch.device
+    """Where the model runs."""
+    weights: str = "best.safetensors"
+    """The file the weights came from: ``best.safetensors`` (the kept epoch) or ``checkpoint.safetensors``."""
+    epoch: int | None = None
+    """The epoch (counted from 1) the weights were saved after, when the run's metrics say."""
+
+    def __repr__(self) -> str:
+        """``Run('runs/x', vision (257, 192) ↔ tactile (257, 192) tokens, contrastive, 8 registers (2 shared), k 1,
+        2; best.safetensors after epoch 3, step 60, cpu)``: what a notebook needs, never the module tree."""
+        shapes = " ↔ ".join(f"{m} {shape}" for m, shape in self.input_shapes.items())
+        ks = ", ".join(map(str, self.prefixes))
+        return (f"Run({str(self.path)!r}, {shapes} {self.feature_kind}, {self.config.model.loss_type}, "
+                f"{self.n_registers} registers ({self.n_shared} shared), k {ks}; {self.weights} after epoch "
+                f"{self.epoch if self.epoch is not None else '?'}, step {self.step}, {self.device})")
 
     @property
     def modalities(self) -> tuple[str, str]:
+        """The two modalities, in pair order (a → b)."""
         return self.model.modalities
 
     @property
@@ -53,11 +74,20 @@ class Run:
 
     @property
     def n_registers(self) -> int:
+        """Register tokens per modality (the longest prefix ``k``)."""
         return self.model.cfg.n_registers
 
     @property
     def n_shared(self) -> int:
+        """The first ``n_shared`` registers are aligned across modalities; ``embed`` takes k up to this."""
         return self.model.cfg.n_shared
+
+    @property
+    def prefixes(self) -> list[int]:
+        """The shared prefixes ``k`` eval reports retrieval at (powers of two up to n_shared)."""
+        from regtok.model import allowed_keeps
+
+        return allowed_keeps(self.n_shared, "power_of_two")
 
     def embed(self, features: Any, modality: str, k: int | None = None, batch_size: int = 512) -> np.ndarray:
         """Shared embeddings ``(N, E)`` float32 (L2-normalised) of ``features`` ``(N, *input_shape)`` at prefix
@@ -101,16 +131,17 @@ class Run:
         return torch.cat(out).numpy()
 
 
-def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Run:
-    """A trained run (the weights eval uses: ``best.safetensors`` when kept), on ``device`` ("auto" allowed)."""
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "best") -> Run:
+    """A trained run on ``device`` ("auto" allowed). ``weights``: "best", the weights eval uses (the kept best
+    epoch, ``best.safetensors``, when the run kept one), or "last" (``checkpoint.safetensors``)."""
     from regtok.distributed import resolve_device
     from regtok.pipeline.runs import load_run as load
 
-    loaded = load(run_dir)
+    loaded = load(run_dir, weights)
     dev = resolve_device(str(device))
     path = Path(run_dir)
     return Run(path.parent if path.is_file() else path, loaded.model.to(dev).eval(), loaded.train_config,
-               loaded.feature_kind, loaded.manifest, loaded.step, dev)
+               loaded.feature_kind, loaded.manifest, loaded.step, dev, loaded.weights, loaded.epoch)
 
 
 def open_store(store_dir: str | os.PathLike):
@@ -124,8 +155,17 @@ def open_store(store_dir: str | os.PathLike):
 class Embedder:
     """A run with the frozen Stage-1 encoders its features came from: images → register embeddings."""
 
+    run: Run
+    """The trained run whose register modules embed the encoders' features."""
+    encoders: dict[str, Any]
+    """``{modality: encoder}``: the frozen Stage-1 encoders the run's training store was extracted with."""
+
     def __init__(self, run: Run, encoders: dict[str, Any]) -> None:
         self.run, self.encoders = run, encoders
+
+    def __repr__(self) -> str:
+        specs = ", ".join(f"{m} {getattr(e, 'spec', type(e).__name__)}" for m, e in self.encoders.items())
+        return f"Embedder({specs}; {self.run!r})"
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Embedder:
@@ -166,6 +206,7 @@ class Embedder:
         return self.run.embed(self.features(_as_list(images), modality), modality, k)
 
     def registers(self, images: Any, modality: str, k: int | None = None) -> np.ndarray:
+        """Register states ``(N, R, d)`` of images (as :meth:`Run.registers`; slots from ``k`` on masked)."""
         return self.run.registers(self.features(_as_list(images), modality), modality, k)
 
     def _encoder(self, modality: str) -> Any:
@@ -224,13 +265,15 @@ def to_uint8(image: Any, prep: Any) -> torch.Tensor:
 
 
 def embed_shards(run_dir: str | os.PathLike, shards: str, out: str | os.PathLike, *, batch_size: int = 64,
-                 device: str = "auto", workers: int | str = "auto", console: Any = None,
-                 show_progress: bool = True) -> dict[str, Any]:
+                 device: str = "auto", workers: int | str = "auto", console: Any = None, show_progress: bool = True,
+                 modalities: Sequence[str] | None = None) -> dict[str, Any]:
     """`regtok embed`: new shards → the run's encoders → its shared embeddings at every shared prefix, in ``out``
     (``/keys``, ``/<modality>/k<k>`` (N, E) float32, as ``regtok eval --save-embeddings`` writes them).
 
-    The shards go through ``regtok extract`` (same decoding, skip rules and float16 features) into a temporary
-    store beside ``out``, which is removed afterwards. Returns {"samples", "skipped", "prefixes", "path"}.
+    ``modalities``: which of the run's modalities to embed (default: those the shards' first sample holds, so
+    touch-only query images embed their touch alone). The shards go through ``regtok extract`` (same decoding,
+    skip rules and float16 features) into a temporary store beside ``out``, which is removed afterwards. Returns
+    {"samples", "skipped", "prefixes", "modalities", "path"}.
     """
     import shutil
 
@@ -240,10 +283,11 @@ def embed_shards(run_dir: str | os.PathLike, shards: str, out: str | os.PathLike
 
     out = Path(out).absolute()
     run = load_run(run_dir, "cpu")
-    records = training_encoders(run)
+    spec = "::".join(str(Path(part).absolute()) for part in shards.split("::"))
+    chosen = _embed_modalities(run, spec, modalities)
+    records = {m: rec for m, rec in training_encoders(run).items() if m in chosen}
     encoders = tuple((m, rec["spec"]) for m, rec in records.items())
     tmp = out.with_name(f".{out.name}.store.{os.getpid()}.tmp")
-    spec = "::".join(str(Path(part).absolute()) for part in shards.split("::"))
     try:
         cfg = ExtractConfig(shards=spec, out=str(tmp), encoders=encoders, tokens=run.feature_kind == "tokens",
                             batch_size=batch_size, workers=workers, device=device, max_skip_fraction=1.0)
@@ -254,7 +298,7 @@ def embed_shards(run_dir: str | os.PathLike, shards: str, out: str | os.PathLike
         ks = allowed_keeps(run.n_shared, "power_of_two")  # the shared prefixes eval's retrieval reports
         out.parent.mkdir(parents=True, exist_ok=True)
         writer = EmbeddingWriter(out, store.keys())
-        for m in run.modalities:
+        for m in records:
             x = store.read(run.feature_kind, m)
             for k in ks:
                 writer(m, k, run.embed(x, m, k))
@@ -262,6 +306,28 @@ def embed_shards(run_dir: str | os.PathLike, shards: str, out: str | os.PathLike
         writer.file.attrs["run_step"] = run.step
         writer.file.attrs["shards"] = spec
         writer.close()
-        return {"samples": store.n, "skipped": manifest["skip_count"], "prefixes": ks, "path": out}
+        return {"samples": store.n, "skipped": manifest["skip_count"], "prefixes": ks, "modalities": list(records),
+                "path": out}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _embed_modalities(run: Run, spec: str, asked: Sequence[str] | None) -> list[str]:
+    """The run's modalities to embed: ``asked``, else those whose image the shards' first sample holds."""
+    from regtok.pipeline.images import IMAGE_EXTS
+    from regtok.pipeline.shards import expand_shards, iter_shard
+
+    if asked:
+        unknown = [m for m in asked if m not in run.modalities]
+        if unknown:
+            raise RegtokError(f"the run has modalities {', '.join(run.modalities)}, not {unknown[0]!r}")
+        return [m for m in run.modalities if m in asked]
+    paths = expand_shards(spec)
+    first = next(iter_shard(paths[0]), None) if paths else None
+    if first is None:
+        return list(run.modalities)  # extract says what is wrong with the shards
+    found = [m for m in run.modalities if any(f"{m}.{ext}" in first.files for ext in IMAGE_EXTS)]
+    if not found:
+        raise RegtokError(f"the shards' first sample ({first.key}: {', '.join(sorted(first.files))}) holds none of "
+                          f"the run's modalities ({', '.join(run.modalities)})")
+    return found

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from regtok.errors import RegtokError
+from regtok.pipeline.labels import class_difference
 
 
 def check_compatible(store: Any, kind: str, inputs: Mapping[str, Sequence[int]], *, what: str, expected_by: str,
@@ -43,5 +44,6 @@ def _check_same_sources(manifest: dict, trained_on: dict, mods: tuple[str, ...])
     for name, spec in (trained_on.get("labels") or {}).items():
         here = (manifest.get("labels") or {}).get(name) or {}
         if "classes" in spec and "classes" in here and spec["classes"] != here["classes"]:
-            raise RegtokError(f"label {name!r} has classes {here['classes']} here but {spec['classes']} in the run's "
-                              f"training store; pack this split with --labels-from TRAIN/dataset.json")
+            raise RegtokError(f"label {name!r} differs from the run's training store ("
+                              f"{class_difference(here['classes'], spec['classes'])}); pack this split with "
+                              "--labels-from TRAIN/dataset.json")

@@ -17,10 +17,32 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+OFF_TERMINAL_WIDTH = 1000  # columns: a log file or CI gets whole tables and lines, never cut at 80
+
 
 def stderr_console() -> Console:
-    """A rich console writing to stderr."""
-    return Console(stderr=True)
+    """A rich console writing to stderr; off a terminal (a file, a pipe, CI) as wide as its longest table."""
+    return wide(Console(stderr=True))
+
+
+def stdout_console() -> Console:
+    """A rich console writing to stdout (results), as wide off a terminal as :func:`stderr_console`."""
+    return wide(Console())
+
+
+def wide(console: Console) -> Console:
+    """``console`` itself on a terminal; off one, the same stream at :data:`OFF_TERMINAL_WIDTH` columns."""
+    if console.is_terminal:
+        return console
+    return Console(file=console.file, width=OFF_TERMINAL_WIDTH, stderr=console.stderr)
+
+
+def heading(console: Console, text: str) -> None:
+    """A section heading: a rule across a terminal, a short ``── text ──`` line elsewhere."""
+    if console.is_terminal:
+        console.rule(text)
+    else:
+        console.print(f"── {text} ──")
 
 
 def progress(console: Console | None = None, *extra_columns, disable: bool = False) -> Progress:

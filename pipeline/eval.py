@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from regtok.data import row_shape
+from regtok.data import row_shape, rows_digest
 from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
 from regtok.evaluate import EvalConfig, evaluate
 from regtok.pipeline.compat import check_compatible
+from regtok.pipeline.console import stderr_console
 from regtok.pipeline.embeddings import EmbeddingWriter
 from regtok.pipeline.manifest import (
     environment,
@@ -78,7 +79,7 @@ def baseline_training_rows(run: Any, store: Any, run_manifest: Path, same_store:
     from regtok.data import split_rows
 
     if same_store and _run_input(run_manifest, "val_features") is None:
-        return split_rows(store.n, run.train_config.val_fraction, run.train_config.seed)[0]
+        return split_rows(store.n, run.train_config.val_fraction, run.train_config.split_seed)[0]
     return np.arange(store.n)
 
 
@@ -105,6 +106,7 @@ class FitStore:
     rows: np.ndarray
     path: Path
     source: str
+    rows_record: dict[str, Any]  # n, sha256 and whether they are the rows the run recorded training on
 
 
 def fit_store(run: Any, eval_store: Any, train_store_dir: Path | None, run_manifest: Path) -> FitStore | str:
@@ -124,8 +126,11 @@ def fit_store(run: Any, eval_store: Any, train_store_dir: Path | None, run_manif
         raise RegtokError(f"fit features {train_store_dir} do not match the evaluated store (modalities, "
                           f"{kind} features and dims must be the same)")
     rows = baseline_training_rows(run, store, run_manifest, same_store)
+    recorded = ((run.manifest or {}).get("split") or {}).get("train_rows_sha256")
+    rows_record = {"n": len(rows), "sha256": rows_digest(rows), "same_as_run": recorded == rows_digest(rows)
+                   if recorded and same_store else None}
     source = "the run's training rows" if same_store else "the named store"
-    return FitStore(store, rows, Path(train_store_dir), f"{source} ({len(rows)} of {train_store_dir})")
+    return FitStore(store, rows, Path(train_store_dir), f"{source} ({len(rows)} of {train_store_dir})", rows_record)
 
 
 def fit_rows(run: Any, fit: FitStore) -> Any:
@@ -155,7 +160,7 @@ def fit_baselines(run: Any, eval_store: Any, fit: FitStore, cfg: EvalConfig, log
     out = fit_and_score(train, test, mods, bcfg, cfg.chunk_size, log=log)
     log("baseline: the model at its start")
     out["start"] = start_retrieval(run, fit, test, cfg)
-    out["store"] = str(fit.path)
+    out["store"], out["train_rows"] = str(fit.path), fit.rows_record
     return out
 
 
@@ -193,7 +198,7 @@ KEY_CONFIG = ("model.n_registers", "model.n_shared", "model.n_layers", "model.hi
 
 def describe_evaluated(run: Any, run_dir: Path, run_manifest: Path, store: Any, features: Path) -> dict[str, Any]:
     """report["evaluated"]: the run, loss, closest preset and what differs, key config, encoders, stores with N."""
-    from regtok.config import to_dict
+    from regtok.config import closest_preset, to_dict
     from regtok.pipeline.runs import weights_file
 
     cfg = to_dict(run.train_config)
@@ -203,7 +208,7 @@ def describe_evaluated(run: Any, run_dir: Path, run_manifest: Path, store: Any, 
                     "token_shape": e.get("token_shape") if store.has("tokens") else None}
                 for m, e in (store.manifest.get("encoders") or {}).items()}
     out: dict[str, Any] = {
-        "run": str(run_dir.resolve()), "weights": weights_file(run_dir), "step": run.step,
+        "run": str(run_dir.resolve()), "weights": weights_file(run_dir), "step": run.step, "epoch": run.epoch,
         "command": " ".join(["regtok", *rm["command"][1:]]) if rm.get("command") else None,
         "loss_type": cfg["model"]["loss_type"], "feature_kind": run.feature_kind, "preset": preset,
         "differs_from_preset": diff, "key_config": {k: _dotted(cfg, k) for k in KEY_CONFIG}, "encoders": encoders,
@@ -213,7 +218,8 @@ def describe_evaluated(run: Any, run_dir: Path, run_manifest: Path, store: Any, 
         if path is not None:
             out[key] = {"path": str(path.parent.resolve()), "n": read_manifest(path, kind="features").get("samples")}
     if "train_store" in out and "val_store" not in out:
-        out["train_store"].update(train_rows=rm.get("train_samples"), val_rows=rm.get("val_samples"))
+        out["train_store"].update(train_rows=rm.get("train_samples"), val_rows=rm.get("val_samples"),
+                                  split=rm.get("split"))
     return out
 
 
@@ -221,19 +227,6 @@ def _dotted(cfg: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
         cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
     return cfg if cfg != {} else None
-
-
-def closest_preset(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The named preset a resolved config differs least from, and those differences (dotted keys)."""
-    from regtok.config import PRESETS, TrainConfig, flatten, resolve, to_dict
-
-    flat, best = flatten(cfg), None
-    for name in PRESETS:
-        base = flatten(to_dict(resolve(TrainConfig, name)))
-        diff = {k: v for k, v in flat.items() if base.get(k) != v}
-        if best is None or len(diff) < len(best[1]):
-            best = (name, diff)
-    return best if best is not None else ("?", {})
 
 
 def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str | os.PathLike, cfg: EvalConfig,
@@ -248,7 +241,7 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
     from regtok.pipeline.store import open_store
 
     t0 = time.perf_counter()
-    console = console or Console(stderr=True)
+    console = console or stderr_console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = load_run(run_dir)

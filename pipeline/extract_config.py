@@ -25,8 +25,8 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         mods = [m for m, _ in self.encoders]
-        if len(mods) < 2 or len(set(mods)) != len(mods):
-            raise RegtokError(f"need --encoder for at least two distinct modalities, got {mods or 'none'}")
+        if not mods or len(set(mods)) != len(mods):  # one is enough: touch-only query images (`regtok embed`)
+            raise RegtokError(f"need one --encoder per modality, each modality once, got {mods or 'none'}")
         from regtok.pipeline.encoders import parse_spec  # torch, imported only when a config is built
 
         for _, spec in self.encoders:

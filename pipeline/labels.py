@@ -17,15 +17,16 @@ import numpy as np
 FREE_TEXT_MIN_VALUES = 10  # a text column with more distinct values than this, and than half its cells, is text
 
 
-def label_schema(columns: Mapping[str, Sequence[str] | np.ndarray],
-                 as_class: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+def label_schema(columns: Mapping[str, Sequence[str] | np.ndarray], as_class: Sequence[str] = (),
+                 as_text: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """The manifest's ``labels`` block implied by each label's values ``{name: values}``.
 
     A float array (NaN where absent, as a store holds labels) is continuous with the range of its finite values
     (null when there are none). Text cells ("" where absent, as a CSV holds labels): continuous with its range
     if every non-empty value is numeric, else categorical with its sorted distinct values as classes, unless it
     reads as free text (more distinct values than FREE_TEXT_MIN_VALUES and than half its non-empty cells): then
-    ``text``, kept in the json as written. ``as_class`` columns are categorical whatever their values.
+    ``text``, kept in the json as written. ``as_class`` columns are categorical and ``as_text`` columns text,
+    whatever their values.
     """
     labels: dict[str, dict[str, Any]] = {}
     for col, values in columns.items():
@@ -33,6 +34,9 @@ def label_schema(columns: Mapping[str, Sequence[str] | np.ndarray],
             finite = values[np.isfinite(values)]
             labels[col] = {"type": "continuous",
                            "range": [float(finite.min()), float(finite.max())] if len(finite) else None}
+            continue
+        if col in as_text:
+            labels[col] = {"type": "text"}
             continue
         values = [(v or "").strip() for v in values]
         present = [v for v in values if v]
@@ -45,6 +49,21 @@ def label_schema(columns: Mapping[str, Sequence[str] | np.ndarray],
         else:
             labels[col] = {"type": "categorical", "classes": classes}
     return labels
+
+
+def class_list(classes: Sequence[str], shown: int = 5) -> str:
+    """"30 classes: glass, metal, stone, wood, wool, …": a count and the first few, for a one-line message."""
+    head = ", ".join(map(str, classes[:shown])) + (", …" if len(classes) > shown else "")
+    return f"{len(classes)} class{'es' if len(classes) != 1 else ''}: {head}"
+
+
+def class_difference(here: Sequence[str], there: Sequence[str]) -> str:
+    """Where two class lists part: "30 classes here, 31 there; first difference at index 4: 'glass' here,
+    'gold' there" (never the whole lists)."""
+    i = next((i for i, (a, b) in enumerate(zip(here, there, strict=False)) if a != b), min(len(here), len(there)))
+    show = lambda cs: repr(cs[i]) if i < len(cs) else "nothing"  # noqa: E731
+    return (f"{len(here)} classes here, {len(there)} there; first difference at index {i}: {show(here)} here, "
+            f"{show(there)} there")
 
 
 def is_number(text: str) -> bool:

@@ -97,13 +97,17 @@ def summary_line(m: dict[str, Any]) -> str:
         model = (m.get("config") or {}).get("model") or {}
         metrics = m.get("metrics") or {}
         r1 = metrics.get("val/R@1") if isinstance(metrics, dict) else None
-        r1s = f", val R@1 {r1:.3f}" if isinstance(r1, (int, float)) else ""
-        return f"loss {model.get('loss_type', '?')}, {model.get('n_registers', '?')} registers{r1s}"
+        r1s = f", val R@1 {100 * r1:.1f} % (last epoch)" if isinstance(r1, (int, float)) else ""
+        kept = m.get("kept") or {}
+        score = metrics.get("best/val_select") if isinstance(metrics, dict) else None
+        kept_s = (f"; kept epoch {kept['epoch']}" + (f" (val/select {100 * score:.1f} %)" if isinstance(
+            score, (int, float)) else "")) if kept.get("epoch") is not None else ""
+        return f"loss {model.get('loss_type', '?')}, {model.get('n_registers', '?')} registers{r1s}{kept_s}"
     if kind == "sweep":
         trials = [t for t in m.get("trials") or [] if isinstance(t, dict)]
         states = {s: sum(t.get("state") == s for t in trials) for s in ("complete", "pruned", "fail")}
         best = next((t for t in trials if t.get("number") == m.get("best")), None)
-        best_s = f"; best {m.get('metric')} {best['value']:.3f} (trial {best['number']})" if best else ""
+        best_s = f"; best {m.get('metric')} {100 * best['value']:.1f} % (trial {best['number']})" if best else ""
         return (f"{m.get('sampler')} sweep, {len(trials)} trials ({states['complete']} complete, "
                 f"{states['pruned']} pruned, {states['fail']} failed){best_s}")
     if kind == "eval":

@@ -1,11 +1,12 @@
 """Pack a real paired dataset laid out as a CSV of relative image paths (TVL / SSVTP style) into shards.
 
-Each CSV row becomes one sample ``KEY.vision.<ext>``, ``KEY.tactile.<ext>``, ``KEY.json``: the image bytes
-are copied unchanged (after checking that they decode), the json holds every CSV column, and the label
-columns are turned into numbers (numeric columns as floats, string columns as class indices whose names
-go into the manifest's ``labels``; free text such as a caption stays text). A row whose image is missing or
-unreadable is skipped and recorded. The schema comes from the packed rows, or from another split's
-``dataset.json`` (``labels_from``) so that a class has the same index in every split.
+Each CSV row becomes one sample ``KEY.vision.<ext>``, ``KEY.tactile.<ext>``, ``KEY.json`` (or one image, when
+only one modality's column is given: touch-only query images for ``regtok embed``): the image bytes are copied
+unchanged (after checking that they decode), the json holds every CSV column as text, and the label columns
+are turned into numbers (numeric columns as floats, string columns as class indices whose names go into the
+manifest's ``labels``; free text such as a caption stays text; ``COL:class`` and ``COL:text`` decide). A row
+whose image is missing or unreadable is skipped and recorded. The schema comes from the packed rows, or from
+another split's ``dataset.json`` (``labels_from``) so that a class has the same index in every split.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from regtok.errors import RegtokError
-from regtok.pipeline.labels import is_number, label_schema, with_groups
+from regtok.pipeline.labels import class_list, is_number, label_schema, with_groups
 from regtok.pipeline.manifest import environment, file_record, input_ref, new_manifest, write_manifest
 from regtok.pipeline.shards import prepare_out_dir, remove_stale_shards, shard_name, write_shard
 
@@ -46,12 +47,16 @@ def read_rows(csv_path: Path, columns: Sequence[str]) -> tuple[list[str], list[d
     return header, rows
 
 
-def label_columns(label_cols: Sequence[str]) -> dict[str, bool]:
-    """``--label-col`` values as ``{column: named as a class}``: ``COL`` or ``COL:class``."""
-    out: dict[str, bool] = {}
+LABEL_KINDS = ("class", "text")  # COL:class, COL:text
+
+
+def label_columns(label_cols: Sequence[str]) -> dict[str, str | None]:
+    """``--label-col`` values as ``{column: kind}``: ``COL`` (None: inferred from the values), ``COL:class`` or
+    ``COL:text``."""
+    out: dict[str, str | None] = {}
     for text in label_cols:
         col, sep, kind = text.rpartition(":")
-        out[col if sep and kind == "class" else text] = bool(sep) and kind == "class"
+        out[col if sep and kind in LABEL_KINDS else text] = kind if sep and kind in LABEL_KINDS else None
     return out
 
 
@@ -70,6 +75,14 @@ def schema_from(dataset_json: str | Path, label_cols: Sequence[str]) -> dict[str
     return {c: labels[c] for c in (label_cols or labels)}
 
 
+def image_columns(vision_col: str | None, tactile_col: str | None) -> dict[str, str]:
+    """``{modality: CSV column}`` of the modalities to pack (one alone when the other's column is None)."""
+    columns = {m: col for m, col in (("vision", vision_col), ("tactile", tactile_col)) if col}
+    if not columns:
+        raise RegtokError("pack needs an image column: --vision-col, --tactile-col or both")
+    return columns
+
+
 def check_values(packable: list[Packable], labels: dict[str, dict[str, Any]], where: str) -> None:
     """RegtokError for a packed row whose value a reused schema cannot hold (an unseen class, text for a number)."""
     for number, _, row, _ in packable:
@@ -79,7 +92,7 @@ def check_values(packable: list[Packable], labels: dict[str, dict[str, Any]], wh
                 continue
             if spec["type"] == "categorical" and text not in spec["classes"]:
                 raise RegtokError(f"row {number}: {col} {text!r} is not a class of {where} "
-                                  f"({', '.join(spec['classes'])})")
+                                  f"({class_list(spec['classes'])})")
             if spec["type"] == "continuous" and not is_number(text):
                 raise RegtokError(f"row {number}: {col} {text!r} is not a number, as {where} has it")
 
@@ -168,8 +181,8 @@ def iter_samples(packable: list[Packable], labels: dict[str, dict[str, Any]]) ->
         yield key, members
 
 
-def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, vision_col: str = "url",
-         tactile_col: str = "tactile", label_cols: Sequence[str] = (), samples_per_shard: int = 1000,
+def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, vision_col: str | None = "url",
+         tactile_col: str | None = "tactile", label_cols: Sequence[str] = (), samples_per_shard: int = 1000,
          progress: Callable[[int], None] | None = None,
          on_rows: Callable[[int], None] | None = None, allow_outside_root: bool = False,
          overwrite: bool = False, labels_from: str | Path | None = None,
@@ -180,8 +193,9 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
     returns that manifest. ``on_rows`` is told the number of CSV rows once they are read; ``progress`` is
     called with 1 per row handled. Images outside ``root`` are skipped unless ``allow_outside_root``;
     ``out_dir`` must be empty or hold an earlier pack output, unless ``overwrite``. ``labels_from`` (another
-    split's ``dataset.json``) gives the label schema, whose columns are the default ``label_cols``.
-    ``label_groups`` ({label: "shared" | "vision" | "tactile"}) says which part should hold a label.
+    split's ``dataset.json``) gives the label schema, whose columns are the default ``label_cols``. A column of
+    None packs the other modality alone. ``label_groups`` ({label: "shared" | a modality}) says which part should
+    hold a label.
     """
     csv_path = Path(csv_path)
     root = csv_path.parent if root is None else Path(root)
@@ -189,10 +203,10 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
         raise RegtokError(f"--samples-per-shard must be at least 1 (got {samples_per_shard})")
     if not root.is_dir():
         raise RegtokError(f"image root is not a directory: {root}")
-    columns = {"vision": vision_col, "tactile": tactile_col}
+    columns = image_columns(vision_col, tactile_col)
     named = label_columns(label_cols)
     given = schema_from(labels_from, list(named)) if labels_from is not None else None
-    header, rows = read_rows(csv_path, [vision_col, tactile_col, *(given or named)])
+    header, rows = read_rows(csv_path, [*columns.values(), *(given or named)])
     if on_rows is not None:
         on_rows(len(rows))
     out = Path(out_dir)
@@ -233,14 +247,16 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
     return manifest
 
 
-def _schema(packable: list[Packable], named: dict[str, bool], given: dict[str, dict[str, Any]] | None,
+def _schema(packable: list[Packable], named: dict[str, str | None], given: dict[str, dict[str, Any]] | None,
             labels_from: str | Path | None) -> dict[str, dict[str, Any]]:
     """The label schema: ``given`` (another split's, checked against the packed values) or the packed rows'."""
     if given is not None:
         check_values(packable, given, f"--labels-from {labels_from}")
         return given
     packed = [row for _, _, row, _ in packable]  # a skipped row's values do not enter the schema
-    return label_schema({c: [row.get(c) for row in packed] for c in named}, [c for c, cls in named.items() if cls])
+    return label_schema({c: [row.get(c) for row in packed] for c in named},
+                        as_class=[c for c, kind in named.items() if kind == "class"],
+                        as_text=[c for c, kind in named.items() if kind == "text"])
 
 
 def write_shards(samples: Iterator[Sample], out: Path, samples_per_shard: int) -> list[dict[str, Any]]:
@@ -258,7 +274,8 @@ def write_shards(samples: Iterator[Sample], out: Path, samples_per_shard: int) -
 def _command(config: dict[str, Any], out: Path) -> list[str]:
     """The ``regtok pack`` command line that gives ``config``."""
     return ["regtok", "pack", config["csv"], "--root", config["root"], "--out", str(out),
-            "--vision-col", config["vision_col"], "--tactile-col", config["tactile_col"],
+            *(a for flag in ("vision_col", "tactile_col") if config[flag]
+              for a in (f"--{flag.replace('_', '-')}", config[flag])),
             *(x for c in config["label_cols"] for x in ("--label-col", c)),
             "--samples-per-shard", str(config["samples_per_shard"]),
             *(["--allow-outside-root"] * config.get("allow_outside_root", False)),

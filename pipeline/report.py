@@ -11,9 +11,8 @@ from typing import Any
 
 from rich.console import Console
 
-from regtok.pipeline.manifest import (
-    write_json_atomic,
-)
+from regtok.pipeline.console import heading
+from regtok.pipeline.manifest import write_json_atomic
 from regtok.pipeline.plots import plot_prefix
 from regtok.pipeline.report_md import headline_sentence, parts_line, reconstruction_line, render_markdown
 
@@ -41,7 +40,7 @@ def demo_summary(console: Console, root: Path) -> None:
     k_full, k_one = max(rows), min(rows)
     r1 = {k: (rows[k]["a_to_b"]["R@1"] + rows[k]["b_to_a"]["R@1"]) / 2 for k in (k_one, k_full)}
     chance = 1 / report["n"]
-    console.rule("[bold]demo summary")
+    heading(console, "[bold]demo summary")
     console.print(f"cross-modal R@1 (mean of both directions, N = {report['n']}): "
                   f"{r1[k_full]:.1%} with {k_full} shared registers, {r1[k_one]:.1%} with {k_one}; chance {chance:.1%}")
     if "headline" in report:
@@ -61,4 +60,4 @@ def demo_summary(console: Console, root: Path) -> None:
     for stage in ("shards-train/dataset.json", "shards-test/dataset.json", "features-train/manifest.json",
                   "features-test/manifest.json", "run/manifest.json", "eval/manifest.json"):
         console.print(f"  {root / stage}")
-    console.print(f"report: {root / 'eval' / 'report.md'}")
+    console.print(f"report (also on stdout): {root / 'eval' / 'report.md'}")

@@ -93,7 +93,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     a, b = report["modalities"]
     lines = [f"# regtok eval: {a} ↔ {b}", "", *_md_evaluated(report.get("evaluated")),
              f"N = {report['n']} paired samples (the whole split is the gallery); "
-             f"recalls in %; rows k = shared-register prefix; tie rule: {report.get('tie_rule', '?')}.", "",
+             f"recalls in %; rows k = shared-register prefix; tie rule: {report.get('tie_rule', '?')}. "
+             + resolution_sentence(report["n"]), "",
              "## Retrieval", ""]
     heads = [f"{a}→{b} {SHORT.get(c, c)}" for c in METRIC_COLS] + [f"{b}→{a} {SHORT.get(c, c)}" for c in METRIC_COLS]
     lines += [_md_row(["", *heads]), _md_row(["---"] * (len(heads) + 1))]
@@ -119,8 +120,12 @@ def _md_baselines(report: dict[str, Any]) -> list[str]:
         lines += [headline_sentence(report["headline"]) + ".", ""]
     if "skipped" in linear:
         return lines + [f"Baselines: skipped ({linear['skipped']})."]
-    lines.append(f"Fitted on `{linear.get('store', '?')}` (the run's training rows), scored on this split; inputs "
-                 "standardised and PCA-reduced on the training rows; every choice made on a validation part of them:")
+    rows = linear.get("train_rows") or {}
+    same = {True: ", exactly the rows the run trained on", False: ", NOT the rows the run trained on"}.get(
+        rows.get("same_as_run"), "")
+    lines.append(f"Fitted on `{linear.get('store', '?')}` ({rows.get('n', '?')} training rows{same}), scored on this "
+                 "split; inputs standardised and PCA-reduced on the training rows; every choice made on a validation "
+                 "part of them:")
     for name, label in BASELINE_LABELS.items():
         fit = linear.get(name, {}).get("fit", {})
         if fit:
@@ -224,8 +229,11 @@ def small_probe_warning(report: dict[str, Any]) -> str | None:
     if not small:
         return None
     listed = ", ".join(f"{label} ({n})" for label, n in small.items())
-    return (f"probes fitted on fewer than {MIN_PROBE_ROWS} rows: {listed}. Their scores are noisy; evaluate on a "
-            "larger split (or raise --probe-max-samples) before reading them.")
+    split = report.get("probe_split", {})
+    capped = split.get("rows") is not None and split["rows"] < report.get("n", 0)  # a subset: more rows exist
+    more = "raise --probe-max-samples (the probes used a subset of this split)" if capped else \
+        "evaluate on a larger split (the probes already use all of this one)"
+    return f"probes fitted on fewer than {MIN_PROBE_ROWS} rows: {listed}. Their scores are noisy; {more}."
 
 
 def _md_evaluated(ev: dict[str, Any] | None) -> list[str]:
@@ -235,7 +243,7 @@ def _md_evaluated(ev: dict[str, Any] | None) -> list[str]:
     diff = ", ".join(f"{k}={v}" for k, v in ev.get("differs_from_preset", {}).items()) or "nothing else"
     key = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in ev.get("key_config", {}).items())
     lines = ["## What was evaluated", "",
-             f"- Run: `{ev['run']}`, weights `{ev.get('weights', '?')}` (step {ev.get('step', '?')})"
+             f"- Run: `{ev['run']}`, weights `{ev.get('weights', '?')}` ({kept_weights_text(ev)})"
              + (f", trained by `{ev['command']}`" if ev.get("command") else ""),
              f"- Loss: **{ev.get('loss_type', '?')}** on {ev.get('feature_kind', '?')} features",
              f"- Config: preset `{ev.get('preset', '?')}` with {diff}; {key}"]
@@ -247,10 +255,32 @@ def _md_evaluated(ev: dict[str, Any] | None) -> list[str]:
                         ("eval_store", "Evaluation store")):
         st = ev.get(role)
         if st:
-            used = (f" ({st['train_rows']} rows trained on, {st['val_rows']} validated on)"
-                    if st.get("train_rows") is not None and st.get("val_rows") is not None else "")
+            used = _split_text(st)
             lines.append(f"- {title}: `{st.get('path') or 'not readable'}`, N = {st.get('n', '?')}{used}")
     return lines + [""]
+
+
+def resolution_sentence(n: int) -> str:
+    """How finely N queries resolve a recall: one query moves it by 1/N."""
+    return f"With N = {n}, one query moves a recall by 1/N = {100 / n:.2g} %; differences below that are noise."
+
+
+def kept_weights_text(ev: dict[str, Any]) -> str:
+    """"kept after epoch 2 of 5, step 6": which epoch's weights were evaluated (epochs counted from 1)."""
+    epoch, epochs = ev.get("epoch"), (ev.get("key_config") or {}).get("epochs")
+    where = f"after epoch {epoch}" + (f" of {epochs}" if epochs else "") if epoch is not None else "epoch unknown"
+    return f"{'kept' if ev.get('weights') == 'best.safetensors' else 'last'}, {where}, step {ev.get('step', '?')}"
+
+
+def _split_text(st: dict[str, Any]) -> str:
+    """" (180 rows trained on, 20 validated on: split seed 0, validation rows 3f2a…)" for a run that validated
+    on part of its training store."""
+    if st.get("train_rows") is None or st.get("val_rows") is None:
+        return ""
+    split = st.get("split") or {}
+    which = (f": split seed {split.get('split_seed')}, validation rows {split['val_rows_sha256']}"
+             if split.get("val_rows_sha256") else "")
+    return f" ({st['train_rows']} rows trained on, {st['val_rows']} validated on{which})"
 
 
 def _md_reconstruction(report: dict[str, Any]) -> list[str]:
@@ -274,7 +304,8 @@ def _md_reconstruction(report: dict[str, Any]) -> list[str]:
 def print_table(report: dict[str, Any], console: Console) -> None:
     """The retrieval table (and a compact reconstruction line) with rich, on the given (stderr) console."""
     a, b = report["modalities"]
-    table = Table(title=f"retrieval {a} → {b} and ←, N = {report['n']} (recall %)")
+    step = f"one query = {100 / report['n']:.2g} %"
+    table = Table(title=f"retrieval {a} → {b} and ←, N = {report['n']} (recall %; {step})")
     table.add_column("shared", no_wrap=True)
     for _, arrow in DIRECTIONS:
         for c in ("R@1", "R@5", "R@10", "median_rank"):

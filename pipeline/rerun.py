@@ -151,9 +151,9 @@ def _guard_store(guard: PathGuard, store: Path, what: str) -> None:
 
 def _guard_run(guard: PathGuard, run_dir: Path) -> None:
     """The files eval reads from a run directory, and the stores its manifest names, must lie in the tree."""
-    from regtok.pipeline.runs import BEST, CHECKPOINT, CONFIG, MANIFEST
+    from regtok.pipeline.runs import BEST, BUFFERS, CHECKPOINT, CONFIG, MANIFEST
 
-    for name in (CONFIG, CHECKPOINT, BEST, MANIFEST):
+    for name in (CONFIG, CHECKPOINT, BEST, BUFFERS, MANIFEST):
         if (run_dir / name).exists() or (run_dir / name).is_symlink():
             guard.check(run_dir / name, f"run file {name}")
     if (run_dir / MANIFEST).is_file():
@@ -220,10 +220,11 @@ def _rerun_features(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Call
 
 
 def _rerun_run(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
-    from regtok.config import TrainConfig, from_dict
+    from regtok.config import TrainConfig, from_dict, from_saved
+    from regtok.pipeline.runs import BEST, CHECKPOINT, stopped_after
     from regtok.pipeline.train import train_run
 
-    cfg = from_dict(TrainConfig, _config(m))
+    cfg = from_dict(TrainConfig, from_saved(_config(m)))
     features = _input(mpath, m, "features", guard).parent
     val = next((r for r in m["inputs"] if r.get("role") == "val_features"), None)
     val_features = _input(mpath, m, "val_features", guard).parent if val else None
@@ -234,15 +235,17 @@ def _rerun_run(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[
     stopped = m.get("stopped")  # a pruned sweep trial ended after this epoch; so does its rerun
     stop = None
     if isinstance(stopped, dict):
-        log(f"the run stopped after epoch {stopped['epoch']} ({stopped.get('reason')}); so does the rerun")
+        after = stopped_after(stopped)
+        log(f"the run stopped after epoch {after} ({stopped.get('reason')}); so does the rerun")
 
         def stop(record: dict) -> str | None:
-            return str(stopped.get("reason") or "stopped") if record["epoch"] >= stopped["epoch"] else None
+            return str(stopped.get("reason") or "stopped") if record["epoch"] >= after else None
     path, result = train_run(features, out, cfg, val_features=val_features, command=list(m["command"]), stop=stop)
     new = read_manifest(path, kind="run")
     old_device, new_device = m["environment"].get("device", ""), new["environment"].get("device", "")
-    if old_device == new_device == "cpu":
-        return compare_weights(mpath.parent / "checkpoint.safetensors", out / "checkpoint.safetensors")
+    if old_device == new_device == "cpu":  # the last weights, or the best ones where a sweep kept only those
+        name = CHECKPOINT if (mpath.parent / CHECKPOINT).is_file() else BEST
+        return compare_weights(mpath.parent / name, out / name)
     log(f"recorded on {old_device!r}, rerun on {new_device!r}: comparing metrics within {METRIC_TOLERANCE}")
     return compare_numbers(m.get("metrics") or {}, new.get("metrics") or {}, "metrics", tol=METRIC_TOLERANCE)
 
@@ -307,9 +310,9 @@ def compare_h5(old: Path, new: Path) -> list[Check]:
 
 def compare_weights(old: Path, new: Path) -> list[Check]:
     """Every tensor of two safetensors checkpoints compared for exact equality."""
-    from safetensors.torch import load_file
+    from regtok.pipeline.weights import read_weights
 
-    a, b = load_file(str(old)), load_file(str(new))
+    a, b = read_weights(old), read_weights(new)  # each with its run's fixed buffers
     checks = [Check("parameter names", sorted(a) == sorted(b), f"{len(a)} tensors")]
     differing = [k for k in a if k in b and not (a[k].shape == b[k].shape and bool((a[k] == b[k]).all()))]
     checks.append(Check("weights identical", not differing and sorted(a) == sorted(b),

@@ -1,34 +1,32 @@
-"""The run directory: weights, resolved config, metrics, resume state and the run manifest.
+"""The run directory: weights, resolved config, metrics and the run manifest.
 
-    RUN_DIR/checkpoint.safetensors   model weights (logit scale and flow head included); metadata: step
-    RUN_DIR/state.pt                 resume state: optimizer state, step, RNG states (tensors/dicts only,
-                                     loadable with ``weights_only=True``)
+    RUN_DIR/checkpoint.safetensors   the last weights (logit scale and flow head included); metadata: step
+    RUN_DIR/best.safetensors         the weights of the best validation epoch (keep_best): what eval loads
+    RUN_DIR/buffers.safetensors      the model's fixed buffers, stored once per run (pipeline/weights.py)
+    RUN_DIR/state.pt                 resume state (pipeline/weights.py)
     RUN_DIR/config.json              {"train": TrainConfig, "model_spec": model.spec(), "modalities", "feature_kind"}
-    RUN_DIR/metrics.jsonl            one JSON object per logging step and per epoch
+    RUN_DIR/metrics.jsonl            the split (which rows validate), then one JSON object per logged step and
+                                     per epoch; epochs counted from 1, 0 = before training
     RUN_DIR/curves.png               loss terms and validation R@1 against epoch (needs matplotlib)
+    RUN_DIR/tb/                      TensorBoard event files (--tensorboard; pipeline/tensorboard_log.py)
     RUN_DIR/manifest.json            the run manifest (kind "run")
 
 Every file is written to a temporary name and renamed into place, so a crash leaves the previous version whole.
-The weights and the resume state are two files: ``state.pt`` records the step of the weights it belongs to and
-:func:`load_resume` refuses a mismatched pair.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from regtok.config import TrainConfig, from_dict, to_dict
+from regtok.config import TrainConfig, from_dict, from_saved, to_dict
 from regtok.errors import RegtokError
 from regtok.pipeline.manifest import (
     environment,
@@ -40,15 +38,27 @@ from regtok.pipeline.manifest import (
     write_json_atomic,
     write_manifest,
 )
-from regtok.train import Callbacks, ResumeState, full_r1
+from regtok.pipeline.weights import (  # noqa: F401 - the run directory's names, importable from here
+    BEST,
+    BUFFERS,
+    CHECKPOINT,
+    STATE,
+    best_record,
+    checkpoint_step,
+    load_resume,
+    load_weights,
+    rewrite_weights,
+    save_best,
+    save_checkpoint,
+    weights_file,
+)
+from regtok.train import Callbacks, ResumeState
 
-CHECKPOINT = "checkpoint.safetensors"
-BEST = "best.safetensors"  # the weights of the best validation score (keep_best); what eval and the API load
-STATE = "state.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"  # loss terms and validation R@1 against epoch (with matplotlib)
 MANIFEST = "manifest.json"
+WEIGHTS = ("best", "last")  # load_run's choice: the kept best weights (what eval uses) or the last ones
 
 
 @dataclass
@@ -59,6 +69,8 @@ class LoadedRun:
     feature_kind: str
     modalities: tuple[str, ...] = ()
     step: int = 0
+    weights: str = CHECKPOINT  # the file the weights came from
+    epoch: int | None = None  # the epoch (from 1) whose weights these are, when the metrics say
 
 
 def write_config(run_dir: str | os.PathLike, cfg: TrainConfig, model: nn.Module, modalities: tuple[str, ...],
@@ -70,116 +82,6 @@ def write_config(run_dir: str | os.PathLike, cfg: TrainConfig, model: nn.Module,
     return data
 
 
-def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: ResumeState) -> None:
-    """Atomically write the weights and the resume state of ``state.step``."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = _write_weights(run_dir, CHECKPOINT, model, {"step": str(state.step)})
-    payload = {"step": state.step, "optimizer": _to_cpu(state.optimizer), "rng": _to_cpu(state.rng),
-               "best": float(state.best)}
-    tmp_state = run_dir / f".{STATE}.{os.getpid()}.tmp"
-    torch.save(payload, tmp_state)
-    _fsync(tmp_state)
-    # Each file is whole at any instant; a crash between the two renames leaves a pair of different steps,
-    # which load_resume detects from the step both record.
-    os.replace(tmp_state, run_dir / STATE)
-    os.replace(tmp, run_dir / CHECKPOINT)
-
-
-def _write_weights(run_dir: Path, name: str, model: nn.Module, metadata: dict[str, str]) -> Path:
-    """``model``'s weights, fsynced, under a temporary name beside ``name``; the caller renames it."""
-    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = run_dir / f".{name}.{os.getpid()}.tmp"
-    save_file(weights, str(tmp), metadata=metadata)
-    _fsync(tmp)
-    return tmp
-
-
-def save_best(run_dir: str | os.PathLike, model: nn.Module, record: dict[str, Any]) -> None:
-    """Atomically write ``best.safetensors``: the weights now, with the step, epoch and score in its metadata."""
-    run_dir = Path(run_dir)
-    meta = {"step": str(record["step"]), "epoch": str(record["epoch"]),
-            "val_select": repr(float(record["val_select"]))}
-    os.replace(_write_weights(run_dir, BEST, model, meta), run_dir / BEST)
-
-
-def rewrite_weights(run_dir: str | os.PathLike, name: str, model: nn.Module) -> None:
-    """Atomically replace the weights file ``name`` with ``model``'s weights, keeping its metadata (step …)."""
-    run_dir = Path(run_dir)
-    os.replace(_write_weights(run_dir, name, model, _metadata(run_dir / name)), run_dir / name)
-
-
-def checkpoint_step(run_dir: str | os.PathLike, name: str = CHECKPOINT) -> int:
-    """The step recorded in ``checkpoint.safetensors`` (or ``name``)."""
-    return int(_metadata(Path(run_dir) / name).get("step", 0))
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    """The metadata of a safetensors file; RegtokError when it is not one."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise RegtokError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
-
-
-def best_record(run_dir: str | os.PathLike) -> dict[str, float] | None:
-    """{"step", "epoch", "val_select"} of ``best.safetensors``, or None when the run kept no best weights."""
-    path = Path(run_dir) / BEST
-    if not path.is_file():
-        return None
-    meta = _metadata(path)
-    return {"step": int(meta.get("step", 0)), "epoch": int(meta.get("epoch", 0)),
-            "val_select": float(meta.get("val_select", "nan"))}
-
-
-def weights_file(run_dir: str | os.PathLike) -> str:
-    """The weights a finished run is used with: ``best.safetensors`` when kept, else ``checkpoint.safetensors``."""
-    return BEST if (Path(run_dir) / BEST).is_file() else CHECKPOINT
-
-
-def load_weights(model: nn.Module, run_dir: str | os.PathLike, name: str = CHECKPOINT) -> None:
-    """Load ``checkpoint.safetensors`` (or ``name``) into ``model`` (strict: every key must match)."""
-    path = Path(run_dir) / name
-    if not path.is_file():
-        raise RegtokError(f"{run_dir}: no {name}")
-    try:
-        weights = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise RegtokError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
-    if any(k.endswith(("decoder.queries", "decoder.summary.1.weight")) for k in weights):
-        raise RegtokError(f"{path} was written by an older regtok, whose preservation decoder this version replaced "
-                          "(docs/learning.md); train the run again")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise RegtokError(f"{path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-def load_resume(run_dir: str | os.PathLike) -> ResumeState:
-    """The resume state saved beside the weights; an error when absent or not of the same step."""
-    run_dir = Path(run_dir)
-    if not (run_dir / STATE).is_file() or not (run_dir / CHECKPOINT).is_file():
-        raise RegtokError(f"{run_dir}: nothing to resume (need {CHECKPOINT} and {STATE})")
-    try:
-        payload = torch.load(run_dir / STATE, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise RegtokError(f"{run_dir / STATE} cannot be resumed from: it is truncated or holds objects beyond "
-                          f"tensors ({_first_line(e)}); start the run again in a new --out") from None
-    if not (isinstance(payload, dict) and isinstance(payload.get("step"), int)
-            and {"optimizer", "rng"} <= payload.keys()):
-        raise RegtokError(f"{run_dir / STATE} is not a regtok resume state; start the run again in a new --out")
-    if int(payload["step"]) != checkpoint_step(run_dir):
-        raise RegtokError(f"{run_dir}: {STATE} (step {payload['step']}) and {CHECKPOINT} "
-                          f"(step {checkpoint_step(run_dir)}) differ; the run was interrupted while saving")
-    return ResumeState(int(payload["step"]), payload["optimizer"], payload["rng"],
-                       float(payload.get("best", float("-inf"))))
-
-
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` (flushed per line)."""
 
@@ -187,10 +89,10 @@ class MetricsLog:
         """Open for appending; with ``keep_until_step`` drop lines after that step first (for resume)."""
         self.path = Path(run_dir) / METRICS
         if keep_until_step is not None and self.path.is_file():
-            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_until_step]
+            lines = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+            kept = [r for r in counted_from_one(lines) if r.get("step", 0) <= keep_until_step]
             tmp = self.path.with_name(f".{METRICS}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
             os.replace(tmp, self.path)
         elif keep_until_step is None:
             self.path.write_text("")
@@ -205,15 +107,49 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every line of ``metrics.jsonl``."""
+    """Every line of ``metrics.jsonl``, epochs counted from 1 (0: before training) whatever version wrote it."""
     path = Path(run_dir) / METRICS
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    return counted_from_one([json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+                            if path.is_file() else [])
 
 
-def load_run(run_dir: str | os.PathLike) -> LoadedRun:
-    """Rebuild a trained model from a run directory (weights + config.json); eval mode, CPU."""
+def counted_from_one(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Metrics records with epochs counted from 1: lines of a version that counted from 0 (its start line is
+    epoch -1, its first epoch 0) are shifted; others are returned as they are."""
+    if any((r.get("type") == "start" and r.get("epoch") == -1) or (r.get("type") in ("step", "epoch")
+                                                                   and r.get("epoch") == 0) for r in records):
+        return [{**r, "epoch": r["epoch"] + 1} if "epoch" in r else r for r in records]
+    return records
+
+
+def epoch_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The epoch lines of ``metrics.jsonl`` (one per epoch, after its validation)."""
+    return [r for r in read_metrics(run_dir) if r.get("type") == "epoch"]
+
+
+def kept_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The epoch line whose weights the run is used with (:func:`weights_file`): the kept best epoch, or the
+    epoch of the last checkpoint; None when the metrics do not say."""
+    epochs = epoch_records(run_dir)
+    best = best_record(run_dir) if weights_file(run_dir) == BEST else None
+    if best is not None:
+        return next((r for r in epochs if r["epoch"] == best["epoch"]), None)
+    if (Path(run_dir) / CHECKPOINT).is_file():
+        step = checkpoint_step(run_dir)
+        return next((r for r in reversed(epochs) if r["step"] == step), None)
+    return None
+
+
+def load_run(run_dir: str | os.PathLike, weights: str = "best") -> LoadedRun:
+    """Rebuild a trained model from a run directory (weights + config.json); eval mode, CPU.
+
+    ``weights``: "best", the weights eval uses (``best.safetensors`` when the run kept one, else the last), or
+    "last" (``checkpoint.safetensors``).
+    """
     from regtok.model import RegTok
 
+    if weights not in WEIGHTS:
+        raise RegtokError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     run_dir = Path(run_dir)
     if run_dir.is_file():
         run_dir = run_dir.parent
@@ -223,15 +159,21 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
         raise RegtokError(f"{run_dir} is not a run directory (no readable {CONFIG})") from None
     except json.JSONDecodeError as e:
         raise RegtokError(f"{run_dir / CONFIG} is not valid JSON ({e.msg})") from None
+    chosen = weights_file(run_dir) if weights == "best" else CHECKPOINT
+    if not (run_dir / chosen).is_file():
+        why = ("it kept only its best weights (a sweep trial with --keep best); load weights='best'"
+               if weights == "last" else "the run has no weights yet")
+        raise RegtokError(f"{run_dir} has no {chosen}: {why}")
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
         model = RegTok.from_spec(config["model_spec"])
-    chosen = weights_file(run_dir)
     load_weights(model, run_dir, chosen)
     model.eval()
     manifest = read_manifest(run_dir / MANIFEST, kind="run") if (run_dir / MANIFEST).is_file() else {}
-    return LoadedRun(model=model, train_config=from_dict(TrainConfig, config["train"]), manifest=manifest,
-                     feature_kind=config["feature_kind"], modalities=tuple(config["modalities"]),
-                     step=checkpoint_step(run_dir, chosen))
+    step = checkpoint_step(run_dir, chosen)
+    epoch = next((r["epoch"] for r in epoch_records(run_dir) if r["step"] == step), None)
+    return LoadedRun(model=model, train_config=from_dict(TrainConfig, from_saved(config["train"])), manifest=manifest,
+                     feature_kind=config["feature_kind"], modalities=tuple(config["modalities"]), step=step,
+                     weights=chosen, epoch=epoch)
 
 
 def write_run_manifest(run_dir: str | os.PathLike, *, command: list[str], config: dict[str, Any],
@@ -242,8 +184,8 @@ def write_run_manifest(run_dir: str | os.PathLike, *, command: list[str], config
     inputs = [input_ref("features", manifest_path(features), run_dir)]
     if val_features is not None:
         inputs.append(input_ref("val_features", manifest_path(val_features), run_dir))
-    files = [file_record(run_dir / name, run_dir) for name in (CHECKPOINT, BEST, CONFIG, METRICS, STATE, CURVES)
-             if (run_dir / name).is_file()]
+    files = [file_record(run_dir / name, run_dir) for name in (CHECKPOINT, BEST, BUFFERS, CONFIG, METRICS, STATE,
+                                                               CURVES) if (run_dir / name).is_file()]
     manifest = new_manifest("run", command=command, config=config, inputs=inputs,
                             outputs={"files": files, "checkpoint": files[0] if files else None},
                             environment_=environment(device), timings=timings, metrics=metrics, **extra)
@@ -252,36 +194,30 @@ def write_run_manifest(run_dir: str | os.PathLike, *, command: list[str], config
     return path
 
 
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu")
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 class RunWriter(Callbacks):
     """Rank 0's callbacks: metrics lines, atomic checkpoints, TensorBoard events, an optional per-step progress
-    hook, and an optional ``stop(record) -> reason | None`` asked after every epoch (a sweep's pruner)."""
+    hook, and an optional ``stop(record) -> reason | None`` asked after every epoch (a sweep's pruner).
+
+    The last step of every epoch is logged even when it is not a multiple of ``log_every``, so a run shorter
+    than ``log_every`` steps still has its learning-rate and loss curves."""
 
     def __init__(self, run_dir: Path, metrics: MetricsLog, on_step: Callable[[int, int, dict], None] | None = None,
-                 on_epoch: Callable[[dict], None] | None = None, tensorboard: TensorBoardLog | None = None,
+                 on_epoch: Callable[[dict], None] | None = None, tensorboard: Any = None,
                  stop: Callable[[dict], str | None] | None = None):
         self.run_dir, self.metrics, self._on_step, self._on_epoch = run_dir, metrics, on_step, on_epoch
         self.tb, self._stop = tensorboard, stop
+        self._last: dict[str, Any] | None = None  # the last step's record, until it is logged
 
     def on_step(self, step: int, total: int, record: dict[str, float]) -> None:
+        self._last = {"type": "step", "step": step, **record}
         if self._on_step is not None:
             self._on_step(step, total, record)
 
     def on_log(self, record: dict[str, Any]) -> None:
+        if record.get("type") == "step":
+            self._last = None
+        elif record.get("type") == "epoch" and self._last is not None:
+            self.on_log(self._last)  # the epoch's last step, not on the log_every grid
         self.metrics.append(record)
         if self.tb is not None:
             self.tb.log(record)
@@ -303,44 +239,12 @@ class RunWriter(Callbacks):
             self.tb.close()
 
 
-TENSORBOARD_MISSING = "--tensorboard needs the tensorboard package: pip install -e '.[tb]'"
-
-
-def require_tensorboard() -> None:
-    """One error line, before any work, when the tensorboard package is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") is None:
-        raise RegtokError(TENSORBOARD_MISSING)
-
-
-class TensorBoardLog:
-    """``RUN_DIR/tb/`` event files: every loss term, lr, gradient norm and samples/s per logged step (``train/``),
-    the epoch means (``epoch/``) and validation R@1 (``val/``) per epoch, against the optimizer step."""
-
-    def __init__(self, run_dir: Path, purge_step: int | None = None):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise RegtokError(TENSORBOARD_MISSING) from None
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
-
-    def log(self, record: dict[str, Any]) -> None:
-        kind, step = record.get("type"), int(record.get("step", 0))
-        for key, value in record.items():
-            if key in ("type", "step", "epoch") or not isinstance(value, int | float):
-                continue
-            group = "val" if key.startswith("val_") else ("train" if kind == "step" else "epoch")
-            self.writer.add_scalar(f"{group}/{key}", value, step)
-        r1 = full_r1(record)
-        if r1 is not None:
-            self.writer.add_scalar("val/R@1", r1, step)
-
-    def close(self) -> None:
-        self.writer.close()
+def stopped_after(stopped: dict[str, Any]) -> int:
+    """The epoch (from 1) after which a run's manifest says it stopped (older manifests counted from 0)."""
+    return int(stopped["after_epoch"]) if "after_epoch" in stopped else int(stopped.get("epoch", -1)) + 1
 
 
 def saved_train_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The ``train`` section of a run's ``config.json``, or None when there is none."""
     path = Path(run_dir) / CONFIG
-    return json.loads(path.read_text())["train"] if path.is_file() else None
+    return from_saved(json.loads(path.read_text())["train"]) if path.is_file() else None

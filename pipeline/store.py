@@ -186,14 +186,31 @@ def _virtual(f: h5py.File, name: str, parts: list[str], counts: list, n: int, ro
     f.create_virtual_dataset(name, layout, fillvalue=fill)
 
 
-@dataclass
+@dataclass(repr=False)
 class FeatureStore:
     """A read-only view of a feature store (see the module docstring)."""
 
     root: Path
+    """The store's directory."""
     manifest: dict
+    """Its features manifest: encoders, feature kinds, label schema, parts, lineage."""
     modalities: tuple[str, ...]
+    """The modalities it holds, in pair order."""
     n: int
+    """Rows (paired samples)."""
+
+    def __repr__(self) -> str:
+        """``FeatureStore('x', N=500, vision pooled (768,) tokens (257, 1024), …, labels material (10 classes))``."""
+        mods = []
+        for m in self.modalities:
+            kinds = [f"{k} {(self.shape(k, m)[1],) if k == 'pooled' else self.shape(k, m)}" for k in KINDS
+                     if self.has(k)]
+            mods.append(f"{m} {' '.join(kinds)}")
+        schema = self.manifest.get("labels") or {}
+        labels = [f"{name} ({len(spec['classes'])} classes)" if spec.get("type") == "categorical" else name
+                  for name, spec in schema.items()]
+        shown = ", ".join(labels[:6]) + (f", … ({len(labels)} labels)" if len(labels) > 6 else "")
+        return f"FeatureStore({str(self.root)!r}, N={self.n}, {', '.join(mods)}, labels {shown or 'none'})"
 
     def keys(self) -> list[str]:
         """Sample keys in row order."""
@@ -246,8 +263,10 @@ class FeatureStore:
                           f"(key {self.keys()[row]!r}; {int(bad.sum())} such row(s) in this read); re-extract "
                           f"the store")
 
-    def labels(self) -> dict[str, np.ndarray]:
-        """``{name: (n,)}``: int64 for categorical labels without gaps, else float64 with NaN where absent."""
+    def labels(self, names: bool = False) -> dict[str, np.ndarray]:
+        """``{name: (n,)}``: int64 class indices for categorical labels without gaps, else float64 with NaN where
+        absent. With ``names``, categorical labels come as their class names instead (object arrays, None where
+        absent); :meth:`label_classes` maps an index to its name."""
         schema = self.manifest.get("labels") or {}
         out = {}
         with self._open() as f:
@@ -255,7 +274,19 @@ class FeatureStore:
                 arr = f[f"labels/{name}"][:]
                 categorical = (schema.get(name) or {}).get("type") == "categorical"
                 out[name] = arr.astype(np.int64) if categorical and np.isfinite(arr).all() else arr
+        for name in [n for n in out if names and (schema.get(n) or {}).get("type") == "categorical"]:
+            classes = self.label_classes(name)
+            out[name] = np.array([classes[int(v)] if v == v else None for v in out[name]], dtype=object)
         return out
+
+    def label_classes(self, name: str) -> list[str]:
+        """The class names of a categorical label, in index order: ``label_classes("material")[i]`` is class i."""
+        spec = (self.manifest.get("labels") or {}).get(name)
+        if spec is None:
+            raise RegtokError(f"store {self.root} has no label {name!r} (has: {', '.join(self.labels()) or 'none'})")
+        if spec.get("type") != "categorical":
+            raise RegtokError(f"label {name!r} is {spec.get('type')}, not categorical: it has no classes")
+        return list(spec["classes"])
 
     def _open(self) -> h5py.File:
         try:

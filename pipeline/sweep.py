@@ -3,14 +3,18 @@
     SWEEP_DIR/study.db               the Optuna study (SQLite unless --storage names another database)
     SWEEP_DIR/trials/NNNN/           one ordinary run directory per trial (checkpoint, metrics.jsonl, manifest)
     SWEEP_DIR/report.json, .md       every trial sorted by the metric; sweep.png: the metric against each parameter
-    SWEEP_DIR/best.yaml              the best trial's config, only what differs from the defaults
+    SWEEP_DIR/best.yaml              the best trial's config: what differs from the defaults and every key a
+                                     preset sets, so it trains the same with or without --preset
+    SWEEP_DIR/sweep.json             which study (name and storage) the directory belongs to
+    SWEEP_DIR/tb/                    with --tensorboard: the HParams experiment (the swept keys, the metrics)
     SWEEP_DIR/manifest.json          kind "sweep": space, sampler, storage and every trial with its state and metric
 
 A worker opens the study, reads the feature store into memory once and runs trials until the study has its
 number of finished trials; ``--jobs J`` starts J workers on this machine, and workers on other machines that
 name the same ``--storage`` and ``--study`` join the same study. A trial that was running when its worker died
 is failed and queued again (same parameters): at once when the worker ran on this host, else after Optuna's
-heartbeat grace period. Pruned trials keep their checkpoint and record the epoch they stopped after.
+heartbeat grace period. Pruned trials record the epoch they stopped after. A finished trial keeps the weight
+files ``--keep`` names (best: what eval needs; last: what a resume needs; all).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from regtok.pipeline.space import Choices, Param, check_space, space_json
 
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("median", "hyperband")
+KEEP = ("best", "last", "all")  # the weight files a finished trial keeps (regtok.pipeline.weights.prune_weights)
 # What a trial is scored by. val/select is what keep_best ranks epochs by: full-prefix R@1 (mean of both
 # directions), after transport for flow_matching runs, so runs of every loss type compare fairly.
 METRICS = ("val/select", "val/R@1", "val_r1_full_a_to_b", "val_r1_full_b_to_a", "val_r1_k1_a_to_b",
@@ -48,6 +53,7 @@ class SweepConfig:
     pruner: str = "median"
     seed: int = 0  # of the sampler
     tensorboard: bool = False
+    keep: str = "best"  # the weight files a finished trial keeps: best, last or all (pipeline/weights.py)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -56,6 +62,8 @@ class SweepConfig:
             raise RegtokError(f"--pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
         if self.metric not in METRICS:
             raise RegtokError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.keep not in KEEP:
+            raise RegtokError(f"--keep must be one of {', '.join(KEEP)}, got {self.keep!r}")
         if self.jobs < 1 or (self.trials is not None and self.trials < 1):
             raise RegtokError("--jobs and --trials must be at least 1")
 
@@ -226,6 +234,11 @@ def run_sweep(features: str | os.PathLike, out: str | os.PathLike, scfg: SweepCo
     url = scfg.storage or default_storage(out)
     _claim(out, scfg.study, safe_url(url))
     study = open_study(SweepConfig(**{**asdict(scfg), "storage": url}), open_storage(url), space, base, data)
+    if scfg.tensorboard:
+        from regtok.pipeline.tensorboard_log import write_sweep_experiment
+
+        write_sweep_experiment(out, {k: list(p.values) if isinstance(p, Choices) else None for k, p in space.items()},
+                               scfg.metric)
     retried = recover_interrupted(study)
     if retried and console is not None:
         console.print(f"trial(s) {', '.join(map(str, retried))} were running when the sweep stopped: queued again")
@@ -239,7 +252,7 @@ def run_sweep(features: str | os.PathLike, out: str | os.PathLike, scfg: SweepCo
 
 
 SWEEP_FILES = {"study.db", "study.db-journal", "study.db-wal", "study.db-shm", "trials", "report.json", "report.md",
-               "sweep.png", "best.yaml", "manifest.json", "sweep.json"}
+               "sweep.png", "best.yaml", "manifest.json", "sweep.json", "tb"}
 
 
 def _claim(out: Path, study: str, storage: str) -> None:
@@ -294,7 +307,7 @@ def _run_workers(spec: Any, jobs: int, study: Any, total: int, console: Any, sho
         bar.update(task, completed=min(done, total), status=status)
         if console is not None and not console.is_terminal:  # logs and batch jobs: one plain line per trial
             for line in [line for n, line in finished if n not in printed]:
-                console.print(line)
+                console.print(line, markup=False, highlight=False, soft_wrap=True)  # never wrapped mid-JSON
             printed.update(n for n, _ in finished)
 
     from regtok.pipeline.sweep_worker import WorkerSpec, run_worker, spawn_worker
@@ -332,14 +345,15 @@ def _status_column() -> Any:
 
 def _status(study: Any) -> tuple[int, str, list[tuple[int, str]]]:
     """(finished count, one status line, [(number, line) per finished trial]), from the report's trial rows."""
-    from regtok.pipeline.sweep_report import fmt, trial_rows
+    from regtok.pipeline.spread import pct
+    from regtok.pipeline.sweep_report import trial_rows
 
     rows = trial_rows(study)  # best complete trial first
     count = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail", "running")}
-    best = next((f"best {r['value']:.4f} (trial {r['number']})" for r in rows
+    best = next((f"best {pct(r['value'])} % (trial {r['number']})" for r in rows
                  if r["state"] == "complete" and r["value"] is not None), "best —")
     status = f"{count['running']} running, {count['pruned']} pruned, {count['fail']} failed; {best}"
-    finished = [(r["number"], f"trial {r['number']}: {r['state']} {fmt(r['value'])} {json.dumps(r['params'])}"
+    finished = [(r["number"], f"trial {r['number']}: {r['state']} {pct(r['value'])} % {json.dumps(r['params'])}"
                  + (f" ({r['error']})" if r["state"] == "fail" and r["error"] else ""))
                 for r in sorted(rows, key=lambda r: r["number"]) if r["state"] != "running"]
     return count["complete"] + count["pruned"], status, finished

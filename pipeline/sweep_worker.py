@@ -116,7 +116,8 @@ def _is_surplus(trial: Any, grid: bool, total: int) -> bool:
 
 def run_trial(trial: Any, spec: WorkerSpec, scfg: Any, space: dict[str, Param], base: TrainConfig,
               cache: Any) -> float:
-    """One trial: an ordinary run in ``SWEEP/trials/NNNN``; its final ``scfg.metric`` is the value."""
+    """One trial: an ordinary run in ``SWEEP/trials/NNNN``. Its value is ``scfg.metric`` of the weights eval will
+    use (the kept best epoch, or the last one with ``--keep last`` or without keep_best)."""
     import optuna
 
     from regtok.pipeline.sweep import metric_value
@@ -135,24 +136,39 @@ def run_trial(trial: Any, spec: WorkerSpec, scfg: Any, space: dict[str, Param], 
         cfg = trial_config(base, params)
 
         def stop(record: dict[str, Any]) -> str | None:
-            epoch = record["epoch"] + 1  # epochs done: Optuna's step, and Hyperband's resource
+            epoch = record["epoch"]  # epochs done (counted from 1): Optuna's step, and Hyperband's resource
             trial.report(metric_value(record, scfg.metric), epoch)
             trial.set_user_attr("epochs", epoch)
             return f"pruned by the {scfg.pruner} pruner after epoch {epoch}" if trial.should_prune() else None
 
-        _, result = train_run(spec.features, out, cfg, val_features=spec.val_features,
-                              command=trial_command(spec, out, cfg), stop=stop, cache=cache,
-                              tensorboard=scfg.tensorboard)
-        value = metric_value(result.metrics, scfg.metric)
+        path, result = train_run(spec.features, out, cfg, val_features=spec.val_features,
+                                 command=trial_command(spec, out, cfg), stop=stop, cache=cache,
+                                 tensorboard=scfg.tensorboard, keep=scfg.keep)
+        value = _record_result(trial, path, result, scfg.metric)
     except Exception as e:
         trial.set_user_attr("error", str(e) if isinstance(e, RegtokError) else f"{type(e).__name__}: {e}")
         raise
     finally:
         trial.set_user_attr("seconds", time.perf_counter() - t0)
-    trial.set_user_attr("last_value", value)
     if result.status == "stopped":
         raise optuna.TrialPruned(result.message)
     trial.set_user_attr("epochs", cfg.epochs)
+    return value
+
+
+def _record_result(trial: Any, manifest: Path, result: Any, metric: str) -> float:
+    """The trial's value (``metric`` of the kept epoch) and what the report shows beside it: the kept epoch, the
+    last epoch's value, the validation N."""
+    from regtok.pipeline.manifest import read_manifest
+    from regtok.pipeline.runs import kept_record
+    from regtok.pipeline.sweep import metric_value
+
+    kept = kept_record(manifest.parent)
+    value = metric_value(kept if kept is not None else result.metrics, metric)
+    m = read_manifest(manifest, kind="run")
+    for key, v in (("last_value", metric_value(result.metrics, metric)), ("value", value),
+                   ("kept_epoch", kept["epoch"] if kept else None), ("val_n", m.get("val_samples"))):
+        trial.set_user_attr(key, v)
     return value
 
 

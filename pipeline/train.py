@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from regtok.config import TrainConfig, to_dict
-from regtok.data import Batches, feature_stats, make_batches, sample_rows, split_rows, store_bytes
+from regtok.config import TrainConfig, closest_preset, to_dict
+from regtok.data import Batches, feature_stats, make_batches, rows_digest, sample_rows, split_rows, store_bytes
 from regtok.errors import RegtokError
 from regtok.pipeline.compat import check_compatible
 from regtok.pipeline.distributed import init_distributed, leave_process_group, memory_budget
@@ -32,8 +32,9 @@ from regtok.pipeline.runs import (
     CURVES,
     MetricsLog,
     RunWriter,
-    TensorBoardLog,
     best_record,
+    epoch_records,
+    kept_record,
     load_resume,
     load_weights,
     read_metrics,
@@ -43,6 +44,8 @@ from regtok.pipeline.runs import (
     write_config,
     write_run_manifest,
 )
+from regtok.pipeline.tensorboard_log import TensorBoardLog
+from regtok.pipeline.weights import drop_stale_buffers, prune_weights
 from regtok.train import ResumeState, TrainResult, full_r1, train
 
 
@@ -97,19 +100,29 @@ class Split:
     data: Batches
     val: Batches | None
 
+    def record(self, cfg: TrainConfig) -> dict[str, Any]:
+        """Which rows train and validate (counts and :func:`regtok.data.rows_digest`), for metrics.jsonl and the
+        manifest: runs validated on the same rows have the same ``val_rows_sha256``."""
+        held_out = self.val_store is not self.store
+        return {"split_seed": None if held_out else cfg.split_seed,
+                "val_store": "held out (--val-features)" if held_out else f"{cfg.val_fraction:g} of the training store",
+                "train_rows": len(self.train_rows), "train_rows_sha256": rows_digest(self.train_rows),
+                "val_rows": len(self.val_rows), "val_rows_sha256": rows_digest(self.val_rows)}
+
 
 def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_features: str | Path | None = None,
               resume: bool = False, command: list[str] | None = None,
               on_step: Callable[[int, int, dict], None] | None = None, notify: Callable[[str], None] = lambda m: None,
               on_epoch: Callable[[dict], None] | None = None, tensorboard: bool = False,
-              stop: Callable[[dict], str | None] | None = None,
-              cache: StoreCache | None = None) -> tuple[Path | None, TrainResult]:
+              stop: Callable[[dict], str | None] | None = None, cache: StoreCache | None = None,
+              keep: str = "all") -> tuple[Path | None, TrainResult]:
     """Train on a feature store into ``out``; returns (manifest path on rank 0 else None, result).
 
     ``on_step(step, total, record)`` follows every step, ``on_epoch(record)`` every epoch's metrics line. A
     non-finite loss is a RegtokError raised after the last good state has been saved. ``stop(epoch_record)`` may
     end a single-process run after an epoch (``result.status`` "stopped"; the manifest records ``stopped``).
-    ``cache`` keeps stores open and in memory between calls (a sweep worker).
+    ``cache`` keeps stores open and in memory between calls (a sweep worker). ``keep`` (best, last, all): the
+    weight files a finished run keeps (:func:`regtok.pipeline.weights.prune_weights`).
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -120,19 +133,18 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
         split = load_split(features, val_features, cfg, cache or StoreCache(), rank, world, device, notify)
         model, state = build_model(split, cfg, out, resume, notify)
         model.to(device)
-        writer = None
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            write_config(out, cfg, model, tuple(split.store.modalities), split.kind)
-            tb = TensorBoardLog(out, purge_step=state.step if state else None) if tensorboard else None
-            writer = RunWriter(out, MetricsLog(out, keep_until_step=state.step if state else None), on_step,
-                               on_epoch, tb, stop)
+        writer = open_writer(out, cfg, model, split, state, on_step, on_epoch, tensorboard, stop) if rank == 0 \
+            else None
         t_train = time.perf_counter()
-        notify(f"training on {len(split.train_rows)} samples ({split.kind} features, {split.data.steps_per_epoch} "
-               f"steps/epoch of {split.data.batch_size}), validating on {len(split.val_rows)}, device {device}, "
-               f"{world} rank(s)")
+        for line in start_lines(split, cfg, device, world):
+            notify(line)
         try:
             result = train(model, split.data, cfg, writer, val=split.val, resume=state)
+            if writer is not None and result.status in ("done", "stopped"):
+                prune_weights(out, keep)
+                if writer.tb is not None:
+                    epochs = epoch_records(out)
+                    writer.tb.finish(kept_record(out), epochs[-1] if epochs else None)
         finally:  # a sweep worker runs many trials: a failed one must not leave its files open
             if writer is not None:
                 writer.close()
@@ -150,6 +162,39 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
         leave_process_group(world)
 
 
+def open_writer(out: Path, cfg: TrainConfig, model: nn.Module, split: Split, state: ResumeState | None,
+                on_step: Callable | None, on_epoch: Callable | None, tensorboard: bool,
+                stop: Callable | None) -> RunWriter:
+    """Rank 0's writer: config.json, metrics.jsonl (opened with the split's record on a new run), TensorBoard."""
+    out.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        drop_stale_buffers(out)
+    write_config(out, cfg, model, tuple(split.store.modalities), split.kind)
+    tb = TensorBoardLog(out, to_dict(cfg), purge_step=state.step if state else None) if tensorboard else None
+    writer = RunWriter(out, MetricsLog(out, keep_until_step=state.step if state else None), on_step, on_epoch, tb,
+                       stop)
+    if state is None:
+        writer.metrics.append({"type": "split", "step": 0, **split.record(cfg)})
+    return writer
+
+
+def start_lines(split: Split, cfg: TrainConfig, device: torch.device, world: int) -> list[str]:
+    """What the run is about to do, and what a user should know first (warm-up longer than the run, the
+    GPU-sized default preset on a CPU)."""
+    total = cfg.epochs * split.data.steps_per_epoch
+    lines = [f"training on {len(split.train_rows)} samples ({split.kind} features, {split.data.steps_per_epoch} "
+             f"steps/epoch of {split.data.batch_size}, {total} steps), validating on {len(split.val_rows)}, "
+             f"device {device}, {world} rank(s)"]
+    if device.type == "cpu" and closest_preset(to_dict(cfg))[0] == "default":
+        lines.append(f"note: this is the default preset, a {cfg.model.n_layers}-layer, {cfg.model.hidden_dim}-wide "
+                     "model sized for a GPU; on a CPU add --preset tiny for a run of seconds to minutes")
+    if cfg.warmup_steps > total:
+        lines.append(f"warning: warmup_steps {cfg.warmup_steps} exceeds the run's {total} steps: the learning rate "
+                     f"never reaches lr {cfg.lr:g} (it peaks at {cfg.lr * total / cfg.warmup_steps:.3g}); lower "
+                     "warmup_steps or train longer")
+    return lines
+
+
 def load_split(features: str | Path, val_features: str | Path | None, cfg: TrainConfig, cache: StoreCache,
                rank: int, world: int, device: torch.device, notify: Callable[[str], None]) -> Split:
     """The training and validation rows of the store(s), as batches on ``device`` (or streamed)."""
@@ -163,7 +208,7 @@ def load_split(features: str | Path, val_features: str | Path | None, cfg: Train
                          what="the validation store", expected_by="the training store")
         train_rows, val_rows = np.arange(store.n), np.arange(val_store.n)
     else:
-        train_rows, val_rows = split_rows(store.n, cfg.val_fraction, cfg.seed)
+        train_rows, val_rows = split_rows(store.n, cfg.val_fraction, cfg.split_seed)
     data = make_batches(store, kind, train_rows, cfg.batch_size, cfg.seed, device,
                         memory_budget(device, cfg.max_memory_fraction), rank, world,
                         arrays=cache.arrays(store, kind, device))
@@ -225,7 +270,7 @@ def finish_run(out: Path, cfg: TrainConfig, split: Split, result: TrainResult, c
                timings: dict[str, float]) -> Path:
     """Complete ``result.metrics`` (headline R@1, the kept epoch), draw curves.png, write the run manifest."""
     if not result.metrics:  # resumed a finished run
-        epochs = [r for r in read_metrics(out) if r.get("type") == "epoch"]
+        epochs = epoch_records(out)
         result.metrics = {k: v for k, v in (epochs[-1] if epochs else {}).items() if k not in ("type", "epoch")}
     r1 = full_r1(result.metrics)
     if r1 is not None:  # one headline number for summaries
@@ -237,21 +282,25 @@ def finish_run(out: Path, cfg: TrainConfig, split: Split, result: TrainResult, c
     timings = {**timings, "last_epoch_seconds": result.metrics.get("seconds"),
                "samples_per_s": result.metrics.get("samples_per_s")}
     metrics = {k: v for k, v in result.metrics.items() if k not in ("seconds", "samples_per_s")}  # results only
-    plot_curves(read_metrics(out), out / CURVES, best["epoch"] if best is not None else None, split.store.modalities)
+    kept = kept_record(out)
+    plot_curves(read_metrics(out), out / CURVES, kept["epoch"] if kept else None, split.store.modalities,
+                to_dict(cfg.model), kept_label="best" if best is not None else "last")
     return write_run_manifest(out, command=command if command is not None else list(sys.argv), config=to_dict(cfg),
                               features=features, val_features=val_features, metrics={**metrics, "step": result.step},
                               timings=timings, device=device, feature_kind=split.kind,
                               modalities=list(split.store.modalities), world_size=world,
                               streaming=split.data.streaming, val_samples=len(split.val_rows),
-                              train_samples=len(split.train_rows), stopped=_stopped(out, result))
+                              train_samples=len(split.train_rows), split=split.record(cfg),
+                              kept={"weights": weights_file(out), "epoch": kept["epoch"] if kept else None},
+                              stopped=_stopped(out, result))
 
 
 def _stopped(out: Path, result: TrainResult) -> dict[str, Any] | None:
-    """The manifest's record of a run stopped early: the last epoch it ran and why."""
+    """The manifest's record of a run stopped early: the last epoch it ran (counted from 1) and why."""
     if result.status != "stopped":
         return None
-    epochs = [r["epoch"] for r in read_metrics(out) if r.get("type") == "epoch"]
-    return {"epoch": epochs[-1] if epochs else -1, "reason": result.message}
+    epochs = epoch_records(out)
+    return {"after_epoch": epochs[-1]["epoch"] if epochs else 0, "reason": result.message}
 
 
 def _resume_state(out: Path, cfg: TrainConfig, model: nn.Module) -> ResumeState:
@@ -268,12 +317,14 @@ def _resume_state(out: Path, cfg: TrainConfig, model: nn.Module) -> ResumeState:
 
 
 def epoch_line(record: dict[str, Any], epochs: int) -> str:
-    """One complete progress line for an epoch's metrics record: every loss term, then validation R@1."""
+    """One complete progress line for an epoch's metrics record: every loss term, then validation R@1 (%)."""
     skip = ("type", "step", "epoch", "seconds", "samples_per_s")
     terms = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in skip and not k.startswith("val"))
     r1 = full_r1(record)
-    val = f" val R@1 {r1:.4f}" if r1 is not None else ""
-    return (f"epoch {record['epoch'] + 1}/{epochs} step {record['step']}: {terms}{val} "
+    val = f" val R@1 {100 * r1:.1f}%" if r1 is not None else ""
+    if r1 is not None and "val_r1_flow_a_to_b" in record:
+        val += f" (select {100 * record['val_select']:.1f}%)"
+    return (f"epoch {record['epoch']}/{epochs} step {record['step']}: {terms}{val} "
             f"({record.get('seconds', 0):.1f} s, {record.get('samples_per_s', 0):.0f} samples/s)")
 
 
@@ -290,7 +341,7 @@ def train_progress(console, disable: bool) -> Iterator[Callable[[int, int, dict]
         def on_step(step: int, total: int, record: dict) -> None:
             skip = ("samples_per_s", "epoch", "lr", "grad_norm", "logit_scale", "loss")
             terms = " ".join(f"{k[:5]} {v:.3f}" for k, v in record.items() if "/" not in k and k not in skip)
-            bar.update(task, completed=step, total=total, description=f"epoch {record['epoch'] + 1}",
+            bar.update(task, completed=step, total=total, description=f"epoch {record['epoch']}",
                        info=f"loss {record['loss']:.3f} ({terms}) {record['samples_per_s']:.0f}/s")
 
         yield on_step

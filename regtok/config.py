@@ -26,7 +26,9 @@ LOSS_TYPES = ("contrastive", "flow_matching", "combined")
 class ModelConfig:
     """The register-token model (one module per modality, a shared embedding, optional flow head).
 
-    Defaults are the design card's hyper-parameters (shared/000_*.txt).
+    Defaults are the hyper-parameters of the method regtok implements: FlexTok-style register tokens (Bachmann
+    et al., "FlexTok: Resampling Images into 1D Token Sequences of Flexible Length", arXiv 2502.13967), aligned
+    across two modalities.
     """
 
     n_registers: int = 32
@@ -140,7 +142,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     grad_clip: float = 1.0
-    seed: int = 0
+    seed: int = 0  # initialisation, batch order, nested dropout
+    # The train/validation split's own seed: sweeping ``seed`` keeps the same validation rows, so trials differ
+    # only in what they learned. Runs recorded before this key split with ``seed`` (see :func:`from_saved`).
+    split_seed: int = 0
     val_fraction: float = 0.1
     log_every: int = 10  # steps between metrics.jsonl lines
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: only at the end of each epoch)
@@ -183,7 +188,7 @@ class EvalConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The seed's hyper-parameters: the dataclass defaults.
+    # The method's hyper-parameters (FlexTok-style register tokens, arXiv 2502.13967): the dataclass defaults.
     "default": {},
     # Small enough for unit tests and the CPU demo; same code paths.
     "tiny": {
@@ -212,6 +217,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Keys that older runs recorded and this version ignores when reading them (testing aids that left the config).
 RETIRED_KEYS: dict[str, tuple[str, ...]] = {"TrainConfig": ("nan_at_step",),
                                             "ModelConfig": ("decoder_layers",)}  # the decoder is now fitted
+
+
+def from_saved(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``TrainConfig`` dict as a run recorded it (``config.json``, a manifest), in this version's keys.
+
+    Runs recorded before ``split_seed`` existed drew their train/validation split with ``seed``; they keep
+    exactly those rows (for eval's baselines, ``--resume`` and ``regtok rerun``).
+    """
+    if "split_seed" in data:
+        return data
+    return {**data, "split_seed": data.get("seed", TrainConfig.seed)}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -290,6 +306,17 @@ def resolve(cls: type[T], preset: str | None = None, *diffs: dict[str, Any] | No
     for diff in diffs:
         cfg = merge(cfg, diff)
     return cfg
+
+
+def closest_preset(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The named preset a resolved (nested) config dict differs least from, and those differences (dotted keys)."""
+    flat, best = flatten(cfg), None
+    for name in PRESETS:
+        base = flatten(to_dict(resolve(TrainConfig, name)))
+        diff = {k: v for k, v in flat.items() if base.get(k) != v}
+        if best is None or len(diff) < len(best[1]):
+            best = (name, diff)
+    return best if best is not None else ("?", {})
 
 
 def _deep_update(base: dict[str, Any], diff: dict[str, Any]) -> None:

@@ -54,6 +54,13 @@ def split_rows(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def rows_digest(rows: np.ndarray) -> str:
+    """A short fingerprint of a set of store rows (sha256 of the sorted int64 indices, 16 hex digits): two runs
+    validated on the same rows exactly when their digests match."""
+    data = np.sort(np.asarray(rows, dtype=np.int64)).astype("<i8").tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def store_bytes(store: StoreLike, kind: str, rows: int | None = None) -> int:
     """Bytes the float16 arrays of ``kind`` take for ``rows`` rows (default: all)."""
     per_row = sum(int(np.prod(row_shape(kind, *store.shape(kind, m)))) for m in store.modalities) * 2

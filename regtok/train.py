@@ -6,6 +6,10 @@ ranks) → stop on a non-finite value *before* the update, so the weights on han
 step at the learning rate of :func:`lr_at`. Batches, dropout and the learning rate are pure functions of
 (seed, epoch, step, rank), and the global RNG state travels in :class:`ResumeState`, so a resumed run ends
 bit-identical to an uninterrupted one. Files are the caller's business (``callbacks``).
+
+Epochs in every record are counted from 1, as a person counts them: ``"epoch": e`` is the e-th epoch (the one
+in progress in a step record, the one just finished in an epoch record), and the validation before training is
+epoch 0. The loop's own index (permutation and dropout seeds) starts at 0.
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
     epoch_record: dict[str, float] = {}
     best = resume.best if resume is not None else -math.inf
     if val is not None and data.rank == 0 and step == 0:  # logged, so a run shows what training changed
-        cb.on_log({"type": "start", "step": 0, "epoch": -1, **validate(model, val)})
+        cb.on_log({"type": "start", "step": 0, "epoch": 0, **validate(model, val)})
     while step < total:
         epoch, offset = divmod(step, spe)
         model.train()
@@ -150,7 +154,7 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
             for k, v in record.items():
                 sums[k] = sums.get(k, 0.0) + v
             record.update(lr=opt.param_groups[0]["lr"], samples_per_s=data.batch_size / (time.perf_counter() - t_log),
-                          epoch=epoch)
+                          epoch=epoch + 1)
             t_log = time.perf_counter()
             cb.on_step(step, total, record)
             if step % cfg.log_every == 0:
@@ -163,11 +167,12 @@ def train(model: nn.Module, data: Batches, cfg: TrainConfig, callbacks: Callback
         epoch_record.update(samples_per_s=n_steps * data.batch_size / seconds, seconds=seconds)
         if val is not None and data.rank == 0:
             epoch_record.update(validate(model, val))
-        cb.on_log({"type": "epoch", "step": step, "epoch": epoch, **epoch_record})
+        done = {"step": step, "epoch": epoch + 1, **epoch_record}  # epochs counted from 1 (module docstring)
+        cb.on_log({"type": "epoch", **done})
         if val is not None and data.rank == 0:
-            best = _track_best(model, {"step": step, "epoch": epoch, **epoch_record}, best, cfg, cb)
+            best = _track_best(model, done, best, cfg, cb)
         cb.on_checkpoint(model, ResumeState(step, opt.state_dict(), rng_state(device), best))
-        reason = cb.should_stop({"step": step, "epoch": epoch, **epoch_record}) if step < total else None
+        reason = cb.should_stop(done) if step < total else None
         if reason:
             return TrainResult("stopped", step, epoch_record, reason)
     return TrainResult("done", step, epoch_record)

@@ -131,3 +131,72 @@ def test_embed_command_writes_what_eval_saves(world, tmp_path):
             for k in ("k1", "k2"):
                 assert np.array_equal(new[f"{m}/{k}"][:], saved[f"{m}/{k}"][:])
     assert sorted(p.name for p in out.parent.iterdir()) == ["emb.h5"]  # the temporary store is gone
+
+
+def test_a_run_and_a_store_print_short_and_name_their_classes(world):
+    run, store = regtok.load_run(world["run"]), regtok.open_store(world["store"])
+    text = repr(run)
+    assert len(text) < 300 and "Module" not in text and "vision (" in text and "tactile (" in text
+    assert "tokens, contrastive, 8 registers (2 shared), k 1, 2; best.safetensors after epoch 1, step" in text
+    text = repr(store)
+    assert len(text) < 400 and "N=64" in text and "vision pooled (" in text and "material (" in text
+    indices, names = store.labels()["material"], store.labels(names=True)["material"]
+    classes = store.label_classes("material")
+    assert indices.dtype == np.int64 and list(names) == [classes[i] for i in indices]
+    with pytest.raises(RegtokError, match="no label 'colour'"):
+        store.label_classes("colour")
+    last = regtok.load_run(world["run"], weights="last")
+    assert last.weights == "checkpoint.safetensors" and last.epoch == 1 and run.weights == "best.safetensors"
+    with pytest.raises(RegtokError, match="weights must be one of best, last"):
+        regtok.load_run(world["run"], weights="first")
+    emb = regtok.Embedder(run, {})
+    assert repr(emb).startswith("Embedder(; Run(")
+
+
+def test_public_names_have_docstrings():
+    import inspect
+
+    from regtok.pipeline.api import Embedder, Run
+    from regtok.pipeline.store import FeatureStore
+
+    for cls in (Run, Embedder, FeatureStore):
+        source = inspect.getsource(cls)
+        for name, member in vars(cls).items():
+            if name.startswith("_") or not callable(getattr(member, "fget", member)):
+                continue
+            assert inspect.getdoc(getattr(member, "fget", member)), f"{cls.__name__}.{name}"
+        for field in getattr(cls, "__annotations__", {}):  # an attribute docstring on the line after each field
+            assert f'    {field}:' in source and '"""' in source.split(f"    {field}:", 1)[1].splitlines()[1], field
+
+
+def test_touch_images_alone_are_packed_and_embedded(world, tmp_path):
+    import csv
+
+    keys, images = shard_images(world["shards"], "tactile")
+    rows = []
+    for key, image in list(zip(keys, images, strict=True))[:6]:
+        image.save(tmp_path / f"{key}.png")
+        rows.append({"touch": f"{key}.png"})
+    with open(tmp_path / "queries.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["touch"])
+        writer.writeheader()
+        writer.writerows(rows)
+    code, _, err = invoke("pack", str(tmp_path / "queries.csv"), "--out", str(tmp_path / "shards"), "--tactile-col",
+                          "touch")
+    assert code == 0, err
+    assert read_dataset(tmp_path / "shards")["modalities"] == ["tactile"]
+    out = tmp_path / "touch.h5"
+    code, stdout, err = invoke("embed", "--run", str(world["run"]), "--shards", str(tmp_path / "shards"), "--out",
+                               str(out), "--workers", "0", "--device", "cpu")
+    assert code == 0, err
+    assert "embedded 6 samples (skipped 0) of tactile" in err
+    emb = regtok.Embedder.from_run(world["run"])
+    with h5py.File(out, "r") as f:
+        assert list(f) == ["keys", "tactile"] and len(f["keys"]) == 6
+        assert np.array_equal(f["tactile/k2"][:], emb.embed(images[:6], "tactile", k=2))
+
+
+def read_dataset(shards: Path) -> dict:
+    import json
+
+    return json.loads((shards / "dataset.json").read_text())

@@ -17,7 +17,7 @@ from regtok.config import PRESETS, ModelConfig, TrainConfig, merge, resolve
 from regtok.evaluate import EvalConfig, evaluate
 from regtok.model import RegTok
 from regtok.pipeline.manifest import read_manifest, sha256_file
-from regtok.pipeline.report_md import render_markdown
+from regtok.pipeline.report_md import render_markdown, small_probe_warning
 
 MODS = ("vision", "tactile")
 TOP_KEYS = {"n", "retrieval", "baselines", "flow", "probes", "reconstruction", "modalities"}
@@ -137,6 +137,10 @@ def test_probes_fitted_on_fewer_than_100_rows_are_warned_about() -> None:
     md = render_markdown(small)
     warning = next(line for line in md.splitlines() if line.startswith("> **Warning:**"))
     assert "fewer than 100 rows" in warning and f"material ({small['probe_split']['train']})" in warning
+    assert "evaluate on a larger split" in warning and "--probe-max-samples" not in warning  # all rows were used
+    capped = evaluate(_tiny_model(), *_data(80), SCHEMA, EvalConfig(prefixes=(1, 2), device="cpu",
+                                                                    probe_max_samples=60))
+    assert "raise --probe-max-samples" in small_probe_warning(capped)  # only when more rows exist
     large = evaluate(_tiny_model(), *_data(160), SCHEMA, EvalConfig(prefixes=(1, 2), device="cpu"))
     assert large["probe_split"]["train"] >= 100 and "Warning" not in render_markdown(large)
 
@@ -166,6 +170,7 @@ def test_prefix_figure_fits_a_screen_with_every_panel(tmp_path: Path) -> None:
     assert any(t.startswith("regtok vision→tactile") for t in legend)
     assert any(t.startswith("regtok tactile→vision") for t in legend)
     assert any(t.startswith("chance") for t in legend) and any(t.startswith("raw pooled") for t in legend)
+    assert retrieval.get_ylim() == (0, 100) and retrieval.get_ylabel() == "R@1 (%)"  # never past 100 %
     shared = fig.axes[titles.index("vision · shared")]
     assert [t.get_text() for t in shared.get_xticklabels()] == ["1", "2"]  # shared stops at n_shared
     first = fig.axes[titles.index("vision · input")]  # the raw input's column comes first and names the rows
@@ -254,7 +259,7 @@ def test_incompatible_features_are_a_one_line_error(run_dir: Path, tmp_path: Pat
     r = _invoke("eval", "--run", str(run_dir), "--features", str(store), "--out", str(tmp_path / "rep"))
     assert r.exit_code == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
-    expected = {"dims": "expects", "spec": "encoder differs", "classes": "label 'material' has classes"}[change]
+    expected = {"dims": "expects", "spec": "encoder differs", "classes": "label 'material' differs from"}[change]
     assert expected in r.stderr and (change != "classes" or "--labels-from" in r.stderr)
 
 

@@ -193,3 +193,34 @@ def test_free_text_stays_text_unless_named_as_a_class(tmp_path):
     m, records = _records(tmp_path / "b")
     assert m["labels"]["caption"] == {"type": "categorical", "classes": sorted(captions)}
     assert records[0]["caption"] == sorted(captions).index(captions[0]) and records[0]["caption_name"] == captions[0]
+
+
+def test_col_text_keeps_a_column_text_and_a_class_mismatch_names_a_few_classes(tmp_path):
+    materials = [f"material {i % 12:02d}" for i in range(24)]  # like a caption column: 12 distinct of 24
+    csv_path, root = _split(tmp_path, "train", materials)
+    assert _pack(csv_path, root, tmp_path / "a").exit_code == 0  # half distinct: categorical by default
+    assert _records(tmp_path / "a")[0]["labels"]["material"]["type"] == "categorical"
+    assert _pack(csv_path, root, tmp_path / "b", "--label-col", "material:text").exit_code == 0
+    m, records = _records(tmp_path / "b")
+    assert m["labels"]["material"] == {"type": "text"} and records[3]["material"] == "material 03"
+    test_csv, _ = _split(tmp_path, "test", ["glass"])
+    result = CliRunner().invoke(main, ["pack", str(test_csv), "--root", str(root), "--out", str(tmp_path / "test"),
+                                       "--labels-from", str(tmp_path / "a" / "dataset.json"), "--label-col",
+                                       "material"])
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 2 and line.endswith("(12 classes: material 00, material 01, material 02, "
+                                                   "material 03, material 04, …)")
+    assert len(line) < 160 + len(str(tmp_path))  # not every class name
+
+
+def test_one_image_column_packs_that_modality_alone(tvl, tmp_path):
+    csv_path, root = tvl
+    result = CliRunner().invoke(main, ["pack", str(csv_path), "--root", str(root), "--out", str(tmp_path / "t"),
+                                       "--tactile-col", "tactile"])
+    assert result.exit_code == 0, result.output
+    m = read_manifest(tmp_path / "t" / "dataset.json", kind="dataset")
+    assert m["modalities"] == ["tactile"] and m["samples"] == 5  # row 3 lacks its tactile image; row 6 is fine now
+    assert "--vision-col" not in m["command"]
+    members = {name.split(".", 1)[1] for shard in m["shards"] for s in iter_shard(tmp_path / "t" / shard["path"])
+               for name in [f"{s.key}.{ext}" for ext in s.files]}
+    assert members == {"tactile.png", "json"}

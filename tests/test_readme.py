@@ -45,13 +45,19 @@ SPEC_MAP = {
 }
 # The README's TPE sweep runs 40 trials on real data; here 4 show the same path.
 FLAG_MAP = {("--device", "cuda"): ("--device", "cpu"), ("--trials", "40"): ("--trials", "4")}
-# The design card's defaults train a 4-layer, 512-wide model for 20 epochs: ~50 s per run on one CPU core. The
-# README's `regtok train` lines run with these flags appended (the tiny preset, 2 epochs); every flag and
-# key=value override the README gives still applies, as they resolve after the preset.
-APPEND = {"train": ["--preset", "tiny", "--epochs", "2"], "sweep": ["--preset", "tiny", "--epochs", "2"]}
+# The method's defaults train a 4-layer, 512-wide model for 20 epochs: ~50 s per run on one CPU core. The
+# README's `regtok train` lines run with these flags appended (the tiny preset, 2 epochs; a sweep's trials 1
+# epoch, as the seed table's space makes trials of up to 512 wide and 4 layers: ~25 s per epoch here); every flag
+# and key=value override the README gives still applies, as they resolve after the preset.
+APPEND = {"train": ["--preset", "tiny", "--epochs", "2"], "sweep": ["--preset", "tiny", "--epochs", "1"]}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # `torchrun` with the same arguments, 2 CPU ranks
 NPROC = re.compile(r"--nproc_per_node=\d+")
 TVL_MODEL = "vit_tiny_patch16_224"
+
+
+def readme_python(text: str) -> list[str]:
+    """The code of every ```python block."""
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
 def readme_commands(text: str) -> list[tuple[str, str, str]]:
@@ -111,17 +117,20 @@ def _png(path: Path, rgb: np.ndarray) -> str:
 
 
 def write_ssvtp(root: Path, split: str, rows: int, seed: int) -> None:
-    """``root/{split}.csv`` with TVL's ``url`` / ``tactile`` columns and small paired PNGs under ``root/images``."""
+    """``root/{split}.csv`` with TVL's ``url`` / ``tactile`` columns, a ``material`` class and a free-text
+    ``caption``, and small paired PNGs under ``root/images``."""
     rng = np.random.default_rng(seed)
     records = []
     for i in range(rows):
         base = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)  # shared content, seen by both images
         tactile = np.clip(base.astype(int) // 2 + rng.integers(0, 64, base.shape), 0, 255).astype(np.uint8)
-        records.append({"url": f"images/{split}/{i:04d}/rgb.png", "tactile": f"images/{split}/{i:04d}/tac.png"})
+        records.append({"url": f"images/{split}/{i:04d}/rgb.png", "tactile": f"images/{split}/{i:04d}/tac.png",
+                        "material": ("wood", "metal", "fabric")[i % 3], "caption": f"a {('rough', 'smooth')[i % 2]} "
+                        f"surface, sample {i}"})
         _png(root / records[-1]["url"], base)
         _png(root / records[-1]["tactile"], tactile)
     with open(root / f"{split}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["url", "tactile"])
+        writer = csv.DictWriter(f, fieldnames=["url", "tactile", "material", "caption"])
         writer.writeheader()
         writer.writerows(records)
 
@@ -192,6 +201,20 @@ def test_every_readme_command_runs(tmp_path):
     everything = {"torchrun", *SPEC_MAP, *FLAG_MAP, *APPEND}
     assert used == everything, f"replacements the README no longer needs: {everything - used}"
     check_results(tmp_path, ran)
+    check_python(tmp_path, env)
+
+
+def check_python(ws: Path, env: dict[str, str]) -> None:
+    """The README's Python blocks run in the walkthrough's workspace (``touch.png``: any tactile image)."""
+    blocks = readme_python(README.read_text())
+    assert blocks, "README.md has no ```python block"
+    shutil.copy(next((ws / "data" / "ssvtp" / "images" / "test").glob("*/tac.png")), ws / "touch.png")
+    for code in blocks:
+        result = subprocess.run([sys.executable, "-c", code], cwd=ws, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, f"README python block failed:\n{code}\n{result.stderr[-3000:]}"
+        assert "Run('runs/contrastive'" in result.stdout and "FeatureStore(" in result.stdout, result.stdout
+        assert re.search(r"R@1 \d+\.\d%; \d+ → \[", result.stdout), result.stdout
 
 
 def check_results(ws: Path, ran: list[tuple[list[str], str]]) -> None:
@@ -201,6 +224,9 @@ def check_results(ws: Path, ran: list[tuple[list[str], str]]) -> None:
         if sub is not None:  # the walkthrough's stages print the path of what they wrote (rank 0 only)
             lines = stdout.strip().splitlines()
             assert len(lines) == 1 and (ws / lines[0]).is_file(), (argv, stdout)
+    labels = json.loads((ws / "shards/ssvtp-train/dataset.json").read_text())["labels"]
+    assert labels == {"material": {"type": "categorical", "classes": ["fabric", "metal", "wood"]},
+                      "caption": {"type": "text"}}  # the README's --label-col material --label-col caption:text
     for store in ("features/ssvtp-train", "features/ssvtp-test"):
         m = json.loads((ws / store / "manifest.json").read_text())
         assert m["encoders"]["tactile"]["spec"].startswith("tvl:") and m["encoders"]["tactile"]["epoch"] == 3

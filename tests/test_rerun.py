@@ -51,6 +51,7 @@ def test_demo_writes_every_manifest_and_prints_the_summary(demo):
     assert "reconstruction cosine at k=8" in result.stderr and "per-position mean" in result.stderr
     assert json.loads((root / "features-train/manifest.json").read_text())["samples"] == 200
     assert (root / "eval" / "report.md").is_file()
+    assert result.stdout.strip() == str(root / "eval" / "report.md")  # stdout carries the result
 
 
 def test_demo_refuses_to_overwrite_without_the_flag(demo):

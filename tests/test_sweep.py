@@ -20,6 +20,7 @@ from regtok.cli import main
 from regtok.config import TrainConfig, from_dict, resolve, to_dict
 from regtok.errors import RegtokError
 from regtok.pipeline.manifest import read_manifest
+from regtok.pipeline.runs import kept_record
 from regtok.pipeline.space import parse_space
 
 BASE = ["--preset", "tiny", "--epochs", "2", "--val-fraction", "0.25", "--batch-size", "32"]
@@ -63,8 +64,11 @@ def test_a_grid_sweep_runs_each_point_once_as_an_ordinary_run(swept, store):
         m = read_manifest(run, kind="run")
         assert m["config"]["model"]["n_layers"] == t["params"]["model.n_layers"]
         assert m["config"]["lr"] == t["params"]["lr"]
-        assert m["metrics"]["val_select"] == pytest.approx(t["value"])  # the value is the run's final metric
-        assert (run / "checkpoint.safetensors").is_file() and t["epochs"] == 2
+        kept = kept_record(run)  # the value is the metric of the weights eval uses: the kept best epoch
+        assert kept["epoch"] == t["kept_epoch"] == m["metrics"]["best/epoch"] and t["value"] == kept["val_select"]
+        # --keep best (the default): what eval needs, no resume state
+        assert (run / "best.safetensors").is_file() and not (run / "checkpoint.safetensors").exists()
+        assert not (run / "state.pt").exists() and t["epochs"] == 2
     values = [t["value"] for t in json.loads((swept / "report.json").read_text())["trials"]]
     assert values == sorted(values, reverse=True)
     sweep_m = read_manifest(swept, kind="sweep")
@@ -76,13 +80,14 @@ def test_a_grid_sweep_runs_each_point_once_as_an_ordinary_run(swept, store):
     assert code == 0 and "grid sweep, 4 trials (4 complete" in stdout
 
 
-def test_best_yaml_holds_only_what_differs_and_rebuilds_the_best_trial(swept):
+def test_best_yaml_rebuilds_the_best_trial_with_or_without_a_preset(swept):
     best = json.loads((swept / "report.json").read_text())["best"]
     diff = yaml.safe_load((swept / "best.yaml").read_text())
     assert "beta1" not in diff and diff["epochs"] == 2 and diff["model"]["n_registers"] == 8  # tiny preset, no defaults
     saved = json.loads((swept / best["path"] / "config.json").read_text())["train"]
-    rebuilt = {**to_dict(resolve(TrainConfig, None, diff)), "device": saved["device"]}
-    assert rebuilt == saved
+    for preset in (None, "tiny", "default"):
+        rebuilt = {**to_dict(resolve(TrainConfig, preset, diff)), "device": saved["device"]}
+        assert rebuilt == saved, preset
 
 
 def test_rerunning_a_finished_sweep_repeats_nothing(swept, store):
@@ -218,8 +223,8 @@ def test_pruned_trials_are_recorded_with_their_last_metric_and_rerun_the_same(st
     pruned = trials[1]
     assert pruned["state"] == "pruned" and pruned["epochs"] == 1
     m = read_manifest(out / pruned["path"], kind="run")
-    assert m["stopped"]["epoch"] == 0 and "pruned" in m["stopped"]["reason"]
-    assert pruned["value"] == pytest.approx(m["metrics"]["val_select"])
+    assert m["stopped"]["after_epoch"] == 1 and "pruned" in m["stopped"]["reason"]
+    assert pruned["value"] == pytest.approx(kept_record(out / pruned["path"])["val_select"])
     code, _, stderr = invoke("rerun", str(out / pruned["path"]), "--out", str(tmp_path / "again"), "--allow-outside")
     assert code == 0, stderr  # the rerun stops after the same epoch: weights identical
 
@@ -269,29 +274,43 @@ def test_a_stopped_run_keeps_its_checkpoint_and_says_so(store, tmp_path):
     from regtok.pipeline.train import train_run
 
     cfg = from_dict(TrainConfig, {**to_dict(resolve(TrainConfig, "tiny")), "epochs": 3, "val_fraction": 0.25})
-    path, result = train_run(store, tmp_path / "run", cfg, stop=lambda r: "enough" if r["epoch"] >= 1 else None)
+    path, result = train_run(store, tmp_path / "run", cfg, stop=lambda r: "enough" if r["epoch"] >= 2 else None)
     assert result.status == "stopped" and result.message == "enough"
     m = read_manifest(path, kind="run")
-    assert m["stopped"] == {"epoch": 1, "reason": "enough"}
+    assert m["stopped"] == {"after_epoch": 2, "reason": "enough"}
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["type"] == "epoch"]
-    assert epochs == [0, 1] and load_file(str(tmp_path / "run" / "checkpoint.safetensors"))
+    assert epochs == [1, 2] and load_file(str(tmp_path / "run" / "checkpoint.safetensors"))
 
 
-def test_tensorboard_logs_every_term_and_validation(store, tmp_path):
+def test_tensorboard_logs_every_term_validation_hparams_and_the_config(store, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
-    run = tmp_path / "run"
+    run = tmp_path / "run"  # 3 steps per epoch, fewer than log_every: the epochs' last steps are still logged
     code, _, stderr = invoke("train", "--features", str(store), "--out", str(run), "--tensorboard", *BASE,
-                             "log_every=1")
+                             "log_every=100")
     assert code == 0, stderr
-    acc = EventAccumulator(str(run / "tb"))
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"tensors": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "train/contrastive", "train/lr", "train/grad_norm", "train/samples_per_s",
-                "epoch/loss", "val/R@1", "val/val_r1_full_a_to_b"):
+                "epoch/loss", "val/R@1", "val/r1_full_a_to_b", "val/select", "kept/select", "kept/epoch",
+                "final/select", "kept/R@1"):
         assert tag in tags, sorted(tags)
+    assert not any(t.startswith("val/val_") for t in tags)  # no repeated prefix
     assert [e.step for e in acc.Scalars("val/R@1")] == [0, 3, 6]  # before training and after each epoch
+    assert [e.step for e in acc.Scalars("train/lr")] == [3, 6]
+    kept = kept_record(run)
+    assert acc.Scalars("kept/epoch")[-1].value == kept["epoch"]
+    assert acc.Scalars("kept/select")[-1].value == pytest.approx(kept["val_select"])
+    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "n_registers: 8" in text and "split_seed: 0" in text  # the resolved config
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams
+    assert hparams["model.n_registers"].number_value == 8 and hparams["model.loss_type"].string_value == "contrastive"
+    assert "_hparams_/session_end_info" in content
 
 
 def test_tensorboard_missing_is_one_line(store, tmp_path, monkeypatch):

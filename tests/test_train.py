@@ -10,7 +10,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import MODALITIES, TINY, write_store
-from safetensors.torch import load_file
 
 import regtok.pipeline.plots
 import regtok.pipeline.runs
@@ -53,7 +52,9 @@ class Crash(Exception):
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoint.safetensors"))
+    from regtok.pipeline.weights import read_weights
+
+    return read_weights(run / "checkpoint.safetensors")  # with the run's fixed buffers
 
 
 # ── the data path and the schedule ──────────────────────────────────────────────────────────────────
@@ -124,6 +125,7 @@ def test_no_weight_decay_on_vectors_and_the_logit_scale():
 @pytest.mark.parametrize("loss", ["contrastive", "flow_matching", "combined"])
 def test_tiny_run_per_loss_type(extracted, tmp_path, loss):
     from regtok.pipeline.runs import load_run, read_metrics
+    from regtok.pipeline.weights import read_weights
 
     store, run = extracted, tmp_path / "run"
     code, out, err = run_train("--features", str(store), "--out", str(run), "--loss", loss, *TINY,
@@ -138,6 +140,7 @@ def test_tiny_run_per_loss_type(extracted, tmp_path, loss):
     lines = read_metrics(run)
     epochs = [r for r in lines if r["type"] == "epoch"]
     assert len(epochs) == 2 and len([r for r in lines if r["type"] == "step"]) == 2  # 2 steps/epoch, every 2nd
+    assert [r["epoch"] for r in epochs] == [1, 2]  # epochs counted from 1, as the console shows them
     terms = {"loss", "preservation"} | ({"contrastive"} if loss != "flow_matching" else set())
     assert terms <= set(epochs[-1]) and "val_r1_full_a_to_b" in epochs[-1] and "val_r1_k1_b_to_a" in epochs[-1]
     assert 0 <= m["metrics"]["val/R@1"] <= 1 and m["metrics"]["step"] == 4
@@ -145,13 +148,14 @@ def test_tiny_run_per_loss_type(extracted, tmp_path, loss):
     loaded = load_run(run)
     assert not loaded.model.training and loaded.feature_kind == "pooled" and loaded.train_config.epochs == 2
     assert loaded.model.has_flow == (loss != "contrastive")
-    best = load_file(str(run / "best.safetensors"))  # keep_best: the run is used with its best validated weights
+    best = read_weights(run / "best.safetensors")  # keep_best: the run is used with its best validated weights
     for k, v in loaded.model.state_dict().items():
         assert torch.equal(v, best[k])
-    assert [r["epoch"] for r in lines if r["type"] == "start"] == [-1]  # the start is validated and logged
+    assert [r["epoch"] for r in lines if r["type"] == "start"] == [0]  # the start is validated and logged
     scores = [r["val_select"] for r in epochs]
-    last_best = len(scores) - 1 - scores[::-1].index(max(scores))  # a tie goes to the later epoch
-    assert m["metrics"]["best/val_select"] == max(scores) and m["metrics"]["best/epoch"] == last_best
+    last_best = len(scores) - scores[::-1].index(max(scores))  # epochs from 1; a tie goes to the later epoch
+    assert m["metrics"]["best/val_select"] == max(scores)
+    assert m["metrics"]["best/epoch"] == last_best == loaded.epoch
 
 
 def test_train_writes_curves_png_and_lists_it(store, tmp_path, monkeypatch):
@@ -167,8 +171,8 @@ def test_train_writes_curves_png_and_lists_it(store, tmp_path, monkeypatch):
     assert listed["curves.png"]["sha256"] == sha256_file(run / "curves.png")
     # the figure holds each loss term and each validation series, read from metrics.jsonl
     drawn = {}
-    monkeypatch.setattr(regtok.pipeline.plots, "_validation_panel", lambda ax, records, best, mods: drawn.update(
-        records=records, best=best, mods=mods))
+    monkeypatch.setattr(regtok.pipeline.plots, "_validation_panel", lambda ax, records, best, mods, label:
+                        drawn.update(records=records, best=best, mods=mods))
     regtok.pipeline.plots.plot_curves(regtok.pipeline.runs.read_metrics(run), tmp_path / "again.png", 0, MODALITIES)
     assert [r["type"] for r in drawn["records"]] == ["start", "epoch", "epoch"] and drawn["mods"] == MODALITIES
     # without matplotlib the run trains as before and says nothing about it
