@@ -52,9 +52,11 @@ class ModelConfig:
     # between the two modalities and the private ones with the leading principal components (the module then
     # starts where the linear baseline ends); "random": Gaussian reads.
     read_init: str = "cca"
-    # How many canonical directions the shared registers start on (0: as many as their channels hold). Fewer
-    # directions keep what is specific to one modality out of the shared part (docs/learning.md, the split).
-    shared_dirs: int = 0
+    # >0: each shared register is read out through a bottleneck of this width (a narrower shared stream), so the
+    # shared part holds n_shared × shared_dim numbers, and starts on that many canonical directions; what the
+    # registers took in through attention beyond it does not reach the shared part (docs/learning.md, the split).
+    # 0: shared registers are hidden_dim wide.
+    shared_dim: int = 0
     # Weight of the agreement term: the mean squared difference between the two modalities' kept shared
     # registers, relative to their energy. Anything one modality's shared part holds that the other's does not
     # (what is specific to it) costs here; the alignment terms keep the registers apart across samples.
@@ -97,9 +99,12 @@ class ModelConfig:
             raise RegtokError(f"read_init must be one of {READ_INITS}, got {self.read_init!r}")
         if self.read_dim < 0:
             raise RegtokError(f"read_dim must be >= 0 (0 = no linear read), got {self.read_dim}")
-        if self.shared_dirs < 0 or self.agreement_weight < 0:
-            raise RegtokError(f"shared_dirs and agreement_weight must be >= 0, got {self.shared_dirs} and "
+        if self.shared_dim < 0 or self.agreement_weight < 0:
+            raise RegtokError(f"shared_dim and agreement_weight must be >= 0, got {self.shared_dim} and "
                               f"{self.agreement_weight}")
+        if self.shared_dim * self.n_shared > min(self.hidden_dim, self.embed_dim):
+            raise RegtokError(f"n_shared × shared_dim ({self.n_shared} × {self.shared_dim}) must fit in hidden_dim and "
+                              f"embed_dim ({min(self.hidden_dim, self.embed_dim)})")
         if self.register_dim < 0:
             raise RegtokError(f"register_dim must be >= 0 (0 = no bottleneck), got {self.register_dim}")
         if self.hidden_dim % self.n_heads:

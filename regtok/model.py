@@ -116,6 +116,11 @@ class RegisterModule(nn.Module):
             self.up = nn.Parameter(torch.empty(r, cfg.register_dim, d))  # one lift per register position
             nn.init.normal_(self.up, std=cfg.register_dim**-0.5)
             self.up_bias = nn.Parameter(torch.zeros(r, d))
+        if cfg.shared_dim:  # the narrower shared stream: one read-out and lift per shared register
+            s, c = cfg.n_shared, cfg.shared_dim
+            self.shared_down = nn.Parameter(torch.randn(s, d, c) * d**-0.5)  # (S, d, c)
+            self.shared_up = nn.Parameter(torch.randn(s, c, d) * c**-0.5)  # (S, c, d)
+            self.shared_up_bias = nn.Parameter(torch.zeros(s, d))
         self.shared_proj = nn.Linear(d, cfg.embed_dim)
         self.decoder = PreservationDecoder(cfg, n_tokens, d_in, self.read_width)
         # Per-dimension standardisation of the cached features, set from the training split by the trainer
@@ -184,8 +189,9 @@ class RegisterModule(nn.Module):
         """Shared registers read ``shared_dirs`` (K, C) in disjoint channel blocks, strongest first; private
         registers read consecutive blocks of d principal components (those past the K-th keep their random read).
 
-        Register i < n_shared gets directions [i·c, (i+1)·c) into channels [i·c, (i+1)·c), c = d // n_shared,
-        so the mean over a k-prefix holds the k·c strongest directions and a longer prefix only adds weaker ones.
+        Register i < n_shared gets directions [i·c, (i+1)·c) into channels [i·c, (i+1)·c), c = d // n_shared (or
+        shared_dim, whose bottleneck then passes exactly those channels), so the mean over a k-prefix holds the k·c
+        strongest directions and a longer prefix only adds weaker ones.
         """
         r, k, d = self.read_weight.shape
         s = self.cfg.n_shared
@@ -195,11 +201,16 @@ class RegisterModule(nn.Module):
             e = self.shared_proj.weight.shape[0]  # the projection starts as the identity on the first e channels
             self.shared_proj.weight.copy_(torch.eye(e, d, dtype=w.dtype))
             self.shared_proj.bias.zero_()
-            c = min(d, e) // s
+            c = self.cfg.shared_dim or min(d, e) // s
             for i in range(s):
                 block = shared_dirs[:, i * c:(i + 1) * c]  # (K, ≤c)
                 w[i].zero_()
                 w[i, :, i * c: i * c + block.shape[1]] = block.to(w)
+                if self.cfg.shared_dim:  # the bottleneck passes the register's own channel block, nothing else
+                    self.shared_down[i].zero_()
+                    self.shared_down[i, i * c:(i + 1) * c] = torch.eye(c, dtype=w.dtype)
+                    self.shared_up[i].copy_(self.shared_down[i].T)
+                    self.shared_up_bias[i].zero_()
         for j, i in enumerate(range(s, r)):
             lo = j * d
             if lo >= k:
@@ -239,13 +250,19 @@ class RegisterModule(nn.Module):
         return left
 
     def readout(self, h: Tensor) -> Tensor:
-        """Register states from :meth:`encode`'s output (B, T + n, d) → (B, n, d), through the bottleneck if any."""
+        """Register states from :meth:`encode`'s output (B, T + n, d) → (B, n, d), through the bottlenecks if any
+        (every register's ``register_dim``, then the shared registers' ``shared_dim``)."""
         regs = h[:, self.n_tokens:]  # (B, n, d)
-        if not self.cfg.register_dim:
-            return regs
         n = regs.shape[1]
-        codes = torch.einsum("bnd,ndc->bnc", regs, self.down[:n])  # (B, n, c)
-        return torch.einsum("bnc,ncd->bnd", codes, self.up[:n]) + self.up_bias[:n]  # (B, n, d)
+        if self.cfg.register_dim:
+            codes = torch.einsum("bnd,ndc->bnc", regs, self.down[:n])  # (B, n, c)
+            regs = torch.einsum("bnc,ncd->bnd", codes, self.up[:n]) + self.up_bias[:n]  # (B, n, d)
+        if self.cfg.shared_dim:
+            s = min(n, self.cfg.n_shared)
+            codes = torch.einsum("bsd,sdc->bsc", regs[:, :s], self.shared_down[:s])  # (B, s, c)
+            shared = torch.einsum("bsc,scd->bsd", codes, self.shared_up[:s]) + self.shared_up_bias[:s]  # (B, s, d)
+            regs = torch.cat([shared, regs[:, s:]], dim=1)  # (B, n, d)
+        return regs
 
     def resolve_keep(self, keep: int | Tensor | None, generator: torch.Generator | None, batch: int,
                      device: torch.device) -> Tensor:
@@ -348,7 +365,8 @@ class RegTok(nn.Module):
 
         enc = self.encoders[a]
         n_dirs = min(enc.read_weight.shape[2], enc.shared_proj.weight.shape[0])  # the shared channels there are
-        n_dirs = min(n_dirs, self.cfg.shared_dirs) if self.cfg.shared_dirs else n_dirs
+        if self.cfg.shared_dim:
+            n_dirs = min(n_dirs, self.cfg.n_shared * self.cfg.shared_dim)
         pa, pb, info = weighted_cca(codes[a], codes[b], n_dirs, val_fraction, seed)
         for m, p in ((a, pa), (b, pb)):
             scale = (codes[m] @ p).pow(2).mean().sqrt().clamp_min(1e-12)  # unit mean variance per channel
