@@ -109,6 +109,42 @@ def train_encoder(model_name: str, modality: str, images: list, factors: dict, e
     return backbone.state_dict(), {"material_accuracy": acc, "r2": dict(zip(names, map(float, r2), strict=True))}
 
 
+def train_stage1(work: Path, samples: int = 3000, epochs: int = 8, model: str = "test_vit", seed: int = 0,
+                 log=print) -> dict:
+    """Train (or reuse, when ``work`` holds the same) both encoders; the record written to work/stage1.json."""
+    import time
+
+    from safetensors.torch import save_file
+
+    work.mkdir(parents=True, exist_ok=True)
+    record_path = work / "stage1.json"
+    want = {"model": model, "samples": samples, "epochs": epochs, "seed": seed, "synth_seed": SEED,
+            "families": list(TRAIN_FAMILIES)}
+    if record_path.is_file() and json.loads(record_path.read_text()).get("config") == want:
+        log(f"stage 1: reusing {record_path}")
+        return json.loads(record_path.read_text())
+    t0 = time.perf_counter()
+    log(f"stage 1: rendering {samples} synth pairs (seed {SEED}, families {', '.join(TRAIN_FAMILIES)})")
+    images, factors = render(samples, SEED)
+    record: dict = {"config": want, "encoders": {}}
+    for i, modality in enumerate(("vision", "tactile")):
+        sd, scores = train_encoder(model, modality, images[modality], factors, epochs, seed + i, log)
+        path = work / f"stage1-{modality}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        record["encoders"][modality] = {"spec": f"timm:{model}@{path.resolve()}", **scores}
+        log(f"stage 1: {modality}: held-out material accuracy {scores['material_accuracy']:.3f}; R² "
+            + ", ".join(f"{k} {v:.2f}" for k, v in scores["r2"].items()))
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    record_path.write_text(json.dumps(record, indent=1))
+    log(f"stage 1: written {record_path} ({record['seconds']:.0f} s in all)")
+    return record
+
+
+def ensure(work: Path, log=print) -> dict[str, str]:
+    """The trained encoders' specs {modality: "timm:MODEL@FILE"}, training them at the defaults when needed."""
+    return {m: e["spec"] for m, e in train_stage1(work, log=log)["encoders"].items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="Where the weights and stage1.json go.")
@@ -117,31 +153,9 @@ def main() -> None:
     p.add_argument("--model", default="test_vit", help="A timm architecture.")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-
-    from safetensors.torch import save_file
-
-    args.work.mkdir(parents=True, exist_ok=True)
-    record_path = args.work / "stage1.json"
-    want = {"model": args.model, "samples": args.samples, "epochs": args.epochs, "seed": args.seed,
-            "synth_seed": SEED, "families": list(TRAIN_FAMILIES)}
-    if record_path.is_file() and json.loads(record_path.read_text()).get("config") == want:
-        print(f"reusing {record_path}")
-        return
     t0 = time.perf_counter()
-    log = lambda msg: print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)  # noqa: E731
-    log(f"rendering {args.samples} synth pairs (seed {SEED}, families {', '.join(TRAIN_FAMILIES)})")
-    images, factors = render(args.samples, SEED)
-    record: dict = {"config": want, "encoders": {}}
-    for i, modality in enumerate(("vision", "tactile")):
-        sd, scores = train_encoder(args.model, modality, images[modality], factors, args.epochs, args.seed + i, log)
-        path = args.work / f"stage1-{modality}.safetensors"
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-        record["encoders"][modality] = {"spec": f"timm:{args.model}@{path.resolve()}", **scores}
-        log(f"{modality}: held-out material accuracy {scores['material_accuracy']:.3f}; R² "
-            + ", ".join(f"{k} {v:.2f}" for k, v in scores["r2"].items()))
-    record["seconds"] = round(time.perf_counter() - t0, 1)
-    record_path.write_text(json.dumps(record, indent=1))
-    log(f"written {record_path} ({record['seconds']:.0f} s in all)")
+    train_stage1(args.work, args.samples, args.epochs, args.model, args.seed,
+                 log=lambda msg: print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True))
 
 
 if __name__ == "__main__":

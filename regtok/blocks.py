@@ -1,5 +1,4 @@
-"""Transformer building blocks: pre-norm self-attention with a boolean mask, cross-attention, MLP, and the
-preservation decoder built from them.
+"""Transformer building blocks: pre-norm self-attention with a boolean mask, cross-attention and MLP.
 
 All attention goes through ``torch.nn.functional.scaled_dot_product_attention``; shapes are static so the
 blocks compile.
@@ -10,8 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from regtok.config import ModelConfig
 
 
 def prefix_causal_mask(n_tokens: int, n_registers: int, device: torch.device | None = None) -> Tensor:
@@ -96,44 +93,3 @@ class CrossBlock(nn.Module):
         """q: (B, Lq, d); context: (B, Lk, d)."""
         q = q + self.attn(self.norm_q(q), context=self.norm_kv(context))  # (B, Lq, d)
         return q + self.mlp(self.norm2(q))
-
-
-class PreservationDecoder(nn.Module):
-    """Reconstruct the module's standardised input (B, T, D_in) from its (masked) register set (B, R, d).
-
-    Every register position has its own linear map into a K-wide code, the coordinates of the module's read
-    basis (a PCA of the flattened standardised input, :meth:`RegisterModule.fit_read_basis`); the code is mapped
-    back through that basis and added to the per-position training mean. So every output position has its own
-    readout (a shared set of queries cross-attending to the registers gave nearly one vector for every position,
-    docs/learning.md), and the decoding of a k-prefix is the sum of k registers' contributions, coarse to fine.
-    The maps are not learnt by the optimizer: :meth:`RegisterModule.fit_decoder` fits them in closed form (the
-    trainer refits them after every epoch), so the reconstruction is converged for every saved state, and the
-    preservation loss trains the encoder to make its registers decodable. Without a read basis (``read_dim`` 0)
-    the code is the flattened standardised input itself.
-    """
-
-    def __init__(self, cfg: ModelConfig, n_tokens: int, d_in: int, code_width: int) -> None:
-        super().__init__()
-        d, r = cfg.hidden_dim, cfg.n_registers
-        self.n_tokens, self.d_in = n_tokens, d_in
-        flat = n_tokens * d_in
-        self.code_width = code_width or flat
-        self.register_buffer("weight", torch.zeros(r, d, self.code_width))  # (R, d, K), set by fit_decoder
-        self.register_buffer("bias", torch.zeros(self.code_width))  # (K,)
-        # Inverse of the read: flat ≈ mean + (code @ basisᵀ) · scale (set with the read basis; see fit_read_basis).
-        self.register_buffer("decode_mean", torch.zeros(flat))  # (F,) per-position mean of the training rows
-        self.register_buffer("decode_scale", torch.ones(flat))  # (F,)
-
-    def code(self, registers: Tensor) -> Tensor:
-        """registers (B, R, d) → the K-wide code (B, K) of the reconstruction: Σ_i registers[:, i] @ weight[i]."""
-        return torch.einsum("brd,rdk->bk", registers, self.weight.to(registers.dtype)) + self.bias  # (B, K)
-
-    def forward(self, registers: Tensor, read_basis: Tensor | None) -> Tensor:
-        """registers: (B, R, d); read_basis: the module's (F, K) read basis, or None → (B, T, D_in)."""
-        return self.unread(self.code(registers), read_basis)
-
-    def unread(self, code: Tensor, read_basis: Tensor | None) -> Tensor:
-        """A code (B, K) → the standardised input (B, T, D_in) it stands for: mean + (code @ basisᵀ) · scale."""
-        if read_basis is not None:
-            code = self.decode_mean + (code @ read_basis.to(code.dtype).T) * self.decode_scale  # (B, F)
-        return code.view(len(code), self.n_tokens, self.d_in)  # (B, T, D_in)
