@@ -145,17 +145,14 @@ def fit_rows(run: Any, fit: FitStore) -> Any:
 def fit_baselines(run: Any, eval_store: Any, fit: FitStore, cfg: EvalConfig, log: Any) -> dict[str, Any]:
     """Fit the baselines on ``fit``'s rows (a seeded subset of at most baseline_max_rows) and score them here; the
     model at its start (rebuilt from the same rows) is one of them."""
-    import torch
-
     from regtok.baselines import BaselineConfig, fit_and_score
 
     kind, mods, rows = run.feature_kind, tuple(run.model.modalities), fit.rows
     if len(rows) > cfg.baseline_max_rows:
         rng = np.random.default_rng(cfg.seed)
         rows = np.sort(rng.choice(rows, cfg.baseline_max_rows, replace=False))
-    read = lambda st, m, r: torch.from_numpy(np.asarray(st.read(kind, m, r), dtype=np.float32))  # noqa: E731
-    train = {m: read(fit.store, m, rows) for m in mods}
-    test = {m: read(eval_store, m, None) for m in mods}
+    train = {m: RowsColumn(fit.store, kind, m, rows) for m in mods}  # read chunk by chunk (regtok/reduce.py)
+    test = {m: StoreColumn(eval_store, kind, m) for m in mods}
     bcfg = BaselineConfig(embed_dim=run.model.cfg.embed_dim, seed=cfg.seed)
     out = fit_and_score(train, test, mods, bcfg, cfg.chunk_size, log=log)
     log("baseline: the model at its start")
@@ -170,17 +167,21 @@ def start_retrieval(run: Any, fit: FitStore, test: dict[str, Any], cfg: EvalConf
     import torch
 
     from regtok.data import make_batches
+    from regtok.pipeline.distributed import memory_budget
     from regtok.pipeline.train import Split, build_model
+    from regtok.reduce import as_tensor
     from regtok.retrieval import retrieval_metrics
 
     tc = run.train_config
-    data = make_batches(fit.store, run.feature_kind, fit.rows, tc.batch_size, tc.seed, torch.device("cpu"), 1 << 62)
+    cpu = torch.device("cpu")
+    data = make_batches(fit.store, run.feature_kind, fit.rows, tc.batch_size, tc.seed, cpu,
+                        memory_budget(cpu, tc.max_memory_fraction))
     split = Split(fit.store, fit.store, run.feature_kind, fit.rows, np.arange(0), data, None)
     model, _ = build_model(split, tc, Path(), resume=False, notify=lambda _m: None)
     model.eval()
     k = model.cfg.n_shared
     with torch.no_grad():
-        emb = {m: torch.cat([model.encoders[m](test[m][i:i + cfg.batch_size], keep=k).shared
+        emb = {m: torch.cat([model.encoders[m](as_tensor(test[m][i:i + cfg.batch_size]), keep=k).shared
                              for i in range(0, len(test[m]), cfg.batch_size)]) for m in model.modalities}
     a, b = model.modalities
     return {**retrieval_metrics(emb[a], emb[b], cfg.chunk_size), "fit": {"k": k, "rows": len(fit.rows)}}

@@ -230,7 +230,8 @@ def small_probe_warning(report: dict[str, Any]) -> str | None:
         return None
     listed = ", ".join(f"{label} ({n})" for label, n in small.items())
     split = report.get("probe_split", {})
-    capped = split.get("rows") is not None and split["rows"] < report.get("n", 0)  # a subset: more rows exist
+    capped = (split.get("rows") is not None and split["rows"] < report.get("n", 0)) or \
+        split.get("train_available", 0) > split.get("train", 0)  # a subset: more rows exist
     more = "raise --probe-max-samples (the probes used a subset of this split)" if capped else \
         "evaluate on a larger split (the probes already use all of this one)"
     return f"probes fitted on fewer than {MIN_PROBE_ROWS} rows: {listed}. Their scores are noisy; {more}."

@@ -30,41 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from regtok.reduce import Reducer  # noqa: F401 - the baselines' preprocessing, importable from here
 from regtok.retrieval import paired_ranks, retrieval_metrics
 
 CCA_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the mean per-dimension variance; extended at an edge
 CCA_MAX_RIDGE_STEPS = 4  # how far (×10 each) the ridge grid extends past an edge it chose
 CCA_COMPONENTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # and every dimension there is
-
-
-@dataclass
-class Reducer:
-    """Standardise, then project on the top principal components of the training rows: (N, …) → (N, K)."""
-
-    mean: Tensor  # (F,)
-    std: Tensor  # (F,)
-    components: Tensor | None  # (F, K) or None when F <= max_dim (standardisation only)
-
-    @classmethod
-    def fit(cls, x: Tensor, max_dim: int) -> Reducer:
-        x = x.reshape(len(x), -1).double()  # (N, F)
-        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-        z = (x - mean) / std
-        comps = None
-        if z.shape[1] > max_dim:
-            k = min(max_dim, z.shape[0] - 1)
-            # Top-k right singular vectors; the Gram form is exact and cheap when N < F.
-            if z.shape[0] < z.shape[1]:
-                evals, evecs = torch.linalg.eigh(z @ z.T)  # (N,), (N, N), ascending
-                top = evecs[:, -k:].flip(1) / evals[-k:].flip(0).clamp_min(1e-12).sqrt()  # (N, k)
-                comps = z.T @ top  # (F, k), orthonormal columns
-            else:
-                comps = torch.linalg.eigh(z.T @ z)[1][:, -k:].flip(1)  # (F, k)
-        return cls(mean, std, comps)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        z = (x.reshape(len(x), -1).double() - self.mean) / self.std  # (N, F)
-        return (z if self.components is None else z @ self.components).float()  # (N, K)
 
 
 @dataclass

@@ -33,7 +33,7 @@ class PreservationDecoder(nn.Module):
         super().__init__()
         d, r = cfg.hidden_dim, cfg.n_registers
         self.n_tokens, self.d_in = n_tokens, d_in
-        flat = n_tokens * d_in
+        flat = n_tokens * d_in  # d_in: the width of a token as the read sees it (after its token PCA, if any)
         self.code_width = code_width or flat
         self.register_buffer("weight", torch.zeros(r, d, self.code_width))  # (R, d, K), set by fit_decoder
         self.register_buffer("bias", torch.zeros(self.code_width))  # (K,)
@@ -45,12 +45,9 @@ class PreservationDecoder(nn.Module):
         """registers (B, R, d) → the K-wide code (B, K) of the reconstruction: Σ_i registers[:, i] @ weight[i]."""
         return torch.einsum("brd,rdk->bk", registers, self.weight.to(registers.dtype)) + self.bias  # (B, K)
 
-    def forward(self, registers: Tensor, read_basis: Tensor | None) -> Tensor:
-        """registers: (B, R, d); read_basis: the module's (F, K) read basis, or None → (B, T, D_in)."""
-        return self.unread(self.code(registers), read_basis)
-
     def unread(self, code: Tensor, read_basis: Tensor | None) -> Tensor:
-        """A code (B, K) → the standardised input (B, T, D_in) it stands for: mean + (code @ basisᵀ) · scale."""
+        """A code (B, K) → the flattened input (B, T, D) it stands for: mean + (code @ basisᵀ) · scale (D: a token
+        as the read sees it; the register module maps it back through its token PCA)."""
         if read_basis is not None:
             code = self.decode_mean + (code @ read_basis.to(code.dtype).T) * self.decode_scale  # (B, F)
         return code.view(len(code), self.n_tokens, self.d_in)  # (B, T, D_in)

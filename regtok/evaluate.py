@@ -151,14 +151,15 @@ def _parts(model: Any, features: Mapping[str, Any], labels: Mapping[str, np.ndar
         fenc = _encode(model, fit.features, mods, [], [], fit_rows, cfg, device, log)
         fit_labels = {name: torch.as_tensor(np.asarray(col))[fit_rows] for name, col in fit.labels.items()}
         test, test_rows = enc, rows
-        split = {"source": fit.source, "train": len(fit_rows), "test": len(rows)}
+        split = {"source": fit.source, "train": len(fit_rows), "test": len(rows), "rows": len(rows),
+                 "train_available": len(fit.features[mods[0]])}
     else:  # no training rows: a held-out part of this split
         tr, te = split_indices(len(rows), cfg.probe_test_fraction, cfg.seed)
         fenc, test, test_rows = _slice(enc, tr), _slice(enc, te), rows[te]
         fit_labels = {name: col[tr] for name, col in test_labels.items()}
         test_labels = {name: col[te] for name, col in test_labels.items()}
         split = {"source": "a part of the evaluated split (no training rows were given)", "train": len(tr),
-                 "test": len(te)}
+                 "test": len(te), "rows": len(rows)}
     targets, notes = label_targets(fit_labels, None, test_labels, schema)
     width = mcfg.hidden_dim
     raw = {m: (fenc.codes[m], test.codes[m]) for m in mods}

@@ -14,6 +14,7 @@ equals encoding with k registers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from regtok.blocks import Block, prefix_causal_mask
 from regtok.config import ModelConfig
 from regtok.decoder import PreservationDecoder, fit_coarse_to_fine
 from regtok.errors import RegtokError
+from regtok.reduce import TOKEN_DIM, Mapped, Reducer, chunks
 
 
 @dataclass
@@ -92,11 +94,16 @@ class RegisterModule(nn.Module):
                 nn.init.zeros_(lin.bias)
         # No final norm on the registers: a per-register LayerNorm would equalise registers whose reads carry
         # canonical directions of different strength before the shared mean (docs/learning.md).
-        self.read_width = min(cfg.read_dim, n_tokens * d_in)
+        # Tokens wider than TOKEN_DIM are reduced each (one PCA for every position) before the read flattens them:
+        # at ViT-L-14's 257 × 1024 the read is (257·64 × K), not (263,168 × K) (regtok/reduce.py).
+        self.token_width = TOKEN_DIM if n_tokens > 1 and d_in > TOKEN_DIM and cfg.read_dim else d_in
+        self.read_width = min(cfg.read_dim, n_tokens * self.token_width)
+        if self.token_width < d_in:
+            self.register_buffer("token_basis", torch.eye(d_in, self.token_width))  # (D_in, r), set by the fit
         if self.read_width:
-            # (T·D_in, K) projection of the flattened standardised input: a PCA of the training split scaled to
-            # unit mean variance (set by fit_read_basis; identity columns until then), saved with the weights.
-            self.register_buffer("read_basis", torch.eye(n_tokens * d_in, self.read_width))
+            # (T·r, K) projection of the flattened (token-reduced) standardised input: a PCA of the training split
+            # scaled to unit mean variance (set by fit_read_basis; identity columns until then), saved with it.
+            self.register_buffer("read_basis", torch.eye(n_tokens * self.token_width, self.read_width))
             self.register_buffer("read_center", torch.zeros(self.read_width))  # (K,) mean code of the training rows
             self.read_weight = nn.Parameter(torch.randn(r, self.read_width, d) * self.read_width**-0.5)  # (R, K, d)
         if cfg.register_dim:
@@ -111,7 +118,7 @@ class RegisterModule(nn.Module):
             self.shared_up = nn.Parameter(torch.randn(s, c, d) * c**-0.5)  # (S, c, d)
             self.shared_up_bias = nn.Parameter(torch.zeros(s, d))
         self.shared_proj = nn.Linear(d, cfg.embed_dim)
-        self.decoder = PreservationDecoder(cfg, n_tokens, d_in, self.read_width)
+        self.decoder = PreservationDecoder(cfg, n_tokens, self.token_width, self.read_width)
         # Per-dimension standardisation of the cached features, set from the training split by the trainer
         # (RegTok.set_feature_stats) and saved with the weights. Frozen encoders' features share a large common
         # direction (mean cosine 0.8-0.99 between random samples of random-init encoders): without this the
@@ -140,7 +147,7 @@ class RegisterModule(nn.Module):
         tokens = self.in_proj(x) + self.pos_embed  # (B, T, d)
         regs = self.register_tokens[:n].unsqueeze(0).expand(b, -1, -1)  # (B, n, d)
         if self.read_width:
-            z = x.reshape(b, -1) @ self.read_basis.to(x.dtype) - self.read_center.to(x.dtype)  # (B, K), centred
+            z = self.reduce(x) @ self.read_basis.to(x.dtype) - self.read_center.to(x.dtype)  # (B, K), centred
             regs = regs + torch.einsum("bk,nkd->bnd", z, self.read_weight[:n])  # (B, n, d): register i's own read
         h = torch.cat([tokens, regs], dim=1)  # (B, T+n, d)
         mask = self.attn_mask[: t + n, : t + n]  # (T+n, T+n)
@@ -148,23 +155,35 @@ class RegisterModule(nn.Module):
             h = block(h, mask)  # (B, T+n, d)
         return h
 
+    def reduce(self, x: Tensor) -> Tensor:
+        """Standardised tokens (B, T, D_in) → the flattened input the read sees (B, T·r): each token through the
+        token PCA first when the tokens are wider than TOKEN_DIM."""
+        if self.token_width < self.d_in:
+            x = x @ self.token_basis.to(x.dtype)  # (B, T, r)
+        return x.reshape(len(x), -1)
+
     @torch.no_grad()
-    def fit_read_basis(self, x: Tensor) -> Tensor:
-        """Set the read to a PCA of the rows ``x``, each flattened dimension standardised; returns their codes.
+    def fit_read_basis(self, x: Any) -> Tensor:
+        """Set the read to a PCA of the rows ``x`` (anything that slices into (b, …) rows), each flattened dimension
+        standardised; returns their codes (N, K).
 
-        This is the linear baselines' own preprocessing (regtok.baselines.Reducer), folded into one affine map
-        ``z = flat @ read_basis - read_center`` and scaled so that the codes (N, K) have unit mean variance.
-        The rows are the caller's choice (a seeded subset of the training split).
+        This is the baselines' own preprocessing (:class:`regtok.reduce.Reducer`, fitted on at most FIT_ROWS rows,
+        chunk by chunk), folded into ``z = reduce(x) @ read_basis - read_center`` and scaled so that the codes have
+        unit mean variance. The rows are the caller's choice (a seeded subset of the training split).
         """
-        from regtok.baselines import Reducer
-
-        flat = self.as_tokens(x.to(self.read_basis.device)).reshape(len(x), -1).double()  # (N, F)
-        red = Reducer.fit(flat, self.read_width)
-        comps = red.components if red.components is not None else torch.eye(flat.shape[1], dtype=torch.float64)
-        basis = torch.zeros(flat.shape[1], self.read_width, dtype=torch.float64)
+        device = self.read_basis.device
+        tokens = Mapped(x, lambda c: self.as_tokens(c.to(device)).double().cpu())
+        red = Reducer.fit(tokens, self.read_width, token_dim=self.token_width)
+        if red.token_basis is not None:
+            self.token_basis.copy_(red.token_basis.to(self.token_basis))
+        f = len(red.mean)
+        comps = red.components if red.components is not None else torch.eye(f, dtype=torch.float64)
+        basis = torch.zeros(f, self.read_width, dtype=torch.float64)
         basis[:, : comps.shape[1]] = comps / red.std[:, None]  # (F, K); k <= K columns when N is small
+        codes = torch.zeros(len(x), self.read_width, dtype=torch.float64)
+        codes[:, : comps.shape[1]] = red(tokens).double() if red.components is not None else \
+            torch.cat([(red.flatten(c) - red.mean) / red.std for c in chunks(tokens)])  # (N, K), centred
         center = red.mean @ basis  # (K,)
-        codes = flat @ basis - center  # (N, K), centred
         scale = codes.pow(2).mean().sqrt().clamp_min(1e-12)
         self.read_basis.copy_((basis / scale).to(self.read_basis))
         self.read_center.copy_((center / scale).to(self.read_center))
@@ -274,16 +293,17 @@ class RegisterModule(nn.Module):
             s = self.cfg.n_shared
             to_decoder = torch.cat([regs[:, :s].detach(), regs[:, s:]], dim=1)  # (B, R, d)
         return RegisterOutput(registers=regs, keep=keep, shared=self.embed_shared(regs, keep),
-                              recon=self.decoder(to_decoder, self.read_basis if self.read_width else None))
+                              recon=self.decode_code(self.decoder.code(to_decoder)))
 
     def read_code(self, x: Tensor) -> Tensor:
-        """The read's code of x: the standardised, flattened input in the read basis (B, K); without a read
-        (read_dim 0) the standardised, flattened input itself (B, T·D_in). The decoder's target space."""
-        flat = self.as_tokens(x).reshape(len(x), -1)  # (B, F)
+        """The read's code of x: the standardised, flattened (token-reduced) input in the read basis (B, K);
+        without a read (read_dim 0) the standardised, flattened input itself (B, T·D_in). The decoder's space."""
+        flat = self.reduce(self.as_tokens(x))  # (B, F)
         if not self.read_width:
             return flat
         return flat @ self.read_basis.to(flat.dtype) - self.read_center.to(flat.dtype)  # (B, K)
 
     def decode_code(self, code: Tensor) -> Tensor:
         """A code (B, K) of :meth:`read_code`'s space → the standardised input it stands for (B, T, D_in)."""
-        return self.decoder.unread(code, self.read_basis if self.read_width else None)
+        flat = self.decoder.unread(code, self.read_basis if self.read_width else None)  # (B, T, r)
+        return flat @ self.token_basis.to(flat.dtype).T if self.token_width < self.d_in else flat  # (B, T, D_in)
