@@ -52,10 +52,11 @@ class ModelConfig:
     # between the two modalities and the private ones with the leading principal components (the module then
     # starts where the linear baseline ends); "random": Gaussian reads.
     read_init: str = "cca"
-    # >0: each shared register is read out through a bottleneck of this width (a narrower shared stream), so the
-    # shared part holds n_shared × shared_dim numbers, and starts on that many canonical directions; what the
-    # registers took in through attention beyond it does not reach the shared part (docs/learning.md, the split).
-    # 0: shared registers are hidden_dim wide.
+    # Each shared register is read out through a bottleneck (the narrower shared stream) that starts on its own
+    # block of canonical directions, so what the registers take in through attention beyond those directions does
+    # not reach the shared part (docs/learning.md, the split). shared_dim is that width per register: 0 chooses it
+    # at the start, as the number of directions that retrieve best on a validation part of the training rows (at
+    # most min(hidden_dim, embed_dim) // n_shared); > 0 fixes it.
     shared_dim: int = 0
     # Weight of the agreement term: the mean squared difference between the two modalities' kept shared
     # registers, relative to their energy. Anything one modality's shared part holds that the other's does not
@@ -105,6 +106,8 @@ class ModelConfig:
         if self.shared_dim * self.n_shared > min(self.hidden_dim, self.embed_dim):
             raise RegtokError(f"n_shared × shared_dim ({self.n_shared} × {self.shared_dim}) must fit in hidden_dim and "
                               f"embed_dim ({min(self.hidden_dim, self.embed_dim)})")
+        if min(self.hidden_dim, self.embed_dim) < self.n_shared:
+            raise RegtokError(f"hidden_dim and embed_dim must be at least n_shared ({self.n_shared})")
         if self.register_dim < 0:
             raise RegtokError(f"register_dim must be >= 0 (0 = no bottleneck), got {self.register_dim}")
         if self.hidden_dim % self.n_heads:

@@ -65,8 +65,9 @@ class RegTok(nn.Module):
     @torch.no_grad()
     def init_reads(self, features: dict[str, Tensor], seed: int, val_fraction: float = 0.2) -> dict[str, Any]:
         """Fit each module's read basis on training rows ``{modality: (N, D) or (N, T, D)}``; with read_init
-        "cca", start the shared reads on the ρ²-weighted canonical directions between the modalities (ridge
-        chosen on a validation part of the rows) and the private reads on principal components.
+        "cca", start the shared reads on the ρ^p-weighted canonical directions between the modalities (ridge, p
+        and, unless ``shared_dim`` fixes it, how many directions the shared part holds, chosen on a validation part
+        of the rows) and the private reads on principal components.
 
         Returns what was chosen, for the run's log. Call after :meth:`set_feature_stats`.
         """
@@ -78,11 +79,13 @@ class RegTok(nn.Module):
         a, b = self.modalities
         from regtok.baselines import weighted_cca
 
-        enc = self.encoders[a]
-        n_dirs = min(enc.read_weight.shape[2], enc.shared_proj.weight.shape[0])  # the shared channels there are
-        if self.cfg.shared_dim:
-            n_dirs = min(n_dirs, self.cfg.n_shared * self.cfg.shared_dim)
-        pa, pb, info = weighted_cca(codes[a], codes[b], n_dirs, val_fraction, seed)
+        s, c_max = self.cfg.n_shared, self.encoders[a].shared_mask.shape[1]
+        c_max = min(c_max, codes[a].shape[1] // s, codes[b].shape[1] // s)  # no more directions than the codes have
+        widths = [self.cfg.shared_dim] if self.cfg.shared_dim else sorted({2**i for i in range(c_max.bit_length())
+                                                                           if 2**i <= c_max} | {c_max})
+        pa, pb, info = weighted_cca(codes[a], codes[b], s * max(widths), val_fraction, seed,
+                                    counts=[s * c for c in widths])
+        info["shared_dim"] = pa.shape[1] // s
         for m, p in ((a, pa), (b, pb)):
             scale = (codes[m] @ p).pow(2).mean().sqrt().clamp_min(1e-12)  # unit mean variance per channel
             self.encoders[m].init_reads(p / scale)

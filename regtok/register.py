@@ -112,11 +112,14 @@ class RegisterModule(nn.Module):
             self.up = nn.Parameter(torch.empty(r, cfg.register_dim, d))  # one lift per register position
             nn.init.normal_(self.up, std=cfg.register_dim**-0.5)
             self.up_bias = nn.Parameter(torch.zeros(r, d))
-        if cfg.shared_dim:  # the narrower shared stream: one read-out and lift per shared register
-            s, c = cfg.n_shared, cfg.shared_dim
-            self.shared_down = nn.Parameter(torch.randn(s, d, c) * d**-0.5)  # (S, d, c)
-            self.shared_up = nn.Parameter(torch.randn(s, c, d) * c**-0.5)  # (S, c, d)
-            self.shared_up_bias = nn.Parameter(torch.zeros(s, d))
+        # The narrower shared stream: one read-out and lift per shared register, at most c_max wide; the mask keeps
+        # the width the start chose (cfg.shared_dim, or the validated number of canonical directions).
+        s, c_max = cfg.n_shared, min(d, cfg.embed_dim) // cfg.n_shared
+        self.shared_down = nn.Parameter(torch.randn(s, d, c_max) * d**-0.5)  # (S, d, c_max)
+        self.shared_up = nn.Parameter(torch.randn(s, c_max, d) * c_max**-0.5)  # (S, c_max, d)
+        self.shared_up_bias = nn.Parameter(torch.zeros(s, d))
+        self.register_buffer("shared_mask", (torch.arange(c_max) < (cfg.shared_dim or c_max)).float().expand(s, -1)
+                             .clone())  # (S, c_max)
         self.shared_proj = nn.Linear(d, cfg.embed_dim)
         self.decoder = PreservationDecoder(cfg, n_tokens, self.token_width, self.read_width)
         # Per-dimension standardisation of the cached features, set from the training split by the trainer
@@ -197,9 +200,9 @@ class RegisterModule(nn.Module):
         """Shared registers read ``shared_dirs`` (K, C) in disjoint channel blocks, strongest first; private
         registers read consecutive blocks of d principal components (those past the K-th keep their random read).
 
-        Register i < n_shared gets directions [i·c, (i+1)·c) into channels [i·c, (i+1)·c), c = d // n_shared (or
-        shared_dim, whose bottleneck then passes exactly those channels), so the mean over a k-prefix holds the k·c
-        strongest directions and a longer prefix only adds weaker ones.
+        Register i < n_shared gets directions [i·c, (i+1)·c) into channels [i·c, (i+1)·c), c = C // n_shared, and
+        its bottleneck passes exactly those c channels (the rest of its width is masked off), so the mean over a
+        k-prefix holds the k·c strongest directions and a longer prefix only adds weaker ones.
         """
         r, k, d = self.read_weight.shape
         s = self.cfg.n_shared
@@ -209,16 +212,17 @@ class RegisterModule(nn.Module):
             e = self.shared_proj.weight.shape[0]  # the projection starts as the identity on the first e channels
             self.shared_proj.weight.copy_(torch.eye(e, d, dtype=w.dtype))
             self.shared_proj.bias.zero_()
-            c = self.cfg.shared_dim or min(d, e) // s
+            c = max(1, shared_dirs.shape[1] // s)
+            self.shared_mask.copy_((torch.arange(self.shared_mask.shape[1]) < c).float().expand(s, -1))
             for i in range(s):
                 block = shared_dirs[:, i * c:(i + 1) * c]  # (K, ≤c)
                 w[i].zero_()
                 w[i, :, i * c: i * c + block.shape[1]] = block.to(w)
-                if self.cfg.shared_dim:  # the bottleneck passes the register's own channel block, nothing else
-                    self.shared_down[i].zero_()
-                    self.shared_down[i, i * c:(i + 1) * c] = torch.eye(c, dtype=w.dtype)
-                    self.shared_up[i].copy_(self.shared_down[i].T)
-                    self.shared_up_bias[i].zero_()
+                self.shared_down[i].zero_()  # the bottleneck passes the register's own channel block, nothing else
+                self.shared_down[i, i * c:(i + 1) * c, :c] = torch.eye(c, dtype=w.dtype)
+                self.shared_up[i].zero_()
+                self.shared_up[i, :c, i * c:(i + 1) * c] = torch.eye(c, dtype=w.dtype)
+                self.shared_up_bias[i].zero_()
         for j, i in enumerate(range(s, r)):
             lo = j * d
             if lo >= k:
@@ -239,19 +243,17 @@ class RegisterModule(nn.Module):
         return left
 
     def readout(self, h: Tensor) -> Tensor:
-        """Register states from :meth:`encode`'s output (B, T + n, d) → (B, n, d), through the bottlenecks if any
-        (every register's ``register_dim``, then the shared registers' ``shared_dim``)."""
+        """Register states from :meth:`encode`'s output (B, T + n, d) → (B, n, d): every register through its
+        ``register_dim`` bottleneck if any, then the shared ones through the narrower shared stream."""
         regs = h[:, self.n_tokens:]  # (B, n, d)
         n = regs.shape[1]
         if self.cfg.register_dim:
             codes = torch.einsum("bnd,ndc->bnc", regs, self.down[:n])  # (B, n, c)
             regs = torch.einsum("bnc,ncd->bnd", codes, self.up[:n]) + self.up_bias[:n]  # (B, n, d)
-        if self.cfg.shared_dim:
-            s = min(n, self.cfg.n_shared)
-            codes = torch.einsum("bsd,sdc->bsc", regs[:, :s], self.shared_down[:s])  # (B, s, c)
-            shared = torch.einsum("bsc,scd->bsd", codes, self.shared_up[:s]) + self.shared_up_bias[:s]  # (B, s, d)
-            regs = torch.cat([shared, regs[:, s:]], dim=1)  # (B, n, d)
-        return regs
+        s = min(n, self.cfg.n_shared)
+        codes = torch.einsum("bsd,sdc->bsc", regs[:, :s], self.shared_down[:s]) * self.shared_mask[:s]  # (B, s, c)
+        shared = torch.einsum("bsc,scd->bsd", codes, self.shared_up[:s]) + self.shared_up_bias[:s]  # (B, s, d)
+        return torch.cat([shared, regs[:, s:]], dim=1)  # (B, n, d)
 
     def resolve_keep(self, keep: int | Tensor | None, generator: torch.Generator | None, batch: int,
                      device: torch.device) -> Tensor:

@@ -90,11 +90,13 @@ def _leakage(net: RegTok, train: tuple, test: tuple) -> dict:
 
 def test_a_modality_only_factor_stays_out_of_a_narrow_shared_part():
     train, test = planted(800, 1), planted(300, 2)
-    narrow = _leakage(started(train[0], shared_dim=3), train, test)
-    wide = _leakage(started(train[0]), train, test)  # the control: shared registers hidden_dim wide
+    narrow = _leakage(started(train[0], shared_dim=3), train, test)  # 6 directions: the plant's shared latent
+    wide = _leakage(started(train[0], shared_dim=32), train, test)  # the control: every direction (all 24 dims)
+    auto = started(train[0]).encoders["vision"].shared_mask[0].sum()  # the width the start chooses on validation
+    assert 3 <= auto <= 8, auto  # about the latent's, far from every direction
     for m in MODS:
-        assert narrow["parts"]["leakage"][m] < 0.15, narrow["parts"]
-        assert wide["parts"]["leakage"][m] > 0.5, wide["parts"]  # attention hands the shared part everything
+        assert narrow["parts"]["leakage"][m] < 0.25, narrow["parts"]  # the target: at most 0.25 × raw
+        assert wide["parts"]["leakage"][m] > 0.5, wide["parts"]  # the modality's own direction is in there
         assert narrow["parts"]["complementarity"][m] > 0.9, narrow["parts"]
         assert narrow["parts"]["shared_kept"][m] > 0.8, narrow["parts"]  # the shared latent stays
 
