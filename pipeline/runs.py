@@ -10,7 +10,8 @@
 
 Every file is written to a temporary name and renamed into place, so a crash leaves the previous version whole.
 The weights and the resume state are two files: ``state.pt`` records the step of the weights it belongs to and
-:func:`load_resume` refuses a mismatched pair.
+:func:`load_resume` refuses a mismatched pair. Reading a finished run back (eval, embed, the API) is
+:mod:`regtok.pipeline.run_load`.
 """
 
 from __future__ import annotations
@@ -18,17 +19,17 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from regtok.config import TrainConfig, from_dict, to_dict
+from regtok.config import TrainConfig, to_dict
 from regtok.errors import RegtokError
 from regtok.pipeline.manifest import (
     environment,
@@ -36,7 +37,6 @@ from regtok.pipeline.manifest import (
     input_ref,
     manifest_path,
     new_manifest,
-    read_manifest,
     write_json_atomic,
     write_manifest,
 )
@@ -51,16 +51,6 @@ CURVES = "curves.png"  # loss terms and validation R@1 against epoch (with matpl
 MANIFEST = "manifest.json"
 
 
-@dataclass
-class LoadedRun:
-    model: nn.Module  # RegTok, eval mode, on the CPU
-    train_config: TrainConfig
-    manifest: dict[str, Any]
-    feature_kind: str
-    modalities: tuple[str, ...] = ()
-    step: int = 0
-
-
 def write_config(run_dir: str | os.PathLike, cfg: TrainConfig, model: nn.Module, modalities: tuple[str, ...],
                  feature_kind: str) -> dict[str, Any]:
     """Write ``config.json``: everything needed to rebuild the model with nothing else."""
@@ -70,6 +60,10 @@ def write_config(run_dir: str | os.PathLike, cfg: TrainConfig, model: nn.Module,
     return data
 
 
+class WriteFailed(RegtokError):
+    """A run file could not be written (a full disk, most often: torch.save says so as a RuntimeError)."""
+
+
 def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: ResumeState) -> None:
     """Atomically write the weights and the resume state of ``state.step``."""
     run_dir = Path(run_dir)
@@ -77,9 +71,11 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: ResumeS
     tmp = _write_weights(run_dir, CHECKPOINT, model, {"step": str(state.step)})
     payload = {"step": state.step, "optimizer": _to_cpu(state.optimizer), "rng": _to_cpu(state.rng),
                "best": float(state.best)}
-    tmp_state = run_dir / f".{STATE}.{os.getpid()}.tmp"
-    torch.save(payload, tmp_state)
-    _fsync(tmp_state)
+    try:
+        tmp_state = _write_tmp(run_dir, STATE, lambda path: torch.save(payload, path))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     # Each file is whole at any instant; a crash between the two renames leaves a pair of different steps,
     # which load_resume detects from the step both record.
     os.replace(tmp_state, run_dir / STATE)
@@ -89,9 +85,27 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: ResumeS
 def _write_weights(run_dir: Path, name: str, model: nn.Module, metadata: dict[str, str]) -> Path:
     """``model``'s weights, fsynced, under a temporary name beside ``name``; the caller renames it."""
     weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    return _write_tmp(run_dir, name, lambda path: save_file(weights, str(path), metadata=metadata))
+
+
+def _write_tmp(run_dir: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """``write`` a temporary file beside ``name`` and fsync it; on any failure the temporary is removed, and an
+    error of the disk (torch.save reports one as a RuntimeError) is a :class:`WriteFailed` naming the file."""
     tmp = run_dir / f".{name}.{os.getpid()}.tmp"
-    save_file(weights, str(tmp), metadata=metadata)
-    _fsync(tmp)
+    try:
+        write(tmp)
+        _fsync(tmp)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError | RuntimeError | SafetensorError):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        try:
+            free = f"{shutil.disk_usage(run_dir).free / 2**20:,.0f} MiB free on its disk"
+        except OSError:
+            free = "its disk cannot be read"
+        raise WriteFailed(f"could not write {run_dir / name}: {reason} ({free}); the last complete checkpoint is "
+                          "kept") from None
     return tmp
 
 
@@ -114,10 +128,10 @@ def _metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise RegtokError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+        raise RegtokError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
 
@@ -137,20 +151,6 @@ def weights_file(run_dir: str | os.PathLike) -> str:
     return BEST if (Path(run_dir) / BEST).is_file() else CHECKPOINT
 
 
-def load_weights(model: nn.Module, run_dir: str | os.PathLike, name: str = CHECKPOINT) -> None:
-    """Load ``checkpoint.safetensors`` (or ``name``) into ``model`` (strict: every key must match)."""
-    path = Path(run_dir) / name
-    if not path.is_file():
-        raise RegtokError(f"{run_dir}: no {name}")
-    try:
-        weights = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise RegtokError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise RegtokError(f"{path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
 def load_resume(run_dir: str | os.PathLike) -> ResumeState:
     """The resume state saved beside the weights; an error when absent or not of the same step."""
     run_dir = Path(run_dir)
@@ -160,7 +160,7 @@ def load_resume(run_dir: str | os.PathLike) -> ResumeState:
         payload = torch.load(run_dir / STATE, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         raise RegtokError(f"{run_dir / STATE} cannot be resumed from: it is truncated or holds objects beyond "
-                          f"tensors ({_first_line(e)}); start the run again in a new --out") from None
+                          f"tensors ({first_line(e)}); start the run again in a new --out") from None
     if not (isinstance(payload, dict) and isinstance(payload.get("step"), int)
             and {"optimizer", "rng"} <= payload.keys()):
         raise RegtokError(f"{run_dir / STATE} is not a regtok resume state; start the run again in a new --out")
@@ -175,11 +175,18 @@ class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` (flushed per line)."""
 
     def __init__(self, run_dir: str | os.PathLike, keep_until_step: int | None = None):
-        """Open for appending; with ``keep_until_step`` drop lines after that step first (for resume)."""
+        """Open for appending; with ``keep_until_step`` drop lines after that step first (for resume), and lines
+        that are not a metrics record (a last line cut short by a crash): their numbers are in ``dropped``."""
         self.path = Path(run_dir) / METRICS
+        self.dropped: list[int] = []
         if keep_until_step is not None and self.path.is_file():
-            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_until_step]
+            kept = []
+            for number, record in metrics_lines(self.path):
+                step = record.get("step", 0) if record is not None else None
+                if not isinstance(step, int | float):
+                    self.dropped.append(number)
+                elif step <= keep_until_step:
+                    kept.append(json.dumps(record, allow_nan=True))
             tmp = self.path.with_name(f".{METRICS}.tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, self.path)
@@ -195,34 +202,25 @@ class MetricsLog:
         self._file.close()
 
 
+def metrics_lines(path: Path) -> list[tuple[int, dict[str, Any] | None]]:
+    """(line number, record) for every non-blank line of a ``metrics.jsonl``; None where a line is not a JSON
+    object (cut short by a crash, or damaged). Bytes that are not UTF-8 never stop the reading."""
+    out: list[tuple[int, dict[str, Any] | None]] = []
+    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        out.append((number, record if isinstance(record, dict) else None))
+    return out
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every line of ``metrics.jsonl``."""
+    """Every record of ``metrics.jsonl`` (lines that are not a JSON object are left out)."""
     path = Path(run_dir) / METRICS
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-
-
-def load_run(run_dir: str | os.PathLike) -> LoadedRun:
-    """Rebuild a trained model from a run directory (weights + config.json); eval mode, CPU."""
-    from regtok.model import RegTok
-
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        run_dir = run_dir.parent
-    try:
-        config = json.loads((run_dir / CONFIG).read_text())
-    except OSError:
-        raise RegtokError(f"{run_dir} is not a run directory (no readable {CONFIG})") from None
-    except json.JSONDecodeError as e:
-        raise RegtokError(f"{run_dir / CONFIG} is not valid JSON ({e.msg})") from None
-    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
-        model = RegTok.from_spec(config["model_spec"])
-    chosen = weights_file(run_dir)
-    load_weights(model, run_dir, chosen)
-    model.eval()
-    manifest = read_manifest(run_dir / MANIFEST, kind="run") if (run_dir / MANIFEST).is_file() else {}
-    return LoadedRun(model=model, train_config=from_dict(TrainConfig, config["train"]), manifest=manifest,
-                     feature_kind=config["feature_kind"], modalities=tuple(config["modalities"]),
-                     step=checkpoint_step(run_dir, chosen))
+    return [r for _, r in metrics_lines(path) if r is not None] if path.is_file() else []
 
 
 def write_run_manifest(run_dir: str | os.PathLike, *, command: list[str], config: dict[str, Any],
@@ -314,7 +312,15 @@ class TensorBoardLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise RegtokError(TENSORBOARD_MISSING) from None
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
+        tb = run_dir / "tb"
+        if tb.exists() and not tb.is_dir():
+            raise RegtokError(f"{tb} is a file, not a directory; --tensorboard writes its event files there")
+        tb.mkdir(exist_ok=True)
+        probe = tb / f".probe.{os.getpid()}.tmp"  # the event writer's thread would fail later, with a traceback
+        with open(probe, "w"):
+            pass
+        probe.unlink()
+        self.writer = SummaryWriter(str(tb), purge_step=purge_step)
 
     def log(self, record: dict[str, Any]) -> None:
         kind, step = record.get("type"), int(record.get("step", 0))

@@ -26,6 +26,7 @@ from regtok.errors import RegtokError
 from regtok.pipeline.compat import check_compatible
 from regtok.pipeline.distributed import init_distributed, leave_process_group, memory_budget
 from regtok.pipeline.plots import plot_curves
+from regtok.pipeline.run_load import load_weights
 from regtok.pipeline.runs import (
     CHECKPOINT,
     CONFIG,
@@ -35,7 +36,6 @@ from regtok.pipeline.runs import (
     TensorBoardLog,
     best_record,
     load_resume,
-    load_weights,
     read_metrics,
     saved_train_config,
     write_config,
@@ -80,6 +80,7 @@ def pick_feature_kind(store: Any, requested: str) -> str:
 
 
 RESUME_FREE_KEYS = ("device", "compile", "log_every", "checkpoint_every")  # may change on --resume
+MIN_TRAIN_ROWS = 2  # one row leaves the PCA/CCA start nothing to fit
 
 
 
@@ -101,18 +102,19 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
               on_step: Callable[[int, int, dict], None] | None = None, notify: Callable[[str], None] = lambda m: None,
               on_epoch: Callable[[dict], None] | None = None, tensorboard: bool = False,
               stop: Callable[[dict], str | None] | None = None,
-              cache: StoreCache | None = None) -> tuple[Path | None, TrainResult]:
+              cache: StoreCache | None = None, overwrite: bool = False) -> tuple[Path | None, TrainResult]:
     """Train on a feature store into ``out``; returns (manifest path on rank 0 else None, result).
 
-    ``on_step(step, total, record)`` follows every step, ``on_epoch(record)`` every epoch's metrics line. A
-    non-finite loss is a RegtokError raised after the last good state has been saved. ``stop(epoch_record)`` may
-    end a single-process run after an epoch (``result.status`` "stopped"; the manifest records ``stopped``).
-    ``cache`` keeps stores open and in memory between calls (a sweep worker).
+    ``out`` must be empty or a run (to ``resume``); ``overwrite`` writes into a directory that holds something
+    else and starts an existing run again (its files are removed first). ``on_step(step, total, record)``
+    follows every step, ``on_epoch(record)`` every epoch's metrics line. A non-finite loss is a RegtokError raised
+    after the last good state has been saved. ``stop(epoch_record)`` may end a single-process run after an epoch
+    (``result.status`` "stopped"; the manifest records ``stopped``). ``cache`` keeps stores open and in memory
+    between calls (a sweep worker).
     """
     t0 = time.perf_counter()
     out = Path(out)
-    if not resume and (out / CHECKPOINT).exists():
-        raise RegtokError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    claim_run_dir(out, resume, overwrite)
     rank, world, device = init_distributed(cfg.device)
     try:
         split = load_split(features, val_features, cfg, cache or StoreCache(), rank, world, device, notify)
@@ -120,11 +122,16 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
         model.to(device)
         writer = None
         if rank == 0:
+            if overwrite and not resume:
+                remove_run_files(out)
             out.mkdir(parents=True, exist_ok=True)
-            write_config(out, cfg, model, tuple(split.store.modalities), split.kind)
             tb = TensorBoardLog(out, purge_step=state.step if state else None) if tensorboard else None
-            writer = RunWriter(out, MetricsLog(out, keep_until_step=state.step if state else None), on_step,
-                               on_epoch, tb, stop)
+            write_config(out, cfg, model, tuple(split.store.modalities), split.kind)
+            log = MetricsLog(out, keep_until_step=state.step if state else None)
+            if log.dropped:
+                notify(f"{out / 'metrics.jsonl'}: dropped line(s) {', '.join(map(str, log.dropped))}, truncated or "
+                       "damaged (the run was interrupted while writing them)")
+            writer = RunWriter(out, log, on_step, on_epoch, tb, stop)
         t_train = time.perf_counter()
         notify(f"training on {len(split.train_rows)} samples ({split.kind} features, {split.data.steps_per_epoch} "
                f"steps/epoch of {split.data.batch_size}), validating on {len(split.val_rows)}, device {device}, "
@@ -147,6 +154,31 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
         leave_process_group(world)
 
 
+def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """``out`` holds nothing but a run (see :func:`regtok.pipeline.outdir.run_foreign`), and a run there is only
+    continued with ``resume`` or started again with ``overwrite``."""
+    from regtok.pipeline.outdir import claim, run_foreign
+
+    claim(out, run_foreign(out), "train", overwrite)
+    if not resume and not overwrite and (out / CHECKPOINT).exists():
+        raise RegtokError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start it "
+                          "again, or choose another --out")
+
+
+def remove_run_files(out: Path) -> None:
+    """The files of an earlier run in ``out`` (a run started again must not keep its old best weights)."""
+    import shutil
+
+    from regtok.pipeline.outdir import RUN_FILES
+
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def load_split(features: str | Path, val_features: str | Path | None, cfg: TrainConfig, cache: StoreCache,
                rank: int, world: int, device: torch.device, notify: Callable[[str], None]) -> Split:
     """The training and validation rows of the store(s), as batches on ``device`` (or streamed)."""
@@ -161,6 +193,9 @@ def load_split(features: str | Path, val_features: str | Path | None, cfg: Train
         train_rows, val_rows = np.arange(store.n), np.arange(val_store.n)
     else:
         train_rows, val_rows = split_rows(store.n, cfg.val_fraction, cfg.seed)
+        if len(train_rows) < MIN_TRAIN_ROWS:
+            raise RegtokError(f"val_fraction {cfg.val_fraction:g} leaves {len(train_rows)} training rows of the "
+                              f"store's {store.n}; training needs at least {MIN_TRAIN_ROWS}: lower --val-fraction")
     data = make_batches(store, kind, train_rows, cfg.batch_size, cfg.seed, device,
                         memory_budget(device, cfg.max_memory_fraction), rank, world,
                         arrays=cache.arrays(store, kind, device))
@@ -188,7 +223,12 @@ def build_model(split: Split, cfg: TrainConfig, out: Path, resume: bool,
     model.set_feature_stats(feature_stats(split.data.all()))  # the training split's, on every rank
     state = _resume_state(out, cfg, model) if resume else None
     if state is None and cfg.model.read_dim:
-        chosen = model.init_reads(sample_rows(split.data, cfg.init_max_rows, cfg.seed), cfg.seed)
+        try:
+            chosen = model.init_reads(sample_rows(split.data, cfg.init_max_rows, cfg.seed), cfg.seed)
+        except (np.linalg.LinAlgError, torch.linalg.LinAlgError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RegtokError(f"the reads' start could not be fitted on {len(split.train_rows)} training rows "
+                              f"({first}); use more rows, or model.read_init=random") from None
         if chosen.get("read_init") == "cca":
             notify(f"reads start on the training split's canonical directions (ridge {chosen['ridge']:g}, "
                    f"weights ρ^{chosen['power']:g}, validation R@1 {chosen['val_r1']:.3f})")
