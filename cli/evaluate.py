@@ -40,9 +40,12 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
                     "regtok against the best of them.")
 @click.option("--baseline-features", type=click.Path(exists=True, file_okay=False), default=None,
               help="Fit the baselines on this store instead  [default: the run's training store, from its manifest]")
+@click.option("--overwrite", is_flag=True, help="Write into --out even if it holds an earlier report (replaced) or "
+              "anything else.")
 def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow_steps: tuple[int, ...],
           save_embeddings: bool, device: str, seed: int, probe_test_fraction: float, probe_max_samples: int,
-          batch_size: int, chunk_size: int, baselines: bool = True, baseline_features: str | None = None) -> None:
+          batch_size: int, chunk_size: int, baselines: bool = True, baseline_features: str | None = None,
+          overwrite: bool = False) -> None:
     """Retrieval per shared prefix (both directions), flow transport, prefix probes; prints report.json's path.
 
     \b
@@ -65,7 +68,7 @@ def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow
                      probe_max_samples=probe_max_samples, seed=seed, chunk_size=chunk_size, batch_size=batch_size,
                      device=device, baselines=baselines)
     run_eval(run_dir, features, out, cfg, save_embeddings=save_embeddings, command=["regtok", *sys.argv[1:]],
-             console=stderr_console(), baseline_features=baseline_features)
+             console=stderr_console(), baseline_features=baseline_features, overwrite=overwrite)
     click.echo(str(Path(out) / "report.json"))
 
 
@@ -77,7 +80,9 @@ def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow
 @config_option(ExtractConfig, "batch_size", type=click.IntRange(min=1), help="Images per encoder forward pass.")
 @config_option(ExtractConfig, "workers", callback=_workers, help="DataLoader workers decoding shards.")
 @device_option(config_default(ExtractConfig, "device"))
-def embed(run_dir: str, shards: str, out: str, batch_size: int, workers: int | str, device: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def embed(run_dir: str, shards: str, out: str, batch_size: int, workers: int | str, device: str,
+          overwrite: bool = False) -> None:
     """Embed new images with a run: its frozen encoders (from its lineage), then its register modules.
 
     Writes OUT (HDF5): /keys and /<modality>/k<k>, the (N, E) shared embedding at every shared prefix k, as
@@ -90,7 +95,8 @@ def embed(run_dir: str, shards: str, out: str, batch_size: int, workers: int | s
 
     console = stderr_console()
     result = embed_shards(run_dir, shards, out, batch_size=batch_size, device=device, workers=workers,
-                          console=console, show_progress=os.environ.get("REGTOK_NO_PROGRESS") is None)
+                          console=console, show_progress=os.environ.get("REGTOK_NO_PROGRESS") is None,
+                          overwrite=overwrite)
     console.print(f"embedded {result['samples']} samples (skipped {result['skipped']}) at prefixes "
                   f"{', '.join(map(str, result['prefixes']))}")
     click.echo(str(result["path"]))

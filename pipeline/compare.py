@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,25 +30,29 @@ class Entry:
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, validation R@1), runs only
 
 
-def load_entries(paths: list[str | os.PathLike]) -> list[Entry]:
-    """One entry per run or report; a sweep directory gives one per trial that has a run manifest."""
+def load_entries(paths: list[str | os.PathLike], warn: Callable[[str], None] = lambda msg: None) -> list[Entry]:
+    """One entry per run or report; a sweep directory gives one per trial that has a run manifest. ``warn`` is
+    told of what is left out (a damaged line of a run's metrics.jsonl)."""
     from regtok.pipeline.manifest import manifest_path, read_manifest
 
     entries = []
     for path in paths:
         mpath = manifest_path(path)
         if not mpath.is_file():
+            if (Path(path) / "config.json").is_file():
+                raise RegtokError(f"{path} is a run that has not finished (no manifest.json yet: it is being trained, "
+                                  "or was interrupted and `regtok train … --resume` continues it)")
             raise RegtokError(f"{path}: no manifest.json (compare takes run, eval report or sweep directories)")
         m = read_manifest(mpath)
         if m["kind"] == "run":
-            entries.append(_run_entry(mpath.parent, m))
+            entries.append(_run_entry(mpath.parent, m, warn))
         elif m["kind"] == "eval":
             entries.append(_report_entry(mpath.parent))
         elif m["kind"] == "sweep":
             for t in m.get("trials", []):
                 trial = mpath.parent / str(t.get("path"))
                 if t.get("path") and (trial / "manifest.json").is_file():
-                    entries.append(_run_entry(trial, read_manifest(trial / "manifest.json", kind="run")))
+                    entries.append(_run_entry(trial, read_manifest(trial / "manifest.json", kind="run"), warn))
         else:
             raise RegtokError(f"{path} is a {m['kind']} manifest; compare takes run, eval report or sweep directories")
     if not entries:
@@ -55,20 +60,33 @@ def load_entries(paths: list[str | os.PathLike]) -> list[Entry]:
     return entries
 
 
-def _run_entry(run_dir: Path, m: dict[str, Any]) -> Entry:
-    from regtok.pipeline.runs import read_metrics
-    from regtok.train import full_r1
-
+def _run_entry(run_dir: Path, m: dict[str, Any], warn: Callable[[str], None]) -> Entry:
     metrics = m.get("metrics") or {}
     values = {label: metrics.get(key) for key, label in RUN_METRICS}
     if m.get("stopped"):
         values["stopped after epoch"] = m["stopped"].get("epoch", 0) + 1
-    curve = []
-    for r in read_metrics(run_dir):
-        r1 = full_r1(r)
-        if r.get("type") in ("start", "epoch") and r1 is not None:
-            curve.append((int(r["epoch"]) + 1, r1))  # "start" (epoch -1) is epoch 0
-    return Entry(str(run_dir), "run", values, flatten(m.get("config") or {}), curve)
+    return Entry(str(run_dir), "run", values, flatten(m.get("config") or {}), _curve(run_dir, warn))
+
+
+def _curve(run_dir: Path, warn: Callable[[str], None]) -> list[tuple[int, float]]:
+    """(epoch, validation R@1) from metrics.jsonl; a line that is not a metrics record is skipped and named."""
+    from regtok.pipeline.runs import METRICS, metrics_lines
+    from regtok.train import full_r1
+
+    path = run_dir / METRICS
+    curve, bad = [], []
+    for number, r in metrics_lines(path) if path.is_file() else []:
+        try:
+            r1 = full_r1(r) if r is not None else None
+            if r is None or (r1 is not None and not isinstance(r1, int | float)):
+                raise TypeError
+            if r.get("type") in ("start", "epoch") and r1 is not None:
+                curve.append((int(r["epoch"]) + 1, float(r1)))  # "start" (epoch -1) is epoch 0
+        except (TypeError, ValueError, KeyError):
+            bad.append(number)
+    if bad:
+        warn(f"{path} line{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}: not a metrics record, skipped")
+    return curve
 
 
 def _report_entry(report_dir: Path) -> Entry:

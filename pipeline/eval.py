@@ -170,26 +170,50 @@ def closest_preset(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return best if best is not None else ("?", {})
 
 
+def _claim_report_dir(out: Path, overwrite: bool) -> bool:
+    """``out`` must be empty, or ``overwrite`` given (:func:`regtok.pipeline.outdir.report_foreign`); returns
+    whether it holds an earlier eval report, whose files this one replaces."""
+    from regtok.pipeline.manifest import ManifestError
+    from regtok.pipeline.outdir import claim, report_foreign
+
+    claim(out, report_foreign(out, overwrite), "eval", overwrite)
+    try:
+        return bool(read_manifest(out / "manifest.json", kind="eval"))
+    except ManifestError:
+        return False
+
+
+def _remove_stale(out: Path, written: list[Path]) -> None:
+    """An earlier report's files that this one did not write again (embeddings.h5 …): they would be stale."""
+    from regtok.pipeline.outdir import REPORT_FILES
+
+    for name in REPORT_FILES - {p.name for p in written} - {"manifest.json"}:
+        (out / name).unlink(missing_ok=True)
+
+
 def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str | os.PathLike, cfg: EvalConfig,
              *, save_embeddings: bool = False, command: list[str] | None = None,
-             console: Console | None = None, baseline_features: str | os.PathLike | None = None) -> dict[str, Any]:
+             console: Console | None = None, baseline_features: str | os.PathLike | None = None,
+             overwrite: bool = False) -> dict[str, Any]:
     """The whole `regtok eval` stage; returns the report dict after writing every file.
 
     With ``cfg.baselines`` the linear baselines are fitted on the run's training store (found through the run
-    manifest) or on ``baseline_features``, and scored on ``features`` beside the register module.
+    manifest) or on ``baseline_features``, and scored on ``features`` beside the register module. ``out_dir``
+    must be empty, or ``overwrite`` given (an earlier report there is then replaced, its stale files removed).
     """
-    from regtok.pipeline.runs import load_run
+    from regtok.pipeline.run_load import load_run
     from regtok.pipeline.store import open_store
 
     t0 = time.perf_counter()
     console = console or Console(stderr=True)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    earlier = _claim_report_dir(out, overwrite)
     run = load_run(run_dir)
     run_mpath = manifest_path(Path(run_dir))
     store = open_store(features)
     check_compatible(store, run.feature_kind, run.model.inputs, what="the features", expected_by="the run",
                      trained_on=_train_features_manifest(run_mpath))
+    out.mkdir(parents=True, exist_ok=True)
     kind = run.feature_kind
     cols = {m: StoreColumn(store, kind, m) for m in run.model.modalities}
     pooled = cols if kind == "pooled" else {m: StoreColumn(store, "pooled", m) for m in run.model.modalities}
@@ -222,4 +246,6 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
         timings={"seconds": round(time.perf_counter() - t0, 3)}, samples=report["n"],
         modalities=report["modalities"], feature_kind=kind, run_step=getattr(run, "step", None))
     write_manifest(out / "manifest.json", manifest)
+    if earlier:
+        _remove_stale(out, written)
     return report
