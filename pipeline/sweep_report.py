@@ -17,9 +17,11 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
     """Every trial (not the surplus ones a worker declined), best metric first; pruned ones by their last metric."""
     from optuna.trial import TrialState
 
+    from regtok.pipeline.sweep_study import retried_from
+
     rows = []
-    retried_as = {t.system_attrs.get("failed_trial"): t.number for t in study.get_trials(deepcopy=False)
-                  if t.system_attrs.get("failed_trial") is not None}
+    retried_as = {retried_from(t): t.number for t in study.get_trials(deepcopy=False)
+                  if retried_from(t) is not None}
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("surplus") or t.state == TrialState.WAITING:
             continue
@@ -29,7 +31,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         rows.append({"number": t.number, "state": t.state.name.lower(), "value": value, "params": dict(t.params),
                      "epochs": t.user_attrs.get("epochs", len(t.intermediate_values) or None),
                      "seconds": t.user_attrs.get("seconds"), "path": t.user_attrs.get("path"),
-                     "error": t.user_attrs.get("error"), "retry_of": t.system_attrs.get("failed_trial"),
+                     "error": t.user_attrs.get("error"), "retry_of": retried_from(t),
                      "retried_as": retried_as.get(t.number)})
     rank = {"complete": 0, "pruned": 1, "running": 2, "fail": 3}
     rows.sort(key=lambda r: (rank.get(r["state"], 4), -(r["value"] if r["value"] is not None else -math.inf),
@@ -49,7 +51,7 @@ def write_outputs(out: Path, study: Any, scfg: Any, space: dict[str, Param], bas
         new_manifest,
         write_manifest,
     )
-    from regtok.pipeline.sweep import safe_url
+    from regtok.pipeline.sweep_study import safe_url
 
     rows = trial_rows(study)
     complete = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
