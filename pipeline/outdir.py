@@ -79,12 +79,13 @@ def run_foreign(out: Path) -> list[str]:
     entries = _entries(out)
     if "manifest.json" in entries and _manifest(out / "manifest.json", "run") is None:
         return _first(entries, "manifest.json")
-    if "config.json" in entries and not _is_run_config(out / "config.json"):
+    if "config.json" in entries and not is_run_config(out / "config.json"):
         return _first(entries, "config.json")
     return [e for e in entries if e not in RUN_FILES]
 
 
-def _is_run_config(path: Path) -> bool:
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a run's ``config.json`` (it holds the train config and the model spec)."""
     import json
 
     try:

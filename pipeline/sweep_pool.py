@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from regtok.errors import RegtokError
@@ -99,10 +101,10 @@ def _run_workers(spec: Any, jobs: int, study: Any, total: int, console: Any,
             for p in procs:
                 p.join()
         refresh()
-    codes = [p.exitcode for p in procs]
-    if all(c == 2 for c in codes):
-        raise RegtokError("every sweep worker stopped on an error (see the lines above)")
-    return [p.pid for p in procs], [f"a worker stopped (exit status {c})" for c in codes if c and c > 0]
+    errors = [f"a worker stopped (exit status {p.exitcode})" for p in procs if p.exitcode and p.exitcode > 0]
+    if len(errors) == len(procs):
+        raise RegtokError(f"every sweep worker stopped on an error ({errors[0]}); see the lines above")
+    return [p.pid for p in procs], errors
 
 
 def _requeue_killed(procs: list, killed: set[int], study: Any, console: Any) -> None:
@@ -123,8 +125,7 @@ def _stop_workers(procs: list, wait_s: float = 30.0) -> None:
     A second Ctrl-C meanwhile is ignored, so the stop is not cut short into a traceback."""
     import signal
 
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    with _sigint_ignored():
         for p in procs:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGINT)
@@ -134,22 +135,32 @@ def _stop_workers(procs: list, wait_s: float = 30.0) -> None:
             if p.is_alive():
                 p.kill()
                 p.join()
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def requeue(study: Any) -> str:
     """After Ctrl-C: queue the stopped trials again now (workers of this process are gone), and say which."""
+    with _sigint_ignored():
+        try:
+            retried = recover_interrupted(study, gone=[os.getpid()])
+        except Exception:  # the storage itself was interrupted: the next run queues them
+            return "the trials that were running will run again"
+    return f"trial(s) {', '.join(map(str, retried))} will run again" if retried else "no trial was running"
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ctrl-C ignored while the sweep stops (only the main thread may change it; elsewhere nothing changes)."""
     import signal
 
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        retried = recover_interrupted(study, gone=[os.getpid()])
-    except Exception:  # the storage itself was interrupted: the next run queues them
-        return "the trials that were running will run again"
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    return f"trial(s) {', '.join(map(str, retried))} will run again" if retried else "no trial was running"
 
 
 def check_finished(study: Any, total: int, errors: list[str], say: Any) -> None:

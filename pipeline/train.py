@@ -166,11 +166,14 @@ def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def remove_run_files(out: Path) -> None:
-    """The files of an earlier run in ``out`` (a run started again must not keep its old best weights)."""
+    """The files of an earlier run in ``out`` (a run started again must not keep its old best weights); nothing
+    when ``out`` holds no run (then --overwrite only lets the new run's files replace same-named ones)."""
     import shutil
 
-    from regtok.pipeline.outdir import RUN_FILES
+    from regtok.pipeline.outdir import RUN_FILES, is_run_config
 
+    if not is_run_config(out / CONFIG):
+        return
     for name in RUN_FILES:
         path = out / name
         if path.is_dir() and not path.is_symlink():

@@ -6,6 +6,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 # Before torch is imported anywhere: the suite runs on 2 cores and starts multi-process tests; subprocesses
 # inherit these. OpenMP spin-waiting makes oversubscribed threads catastrophically slow (measured: a tiny
@@ -140,6 +141,21 @@ def one_line_error(result) -> str:
     errors = [line for line in lines if line.startswith("error: ")]
     assert errors == lines[-1:] and "Traceback" not in result.stderr, result.stderr
     return errors[0]
+
+
+def regtok_cli(*args) -> Any:
+    """`regtok ARGS…` through click's test runner (paths may be Path objects)."""
+    from click.testing import CliRunner
+
+    from regtok.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def cli_ok(result) -> Any:
+    """``result`` after asserting exit status 0 (the output and exception otherwise)."""
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
 
 
 # ── subprocess sweeps whose trials hang or kill their worker (issue 20) ─────────────────────────────

@@ -13,13 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
-from conftest import one_line_error
+from conftest import cli_ok, one_line_error, regtok_cli
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import regtok
-from regtok.cli import main
 from regtok.errors import RegtokError
 from regtok.pipeline.manifest import sha256_file
 
@@ -29,24 +27,15 @@ TRAIN = ["--preset", "tiny", "--epochs", "1", "--batch-size", "8", "--val-fracti
 EVAL = ["--no-baselines", "--prefixes", "1,2", "--device", "cpu"]
 
 
-def regtok_cli(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     from regtok.pipeline.synth import synthesize
 
     root = tmp_path_factory.mktemp("faults2")
     synthesize(root / "shards", samples=16, shards=2, seed=0, image_size=16)
-    ok(regtok_cli("extract", "--shards", root / "shards" / "dataset.json", "--out", root / "store", *ENCODERS,
+    cli_ok(regtok_cli("extract", "--shards", root / "shards" / "dataset.json", "--out", root / "store", *ENCODERS,
                   "--workers", "0", "--device", "cpu", "--batch-size", "8"))
-    ok(regtok_cli("train", "--features", root / "store", "--out", root / "run", *TRAIN))
+    cli_ok(regtok_cli("train", "--features", root / "store", "--out", root / "run", *TRAIN))
     return root
 
 
@@ -79,13 +68,21 @@ def test_1_train_eval_compare_refuse_another_stages_directory(world, tmp_path):
     regtok.open_store(store)
 
     report = tmp_path / "report"
-    ok(regtok_cli("eval", "--run", run, "--features", store, "--out", report, *EVAL))
+    cli_ok(regtok_cli("eval", "--run", run, "--features", store, "--out", report, *EVAL))
     assert "--overwrite" in one_line_error(regtok_cli("eval", "--run", run, "--features", store, "--out", report,
                                                       *EVAL, "--seed", "1"))
     assert json.loads((report / "manifest.json").read_text())["config"]["seed"] == 0
     assert "--overwrite" in one_line_error(regtok_cli("train", "--features", store, "--out", report, *TRAIN))
-    ok(regtok_cli("eval", "--run", run, "--features", store, "--out", report, *EVAL, "--seed", "1", "--overwrite"))
+    cli_ok(regtok_cli("eval", "--run", run, "--features", store, "--out", report, *EVAL, "--seed", "1", "--overwrite"))
     assert json.loads((report / "manifest.json").read_text())["config"]["seed"] == 1
+
+
+def test_1_train_overwrite_starts_a_run_again_without_its_old_files(world, run):
+    message = one_line_error(regtok_cli("train", "--features", world / "store", "--out", run, *TRAIN))
+    assert "--resume" in message and "--overwrite" in message
+    cli_ok(regtok_cli("train", "--features", world / "store", "--out", run, *TRAIN, "--overwrite", "keep_best=false"))
+    assert not (run / "best.safetensors").exists()  # the old run's best weights would be loaded by eval
+    assert regtok.load_run(run).config.keep_best is False
 
 
 def test_1_sweep_out_has_the_same_overwrite_rule(world, tmp_path):
@@ -105,9 +102,9 @@ def test_2_embed_never_replaces_a_file_without_overwrite(world, tmp_path):
     assert "--overwrite" in one_line_error(regtok_cli(*args, "--out", store / "features.h5"))
     assert digest(store) == before
     regtok.open_store(store)
-    ok(regtok_cli(*args, "--out", tmp_path / "emb.h5"))
+    cli_ok(regtok_cli(*args, "--out", tmp_path / "emb.h5"))
     assert "--overwrite" in one_line_error(regtok_cli(*args, "--out", tmp_path / "emb.h5"))
-    ok(regtok_cli(*args, "--out", tmp_path / "emb.h5", "--overwrite"))
+    cli_ok(regtok_cli(*args, "--out", tmp_path / "emb.h5", "--overwrite"))
 
 
 # ── 9, 12, 21. the Python API: every input it cannot use is an error, never a quiet wrong answer ──────
@@ -254,10 +251,10 @@ def test_20_relative_encoder_weights_resolve_from_another_directory(world, tmp_p
     model = timm.create_model("test_vit", pretrained=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
     monkeypatch.chdir(tmp_path)
-    ok(regtok_cli("extract", "--shards", world / "shards" / "dataset.json", "--out", "store", "--encoder",
+    cli_ok(regtok_cli("extract", "--shards", world / "shards" / "dataset.json", "--out", "store", "--encoder",
                   "vision=timm:test_vit@w.safetensors", "--encoder", "tactile=tiny:1", "--workers", "0",
                   "--device", "cpu", "--batch-size", "16"))
-    ok(regtok_cli("train", "--features", "store", "--out", "run", *TRAIN))
+    cli_ok(regtok_cli("train", "--features", "store", "--out", "run", *TRAIN))
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     emb = regtok.Embedder.from_run(tmp_path / "run")

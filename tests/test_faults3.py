@@ -14,20 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
-from conftest import TINY, one_line_error, write_store
+from conftest import TINY, cli_ok, one_line_error, regtok_cli, write_store
 from PIL import Image
-
-from regtok.cli import main
-
-
-def regtok_cli(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +26,7 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def finished_run(store) -> Path:
     out = store.parent / "run"
-    ok(regtok_cli("train", "--features", store, "--out", out, *TINY, "--epochs", "1"))
+    cli_ok(regtok_cli("train", "--features", store, "--out", out, *TINY, "--epochs", "1"))
     return out
 
 
@@ -97,7 +85,7 @@ def test_15_resume_drops_a_truncated_last_metrics_line(finished_run, store, tmp_
     shutil.copytree(finished_run, run)
     with open(run / "metrics.jsonl", "ab") as f:
         f.write(b'{"type": "step", "step": 99, "lo')
-    result = ok(regtok_cli("train", "--features", store, "--out", run, "--resume", *TINY, "--epochs", "1"))
+    result = cli_ok(regtok_cli("train", "--features", store, "--out", run, "--resume", *TINY, "--epochs", "1"))
     assert "truncated" in result.stderr
     for line in (run / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
@@ -151,11 +139,12 @@ def test_20_rerun_of_a_pack_with_a_relative_labels_from_works_from_elsewhere(tmp
                                                                                                "felt"]])
     write_csv(data / "test.csv", [["url", "tactile", "material"], ["2.png", "0.png", "felt"]])
     monkeypatch.chdir(tmp_path)
-    ok(regtok_cli("pack", "data/train.csv", "--root", "data", "--out", "train", "--label-col", "material"))
-    ok(regtok_cli("pack", "data/test.csv", "--root", "data", "--out", "test", "--labels-from", "train/dataset.json"))
+    cli_ok(regtok_cli("pack", "data/train.csv", "--root", "data", "--out", "train", "--label-col", "material"))
+    cli_ok(regtok_cli("pack", "data/test.csv", "--root", "data", "--out", "test", "--labels-from",
+                      "train/dataset.json"))
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    ok(regtok_cli("rerun", tmp_path / "test" / "dataset.json", "--out", tmp_path / "again", "--root", tmp_path))
+    cli_ok(regtok_cli("rerun", tmp_path / "test" / "dataset.json", "--out", tmp_path / "again", "--root", tmp_path))
 
 
 # ── 21. smaller points ────────────────────────────────────────────────────────────────────────────────
@@ -174,7 +163,7 @@ def test_21_pack_skips_images_extract_cannot_read_and_duplicate_rows(tmp_path):
         Image.new("RGB", (8, 8), (len(name), 40, 90)).save(tmp_path / name, format=fmt)
     write_csv(tmp_path / "rows.csv", [["url", "tactile"], ["a.png", "b.png"], ["c.gif", "b.png"], ["a.png", "d.tif"],
                                       ["a.png", "b.png"], ["b.png", "a.png"]])
-    ok(regtok_cli("pack", tmp_path / "rows.csv", "--out", tmp_path / "p"))
+    cli_ok(regtok_cli("pack", tmp_path / "rows.csv", "--out", tmp_path / "p"))
     m = json.loads((tmp_path / "p" / "dataset.json").read_text())
     assert m["samples"] == 2
     reasons = {s["row"]: s["reason"] for s in m["skipped"]}

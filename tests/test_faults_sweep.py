@@ -11,10 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
-from conftest import one_line_error, write_store
-
-from regtok.cli import main
+from click.testing import Result
+from conftest import one_line_error, regtok_cli, write_store
 
 BASE = ["--preset", "tiny", "--epochs", "1", "--val-fraction", "0.25", "--batch-size", "32", "--no-prune",
         "model.n_layers=1"]
@@ -26,10 +24,6 @@ pytestmark = pytest.mark.usefixtures("no_figures")
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return write_store(tmp_path_factory.mktemp("faults_sweep") / "store", n=120, dim=12)
-
-
-def regtok_cli(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def sweep(store: Path, out: Path, *args: str) -> Result:
@@ -77,17 +71,20 @@ def test_3_ctrl_c_to_the_sweep_alone_stops_its_workers_at_once(store, tmp_path, 
     sweep runs both points."""
     import threading
 
-    marks, out = hook("hang"), tmp_path / "s"
+    marks, out, returned = hook("hang"), tmp_path / "s", threading.Event()
 
-    def interrupt_once_both_run() -> None:
-        deadline = time.time() + 120
-        while len(list(marks.iterdir())) < 2 and time.time() < deadline:
-            time.sleep(0.05)
+    def interrupt_once_both_run() -> None:  # never once the sweep has returned: it would stop pytest itself
+        while len(list(marks.iterdir())) < 2:
+            if returned.wait(0.05):
+                return
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt_once_both_run, daemon=True).start()
     t0 = time.perf_counter()
-    result = sweep(store, out, *TWO, "--jobs", "2")
+    try:
+        result = sweep(store, out, *TWO, "--jobs", "2")
+    finally:
+        returned.set()
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 130 and "Traceback" not in result.stderr, result.output
     assert [ln for ln in lines if ln.startswith("error:")] == lines[-1:] and "run the same command again" in lines[-1]
