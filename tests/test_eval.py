@@ -300,7 +300,7 @@ def test_eval_reports_linear_baselines_fitted_on_the_run_training_rows(run_dir: 
     rep = json.loads((out / "report.json").read_text())
     linear = rep["baselines"]["linear"]
     names = ("cca", "weighted_cca", "start", "linear_infonce", "mlp_infonce")
-    assert set(linear) == {*names, "store"}
+    assert set(linear) == {*names, "store", "train_rows"}
     assert Path(linear["store"]).resolve() == (run_dir.parent / "train_store").resolve()
     for name in names:
         assert set(linear[name]["a_to_b"]) == METRICS and set(linear[name]["b_to_a"]) == METRICS
