@@ -9,34 +9,34 @@ Progress and logs go to stderr; stdout carries only results. A user error is one
 
 from __future__ import annotations
 
-import errno
 import re
 
 import click
 
-from regtok.errors import RegtokError
-
-# OSErrors a user's environment causes (a full disk, a read-only or forbidden --out): one line, not a traceback.
-USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR)
+from regtok.errors import ENVIRONMENT_ERRNOS, RegtokError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
 
 class _Group(click.Group):
     """A click group that turns :class:`RegtokError`, a usage error and an OSError of the environment (disk full,
-    read-only) into one line on stderr and exit status 2."""
+    read-only) into one line on stderr and exit status 2, and Ctrl-C into one line and exit status 130."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except RegtokError as e:
             click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C where the command has nothing to add: one line, not a traceback
+            click.echo("error: interrupted", err=True)
+            ctx.exit(130)
         except click.UsageError as e:  # click's own would be a usage block and a capitalised "Error:"
             message = " ".join(e.format_message().split()).rstrip(".")
             where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
             click.echo(f"error: {message[:1].lower()}{message[1:]}{where}", err=True)
         except OSError as e:
-            if e.errno not in USER_OS_ERRORS:
+            if e.errno not in ENVIRONMENT_ERRNOS:
                 raise
             click.echo(f"error: {e.strerror}" + (f": {e.filename}" if e.filename else ""), err=True)
         ctx.exit(2)

@@ -42,9 +42,12 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
 @click.option("--fit-features", "--baseline-features", "fit_features", type=click.Path(exists=True, file_okay=False),
               default=None, help="Fit the baselines, the probes and the reconstruction references on this store "
               "instead  [default: the rows the run trained on, from its manifest]")
+@click.option("--overwrite", is_flag=True, help="Write into --out even if it holds an earlier report (replaced) or "
+              "anything else.")
 def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow_steps: tuple[int, ...],
           save_embeddings: bool, device: str, seed: int, probe_test_fraction: float, probe_max_samples: int,
-          batch_size: int, chunk_size: int, baselines: bool = True, fit_features: str | None = None) -> None:
+          batch_size: int, chunk_size: int, baselines: bool = True, fit_features: str | None = None,
+          overwrite: bool = False) -> None:
     """Retrieval per shared prefix (both directions), flow transport, prefix probes; prints report.json's path.
 
     \b
@@ -67,7 +70,7 @@ def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow
                      probe_max_samples=probe_max_samples, seed=seed, chunk_size=chunk_size, batch_size=batch_size,
                      device=device, baselines=baselines)
     run_eval(run_dir, features, out, cfg, save_embeddings=save_embeddings, command=["regtok", *sys.argv[1:]],
-             console=stderr_console(), fit_features=fit_features)
+             console=stderr_console(), fit_features=fit_features, overwrite=overwrite)
     click.echo(str(Path(out) / "report.json"))
 
 
@@ -82,8 +85,9 @@ def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow
 @click.option("--modality", "modalities", multiple=True, metavar="NAME",
               help="Embed only this modality (repeatable)  [default: the run's modalities the shards hold, e.g. "
                    "touch alone for shards packed with only --tactile-col]")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def embed(run_dir: str, shards: str, out: str, batch_size: int, workers: int | str, device: str,
-          modalities: tuple[str, ...] = ()) -> None:
+          modalities: tuple[str, ...] = (), overwrite: bool = False) -> None:
     """Embed new images with a run: its frozen encoders (from its lineage), then its register modules.
 
     Writes OUT (HDF5): /keys and /<modality>/k<k>, the (N, E) shared embedding at every shared prefix k, as
@@ -92,13 +96,13 @@ def embed(run_dir: str, shards: str, out: str, batch_size: int, workers: int | s
     """
     import os
 
-    from regtok.pipeline.api import embed_shards
     from regtok.pipeline.console import stderr_console
+    from regtok.pipeline.embeddings import embed_shards
 
     console = stderr_console()
     result = embed_shards(run_dir, shards, out, batch_size=batch_size, device=device, workers=workers,
                           console=console, show_progress=os.environ.get("REGTOK_NO_PROGRESS") is None,
-                          modalities=modalities or None)
+                          modalities=modalities or None, overwrite=overwrite)
     console.print(f"embedded {result['samples']} samples (skipped {result['skipped']}) of "
                   f"{', '.join(result['modalities'])} at prefixes {', '.join(map(str, result['prefixes']))}")
     click.echo(str(result["path"]))

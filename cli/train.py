@@ -7,6 +7,7 @@ import click
 from regtok.cli import CONTEXT, device_option, main
 from regtok.errors import RegtokError
 from regtok.pipeline.sweep import KEEP, METRICS, PRUNERS, SAMPLERS
+from regtok.pipeline.sweep_study import MAX_GRID_POINTS
 
 
 def _train_config_options(command):
@@ -59,11 +60,14 @@ def _train_config(preset: str | None, config_file: str | None, saved: dict | Non
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the loss step.")
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files to RUN_DIR/tb/ "
               "(needs the tensorboard package: pip install -e '.[tb]').")
+@click.option("--overwrite", is_flag=True, help="Write into --out even if it holds something other than a run, "
+              "or start the run there again (its files are replaced).")
 @_train_config_options
 def train(features: str, val_features: str | None, val_fraction: float | None, out: str, config_file: str | None,
           preset: str | None, loss: str | None, epochs: int | None, batch_size: int | None, lr: float | None,
           seed: int | None, device: str | None, resume: bool, compile_: bool | None,
-          overrides: tuple[str, ...], tensorboard: bool = False, print_config: bool = False) -> None:
+          overrides: tuple[str, ...], tensorboard: bool = False, print_config: bool = False,
+          overwrite: bool = False) -> None:
     """Train the register modules on a cached feature store; prints the run manifest's path.
 
     \b
@@ -105,21 +109,31 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
     if is_main and plain:
         def on_epoch(record: dict) -> None:
             console.print(epoch_line(record, cfg.epochs), markup=False, highlight=False, soft_wrap=True)
-    with train_progress(console, disable=not is_main or plain) as on_step:
-        manifest, result = train_run(features, out, cfg, val_features=val_features, resume=resume,
-                                     on_step=on_step, notify=lambda msg: is_main and console.print(msg),
-                                     on_epoch=on_epoch, tensorboard=tensorboard and is_main)
+    try:
+        with train_progress(console, disable=not is_main or plain) as on_step:
+            manifest, result = train_run(features, out, cfg, val_features=val_features, resume=resume,
+                                         on_step=on_step, notify=lambda msg: is_main and console.print(msg),
+                                         on_epoch=on_epoch, tensorboard=tensorboard and is_main, overwrite=overwrite)
+    except KeyboardInterrupt:
+        from regtok.errors import Interrupted
+
+        raise Interrupted(f"interrupted; add --resume to the same command to continue {out} from its last "
+                          "checkpoint") from None
     if manifest is not None:
-        from rich.table import Table
-
-        from regtok.pipeline.spread import pct
-
-        table = Table("final epoch", "value", title=f"{out}: {result.step} steps (recalls in %)")
-        for k, v in result.metrics.items():
-            if "/" not in k or k in ("val/R@1", "best/val_select", "best/epoch"):
-                table.add_row(k, pct(v) if "val" in k else f"{v:.4g}")
-        console.print(table)
+        _print_result(console, out, result)
         click.echo(str(manifest))
+
+
+def _print_result(console, out: str, result) -> None:
+    from rich.table import Table
+
+    from regtok.pipeline.spread import pct
+
+    table = Table("final epoch", "value", title=f"{out}: {result.step} steps (recalls in %)")
+    for k, v in result.metrics.items():
+        if "/" not in k or k in ("val/R@1", "best/val_select", "best/epoch"):
+            table.add_row(k, pct(v) if "val" in k else f"{v:.4g}")
+    console.print(table)
 
 
 @main.command(context_settings=CONTEXT)
@@ -129,10 +143,12 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
 @click.option("--space", "space_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML search space: config key → list of choices, or {low, high, log} (see configs/).")
 @click.option("--grid", multiple=True, metavar="KEY=V1,V2,…", help="A grid axis given inline (repeatable).")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="grid", help="Optuna sampler.")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="grid",
+              help=f"Optuna sampler (a grid has at most {MAX_GRID_POINTS:,} points).")
 @click.option("--trials", type=click.IntRange(min=1), default=None,
               help="Finished trials to reach  [default: the grid's size; 20 for tpe and random]")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, help="Worker processes on this machine.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1,
+              help="Worker processes on this machine (at most one per trial left).")
 @click.option("--storage", default=None, help="Optuna storage URL, shared by workers on several machines  "
               "[default: sqlite:///OUT/study.db]")
 @click.option("--study", "study_name", default="regtok", help="Study name in the storage.")
@@ -145,12 +161,13 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
               "(tensorboard --logdir OUT).")
 @click.option("--keep", type=click.Choice(KEEP), default="best", help="Weight files a finished trial keeps: best (what "
               "eval needs), last (what --resume needs; eval then uses the last weights), all.")
+@click.option("--overwrite", is_flag=True, help="Write into --out even if it holds files that are not a sweep's.")
 @_train_config_options
 def sweep(features: str, val_features: str | None, out: str, space_file: str | None, grid: tuple[str, ...],
           sampler: str, trials: int | None, jobs: int, storage: str | None, study_name: str, metric: str,
           prune: bool, pruner: str, tensorboard: bool, keep: str, config_file: str | None, preset: str | None,
           loss: str | None, epochs: int | None, batch_size: int | None, lr: float | None, seed: int | None,
-          device: str | None, val_fraction: float | None, overrides: tuple[str, ...]) -> None:
+          device: str | None, val_fraction: float | None, overrides: tuple[str, ...], overwrite: bool = False) -> None:
     """Search training configs on one feature store with Optuna; each trial is an ordinary run in OUT/trials/.
 
     \b
@@ -185,7 +202,7 @@ def sweep(features: str, val_features: str | None, out: str, space_file: str | N
                        prune=prune, pruner=pruner, seed=base.seed, tensorboard=tensorboard, keep=keep)
     console = stderr_console()
     report = run_sweep(features, out, scfg, space, base, val_features=val_features,
-                       command=["regtok", *sys.argv[1:]], console=console)
+                       command=["regtok", *sys.argv[1:]], console=console, overwrite=overwrite)
     _print_trials(console, report)
     click.echo(str(Path(out) / "report.json"))
     if report["trials"] and not report["counts"]["complete"] + report["counts"]["pruned"]:
@@ -233,7 +250,9 @@ def _check_device(device: str) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Also write OUT/compare.md and OUT/curves.png (the validation score against epoch per row).")
 @click.option("--all-keys", is_flag=True, help="Show every config key, not only those that differ.")
-def compare(paths: tuple[str, ...], out: str | None, all_keys: bool) -> None:
+@click.option("--overwrite", is_flag=True, help="Write into --out even if it holds something other than an "
+              "earlier compare output.")
+def compare(paths: tuple[str, ...], out: str | None, all_keys: bool, overwrite: bool = False) -> None:
     """Put runs, eval reports or sweeps (their trials) side by side: one row per configuration, runs that differ
     only in seed together as mean ± std (n); the config keys that differ are highlighted. Recalls in %."""
     from pathlib import Path
@@ -243,7 +262,11 @@ def compare(paths: tuple[str, ...], out: str | None, all_keys: bool) -> None:
     from regtok.pipeline.compare import load_entries, plot_curves, render_markdown, tables
     from regtok.pipeline.console import stdout_console
 
-    entries = load_entries(list(paths))
+    if out is not None:
+        from regtok.pipeline.outdir import claim, compare_foreign
+
+        claim(Path(out), compare_foreign(Path(out)), "compare", overwrite)
+    entries = load_entries(list(paths), warn=lambda msg: click.echo(f"warning: {msg}", err=True))
     console = stdout_console()  # piped or logged: the whole table, never a truncated cell
     for t in tables(entries, all_keys):
         table = Table(*[f"[bold yellow]{c}[/]" if i in t.highlight else c for i, c in enumerate(t.columns)],

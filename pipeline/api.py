@@ -8,7 +8,7 @@
     regs = run.registers(store.read(run.feature_kind, "tactile"), "tactile")  # (N, R, d) register states
 
     emb = regtok.Embedder.from_run("runs/contrastive")     # the run's frozen encoders, from its lineage
-    z = emb.embed([Image.open("a.png")], "vision")         # PIL images or (H, W, 3) uint8 arrays
+    z = emb.embed([Image.open("a.png")], "vision")         # PIL images or (H, W[, C]) uint8 arrays
 
 ``embed`` gives what ``regtok eval --save-embeddings`` writes, and an Embedder on images gives what
 ``regtok extract`` followed by ``Run.embed`` gives (the encoders' features are rounded to float16 as in a store).
@@ -91,13 +91,15 @@ class Run:
 
     def embed(self, features: Any, modality: str, k: int | None = None, batch_size: int = 512) -> np.ndarray:
         """Shared embeddings ``(N, E)`` float32 (L2-normalised) of ``features`` ``(N, *input_shape)`` at prefix
-        ``k`` (1 … n_registers; default: every shared register)."""
-        return self._run(features, modality, k, batch_size, lambda out: out.shared)
+        ``k`` (1 … n_shared; default: every shared register)."""
+        keep = self.n_shared if k is None else prefix(k, self.n_shared, "n_shared: the shared embedding reads "
+                                                                        "only the first n_shared registers")
+        return self._run(features, modality, keep, batch_size, lambda out: out.shared)
 
     def registers(self, features: Any, modality: str, k: int | None = None, batch_size: int = 512) -> np.ndarray:
         """Register states ``(N, R, d)`` float32; slot i >= ``k`` holds position i's mask token (default: all kept)."""
-        return self._run(features, modality, k if k is not None else self.n_registers, batch_size,
-                         lambda out: out.registers)
+        keep = self.n_registers if k is None else prefix(k, self.n_registers, "n_registers")
+        return self._run(features, modality, keep, batch_size, lambda out: out.registers)
 
     def transport(self, embeddings: Any, direction: str = "a_to_b", steps: int = 4) -> np.ndarray:
         """A flow run's shared embeddings moved into the other modality's space (``a_to_b`` or ``b_to_a``)."""
@@ -107,20 +109,10 @@ class Run:
         with torch.no_grad():
             return self.model.transport(x, direction, steps).float().cpu().numpy()
 
-    def _run(self, features: Any, modality: str, k: int | None, batch_size: int, pick) -> np.ndarray:
+    def _run(self, features: Any, modality: str, keep: int, batch_size: int, pick) -> np.ndarray:
         if modality not in self.modalities:
             raise RegtokError(f"{self.path} has modalities {', '.join(self.modalities)}, not {modality!r}")
-        x = np.asarray(features)
-        shape = self.input_shapes[modality]
-        if x.shape[1:] != shape:
-            if x.shape == shape:
-                x = x[None]  # one row
-            else:
-                raise RegtokError(f"{modality} features of shape {x.shape} do not fit the run: it reads rows of "
-                                  f"{self.feature_kind} features {shape}")
-        if not len(x):
-            raise RegtokError("no feature rows given")
-        keep = self.n_shared if k is None else int(k)
+        x = self._rows(features, modality)
         module = self.model.encoders[modality]
         out = []
         with torch.no_grad():
@@ -128,14 +120,60 @@ class Run:
                 batch = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])).to(self.device,
                                                                                              torch.float32)
                 out.append(pick(module(batch, keep=keep)).float().cpu())
-        return torch.cat(out).numpy()
+        result = torch.cat(out).numpy()
+        bad = ~np.isfinite(result.reshape(len(result), -1)).all(axis=1)
+        if bad.any():
+            raise RegtokError(f"{modality} feature {_rows_text(np.flatnonzero(bad))}: the model's output is not "
+                              "finite")
+        return result
+
+    def _rows(self, features: Any, modality: str) -> np.ndarray:
+        """``features`` as ``(N, *input_shape)`` real numbers that a feature store could hold, or a RegtokError."""
+        x = np.asarray(features)
+        if x.dtype.kind == "c":
+            raise RegtokError(f"{modality} features are complex ({x.dtype}); regtok reads real numbers (pass "
+                              "features.real if the imaginary part is to be dropped)")
+        if x.dtype.kind not in "fiu":
+            raise RegtokError(f"{modality} features must be real numbers, got dtype {x.dtype}")
+        shape = self.input_shapes[modality]
+        if x.shape[1:] != shape:
+            if x.shape != shape:
+                raise RegtokError(f"{modality} features of shape {x.shape} do not fit the run: it reads rows of "
+                                  f"{self.feature_kind} features {shape}")
+            x = x[None]  # one row
+        if not len(x):
+            raise RegtokError("no feature rows given")
+        flat = x.reshape(len(x), -1)
+        bad = ~(np.isfinite(flat) & (np.abs(flat) <= FLOAT16_MAX)).all(axis=1)
+        if bad.any():
+            raise RegtokError(f"{modality} feature {_rows_text(np.flatnonzero(bad))} hold NaN, inf or values beyond "
+                              f"±{FLOAT16_MAX:g}, which no feature store holds (stores are float16)")
+        return x
+
+
+FLOAT16_MAX = 65504.0  # the largest float16: the features a store holds, and so what a run was trained on
+
+
+def prefix(k: Any, limit: int, what: str) -> int:
+    """``k`` as a prefix length from 1 to ``limit`` (the run's ``what``); never coerced from a float, text or bool."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        raise RegtokError(f"k must be a whole number from 1 to {limit}, got {k!r} ({type(k).__name__})")
+    if not 1 <= k <= limit:
+        raise RegtokError(f"k must be from 1 to {limit} (the run's {what}), got {k}")
+    return int(k)
+
+
+def _rows_text(rows: np.ndarray, show: int = 10) -> str:
+    """"row 3" / "rows 3, 5, 7" (and how many more)."""
+    listed = ", ".join(map(str, rows[:show].tolist())) + (f" (and {len(rows) - show} more)" if len(rows) > show else "")
+    return f"row{'s' if len(rows) > 1 else ''} {listed}"
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "best") -> Run:
     """A trained run on ``device`` ("auto" allowed). ``weights``: "best", the weights eval uses (the kept best
     epoch, ``best.safetensors``, when the run kept one), or "last" (``checkpoint.safetensors``)."""
     from regtok.distributed import resolve_device
-    from regtok.pipeline.runs import load_run as load
+    from regtok.pipeline.run_load import load_run as load
 
     loaded = load(run_dir, weights)
     dev = resolve_device(str(device))
@@ -202,7 +240,8 @@ class Embedder:
         return np.concatenate(out)
 
     def embed(self, images: Any, modality: str, k: int | None = None) -> np.ndarray:
-        """Shared embeddings ``(N, E)`` of PIL images or ``(H, W, 3)`` uint8 arrays (one image or a sequence)."""
+        """Shared embeddings ``(N, E)`` of PIL images or ``(H, W)``/``(H, W, C)`` uint8 arrays (one image, a
+        sequence, or an ``(N, H, W, C)`` batch)."""
         return self.run.embed(self.features(_as_list(images), modality), modality, k)
 
     def registers(self, images: Any, modality: str, k: int | None = None) -> np.ndarray:
@@ -238,14 +277,23 @@ def check_weights(modality: str, record: dict, weights_sha256: str | None) -> No
                           f"store was extracted with {recorded[:12]}…")
 
 
+IMAGE_SHAPES = "(H, W) or (H, W, C) with C = 1, 3 or 4"
+
+
 def _as_list(images: Any) -> Sequence[Any]:
-    if isinstance(images, np.ndarray) and images.ndim == 3 or not isinstance(images, list | tuple | np.ndarray):
-        return [images]
-    return list(images)
+    """One image (a PIL image, bytes, an ``(H, W)`` or ``(H, W, C)`` array) or a sequence of them, as a list."""
+    if isinstance(images, np.ndarray):
+        if images.ndim == 2 or images.ndim == 3 and images.shape[-1] in (1, 3, 4):
+            return [images]
+        if images.ndim == 4:
+            return list(images)
+        raise RegtokError(f"an image array must be {IMAGE_SHAPES}, or a batch (N, H, W, C); got shape "
+                          f"{images.shape} (pass a list to embed several grayscale images)")
+    return list(images) if isinstance(images, list | tuple) else [images]
 
 
 def to_uint8(image: Any, prep: Any) -> torch.Tensor:
-    """A PIL image, ``(H, W, 3)``/``(H, W)`` uint8 array or encoded bytes → the encoder's ``(3, H, W)`` uint8 input,
+    """A PIL image, ``(H, W[, C])`` uint8 array or encoded bytes → the encoder's ``(3, H, W)`` uint8 input,
     through the same decoding and PIL steps as ``regtok extract``."""
     import io
 
@@ -254,80 +302,32 @@ def to_uint8(image: Any, prep: Any) -> torch.Tensor:
     if isinstance(image, bytes | bytearray):
         return prep.to_uint8(bytes(image))
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise RegtokError(f"image arrays must be uint8 (H, W, 3) or (H, W), got {image.dtype} {image.shape}")
-        image = Image.fromarray(image)
+        if image.dtype != np.uint8 or not (image.ndim == 2 or image.ndim == 3 and image.shape[-1] in (1, 3, 4)):
+            raise RegtokError(f"image arrays must be uint8 {IMAGE_SHAPES}, got {image.dtype} {image.shape}")
+        image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
     if not isinstance(image, Image.Image):
         raise RegtokError(f"expected a PIL image, a uint8 array or image bytes, got {type(image).__name__}")
     buf = io.BytesIO()
-    image.save(buf, format="PNG")  # lossless: the same pixels through extract's own decoder
+    png_ready(image).save(buf, format="PNG")  # lossless: the same pixels through extract's own decoder
     return prep.to_uint8(buf.getvalue())
 
 
-def embed_shards(run_dir: str | os.PathLike, shards: str, out: str | os.PathLike, *, batch_size: int = 64,
-                 device: str = "auto", workers: int | str = "auto", console: Any = None, show_progress: bool = True,
-                 modalities: Sequence[str] | None = None) -> dict[str, Any]:
-    """`regtok embed`: new shards → the run's encoders → its shared embeddings at every shared prefix, in ``out``
-    (``/keys``, ``/<modality>/k<k>`` (N, E) float32, as ``regtok eval --save-embeddings`` writes them).
+def png_ready(image: Any) -> Any:
+    """A PIL image in a mode PNG stores, with the pixels extract would decode: 16-bit grey stays 16-bit (extract
+    scales it to 8 bits), CMYK and the like become RGB as extract converts them; floating point is refused."""
+    from PIL import Image
 
-    ``modalities``: which of the run's modalities to embed (default: those the shards' first sample holds, so
-    touch-only query images embed their touch alone). The shards go through ``regtok extract`` (same decoding,
-    skip rules and float16 features) into a temporary store beside ``out``, which is removed afterwards. Returns
-    {"samples", "skipped", "prefixes", "modalities", "path"}.
-    """
-    import shutil
-
-    from regtok.model import allowed_keeps
-    from regtok.pipeline.embeddings import EmbeddingWriter
-    from regtok.pipeline.extract import ExtractConfig, run_extract
-
-    out = Path(out).absolute()
-    run = load_run(run_dir, "cpu")
-    spec = "::".join(str(Path(part).absolute()) for part in shards.split("::"))
-    chosen = _embed_modalities(run, spec, modalities)
-    records = {m: rec for m, rec in training_encoders(run).items() if m in chosen}
-    encoders = tuple((m, rec["spec"]) for m, rec in records.items())
-    tmp = out.with_name(f".{out.name}.store.{os.getpid()}.tmp")
+    if image.mode == "F":
+        raise RegtokError("a floating-point (mode F) image has no known range; convert it to 8-bit ('L', 'RGB') or "
+                          "16-bit ('I;16') first")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        arr = np.asarray(image)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise RegtokError(f"a mode {image.mode} image with values outside 0..65535; scale it to 16 bits first")
+        return Image.fromarray(arr.astype(np.uint16))  # mode I;16: a 16-bit PNG
+    if image.mode in ("1", "L", "LA", "P", "RGB", "RGBA"):
+        return image
     try:
-        cfg = ExtractConfig(shards=spec, out=str(tmp), encoders=encoders, tokens=run.feature_kind == "tokens",
-                            batch_size=batch_size, workers=workers, device=device, max_skip_fraction=1.0)
-        _, manifest = run_extract(cfg, command=["regtok", "embed"], console=console, show_progress=show_progress)
-        for m, rec in manifest["encoders"].items():
-            check_weights(m, records[m], rec.get("weights_sha256"))
-        store = open_store(tmp)
-        ks = allowed_keeps(run.n_shared, "power_of_two")  # the shared prefixes eval's retrieval reports
-        out.parent.mkdir(parents=True, exist_ok=True)
-        writer = EmbeddingWriter(out, store.keys())
-        for m in records:
-            x = store.read(run.feature_kind, m)
-            for k in ks:
-                writer(m, k, run.embed(x, m, k))
-        writer.file.attrs["run"] = str(run.path.absolute())
-        writer.file.attrs["run_step"] = run.step
-        writer.file.attrs["shards"] = spec
-        writer.close()
-        return {"samples": store.n, "skipped": manifest["skip_count"], "prefixes": ks, "modalities": list(records),
-                "path": out}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _embed_modalities(run: Run, spec: str, asked: Sequence[str] | None) -> list[str]:
-    """The run's modalities to embed: ``asked``, else those whose image the shards' first sample holds."""
-    from regtok.pipeline.images import IMAGE_EXTS
-    from regtok.pipeline.shards import expand_shards, iter_shard
-
-    if asked:
-        unknown = [m for m in asked if m not in run.modalities]
-        if unknown:
-            raise RegtokError(f"the run has modalities {', '.join(run.modalities)}, not {unknown[0]!r}")
-        return [m for m in run.modalities if m in asked]
-    paths = expand_shards(spec)
-    first = next(iter_shard(paths[0]), None) if paths else None
-    if first is None:
-        return list(run.modalities)  # extract says what is wrong with the shards
-    found = [m for m in run.modalities if any(f"{m}.{ext}" in first.files for ext in IMAGE_EXTS)]
-    if not found:
-        raise RegtokError(f"the shards' first sample ({first.key}: {', '.join(sorted(first.files))}) holds none of "
-                          f"the run's modalities ({', '.join(run.modalities)})")
-    return found
+        return image.convert("RGB")
+    except ValueError as e:
+        raise RegtokError(f"cannot use a PIL image of mode {image.mode}: {e}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,25 +55,29 @@ class CompareTable:
     notes: list[str] = field(default_factory=list)
 
 
-def load_entries(paths: list[str | os.PathLike]) -> list[Entry]:
-    """One entry per run or report; a sweep directory gives one per trial that has a run manifest."""
+def load_entries(paths: list[str | os.PathLike], warn: Callable[[str], None] = lambda msg: None) -> list[Entry]:
+    """One entry per run or report; a sweep directory gives one per trial that has a run manifest. ``warn`` is
+    told of what is left out (a damaged line of a run's metrics.jsonl)."""
     from regtok.pipeline.manifest import manifest_path, read_manifest
 
     entries = []
     for path in paths:
         mpath = manifest_path(path)
         if not mpath.is_file():
+            if (Path(path) / "config.json").is_file():
+                raise RegtokError(f"{path} is a run that has not finished (no manifest.json yet: it is being trained, "
+                                  "or was interrupted and `regtok train … --resume` continues it)")
             raise RegtokError(f"{path}: no manifest.json (compare takes run, eval report or sweep directories)")
         m = read_manifest(mpath)
         if m["kind"] == "run":
-            entries.append(_run_entry(mpath.parent, m))
+            entries.append(_run_entry(mpath.parent, m, warn))
         elif m["kind"] == "eval":
             entries.append(_report_entry(mpath.parent))
         elif m["kind"] == "sweep":
             for t in m.get("trials", []):
                 trial = mpath.parent / str(t.get("path"))
                 if t.get("path") and (trial / "manifest.json").is_file():
-                    entries.append(_run_entry(trial, read_manifest(trial / "manifest.json", kind="run")))
+                    entries.append(_run_entry(trial, read_manifest(trial / "manifest.json", kind="run"), warn))
         else:
             raise RegtokError(f"{path} is a {m['kind']} manifest; compare takes run, eval report or sweep directories")
     if not entries:
@@ -80,9 +85,9 @@ def load_entries(paths: list[str | os.PathLike]) -> list[Entry]:
     return entries
 
 
-def _run_entry(run_dir: Path, m: dict[str, Any]) -> Entry:
+def _run_entry(run_dir: Path, m: dict[str, Any], warn: Callable[[str], None] = lambda msg: None) -> Entry:
     from regtok.config import from_saved
-    from regtok.pipeline.runs import epoch_records, kept_record, read_metrics, stopped_after
+    from regtok.pipeline.runs import epoch_records, kept_record, stopped_after
     from regtok.train import full_r1
 
     metrics = m.get("metrics") or {}
@@ -94,10 +99,24 @@ def _run_entry(run_dir: Path, m: dict[str, Any]) -> Entry:
               "steps": metrics.get("step")}
     if m.get("stopped"):
         values["stopped after epoch"] = stopped_after(m["stopped"])
-    curve = [(int(r["epoch"]), r["val_select"] if "val_select" in r else full_r1(r)) for r in read_metrics(run_dir)
-             if r.get("type") in ("start", "epoch") and full_r1(r) is not None]
     return Entry(str(run_dir), "run", values, {label for label, recall in RUN_VALUES if recall},
-                 flatten(from_saved(m.get("config") or {})), curve, m.get("val_samples"))
+                 flatten(from_saved(m.get("config") or {})), _curve(run_dir, warn), m.get("val_samples"))
+
+
+def _curve(run_dir: Path, warn: Callable[[str], None]) -> list[tuple[int, float]]:
+    """(epoch from 1, val/select) per validation in metrics.jsonl, 0 before training; a line that is not a metrics
+    record (:func:`regtok.pipeline.runs.is_record`) is skipped and named."""
+    from regtok.pipeline.runs import METRICS, counted_from_one, metrics_lines
+    from regtok.train import full_r1
+
+    path = run_dir / METRICS
+    lines = metrics_lines(path) if path.is_file() else []
+    bad = [number for number, r in lines if r is None]
+    if bad:
+        warn(f"{path} line{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}: not a metrics record, skipped")
+    return [(int(r["epoch"]), r["val_select"] if "val_select" in r else full_r1(r))
+            for r in counted_from_one([r for _, r in lines if r is not None])
+            if r.get("type") in ("start", "epoch") and full_r1(r) is not None]
 
 
 def _report_entry(report_dir: Path) -> Entry:

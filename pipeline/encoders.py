@@ -87,6 +87,14 @@ def parse_spec(text: str) -> EncoderSpec:
     return EncoderSpec(kind, model.strip(), source.strip())
 
 
+def absolute_spec(text: str) -> str:
+    """``text`` (checked by :func:`parse_spec`) with a relative weights path made absolute; else as written."""
+    spec = parse_spec(text)
+    if not spec.is_file or Path(spec.source).is_absolute():
+        return text
+    return str(EncoderSpec(spec.kind, spec.model, str(Path(spec.source).absolute()), spec.seed))
+
+
 def missing_tag(text: str, kind: str, model: str) -> str:
     """The error for a spec without weights: the tags the library knows for that model."""
     if kind == "open_clip":

@@ -230,26 +230,62 @@ def _dotted(cfg: dict[str, Any], key: str) -> Any:
     return cfg if cfg != {} else None
 
 
+def _inputs(run_dir: Path, features: str | os.PathLike, fit: Any, out: Path) -> list[dict[str, Any]]:
+    """The eval manifest's inputs: the run (its manifest, else its config), the features, the fit store if any."""
+    run_mpath = manifest_path(run_dir)
+    inputs = [input_ref("run", run_mpath, out) if run_mpath.is_file() else
+              input_ref("run_config", run_dir / "config.json", out),
+              input_ref("features", manifest_path(features), out)]
+    if isinstance(fit, FitStore):
+        inputs.append(input_ref("fit_features", manifest_path(fit.path), out))
+    return inputs
+
+
+def _claim_report_dir(out: Path, overwrite: bool) -> bool:
+    """``out`` must be empty, or ``overwrite`` given (:func:`regtok.pipeline.outdir.report_foreign`); returns
+    whether it holds an earlier eval report, whose files this one replaces."""
+    from regtok.pipeline.manifest import ManifestError
+    from regtok.pipeline.outdir import claim, report_foreign
+
+    claim(out, report_foreign(out, overwrite), "eval", overwrite)
+    try:
+        return bool(read_manifest(out / "manifest.json", kind="eval"))
+    except ManifestError:
+        return False
+
+
+def _remove_stale(out: Path, written: list[Path]) -> None:
+    """An earlier report's files that this one did not write again (embeddings.h5 …): they would be stale."""
+    from regtok.pipeline.outdir import REPORT_FILES
+
+    for name in REPORT_FILES - {p.name for p in written} - {"manifest.json"}:
+        (out / name).unlink(missing_ok=True)
+
+
 def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: str | os.PathLike, cfg: EvalConfig,
              *, save_embeddings: bool = False, command: list[str] | None = None,
-             console: Console | None = None, fit_features: str | os.PathLike | None = None) -> dict[str, Any]:
+             console: Console | None = None, fit_features: str | os.PathLike | None = None,
+             overwrite: bool = False) -> dict[str, Any]:
     """The whole `regtok eval` stage; returns the report dict after writing every file.
 
     The baselines (with ``cfg.baselines``), the probes and the reconstruction references are fitted on the run's
     training rows (found through the run manifest) or on the store ``fit_features``, and scored on ``features``.
+    ``out_dir`` must be empty, or ``overwrite`` given (an earlier report there is then replaced, its stale files
+    removed).
     """
-    from regtok.pipeline.runs import load_run
+    from regtok.pipeline.run_load import load_run
     from regtok.pipeline.store import open_store
 
     t0 = time.perf_counter()
     console = console or stderr_console()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    earlier = _claim_report_dir(out, overwrite)
     run = load_run(run_dir)
     run_mpath = manifest_path(Path(run_dir))
     store = open_store(features)
     check_compatible(store, run.feature_kind, run.model.inputs, what="the features", expected_by="the run",
                      trained_on=_train_features_manifest(run_mpath))
+    out.mkdir(parents=True, exist_ok=True)
     kind = run.feature_kind
     cols = {m: StoreColumn(store, kind, m) for m in run.model.modalities}
     pooled = cols if kind == "pooled" else {m: StoreColumn(store, "pooled", m) for m in run.model.modalities}
@@ -272,16 +308,13 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
     if sink is not None:
         written.append(sink.close())
     print_table(report, console)
-    inputs = [input_ref("features", manifest_path(features), out)]
-    if isinstance(fit, FitStore):
-        inputs.append(input_ref("fit_features", manifest_path(fit.path), out))
-    inputs.insert(0, input_ref("run", run_mpath, out) if run_mpath.is_file() else
-                  input_ref("run_config", Path(run_dir) / "config.json", out))
     device = str(resolve_device(cfg.device))
     manifest = new_manifest(
-        "eval", command=command, config=dataclasses.asdict(cfg), inputs=inputs,
+        "eval", command=command, config=dataclasses.asdict(cfg), inputs=_inputs(Path(run_dir), features, fit, out),
         outputs={"files": [file_record(p, out) for p in written]}, environment_=environment(device),
         timings={"seconds": round(time.perf_counter() - t0, 3)}, samples=report["n"],
         modalities=report["modalities"], feature_kind=kind, run_step=getattr(run, "step", None))
     write_manifest(out / "manifest.json", manifest)
+    if earlier:
+        _remove_stale(out, written)
     return report

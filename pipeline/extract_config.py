@@ -27,10 +27,11 @@ class ExtractConfig:
         mods = [m for m, _ in self.encoders]
         if not mods or len(set(mods)) != len(mods):  # one is enough: touch-only query images (`regtok embed`)
             raise RegtokError(f"need one --encoder per modality, each modality once, got {mods or 'none'}")
-        from regtok.pipeline.encoders import parse_spec  # torch, imported only when a config is built
+        from regtok.pipeline.encoders import absolute_spec  # torch, imported only when a config is built
 
-        for _, spec in self.encoders:
-            parse_spec(spec)
+        # A weights file named relative to the working directory is recorded resolved, so that the manifest
+        # (Embedder.from_run, rerun) finds it from anywhere.
+        object.__setattr__(self, "encoders", tuple((m, absolute_spec(spec)) for m, spec in self.encoders))
         workers_ok = self.workers == "auto" or (isinstance(self.workers, int) and self.workers >= 0)
         if self.batch_size < 1 or not workers_ok or not 0 <= self.max_skip_fraction <= 1:
             raise RegtokError("batch size must be >= 1, workers auto or >= 0, max skip fraction in [0, 1]")

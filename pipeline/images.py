@@ -17,8 +17,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
-
 
 class ImageDecodeError(ValueError):
     """Bytes that do not decode to an image."""

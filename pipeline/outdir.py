@@ -9,6 +9,7 @@ Anything else needs ``--overwrite``.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -67,6 +68,58 @@ def store_foreign(out: Path) -> list[str]:
     return [e for e in entries if e not in own]
 
 
+RUN_FILES = {"checkpoint.safetensors", "best.safetensors", "buffers.safetensors", "state.pt", "config.json",
+             "metrics.jsonl", "curves.png", "manifest.json", "tb"}  # pipeline/runs.py's names
+REPORT_FILES = {"report.json", "report.md", "prefix.png", "embeddings.h5", "manifest.json"}  # pipeline/eval.py's
+COMPARE_FILES = {"compare.md", "curves.png"}
+
+
+def run_foreign(out: Path) -> list[str]:
+    """What in ``out`` is not a ``regtok train`` run (finished, or interrupted before its manifest)."""
+    entries = _entries(out)
+    if "manifest.json" in entries and _manifest(out / "manifest.json", "run") is None:
+        return _first(entries, "manifest.json")
+    if "config.json" in entries and not is_run_config(out / "config.json"):
+        return _first(entries, "config.json")
+    return [e for e in entries if e not in RUN_FILES]
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a run's ``config.json`` (it holds the train config and the model spec)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"train", "model_spec"} <= data.keys()
+
+
+def report_foreign(out: Path, overwrite: bool) -> list[str]:
+    """What in ``out`` stops ``regtok eval`` from writing there: anything, unless ``overwrite``; an earlier report
+    is replaced only with ``overwrite`` too (it is never replaced silently)."""
+    entries = _entries(out)
+    if entries and not overwrite and _manifest(out / "manifest.json", "eval") is not None:
+        raise RegtokError(f"{out} already holds an eval report; pass --overwrite to replace it, or choose another "
+                          "--out")
+    return entries
+
+
+def compare_foreign(out: Path) -> list[str]:
+    """What in ``out`` is not an earlier ``regtok compare --out`` (compare.md and its curves.png)."""
+    entries = _entries(out)
+    own = COMPARE_FILES if "compare.md" in entries else set()
+    return [e for e in entries if e not in own]
+
+
+def claim_file(path: Path, command: str, overwrite: bool) -> None:
+    """RegtokError when the output file ``path`` exists (unless ``overwrite``) or is a directory."""
+    if path.is_dir():
+        raise RegtokError(f"{path} is a directory; `regtok {command}` writes a file there")
+    if path.exists() and not overwrite:
+        raise RegtokError(f"{path} already exists; pass --overwrite to replace it, or choose another --out")
+
+
 def _first(entries: list[str], name: str) -> list[str]:
     """``entries`` with ``name`` first when it is there (the message names it)."""
     return sorted(entries, key=lambda e: e != name)
@@ -81,17 +134,22 @@ def claim(out: Path, foreign: list[str], command: str, overwrite: bool) -> None:
 
 
 class DirLock:
-    """An advisory ``fcntl`` lock on ``DIR/.regtok-extract.lock``, held while one extraction writes ``DIR``.
+    """An advisory POSIX record lock (``fcntl.lockf``) on ``DIR/.regtok-extract.lock``, held while one extraction
+    writes ``DIR``; the file holds the holder's pid.
 
-    The lock goes with its holder (also when the process is killed); the file holds the holder's pid.
+    The lock belongs to the process that took it: it goes when that process ends (also when killed), and the
+    children it forks (DataLoader workers, which can outlive a killed parent for seconds) never hold it. A
+    ``flock`` lock would stay held by those children, so a resume right after a kill -9 would be refused.
     """
 
     def __init__(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.file = open(out / LOCK_NAME, "a+")
         try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
             self.file.seek(0)
             holder = self.file.read().strip() or "?"
             self.file.close()
@@ -103,5 +161,5 @@ class DirLock:
         self.file.flush()
 
     def release(self) -> None:
-        fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+        fcntl.lockf(self.file.fileno(), fcntl.LOCK_UN)
         self.file.close()

@@ -23,7 +23,7 @@ from typing import Any
 from regtok.errors import RegtokError
 from regtok.pipeline.labels import class_list, is_number, label_schema, with_groups
 from regtok.pipeline.manifest import environment, file_record, input_ref, new_manifest, write_manifest
-from regtok.pipeline.shards import prepare_out_dir, remove_stale_shards, shard_name, write_shard
+from regtok.pipeline.shards import IMAGE_EXTS, prepare_out_dir, remove_stale_shards, shard_name, write_shard
 
 Sample = tuple[str, list[tuple[str, bytes]]]
 Packable = tuple[int, str, dict[str, str], list[tuple[str, Path]]]  # row number, key, row, (member, image path)
@@ -40,6 +40,9 @@ def read_rows(csv_path: Path, columns: Sequence[str]) -> tuple[list[str], list[d
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise RegtokError(f"cannot read CSV {csv_path}: {e}") from None
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:  # DictReader would keep the last of the two silently
+        raise RegtokError(f"{csv_path}: the header names column {twice[0]!r} twice; rename one of them")
     missing = [c for c in columns if c not in header]
     if missing:
         raise RegtokError(f"{csv_path}: no column {', '.join(map(repr, missing))} "
@@ -144,28 +147,41 @@ def check_rows(rows: list[dict[str, str]], root: Path, columns: dict[str, str], 
     """
     real_root = root.resolve()
     width = max(6, len(str(len(rows))))
-    packable = []
+    packable: list[Packable] = []
+    first_of: dict[tuple[Path, ...], int] = {}  # the images of a packed row → its number
     for number, row in enumerate(rows, start=1):
         key = f"{number:0{width}d}"
         try:
-            members = []
-            for modality, col in columns.items():
-                rel = (row.get(col) or "").strip()
-                if not rel:
-                    raise ValueError(f"empty {col!r} cell")
-                path = root / rel
-                if not allow_outside_root and not path.resolve().is_relative_to(real_root):
-                    raise ValueError(f"image {rel} lies outside --root {root} (pass --allow-outside-root to "
-                                     f"read it)")
-                load_image(path)
-                members.append((f"{modality}.{member_ext(path)}", path))
+            members = [_member(modality, (row.get(col) or "").strip(), col, root, real_root, allow_outside_root)
+                       for modality, col in columns.items()]
+            same = tuple(path.resolve() for _, path in members)
+            if same in first_of:  # twin samples would tie each other in retrieval
+                raise ValueError(f"duplicate of row {first_of[same]} (the same images)")
         except (ValueError, OSError) as e:
             skipped.append({"row": number, "key": key, "reason": str(e)})
         else:
+            first_of[same] = number
             packable.append((number, key, row, members))
         if progress is not None:
             progress(1)
     return packable
+
+
+def _member(modality: str, rel: str, col: str, root: Path, real_root: Path,
+            allow_outside_root: bool) -> tuple[str, Path]:
+    """(member name, path) of one image cell, checked: present, under ``root``, of a kind extract reads, decodable;
+    ValueError(reason) otherwise."""
+    if not rel:
+        raise ValueError(f"empty {col!r} cell")
+    path = root / rel
+    if not allow_outside_root and not path.resolve().is_relative_to(real_root):
+        raise ValueError(f"image {rel} lies outside --root {root} (pass --allow-outside-root to read it)")
+    ext = member_ext(path)
+    if ext not in IMAGE_EXTS:
+        raise ValueError(f"image {rel} has the extension .{ext}, which extract does not read (it reads "
+                         f"{', '.join('.' + e for e in IMAGE_EXTS)}); convert it to PNG")
+    load_image(path)
+    return f"{modality}.{ext}", path
 
 
 def iter_samples(packable: list[Packable], labels: dict[str, dict[str, Any]]) -> Iterator[Sample]:
@@ -224,25 +240,18 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
     config = {"csv": str(csv_path), "root": str(root), "vision_col": vision_col, "tactile_col": tactile_col,
               "label_cols": list(label_cols), "samples_per_shard": samples_per_shard,
               **({"allow_outside_root": True} if allow_outside_root else {}),  # only when used: older manifests stay
-              **({"labels_from": str(labels_from)} if labels_from is not None else {}),
+              **({"labels_from": str(Path(labels_from).absolute())} if labels_from is not None else {}),
               **({"label_groups": dict(label_groups)} if label_groups else {})}
     manifest = new_manifest(
-        "dataset",
-        command=_command(config, out),
-        config=config,
+        "dataset", command=_command(config, out), config=config,
         inputs=[input_ref("csv", csv_path, out),
                 *([input_ref("labels_from", Path(labels_from), out)] if labels_from is not None else [])],
         outputs={"samples": total, "shards": len(records)},  # the shard files are listed in "shards"
-        environment_=environment(),
-        timings={"seconds": round(seconds, 3)},
-        shards=[{k: r[k] for k in ("path", "samples", "bytes", "sha256")} for r in records],
-        samples=total,
-        modalities=list(columns),
-        labels=labels,
-        skipped=skipped,
+        environment_=environment(), timings={"seconds": round(seconds, 3)},
+        shards=[{k: r[k] for k in ("path", "samples", "bytes", "sha256")} for r in records], samples=total,
+        modalities=list(columns), labels=labels, skipped=skipped,
         source={"csv": str(csv_path.absolute()), "root": str(root.absolute()), "rows": len(rows),
-                "columns": header, "image_columns": columns},
-    )
+                "columns": header, "image_columns": columns})
     write_manifest(out / "dataset.json", manifest)
     return manifest
 

@@ -181,6 +181,8 @@ def _rerun_dataset(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Calla
         log(f"pack: {src['csv']}")
         kwargs = {k: v for k, v in cfg.items() if k not in ("csv", "root", "out")}
         kwargs["allow_outside_root"] = bool(kwargs.get("allow_outside_root")) and guard.allow_outside
+        if "labels_from" in kwargs:  # recorded beside the manifest (or absolute) in its inputs, not cwd-relative
+            kwargs["labels_from"] = _input(mpath, m, "labels_from", guard)
         new = pack(guard.check(src["csv"], "CSV"), guard.check(src["root"], "image root"), out, **kwargs)
     new_shards = {s["path"]: s["sha256"] for s in new["shards"]}
     checks = [Check("shard list", list(old_shards) == list(new_shards), f"{len(new_shards)} shards")]

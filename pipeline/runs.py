@@ -12,6 +12,7 @@
     RUN_DIR/manifest.json            the run manifest (kind "run")
 
 Every file is written to a temporary name and renamed into place, so a crash leaves the previous version whole.
+Reading a finished run back (eval, embed, the API) is :mod:`regtok.pipeline.run_load`.
 """
 
 from __future__ import annotations
@@ -19,22 +20,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from regtok.config import TrainConfig, from_dict, from_saved, to_dict
-from regtok.errors import RegtokError
+from regtok.config import TrainConfig, from_saved, to_dict
 from regtok.pipeline.manifest import (
     environment,
     file_record,
     input_ref,
     manifest_path,
     new_manifest,
-    read_manifest,
     write_json_atomic,
     write_manifest,
 )
@@ -43,8 +40,10 @@ from regtok.pipeline.weights import (  # noqa: F401 - the run directory's names,
     BUFFERS,
     CHECKPOINT,
     STATE,
+    WriteFailed,
     best_record,
     checkpoint_step,
+    first_line,
     load_resume,
     load_weights,
     rewrite_weights,
@@ -58,19 +57,6 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"  # loss terms and validation R@1 against epoch (with matplotlib)
 MANIFEST = "manifest.json"
-WEIGHTS = ("best", "last")  # load_run's choice: the kept best weights (what eval uses) or the last ones
-
-
-@dataclass
-class LoadedRun:
-    model: nn.Module  # RegTok, eval mode, on the CPU
-    train_config: TrainConfig
-    manifest: dict[str, Any]
-    feature_kind: str
-    modalities: tuple[str, ...] = ()
-    step: int = 0
-    weights: str = CHECKPOINT  # the file the weights came from
-    epoch: int | None = None  # the epoch (from 1) whose weights these are, when the metrics say
 
 
 def write_config(run_dir: str | os.PathLike, cfg: TrainConfig, model: nn.Module, modalities: tuple[str, ...],
@@ -86,11 +72,18 @@ class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` (flushed per line)."""
 
     def __init__(self, run_dir: str | os.PathLike, keep_until_step: int | None = None):
-        """Open for appending; with ``keep_until_step`` drop lines after that step first (for resume)."""
+        """Open for appending; with ``keep_until_step`` drop lines after that step first (for resume), and lines
+        that are not a metrics record (a last line cut short by a crash): their numbers are in ``dropped``."""
         self.path = Path(run_dir) / METRICS
+        self.dropped: list[int] = []
         if keep_until_step is not None and self.path.is_file():
-            lines = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
-            kept = [r for r in counted_from_one(lines) if r.get("step", 0) <= keep_until_step]
+            records = []
+            for number, record in metrics_lines(self.path):
+                if record is None:
+                    self.dropped.append(number)
+                else:
+                    records.append(record)
+            kept = [r for r in counted_from_one(records) if r.get("step", 0) <= keep_until_step]
             tmp = self.path.with_name(f".{METRICS}.tmp")
             tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
             os.replace(tmp, self.path)
@@ -106,11 +99,42 @@ class MetricsLog:
         self._file.close()
 
 
+def metrics_lines(path: Path) -> list[tuple[int, dict[str, Any] | None]]:
+    """(line number, record) for every non-blank line of a ``metrics.jsonl``; None where a line is not a metrics
+    record (cut short by a crash, or damaged: see :func:`is_record`). Bytes that are not UTF-8 never stop the
+    reading."""
+    out: list[tuple[int, dict[str, Any] | None]] = []
+    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        out.append((number, record if is_record(record) else None))
+    return out
+
+
+def is_record(record: Any) -> bool:
+    """A JSON object whose step (when given) is a whole number; a start, step or epoch line holds numbers only
+    besides its type, and a start or epoch line its epoch."""
+    if not isinstance(record, dict) or not _whole(record.get("step", 0)):
+        return False
+    if record.get("type") not in ("start", "step", "epoch"):
+        return True
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for k, v in record.items() if k != "type")
+    return numbers and (record["type"] == "step" or _whole(record.get("epoch")))
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every line of ``metrics.jsonl``, epochs counted from 1 (0: before training) whatever version wrote it."""
+    """Every record of ``metrics.jsonl`` (lines that are not a metrics record are left out), epochs counted from 1
+    (0: before training) whatever version wrote it."""
     path = Path(run_dir) / METRICS
-    return counted_from_one([json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-                            if path.is_file() else [])
+    return counted_from_one([r for _, r in metrics_lines(path) if r is not None] if path.is_file() else [])
 
 
 def counted_from_one(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -138,42 +162,6 @@ def kept_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
         step = checkpoint_step(run_dir)
         return next((r for r in reversed(epochs) if r["step"] == step), None)
     return None
-
-
-def load_run(run_dir: str | os.PathLike, weights: str = "best") -> LoadedRun:
-    """Rebuild a trained model from a run directory (weights + config.json); eval mode, CPU.
-
-    ``weights``: "best", the weights eval uses (``best.safetensors`` when the run kept one, else the last), or
-    "last" (``checkpoint.safetensors``).
-    """
-    from regtok.model import RegTok
-
-    if weights not in WEIGHTS:
-        raise RegtokError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        run_dir = run_dir.parent
-    try:
-        config = json.loads((run_dir / CONFIG).read_text())
-    except OSError:
-        raise RegtokError(f"{run_dir} is not a run directory (no readable {CONFIG})") from None
-    except json.JSONDecodeError as e:
-        raise RegtokError(f"{run_dir / CONFIG} is not valid JSON ({e.msg})") from None
-    chosen = weights_file(run_dir) if weights == "best" else CHECKPOINT
-    if not (run_dir / chosen).is_file():
-        why = ("it kept only its best weights (a sweep trial with --keep best); load weights='best'"
-               if weights == "last" else "the run has no weights yet")
-        raise RegtokError(f"{run_dir} has no {chosen}: {why}")
-    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
-        model = RegTok.from_spec(config["model_spec"])
-    load_weights(model, run_dir, chosen)
-    model.eval()
-    manifest = read_manifest(run_dir / MANIFEST, kind="run") if (run_dir / MANIFEST).is_file() else {}
-    step = checkpoint_step(run_dir, chosen)
-    epoch = next((r["epoch"] for r in epoch_records(run_dir) if r["step"] == step), None)
-    return LoadedRun(model=model, train_config=from_dict(TrainConfig, from_saved(config["train"])), manifest=manifest,
-                     feature_kind=config["feature_kind"], modalities=tuple(config["modalities"]), step=step,
-                     weights=chosen, epoch=epoch)
 
 
 def write_run_manifest(run_dir: str | os.PathLike, *, command: list[str], config: dict[str, Any],

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from regtok.pipeline.images import IMAGE_EXTS, ImageDecodeError, ImagePrep
-from regtok.pipeline.shards import ShardReadError, iter_shard
+from regtok.pipeline.images import ImageDecodeError, ImagePrep
+from regtok.pipeline.shards import IMAGE_EXTS, ShardReadError, iter_shard
 
 
 class SkipSample(Exception):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -93,27 +94,50 @@ def parse_space(data: Any, where: str) -> dict[str, Param]:
             raise RegtokError(f"{where}: unknown config key {name!r}{hint}")
         tp = keys[name]
         if isinstance(value, list | tuple):
-            if not value:
-                raise RegtokError(f"{where}: {name} has an empty list of choices")
-            space[name] = Choices(tuple(_number(v, tp) for v in value))
+            space[name] = _choices(value, tp, name, where)
         elif isinstance(value, dict):
-            if tp not in (int, float):
-                raise RegtokError(f"{where}: {name} is a {tp.__name__} key; give it a list of choices, not a range")
-            extra = sorted(set(value) - {"low", "high", "log", "step"})
-            if extra or "low" not in value or "high" not in value:
-                raise RegtokError(f"{where}: the range of {name} needs low and high (and optionally log, step), "
-                                  f"got {sorted(value)}")
-            try:
-                low, high = float(value["low"]), float(value["high"])
-                step = None if value.get("step") is None else float(value["step"])
-            except (TypeError, ValueError):
-                raise RegtokError(f"{where}: the range of {name} must have numeric low/high/step") from None
-            if not low < high or (value.get("log") and low <= 0):
-                raise RegtokError(f"{where}: the range of {name} needs low < high (and low > 0 with log)")
-            space[name] = Range(low, high, bool(value.get("log", False)), step, integer=tp is int)
+            space[name] = _range(value, tp, name, where)
         else:
             raise RegtokError(f"{where}: {name} must be a list of choices or a {{low, high}} range, got {value!r}")
     return space
+
+
+def _choices(values: list | tuple, tp: type, name: str, where: str) -> Choices:
+    """A list of choices; a value listed twice (``[0.0003, 3e-4]``) would run the same point twice."""
+    if not values:
+        raise RegtokError(f"{where}: {name} has an empty list of choices")
+    out: list[Any] = []
+    for v in (_number(v, tp) for v in values):
+        if any(v == u and isinstance(v, bool) == isinstance(u, bool) for u in out):
+            raise RegtokError(f"{where}: {name} lists {v!r} twice")
+        out.append(v)
+    return Choices(tuple(out))
+
+
+def _range(value: dict, tp: type, name: str, where: str) -> Range:
+    """A ``{low, high[, log, step]}`` range of an int or float key, as Optuna can sample it."""
+    if tp not in (int, float):
+        raise RegtokError(f"{where}: {name} is a {tp.__name__} key; give it a list of choices, not a range")
+    extra = sorted(set(value) - {"low", "high", "log", "step"})
+    if extra or "low" not in value or "high" not in value:
+        raise RegtokError(f"{where}: the range of {name} needs low and high (and optionally log, step), "
+                          f"got {sorted(value)}")
+    try:
+        low, high = float(value["low"]), float(value["high"])
+        step = None if value.get("step") is None else float(value["step"])
+    except (TypeError, ValueError):
+        raise RegtokError(f"{where}: the range of {name} must have numeric low/high/step") from None
+    log = value.get("log", False)
+    if not isinstance(log, bool):
+        raise RegtokError(f"{where}: the range of {name} has log {log!r}; use true or false")
+    if not (math.isfinite(low) and math.isfinite(high) and low < high) or (log and low <= 0):
+        raise RegtokError(f"{where}: the range of {name} needs low < high, both finite (and low > 0 with log)")
+    if step is not None and (not math.isfinite(step) or step <= 0 or log):
+        raise RegtokError(f"{where}: the range of {name} has step {value['step']!r}; a step must be a number > 0 "
+                          "and cannot be combined with log")
+    if tp is int and any(v is not None and v != int(v) for v in (low, high, step)):
+        raise RegtokError(f"{where}: {name} is an int key; its range needs whole-number low, high and step")
+    return Range(low, high, log, step, integer=tp is int)
 
 
 def _number(value: Any, tp: type) -> Any:
@@ -128,14 +152,16 @@ def _number(value: Any, tp: type) -> Any:
 
 def parse_grid(items: typing.Iterable[str]) -> dict[str, Any]:
     """``["model.n_shared=4,8,16"]`` → {"model.n_shared": [4, 8, 16]} (values parsed as YAML scalars)."""
-    import yaml
+    from regtok.pipeline.config_io import yaml_value
 
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise RegtokError(f"--grid {item!r} is not of the form key=v1,v2,…")
-        out[key.strip()] = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
+        if key.strip() in out:
+            raise RegtokError(f"--grid {key.strip()} is given twice; list every value in one --grid")
+        out[key.strip()] = [yaml_value(v, f"--grid {item!r}") for v in raw.split(",") if v.strip()]
     return out
 
 
@@ -153,6 +179,14 @@ def check_space(space: dict[str, Param], base: TrainConfig, sampler: str, where:
                 merge(base, nested({name: v}))
             except RegtokError as e:
                 raise RegtokError(f"{where}: {name}={v!r}: {e}") from None
+    device = space.get("device")
+    for name in dict.fromkeys([base.device, *(device.values if isinstance(device, Choices) else ())]):
+        from regtok.distributed import resolve_device
+
+        try:
+            resolve_device(str(name))
+        except RegtokError as e:
+            raise RegtokError(f"{where}: {e}") from None
 
 
 def space_json(space: dict[str, Param]) -> dict[str, Any]:

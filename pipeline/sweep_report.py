@@ -26,9 +26,11 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
     """Every trial (not the surplus ones a worker declined), best metric first; pruned ones by their kept value."""
     from optuna.trial import TrialState
 
+    from regtok.pipeline.sweep_study import retried_from
+
     rows = []
-    retried_as = {t.system_attrs.get("failed_trial"): t.number for t in study.get_trials(deepcopy=False)
-                  if t.system_attrs.get("failed_trial") is not None}
+    retried_as = {retried_from(t): t.number for t in study.get_trials(deepcopy=False)
+                  if retried_from(t) is not None}
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("surplus") or t.state == TrialState.WAITING:
             continue
@@ -39,7 +41,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         rows.append({"number": t.number, "state": t.state.name.lower(), "value": value, "params": dict(t.params),
                      "kept_epoch": a.get("kept_epoch"), "last_value": a.get("last_value"), "val_n": a.get("val_n"),
                      "epochs": a.get("epochs", len(t.intermediate_values) or None), "seconds": a.get("seconds"),
-                     "path": a.get("path"), "error": a.get("error"), "retry_of": t.system_attrs.get("failed_trial"),
+                     "path": a.get("path"), "error": a.get("error"), "retry_of": retried_from(t),
                      "retried_as": retried_as.get(t.number)})
     rank = {"complete": 0, "pruned": 1, "running": 2, "fail": 3}
     rows.sort(key=lambda r: (rank.get(r["state"], 4), -(r["value"] if r["value"] is not None else -math.inf),
@@ -85,7 +87,7 @@ def write_outputs(out: Path, study: Any, scfg: Any, space: dict[str, Param], bas
         new_manifest,
         write_manifest,
     )
-    from regtok.pipeline.sweep import safe_url
+    from regtok.pipeline.sweep_study import safe_url
 
     rows = trial_rows(study)
     summary = summarise(rows, space)

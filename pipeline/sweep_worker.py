@@ -49,11 +49,18 @@ class Surplus(Exception):
     """The study already has its trials; this one is not run (see the module docstring)."""
 
 
+class SweepStopped(KeyboardInterrupt):
+    """The machine stopped a trial (a full disk, a read-only directory): the sweep stops with one line and the
+    trial runs again when the same command runs again. A KeyboardInterrupt, so that Optuna marks the trial failed
+    and re-raises it rather than going on to the next trial, which would fail the same way."""
+
+
 def run_worker(spec: WorkerSpec, on_trial: Any = None) -> None:
     """Run trials until the study has ``spec.total`` settled ones (or the grid's queue is empty)."""
     import optuna
 
-    from regtok.pipeline.sweep import SweepConfig, make_pruner, make_sampler, open_storage, quiet_optuna
+    from regtok.pipeline.sweep import SweepConfig, make_pruner, make_sampler
+    from regtok.pipeline.sweep_study import open_storage, quiet_optuna
     from regtok.pipeline.train import StoreCache
 
     if spec.threads:
@@ -83,7 +90,14 @@ def run_worker(spec: WorkerSpec, on_trial: Any = None) -> None:
         if spec.parent_pid is not None and os.getppid() != spec.parent_pid:
             study.stop()  # the sweep was killed: do not run on as an orphan
 
-    study.optimize(objective, callbacks=[after], catch=(Exception,), gc_after_trial=False)
+    try:
+        study.optimize(objective, callbacks=[after], catch=(Exception,), gc_after_trial=False)
+    except SweepStopped as e:
+        raise RegtokError(str(e)) from None
+    except Exception as e:  # not a trial's (Optuna catches those): the storage failed, e.g. on a full disk
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RegtokError(f"the study storage failed ({type(e).__name__}{': ' + first if first else ''}); run the "
+                          "same command again to continue the sweep") from None
 
 
 def settled(study: Any) -> int:
@@ -97,7 +111,9 @@ def _count(trials: list, live: tuple, below: int | None = None) -> int:
     """Trials in a ``live`` state or failed without a retry, not surplus (and numbered below ``below``)."""
     from optuna.trial import TrialState
 
-    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    from regtok.pipeline.sweep_study import retried_from
+
+    retried = {retried_from(t) for t in trials}
     return sum((below is None or t.number < below) and not t.user_attrs.get("surplus") and
                (t.state in live or (t.state == TrialState.FAIL and t.number not in retried)) for t in trials)
 
@@ -126,7 +142,7 @@ def run_trial(trial: Any, spec: WorkerSpec, scfg: Any, space: dict[str, Param], 
     if _is_surplus(trial, scfg.sampler == "grid", spec.total):
         trial.set_user_attr("surplus", True)
         raise Surplus("the study has all its trials")
-    for key, value in (("host", socket.gethostname()), ("pid", os.getpid()), ("error", None)):
+    for key, value in (("host", socket.gethostname()), ("pid", os.getpid()), ("error", None), ("interrupted", None)):
         trial.set_user_attr(key, value)  # a retry inherits its original's attributes
     out = Path(spec.sweep_dir) / "trials" / f"{trial.number:04d}"
     trial.set_user_attr("path", str(out.relative_to(spec.sweep_dir)))
@@ -145,11 +161,19 @@ def run_trial(trial: Any, spec: WorkerSpec, scfg: Any, space: dict[str, Param], 
                                  command=trial_command(spec, out, cfg), stop=stop, cache=cache,
                                  tensorboard=scfg.tensorboard, keep=scfg.keep)
         value = _record_result(trial, path, result, scfg.metric)
-    except Exception as e:
-        trial.set_user_attr("error", str(e) if isinstance(e, RegtokError) else f"{type(e).__name__}: {e}")
+    except KeyboardInterrupt:
+        _note(trial, error="interrupted (Ctrl-C)", interrupted=True)
         raise
+    except Exception as e:
+        if not stopped_by_machine(e):
+            trial.set_user_attr("error", str(e) if isinstance(e, RegtokError) else f"{type(e).__name__}: {e}")
+            raise
+        reason = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
+        _note(trial, error=f"stopped: {reason}", interrupted=True)
+        raise SweepStopped(f"trial {trial.number} ({out}) stopped: {reason}; run the same command again once that "
+                           "is fixed: the trial runs again") from None
     finally:
-        trial.set_user_attr("seconds", time.perf_counter() - t0)
+        _note(trial, seconds=time.perf_counter() - t0)
     if result.status == "stopped":
         raise optuna.TrialPruned(result.message)
     trial.set_user_attr("epochs", cfg.epochs)
@@ -172,6 +196,24 @@ def _record_result(trial: Any, manifest: Path, result: Any, metric: str) -> floa
     return value
 
 
+def stopped_by_machine(e: BaseException) -> bool:
+    """An error of the machine rather than of the trial's config: a full disk, a read-only or forbidden path."""
+    from regtok.errors import ENVIRONMENT_ERRNOS
+    from regtok.pipeline.weights import WriteFailed
+
+    return isinstance(e, WriteFailed) or isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS
+
+
+def _note(trial: Any, **attrs: Any) -> None:
+    """Record user attributes of a trial that is stopping; a storage that cannot be written then is left alone
+    (the trial stays running under a gone worker, which the next run queues again)."""
+    try:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+    except Exception:
+        pass
+
+
 def trial_command(spec: WorkerSpec, out: Path, cfg: TrainConfig) -> list[str]:
     """The `regtok train` command that makes the same run (what its manifest records)."""
     val = ["--val-features", spec.val_features] if spec.val_features else []
@@ -180,11 +222,20 @@ def trial_command(spec: WorkerSpec, out: Path, cfg: TrainConfig) -> list[str]:
 
 
 def spawn_worker(spec: WorkerSpec) -> None:
-    """The target of a worker process: errors are one line on stderr and exit status 2."""
+    """The target of a worker process: an error is one line on stderr and exit status 2; Ctrl-C (to the process
+    group, or forwarded by the sweep) stops the trial, which is marked to run again, and exits 130 quietly."""
+    import signal
     import sys
 
+    def interrupt(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # one interrupt: the group's and the sweep's are the same
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
     try:
         run_worker(spec)
     except RegtokError as e:
-        print(f"error: sweep worker {spec.index}: {e}", file=sys.stderr, flush=True)
+        print(f"sweep worker {spec.index} stopped: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

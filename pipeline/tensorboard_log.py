@@ -20,6 +20,7 @@ also writes the experiment: the swept keys with their choices, and the metrics `
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,19 @@ def require_tensorboard() -> None:
 
 
 def _writer(logdir: Path, purge_step: int | None = None) -> Any:
+    """An event writer into ``logdir``, checked first to be a directory this process can write into (the writer's
+    own thread would fail later, with a traceback)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise RegtokError(TENSORBOARD_MISSING) from None
+    if logdir.exists() and not logdir.is_dir():
+        raise RegtokError(f"{logdir} is a file, not a directory; --tensorboard writes its event files there")
+    logdir.mkdir(parents=True, exist_ok=True)
+    probe = logdir / f".probe.{os.getpid()}.tmp"
+    with open(probe, "w"):
+        pass
+    probe.unlink()
     return SummaryWriter(str(logdir), purge_step=purge_step)
 
 

@@ -85,6 +85,7 @@ def pick_feature_kind(store: Any, requested: str) -> str:
 
 
 RESUME_FREE_KEYS = ("device", "compile", "log_every", "checkpoint_every")  # may change on --resume
+MIN_TRAIN_ROWS = 2  # one row leaves the PCA/CCA start nothing to fit
 
 
 
@@ -115,26 +116,29 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
               on_step: Callable[[int, int, dict], None] | None = None, notify: Callable[[str], None] = lambda m: None,
               on_epoch: Callable[[dict], None] | None = None, tensorboard: bool = False,
               stop: Callable[[dict], str | None] | None = None, cache: StoreCache | None = None,
-              keep: str = "all") -> tuple[Path | None, TrainResult]:
+              keep: str = "all", overwrite: bool = False) -> tuple[Path | None, TrainResult]:
     """Train on a feature store into ``out``; returns (manifest path on rank 0 else None, result).
 
-    ``on_step(step, total, record)`` follows every step, ``on_epoch(record)`` every epoch's metrics line. A
-    non-finite loss is a RegtokError raised after the last good state has been saved. ``stop(epoch_record)`` may
-    end a single-process run after an epoch (``result.status`` "stopped"; the manifest records ``stopped``).
-    ``cache`` keeps stores open and in memory between calls (a sweep worker). ``keep`` (best, last, all): the
-    weight files a finished run keeps (:func:`regtok.pipeline.weights.prune_weights`).
+    ``out`` must be empty or a run (to ``resume``); ``overwrite`` writes into a directory that holds something
+    else and starts an existing run again (its files are removed first). ``on_step(step, total, record)``
+    follows every step, ``on_epoch(record)`` every epoch's metrics line. A non-finite loss is a RegtokError raised
+    after the last good state has been saved. ``stop(epoch_record)`` may end a single-process run after an epoch
+    (``result.status`` "stopped"; the manifest records ``stopped``). ``cache`` keeps stores open and in memory
+    between calls (a sweep worker). ``keep`` (best, last, all): the weight files a finished run keeps
+    (:func:`regtok.pipeline.weights.prune_weights`).
     """
     t0 = time.perf_counter()
     out = Path(out)
-    if not resume and (out / CHECKPOINT).exists():
-        raise RegtokError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    claim_run_dir(out, resume, overwrite)
     rank, world, device = init_distributed(cfg.device)
     try:
         split = load_split(features, val_features, cfg, cache or StoreCache(), rank, world, device, notify)
         model, state = build_model(split, cfg, out, resume, notify)
         model.to(device)
-        writer = open_writer(out, cfg, model, split, state, on_step, on_epoch, tensorboard, stop) if rank == 0 \
-            else None
+        if rank == 0 and overwrite and not resume:
+            remove_run_files(out)
+        writer = open_writer(out, cfg, model, split, state, (on_step, on_epoch, stop), tensorboard, notify) \
+            if rank == 0 else None
         t_train = time.perf_counter()
         for line in start_lines(split, cfg, device, world):
             notify(line)
@@ -163,16 +167,21 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
 
 
 def open_writer(out: Path, cfg: TrainConfig, model: nn.Module, split: Split, state: ResumeState | None,
-                on_step: Callable | None, on_epoch: Callable | None, tensorboard: bool,
-                stop: Callable | None) -> RunWriter:
-    """Rank 0's writer: config.json, metrics.jsonl (opened with the split's record on a new run), TensorBoard."""
+                callbacks: tuple[Callable | None, Callable | None, Callable | None], tensorboard: bool,
+                notify: Callable[[str], None]) -> RunWriter:
+    """Rank 0's writer: config.json, metrics.jsonl (opened with the split's record on a new run; on a resume,
+    lines a crash cut short are dropped, and said so), TensorBoard. ``callbacks``: (on_step, on_epoch, stop)."""
     out.mkdir(parents=True, exist_ok=True)
     if state is None:
         drop_stale_buffers(out)
-    write_config(out, cfg, model, tuple(split.store.modalities), split.kind)
     tb = TensorBoardLog(out, to_dict(cfg), purge_step=state.step if state else None) if tensorboard else None
-    writer = RunWriter(out, MetricsLog(out, keep_until_step=state.step if state else None), on_step, on_epoch, tb,
-                       stop)
+    write_config(out, cfg, model, tuple(split.store.modalities), split.kind)
+    log = MetricsLog(out, keep_until_step=state.step if state else None)
+    if log.dropped:
+        notify(f"{out / 'metrics.jsonl'}: dropped line(s) {', '.join(map(str, log.dropped))}, truncated or "
+               "damaged (the run was interrupted while writing them)")
+    on_step, on_epoch, stop = callbacks
+    writer = RunWriter(out, log, on_step, on_epoch, tb, stop)
     if state is None:
         writer.metrics.append({"type": "split", "step": 0, **split.record(cfg)})
     return writer
@@ -195,6 +204,34 @@ def start_lines(split: Split, cfg: TrainConfig, device: torch.device, world: int
     return lines
 
 
+def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """``out`` holds nothing but a run (see :func:`regtok.pipeline.outdir.run_foreign`), and a run there is only
+    continued with ``resume`` or started again with ``overwrite``."""
+    from regtok.pipeline.outdir import claim, run_foreign
+
+    claim(out, run_foreign(out), "train", overwrite)
+    if not resume and not overwrite and (out / CHECKPOINT).exists():
+        raise RegtokError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start it "
+                          "again, or choose another --out")
+
+
+def remove_run_files(out: Path) -> None:
+    """The files of an earlier run in ``out`` (a run started again must not keep its old best weights); nothing
+    when ``out`` holds no run (then --overwrite only lets the new run's files replace same-named ones)."""
+    import shutil
+
+    from regtok.pipeline.outdir import RUN_FILES, is_run_config
+
+    if not is_run_config(out / CONFIG):
+        return
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def load_split(features: str | Path, val_features: str | Path | None, cfg: TrainConfig, cache: StoreCache,
                rank: int, world: int, device: torch.device, notify: Callable[[str], None]) -> Split:
     """The training and validation rows of the store(s), as batches on ``device`` (or streamed)."""
@@ -209,6 +246,9 @@ def load_split(features: str | Path, val_features: str | Path | None, cfg: Train
         train_rows, val_rows = np.arange(store.n), np.arange(val_store.n)
     else:
         train_rows, val_rows = split_rows(store.n, cfg.val_fraction, cfg.split_seed)
+        if len(train_rows) < MIN_TRAIN_ROWS:
+            raise RegtokError(f"val_fraction {cfg.val_fraction:g} leaves {len(train_rows)} training rows of the "
+                              f"store's {store.n}; training needs at least {MIN_TRAIN_ROWS}: lower --val-fraction")
     data = make_batches(store, kind, train_rows, cfg.batch_size, cfg.seed, device,
                         memory_budget(device, cfg.max_memory_fraction), rank, world,
                         arrays=cache.arrays(store, kind, device))
@@ -237,7 +277,7 @@ def build_model(split: Split, cfg: TrainConfig, out: Path, resume: bool,
     state = _resume_state(out, cfg, model) if resume else None
     if state is None:
         if cfg.model.read_dim:
-            chosen = model.init_reads(sample_rows(split.data, cfg.init_max_rows, cfg.seed), cfg.seed)
+            chosen = _init_reads(model, split, cfg)
             if chosen.get("read_init") == "cca":
                 notify(f"reads start on the training split's canonical directions (ridge {chosen['ridge']:g}, "
                        f"weights ρ^{chosen['power']:g}, validation R@1 {chosen['val_r1']:.3f})")
@@ -245,6 +285,16 @@ def build_model(split: Split, cfg: TrainConfig, out: Path, resume: bool,
         notify("the decoders start as a linear readout of the start's registers (unexplained share at the full "
                "prefix: " + ", ".join(f"{m} {v[-1]:.3f}" for m, v in left.items()) + ")")
     return model, state
+
+
+def _init_reads(model: nn.Module, split: Split, cfg: TrainConfig) -> dict[str, Any]:
+    """The reads' PCA/CCA start on the training rows; one error line when too few rows leave it nothing to fit."""
+    try:
+        return model.init_reads(sample_rows(split.data, cfg.init_max_rows, cfg.seed), cfg.seed)
+    except (np.linalg.LinAlgError, torch.linalg.LinAlgError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RegtokError(f"the reads' start could not be fitted on {len(split.train_rows)} training rows "
+                          f"({first}); use more rows, or model.read_init=random") from None
 
 
 DECODER_FIT_ROWS = 4096  # training rows (a seeded subset) the decoders are fitted on in closed form

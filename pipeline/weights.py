@@ -16,9 +16,10 @@ changed. Which buffers are fixed is found by value, not by name, so this holds w
 state dict. Runs written before the buffers file existed hold every tensor in each weights file and load as
 they did.
 
-Every file is written to a temporary name and renamed into place, so a crash leaves the previous version whole.
-The weights and the resume state are two files: ``state.pt`` records the step of the weights it belongs to and
-:func:`load_resume` refuses a mismatched pair.
+Every file is written to a temporary name and renamed into place, so a crash leaves the previous version whole;
+a file that cannot be written (a full disk, a read-only directory) is a :class:`WriteFailed` that names it, with
+its temporary removed. The weights and the resume state are two files: ``state.pt`` records the step of the
+weights it belongs to and :func:`load_resume` refuses a mismatched pair.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,10 @@ STATE = "state.pt"
 EPOCHS_FROM = "epochs_from"  # best.safetensors metadata: "1" where epochs are counted from 1 (absent: from 0)
 
 
+class WriteFailed(RegtokError):
+    """A run file could not be written (a full disk, most often: torch.save says so as a RuntimeError)."""
+
+
 def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: ResumeState) -> None:
     """Atomically write the weights and the resume state of ``state.step``."""
     run_dir = Path(run_dir)
@@ -51,9 +58,11 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, state: ResumeS
     tmp = _write_weights(run_dir, CHECKPOINT, model, {"step": str(state.step)})
     payload = {"step": state.step, "optimizer": _to_cpu(state.optimizer), "rng": _to_cpu(state.rng),
                "best": float(state.best)}
-    tmp_state = run_dir / f".{STATE}.{os.getpid()}.tmp"
-    torch.save(payload, tmp_state)
-    _fsync(tmp_state)
+    try:
+        tmp_state = _write_tmp(run_dir, STATE, lambda path: torch.save(payload, path))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     # Each file is whole at any instant; a crash between the two renames leaves a pair of different steps,
     # which load_resume detects from the step both record.
     os.replace(tmp_state, run_dir / STATE)
@@ -84,9 +93,28 @@ def _write_weights(run_dir: Path, name: str, model: nn.Module, metadata: dict[st
     """``model``'s weights less its fixed buffers, fsynced, under a temporary name beside ``name``."""
     weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     fixed = _fixed_buffers(run_dir, {k: weights[k] for k in persistent_buffers(model)})
+    kept = {k: v for k, v in weights.items() if k not in fixed}
+    return _write_tmp(run_dir, name, lambda path: save_file(kept, str(path), metadata=metadata))
+
+
+def _write_tmp(run_dir: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """``write`` a temporary file beside ``name`` and fsync it; on any failure the temporary is removed, and an
+    error of the disk (torch.save reports one as a RuntimeError) is a :class:`WriteFailed` naming the file."""
     tmp = run_dir / f".{name}.{os.getpid()}.tmp"
-    save_file({k: v for k, v in weights.items() if k not in fixed}, str(tmp), metadata=metadata)
-    _fsync(tmp)
+    try:
+        write(tmp)
+        _fsync(tmp)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError | RuntimeError | SafetensorError):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        try:
+            free = f"{shutil.disk_usage(run_dir).free / 2**20:,.0f} MiB free on its disk"
+        except OSError:
+            free = "its disk cannot be read"
+        raise WriteFailed(f"could not write {run_dir / name}: {reason} ({free}); the last complete checkpoint is "
+                          "kept") from None
     return tmp
 
 
@@ -96,10 +124,8 @@ def _fixed_buffers(run_dir: Path, buffers: dict[str, torch.Tensor]) -> set[str]:
     if not path.is_file():
         if not buffers:
             return set()
-        tmp = run_dir / f".{BUFFERS}.{os.getpid()}.tmp"
-        save_file(buffers, str(tmp), metadata={k: _digest(v) for k, v in buffers.items()})
-        _fsync(tmp)
-        os.replace(tmp, path)
+        digests = {k: _digest(v) for k, v in buffers.items()}
+        os.replace(_write_tmp(run_dir, BUFFERS, lambda tmp: save_file(buffers, str(tmp), metadata=digests)), path)
     stored = _metadata(path)
     return {k for k, v in buffers.items() if stored.get(k) == _digest(v)}
 
@@ -128,10 +154,10 @@ def _metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise RegtokError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+        raise RegtokError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
 
@@ -159,12 +185,13 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         weights = load_file(str(path))
         buffers = load_file(str(path.parent / BUFFERS)) if (path.parent / BUFFERS).is_file() else {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise RegtokError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+        raise RegtokError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
     return {**buffers, **weights}
 
 
 def load_weights(model: nn.Module, run_dir: str | os.PathLike, name: str = CHECKPOINT) -> None:
-    """Load ``checkpoint.safetensors`` (or ``name``) into ``model`` (strict: every key must match)."""
+    """Load ``checkpoint.safetensors`` (or ``name``) into ``model``, strictly: every key, shape and dtype as the
+    model builds them, every value finite."""
     path = Path(run_dir) / name
     if not path.is_file():
         raise RegtokError(f"{run_dir}: no {name}")
@@ -172,9 +199,22 @@ def load_weights(model: nn.Module, run_dir: str | os.PathLike, name: str = CHECK
     if any(k.endswith(("decoder.queries", "decoder.summary.1.weight")) for k in weights):
         raise RegtokError(f"{path} was written by an older regtok, whose preservation decoder this version replaced "
                           "(docs/learning.md); train the run again")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    _check_weights(path, weights, model.state_dict())
+    model.load_state_dict(weights)
+
+
+def _check_weights(path: Path, weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Every key of the model, each of its shape and dtype, every value finite."""
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise RegtokError(f"{path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, value in weights.items():
+        want = expected[key]
+        if value.shape != want.shape or value.dtype != want.dtype:
+            raise RegtokError(f"{path}: {key} is {value.dtype} {tuple(value.shape)}, the run's config builds "
+                              f"{want.dtype} {tuple(want.shape)}; the weights and config.json do not belong together")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise RegtokError(f"{path}: {key} holds NaN or inf values")
 
 
 def load_resume(run_dir: str | os.PathLike) -> ResumeState:
@@ -186,7 +226,7 @@ def load_resume(run_dir: str | os.PathLike) -> ResumeState:
         payload = torch.load(run_dir / STATE, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         raise RegtokError(f"{run_dir / STATE} cannot be resumed from: it is truncated or holds objects beyond "
-                          f"tensors ({_first_line(e)}); start the run again in a new --out") from None
+                          f"tensors ({first_line(e)}); start the run again in a new --out") from None
     if not (isinstance(payload, dict) and isinstance(payload.get("step"), int)
             and {"optimizer", "rng"} <= payload.keys()):
         raise RegtokError(f"{run_dir / STATE} is not a regtok resume state; start the run again in a new --out")

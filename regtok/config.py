@@ -8,6 +8,7 @@ a :class:`RegtokError` naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class ModelConfig:
     mrl: bool = False  # sum the contrastive loss over every power-of-two prefix
 
     def __post_init__(self) -> None:
+        check_values(self, MODEL_RULES)
         if self.nested_dropout_mode not in NESTED_DROPOUT_MODES:
             raise RegtokError(
                 f"nested_dropout_mode must be one of {NESTED_DROPOUT_MODES}, got {self.nested_dropout_mode!r}"
@@ -170,6 +172,9 @@ class TrainConfig:
             raise RegtokError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise RegtokError(f"batch_size must be at least 1, got {self.batch_size}")
+        check_values(self, TRAIN_RULES)
+        if self.feature_kind not in FEATURE_KINDS:
+            raise RegtokError(f"feature_kind must be one of {FEATURE_KINDS}, got {self.feature_kind!r}")
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,40 @@ class EvalConfig:
             raise RegtokError(f"prefixes must be positive integers, got {self.prefixes}")
         if any(s < 1 for s in self.flow_steps):
             raise RegtokError(f"flow steps must be positive integers, got {self.flow_steps}")
+        check_values(self, EVAL_RULES)
+
+
+# What each numeric field must be (the optimizer, the schedule and the model refuse or misbehave otherwise):
+# checked when a config is built, so a bad value is one line before any work, in train, eval and every sweep trial.
+RULES = {
+    ">0": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ">=0": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ">=1": (lambda v: v >= 1, "at least 1"),
+    ">=2": (lambda v: v >= 2, "at least 2"),
+    "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+MODEL_RULES = {"n_registers": ">=1", "n_layers": ">=0", "hidden_dim": ">0", "n_heads": ">0", "mlp_ratio": ">0",
+               "embed_dim": ">0", "feature_noise": ">=0", "preservation_weight": ">=0",
+               "flow_weight": ">=0", "flow_hidden_dim": ">0", "flow_layers": ">=0", "flow_var_weight": ">=0",
+               "flow_cov_weight": ">=0", "flow_uniformity_weight": ">=0", "init_temperature": ">0",
+               "max_logit_scale": ">0", "agreement_weight": ">=0"}
+TRAIN_RULES = {"lr": ">0", "min_lr_ratio": ">=0", "warmup_steps": ">=0", "weight_decay": ">=0", "beta1": "[0,1)",
+               "beta2": "[0,1)", "grad_clip": ">=0", "val_fraction": "[0,1)", "log_every": ">=1",
+               "checkpoint_every": ">=0", "max_memory_fraction": "[0,1]", "init_max_rows": ">=2"}
+EVAL_RULES = {"probe_test_fraction": "(0,1)", "probe_val_fraction": "(0,1)", "probe_max_samples": ">=0",
+              "chunk_size": ">=1", "batch_size": ">=1", "baseline_max_rows": ">=2"}
+FEATURE_KINDS = ("auto", "pooled", "tokens")
+
+
+def check_values(cfg: Any, rules: dict[str, str]) -> None:
+    """RegtokError naming the first field of ``cfg`` whose value breaks its rule in ``rules``."""
+    for name, rule in rules.items():
+        value = getattr(cfg, name)
+        ok, text = RULES[rule]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+            raise RegtokError(f"{name} must be {text}, got {value!r}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -30,6 +30,8 @@ def resolve_device(name: str) -> torch.device:
         raise RegtokError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RegtokError(f"device {name!r} requested but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RegtokError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 

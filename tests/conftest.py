@@ -6,6 +6,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 # Before torch is imported anywhere: the suite runs on 2 cores and starts multi-process tests; subprocesses
 # inherit these. OpenMP spin-waiting makes oversubscribed threads catastrophically slow (measured: a tiny
@@ -140,3 +141,82 @@ def one_line_error(result) -> str:
     errors = [line for line in lines if line.startswith("error: ")]
     assert errors == lines[-1:] and "Traceback" not in result.stderr, result.stderr
     return errors[0]
+
+
+def regtok_cli(*args) -> Any:
+    """`regtok ARGS…` through click's test runner (paths may be Path objects)."""
+    from click.testing import CliRunner
+
+    from regtok.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def cli_ok(result) -> Any:
+    """``result`` after asserting exit status 0 (the output and exception otherwise)."""
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+# ── subprocess sweeps whose trials hang or kill their worker (issue 20) ─────────────────────────────
+
+# sitecustomize.py for a subprocess test (on PYTHONPATH, so every Python process of it loads it, spawned sweep
+# workers included). REGTOK_TEST_HOOK is "hang" (every trial hangs), "hang:NNNN" (trial NNNN hangs) or
+# "kill:NNNN" (trial NNNN kills its process with -9); a trial that starts leaves a mark NNNN.PID. No process draws
+# figures (they cost more than a 1-epoch tiny trial).
+SWEEP_HOOK = """
+import os
+
+if os.environ.get("REGTOK_TEST_HOOK"):
+    import time
+    from pathlib import Path
+
+    from regtok.pipeline import sweep_report as _report, train as _train
+
+    _real = _train.train_run
+    _train.plot_curves = lambda *a, **kw: None
+    _report.plot_sweep = lambda *a, **kw: False
+
+    def _hooked(features, out, cfg, **kw):
+        mode, _, which = os.environ["REGTOK_TEST_HOOK"].partition(":")
+        name = Path(out).name
+        (Path(os.environ["REGTOK_TEST_MARKS"]) / f"{name}.{os.getpid()}").touch()
+        if which in ("", name):
+            if mode == "hang":
+                time.sleep(120)
+            if mode == "kill":
+                os.kill(os.getpid(), 9)
+        return _real(features, out, cfg, **kw)
+
+    _train.train_run = _hooked
+"""
+
+
+def hooked_env(tmp_path: Path, mode: str) -> dict[str, str]:
+    """The variables that make a Python process started from now on (a subprocess, or a sweep worker this process
+    spawns) load :data:`SWEEP_HOOK` in ``mode``; marks go to tmp/marks."""
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(SWEEP_HOOK)
+    (tmp_path / "marks").mkdir()
+    return {"PYTHONPATH": str(tmp_path / "hook"), "REGTOK_TEST_HOOK": mode,
+            "REGTOK_TEST_MARKS": str(tmp_path / "marks"), "REGTOK_NO_PROGRESS": "1"}
+
+
+@pytest.fixture
+def hook(tmp_path, monkeypatch):
+    """``hook(mode)``: the sweep workers this test spawns load :data:`SWEEP_HOOK` in ``mode``."""
+    def set_mode(mode: str) -> Path:
+        for key, value in hooked_env(tmp_path, mode).items():
+            monkeypatch.setenv(key, value)
+        return tmp_path / "marks"
+
+    return set_mode
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Trials and sweeps without curves.png and sweep.png (tests of what happens to trials, not of figures)."""
+    from regtok.pipeline import sweep_report, train
+
+    monkeypatch.setattr(train, "plot_curves", lambda *a, **kw: None)
+    monkeypatch.setattr(sweep_report, "plot_sweep", lambda *a, **kw: False)

@@ -10,11 +10,12 @@ import argparse
 import builtins
 import csv
 import errno
-import fcntl
 import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -222,13 +223,13 @@ def test_8_pack_skips_images_outside_root_unless_allowed(tmp_path):
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
     outside.mkdir()
-    for where, name in ((root, "in.png"), (outside, "secret.png")):
+    for where, name in ((root, "in.png"), (root, "in2.png"), (root, "in3.png"), (outside, "secret.png")):
         Image.new("RGB", (8, 8), (10, 20, 30)).save(where / name)
     (root / "link.png").symlink_to(outside / "secret.png")
-    with open(tmp_path / "rows.csv", "w", newline="") as f:
+    with open(tmp_path / "rows.csv", "w", newline="") as f:  # three pairs with secret.png (never one pair twice)
         w = csv.writer(f)
         w.writerows([["url", "tactile"], ["in.png", "in.png"], ["../outside/secret.png", "in.png"],
-                     [str(outside / "secret.png"), "in.png"], ["link.png", "in.png"]])
+                     [str(outside / "secret.png"), "in2.png"], ["link.png", "in3.png"]])
     result = regtok("pack", tmp_path / "rows.csv", "--root", root, "--out", tmp_path / "p")
     assert result.exit_code == 0, result.output
     m = json.loads((tmp_path / "p" / "dataset.json").read_text())
@@ -419,11 +420,16 @@ def test_12_a_second_extract_into_the_same_out_stops(data, tmp_path):
 
     out = tmp_path / "st"
     out.mkdir()
-    with open(out / LOCK_NAME, "a+") as held:
-        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.write("12345\n")
-        held.flush()
+    hold = (f"import fcntl, sys, time\nf = open({str(out / LOCK_NAME)!r}, 'a+')\n"
+            "fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)\nf.write('12345\\n'); f.flush()\n"
+            "print('held', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         message = one_line_error(extract_cli(data / "shards" / "dataset.json", out))
+    finally:
+        holder.kill()
+        holder.wait()
     assert "another regtok extract" in message and "12345" in message
     assert not (out / "parts").exists()
     assert extract_cli(data / "shards" / "dataset.json", out).exit_code == 0  # the lock went with its holder

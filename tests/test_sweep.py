@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import write_store
+from conftest import hooked_env, write_store
 from safetensors.torch import load_file
 
 from regtok.cli import main
@@ -132,13 +132,13 @@ def test_bad_input_is_one_error_line(store, tmp_path, args, message):
 def test_a_sweep_writes_only_into_its_own_directory(store, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     code, _, stderr = invoke("sweep", "--features", str(store), "--out", str(tmp_path), "--grid", "lr=0.001", *BASE)
-    assert code == 2 and "holds files that are not a sweep's (notes.txt)" in stderr
+    assert code == 2 and "already holds notes.txt" in stderr and "--overwrite" in stderr
     code, _, stderr = invoke("sweep", "--features", str(store), "--out", str(store), "--grid", "lr=0.001", *BASE)
     assert code == 2 and stderr.startswith("error: ")
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_an_invalid_combination_fails_once_and_the_rest_run(store, tmp_path):
+def test_an_invalid_combination_fails_once_and_the_rest_run(store, tmp_path, no_figures):
     out = tmp_path / "sweep"
     grid = ["--grid", "model.n_registers=4,8", "--grid", "model.n_shared=2,8"]  # (4, 8) cannot be built
     for _ in range(2):  # the second run continues a finished sweep: nothing is repeated
@@ -151,7 +151,7 @@ def test_an_invalid_combination_fails_once_and_the_rest_run(store, tmp_path):
     assert failed["params"] == {"model.n_registers": 4, "model.n_shared": 8} and "n_shared" in failed["error"]
 
 
-def test_a_sweep_whose_trials_all_fail_ends_with_an_error(store, tmp_path):
+def test_a_sweep_whose_trials_all_fail_ends_with_an_error(store, tmp_path, no_figures):
     grid = ["--grid", "model.n_registers=4", "--grid", "model.n_shared=8"]
     code, _, stderr = invoke("sweep", "--features", str(store), "--out", str(tmp_path / "s"), *grid, "--sampler",
                              "random", "--trials", "2", *BASE)
@@ -159,7 +159,7 @@ def test_a_sweep_whose_trials_all_fail_ends_with_an_error(store, tmp_path):
     assert len(trials_of(tmp_path / "s")) == 2
 
 
-def test_a_resumed_random_sweep_proposes_new_points(store, tmp_path):
+def test_a_resumed_random_sweep_proposes_new_points(store, tmp_path, no_figures):
     (tmp_path / "lr.yaml").write_text("lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
     args = ["sweep", "--features", str(store), "--out", str(tmp_path / "s"), "--space", str(tmp_path / "lr.yaml"),
             "--sampler", "random", "--no-prune", *BASE, "--epochs", "1"]
@@ -205,7 +205,8 @@ class PruneAfterFirstEpoch:
         return trial.number > 0 and trial.last_step is not None and trial.last_step >= 0
 
 
-def test_pruned_trials_are_recorded_with_their_last_metric_and_rerun_the_same(store, tmp_path, monkeypatch):
+def test_pruned_trials_are_recorded_with_their_last_metric_and_rerun_the_same(store, tmp_path, monkeypatch,
+                                                                            no_figures):
     import optuna
 
     import regtok.pipeline.sweep as sweep_mod
@@ -229,32 +230,38 @@ def test_pruned_trials_are_recorded_with_their_last_metric_and_rerun_the_same(st
     assert code == 0, stderr  # the rerun stops after the same epoch: weights identical
 
 
-def test_two_workers_share_the_study_and_run_each_point_once(store, tmp_path):
+def test_two_workers_share_the_study_and_run_each_point_once(store, tmp_path, hook, no_figures):
+    """Also issue 20's finding 5: the worker of trial 1 is killed with -9; the other worker runs that trial again
+    and the sweep is complete when it ends, never 'complete' with a trial left running."""
+    hook("kill:0001")
     out = tmp_path / "sweep"
     code, _, stderr = invoke("sweep", "--features", str(store), "--out", str(out), *GRID, "--jobs", "2",
-                             "--no-prune", *BASE)
+                             "--no-prune", *BASE, "--epochs", "1")
     assert code == 0, stderr
     trials = trials_of(out)
-    assert sorted(t["state"] for t in trials.values()) == ["complete"] * 4
-    assert len({(t["params"]["model.n_layers"], t["params"]["lr"]) for t in trials.values()}) == 4
+    complete = [t for t in trials.values() if t["state"] == "complete"]
+    assert len(complete) == 4 and json.loads((out / "report.json").read_text())["counts"]["running"] == 0
+    assert len({(t["params"]["model.n_layers"], t["params"]["lr"]) for t in complete}) == 4
+    assert trials[1]["state"] == "fail" and trials[trials[1]["retried_as"]]["state"] == "complete"
+    assert "trial(s) 1 lost their worker: queued again" in stderr
 
 
-def test_a_killed_sweep_resumes_and_retries_the_running_trial(store, tmp_path):
+def test_a_killed_sweep_resumes_and_retries_the_running_trial(store, tmp_path, no_figures):
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "regtok", "sweep", "--features", str(store), "--out", str(out), *GRID, "--no-prune",
-           *BASE, "--epochs", "4"]
-    env = {**os.environ, "REGTOK_NO_PROGRESS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+           *BASE, "--epochs", "1"]
+    proc = subprocess.Popen(cmd, env={**os.environ, **hooked_env(tmp_path, "hang:0001")}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 120
-    while not (out / "trials" / "0001" / "metrics.jsonl").is_file():  # trial 0 done, trial 1 under way
+    while not any(p.name.startswith("0001.") for p in (tmp_path / "marks").iterdir()):  # trial 0 done, 1 under way
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
-        time.sleep(0.02)
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "report.json").exists()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert "queued again" in res.stderr
+    code, _, stderr = invoke(*cmd[3:])  # the same command again
+    assert code == 0, stderr
+    assert "queued again" in stderr
     trials = trials_of(out)
     complete = [t for t in trials.values() if t["state"] == "complete"]
     assert len(complete) == 4

@@ -124,7 +124,8 @@ def test_no_weight_decay_on_vectors_and_the_logit_scale():
 
 @pytest.mark.parametrize("loss", ["contrastive", "flow_matching", "combined"])
 def test_tiny_run_per_loss_type(extracted, tmp_path, loss):
-    from regtok.pipeline.runs import load_run, read_metrics
+    from regtok.pipeline.run_load import load_run
+    from regtok.pipeline.runs import read_metrics
     from regtok.pipeline.weights import read_weights
 
     store, run = extracted, tmp_path / "run"
@@ -266,7 +267,7 @@ def test_unknown_config_key_is_a_one_line_error(store, tmp_path):
 
 
 def test_tokens_are_used_when_the_store_has_them(extracted, tmp_path):
-    from regtok.pipeline.runs import load_run
+    from regtok.pipeline.run_load import load_run
 
     run = tmp_path / "run"
     code, _, err = run_train("--features", str(extracted), "--out", str(run), *TINY, "--epochs", "1")
