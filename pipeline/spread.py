@@ -33,12 +33,13 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def spread_text(values: Sequence[float], percent: bool = True, n: int | None = None) -> str:
-    """"83.3 ± 1.2" for several values (with " (n=2)" when fewer than the row's ``n``), the value itself when they
-    are all equal; recalls as percentages when ``percent``."""
+    """"83.3 ± 1.2" for several values (with " (n=2)" when fewer than the row's ``n``; "± 0.0" when they are all
+    equal, so a row of several seeds never reads as one), the value itself for one; recalls as percentages when
+    ``percent``."""
     if not values:
         return "—"
     mean, std = mean_std(values)
-    if len(set(values)) == 1:
+    if len(values) == 1:
         return pct(values[0]) if percent else f"{values[0]:.4g}"
     text = f"{pct(mean)} ± {pct(std)}" if percent else f"{mean:.4g} ± {std:.2g}"
     return text + (f" (n={len(values)})" if n is None or len(values) != n else "")

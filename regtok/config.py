@@ -102,9 +102,6 @@ class ModelConfig:
             raise RegtokError(f"read_init must be one of {READ_INITS}, got {self.read_init!r}")
         if self.read_dim < 0:
             raise RegtokError(f"read_dim must be >= 0 (0 = no linear read), got {self.read_dim}")
-        if self.shared_dim < 0 or self.agreement_weight < 0:
-            raise RegtokError(f"shared_dim and agreement_weight must be >= 0, got {self.shared_dim} and "
-                              f"{self.agreement_weight}")
         if self.shared_dim * self.n_shared > min(self.hidden_dim, self.embed_dim):
             raise RegtokError(f"n_shared × shared_dim ({self.n_shared} × {self.shared_dim}) must fit in hidden_dim and "
                               f"embed_dim ({min(self.hidden_dim, self.embed_dim)})")
@@ -216,7 +213,7 @@ MODEL_RULES = {"n_registers": ">=1", "n_layers": ">=0", "hidden_dim": ">0", "n_h
                "embed_dim": ">0", "feature_noise": ">=0", "preservation_weight": ">=0",
                "flow_weight": ">=0", "flow_hidden_dim": ">0", "flow_layers": ">=0", "flow_var_weight": ">=0",
                "flow_cov_weight": ">=0", "flow_uniformity_weight": ">=0", "init_temperature": ">0",
-               "max_logit_scale": ">0", "agreement_weight": ">=0"}
+               "max_logit_scale": ">0", "agreement_weight": ">=0", "shared_dim": ">=0"}
 TRAIN_RULES = {"lr": ">0", "min_lr_ratio": ">=0", "warmup_steps": ">=0", "weight_decay": ">=0", "beta1": "[0,1)",
                "beta2": "[0,1)", "grad_clip": ">=0", "val_fraction": "[0,1)", "log_every": ">=1",
                "checkpoint_every": ">=0", "max_memory_fraction": "[0,1]", "init_max_rows": ">=2"}
