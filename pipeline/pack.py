@@ -223,6 +223,7 @@ def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, 
     named = label_columns(label_cols)
     given = schema_from(labels_from, list(named)) if labels_from is not None else None
     header, rows = read_rows(csv_path, [*columns.values(), *(given or named)])
+    with_groups({c: {} for c in (given or named)}, label_groups or {}, list(columns))  # checked before any work
     if on_rows is not None:
         on_rows(len(rows))
     out = Path(out_dir)

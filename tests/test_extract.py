@@ -24,7 +24,7 @@ from regtok.data import store_bytes
 from regtok.errors import RegtokError
 from regtok.pipeline.encoders import tiny_encoder
 from regtok.pipeline.extract import PAUSE_ENV, ExtractConfig, decode_workers, run_extract
-from regtok.pipeline.manifest import sha256_file
+from regtok.pipeline.manifest import read_manifest, sha256_file
 from regtok.pipeline.shards import write_shard
 from regtok.pipeline.store import open_store
 
@@ -241,3 +241,20 @@ def test_dataset_manifest_labels_schema_is_copied(tmp_path):
     labels = open_store(path).labels()
     assert set(labels) == set(ds["labels"])  # only the schema's labels: not "index" or "key"
     assert labels["material"].dtype == np.int64 and labels["material"].max() < len(ds["labels"]["material"]["classes"])
+
+
+def test_label_groups_are_set_in_the_store_schema(tmp_path):
+    from regtok.pipeline.synth import synthesize
+
+    synthesize(tmp_path / "data", samples=8, shards=1, seed=0)
+    result = CliRunner().invoke(main, ["extract", "--shards", str(tmp_path / "data" / "dataset.json"), "--out",
+                                       str(tmp_path / "st"), "--encoder", "vision=tiny:0", "--encoder",
+                                       "tactile=tiny:1", "--label-group", "press_depth=shared"])
+    assert result.exit_code == 0, result.output
+    m = read_manifest(tmp_path / "st" / "manifest.json", kind="features")
+    assert m["labels"]["press_depth"]["group"] == "shared" and m["labels"]["material"]["group"] == "shared"
+    assert m["labels"]["albedo_hue"]["group"] == "vision"  # the synth split's own marks stay
+    bad = CliRunner().invoke(main, ["extract", "--shards", str(tmp_path / "data" / "dataset.json"), "--out",
+                                    str(tmp_path / "bad"), "--encoder", "vision=tiny:0", "--encoder", "tactile=tiny:1",
+                                    "--label-group", "press_depth=audio"])
+    assert bad.exit_code == 2 and bad.stderr.strip().startswith("error:") and "audio" in bad.stderr

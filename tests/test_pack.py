@@ -224,3 +224,18 @@ def test_one_image_column_packs_that_modality_alone(tvl, tmp_path):
     members = {name.split(".", 1)[1] for shard in m["shards"] for s in iter_shard(tmp_path / "t" / shard["path"])
                for name in [f"{s.key}.{ext}" for ext in s.files]}
     assert members == {"tactile.png", "json"}
+
+
+def test_label_groups_say_which_part_should_hold_a_label(tvl, tmp_path):
+    csv_path, root = tvl
+    result = _pack(csv_path, root, tmp_path / "out", "--label-group", "material=shared", "--label-group",
+                   "force=tactile")
+    assert result.exit_code == 0, result.output
+    m = read_manifest(tmp_path / "out" / "dataset.json", kind="dataset")
+    assert m["labels"]["material"]["group"] == "shared" and m["labels"]["force"]["group"] == "tactile"
+    assert "--label-group" in m["command"]  # rerun reproduces them
+    for bad, expected in (("force=audio", "must be one of shared, vision, tactile"), ("depth=tactile", "no label"),
+                          ("force", "NAME=GROUP")):
+        result = _pack(csv_path, root, tmp_path / bad.replace("=", "_"), "--label-group", bad)
+        assert result.exit_code == 2 and result.stderr.strip().startswith("error:") and expected in result.stderr, \
+            result.stderr
