@@ -11,16 +11,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def prefix_causal_mask(n_tokens: int, n_registers: int, device: torch.device | None = None) -> Tensor:
+def prefix_causal_mask(n_tokens: int, n_registers: int, device: torch.device | None = None,
+                       blind: int = 0) -> Tensor:
     """Boolean attention mask (True = may attend) over the sequence ``[tokens; registers]``.
 
     Feature tokens attend to feature tokens only; register i attends to every feature token and to
-    registers 0..i. The mask for (T, k) is the top-left (T+k)² block of the mask for (T, R ≥ k).
+    registers 0..i, except the first ``blind`` registers, which see no feature token (only registers 0..i: what
+    they hold comes through their own reads). The mask for (T, k) is the top-left (T+k)² block of the mask for
+    (T, R ≥ k).
     """
     n = n_tokens + n_registers
     mask = torch.zeros(n, n, dtype=torch.bool, device=device)  # (L, L)
     mask[:n_tokens, :n_tokens] = True
-    mask[n_tokens:, :n_tokens] = True
+    mask[n_tokens + blind:, :n_tokens] = True
     mask[n_tokens:, n_tokens:] = torch.ones(n_registers, n_registers, dtype=torch.bool, device=device).tril()
     return mask
 

@@ -59,6 +59,10 @@ class ModelConfig:
     # at the start, as the number of directions that retrieve best on a validation part of the training rows (at
     # most min(hidden_dim, embed_dim) // n_shared); > 0 fixes it.
     shared_dim: int = 0
+    # False: the shared registers attend to no feature token, so they hold a function of their reads (the canonical
+    # directions) alone; attention over the features hands every register the whole input, what is specific to a
+    # modality included (docs/learning.md, the split). True: every register attends to the features.
+    shared_sees_features: bool = True
     # Weight of the agreement term: the mean squared difference between the two modalities' kept shared
     # registers, relative to their energy. Anything one modality's shared part holds that the other's does not
     # (what is specific to it) costs here; the alignment terms keep the registers apart across samples.

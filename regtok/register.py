@@ -129,7 +129,8 @@ class RegisterModule(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(d_in))
         self.register_buffer("feature_std", torch.ones(d_in))
         # Built once for this (n_tokens, n_registers); moves with .to(device); not part of the checkpoint.
-        self.register_buffer("attn_mask", prefix_causal_mask(n_tokens, r), persistent=False)
+        blind = 0 if cfg.shared_sees_features else cfg.n_shared
+        self.register_buffer("attn_mask", prefix_causal_mask(n_tokens, r, blind=blind), persistent=False)
 
     def as_tokens(self, x: Tensor) -> Tensor:
         """(B, D_in) or (B, T, D_in) → standardised (B, T, D_in) in the module's dtype; shape-checked.
