@@ -15,15 +15,30 @@ import argparse
 import math
 import time
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch import nn
 
-from regtok.config import TrainConfig, resolve
-from regtok.model import RegTok
-from regtok.pipeline.distributed import init_distributed, leave_process_group
-from regtok.train import LossModule, make_optimizer
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--batch-size", type=int, default=32, help="global batch (all ranks)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dims", default="192,192", help="feature width of each modality")
+    ap.add_argument("--tokens", type=int, default=1, help="feature tokens per sample (1: pooled)")
+    return ap
+
+
+if __name__ == "__main__":
+    parser().parse_args()  # --help and a bad flag answer here, before torch loads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+from regtok.config import TrainConfig, resolve  # noqa: E402
+from regtok.model import RegTok  # noqa: E402
+from regtok.pipeline.distributed import init_distributed, leave_process_group  # noqa: E402
+from regtok.train import LossModule, make_optimizer  # noqa: E402
 
 
 def step_seconds(cfg: TrainConfig, inputs: dict[str, tuple[int, int]], rank: int, world: int,
@@ -52,14 +67,7 @@ def step_seconds(cfg: TrainConfig, inputs: dict[str, tuple[int, int]], rank: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="default")
-    ap.add_argument("--batch-size", type=int, default=32, help="global batch (all ranks)")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dims", default="192,192", help="feature width of each modality")
-    ap.add_argument("--tokens", type=int, default=1, help="feature tokens per sample (1: pooled)")
-    args = ap.parse_args()
+    args = parser().parse_args()
     torch.set_num_threads(1)
     rank, world, _ = init_distributed("cpu")
     try:

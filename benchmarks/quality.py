@@ -121,7 +121,8 @@ def run_cell(stores: dict, work: Path, enc: str, kind: str, loss: str, preset: s
         ecfg = EvalConfig(prefixes=prefixes, flow_steps=(16,), probe_max_samples=2000, seed=seed,
                           baselines=key not in baselines)
         report = run_eval(run_dir, stores[enc][test], work / "reports" / name / test, ecfg,
-                          console=Console(file=io.StringIO()), command=["benchmarks/quality.py", name, test])
+                          console=Console(file=io.StringIO()), command=["benchmarks/quality.py", name, test],
+                          overwrite=True)
         if key not in baselines:
             baselines[key] = report["baselines"]["linear"]
         report["baselines"]["linear"] = baselines[key]

@@ -26,7 +26,6 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import build_embedded, regtok_cli  # noqa: E402
 
 from regtok.config import nested  # noqa: E402
 from regtok.pipeline.space import as_overrides, parse_space  # noqa: E402
@@ -60,6 +59,8 @@ def main() -> None:
     ap.add_argument("--space", type=Path, default=ROOT / "configs" / "tiny-space.yaml")
     ap.add_argument("--work", type=Path, default=None, help="Reuse this directory (the store is kept).")
     args = ap.parse_args()
+    from train import build_embedded, regtok_cli  # torch: after --help has answered
+
     work = args.work or Path(tempfile.mkdtemp(prefix="regtok-bench-sweep-"))
     _, store = build_embedded(work, args.samples)
     cli, common = regtok_cli(), ["--preset", "tiny", "--device", "cpu"]

@@ -43,8 +43,8 @@ SPEC_MAP = {
     "open_clip:ViT-L-14@openai": "tiny:0",
     "tvl:vit_base_patch16_224@checkpoints/tvl_stage1.pth": "tvl:vit_tiny_patch16_224@checkpoints/tvl_stage1.pth",
 }
-# The README's TPE sweep runs 40 trials on real data; here 4 show the same path.
-FLAG_MAP = {("--device", "cuda"): ("--device", "cpu"), ("--trials", "40"): ("--trials", "4")}
+# The README's TPE sweep runs 40 trials on real data; here 2 (one per --jobs worker) show the same path.
+FLAG_MAP = {("--device", "cuda"): ("--device", "cpu"), ("--trials", "40"): ("--trials", "2")}
 # The method's defaults train a 4-layer, 512-wide model for 20 epochs: ~50 s per run on one CPU core. The
 # README's `regtok train` lines run with these flags appended (the tiny preset, 2 epochs; a sweep's trials 1
 # epoch, as the seed table's space makes trials of up to 512 wide and 4 layers: ~25 s per epoch here); every flag
@@ -242,5 +242,5 @@ def check_results(ws: Path, ran: list[tuple[list[str], str]]) -> None:
     assert "changed" not in by_command["verify"] and "missing" not in by_command["verify"]
     assert (ws / "reruns/contrastive/checkpoint.safetensors").is_file()
     seed = json.loads((ws / "sweeps/seed/report.json").read_text())
-    assert seed["sampler"] == "tpe" and len(seed["trials"]) >= 4 and (ws / "sweeps/seed/best.yaml").is_file()
+    assert seed["sampler"] == "tpe" and len(seed["trials"]) >= 2 and (ws / "sweeps/seed/best.yaml").is_file()
     assert "model.n_shared" in by_command["compare"] and (ws / "reports/compare/curves.png").is_file()
