@@ -167,24 +167,30 @@ def start_retrieval(run: Any, fit: FitStore, test: dict[str, Any], cfg: EvalConf
     import torch
 
     from regtok.data import make_batches
-    from regtok.pipeline.distributed import memory_budget
     from regtok.pipeline.train import Split, build_model
     from regtok.reduce import as_tensor
     from regtok.retrieval import retrieval_metrics
 
     tc = run.train_config
-    cpu = torch.device("cpu")
-    data = make_batches(fit.store, run.feature_kind, fit.rows, tc.batch_size, tc.seed, cpu,
-                        memory_budget(cpu, tc.max_memory_fraction))
+    # Streamed: the start reads its statistics in one pass and a sample of rows; a copy of the store in memory would
+    # cost a read of all of it and its size in memory (at ViT-L-14's tokens, 1 GB per 1,000 rows).
+    data = make_batches(fit.store, run.feature_kind, fit.rows, tc.batch_size, tc.seed, torch.device("cpu"), 0)
     split = Split(fit.store, fit.store, run.feature_kind, fit.rows, np.arange(0), data, None)
-    model, _ = build_model(split, tc, Path(), resume=False, notify=lambda _m: None)
+    model, _ = build_model(split, tc, Path(), resume=False, notify=lambda _m: None, decoders=False)
     model.eval()
     k = model.cfg.n_shared
-    with torch.no_grad():
-        emb = {m: torch.cat([model.encoders[m](as_tensor(test[m][i:i + cfg.batch_size]), keep=k).shared
+    with torch.no_grad():  # the shared embedding alone: the heads' decoding is not needed here
+        emb = {m: torch.cat([_shared(model.encoders[m], as_tensor(test[m][i:i + cfg.batch_size]), k)
                              for i in range(0, len(test[m]), cfg.batch_size)]) for m in model.modalities}
     a, b = model.modalities
     return {**retrieval_metrics(emb[a], emb[b], cfg.chunk_size), "fit": {"k": k, "rows": len(fit.rows)}}
+
+
+def _shared(enc: Any, x: Any, k: int) -> Any:
+    """The shared embedding (B, E) of the first ``k`` <= n_shared registers, as ``enc(x, keep=k).shared``."""
+    import torch
+
+    return enc.embed_shared(enc.registers_of(x), torch.full((len(x),), k, dtype=torch.long))
 
 
 def _train_features_manifest(run_manifest: Path) -> dict | None:

@@ -133,7 +133,9 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
     rank, world, device = init_distributed(cfg.device)
     try:
         split = load_split(features, val_features, cfg, cache or StoreCache(), rank, world, device, notify)
+        t_split = time.perf_counter()
         model, state = build_model(split, cfg, out, resume, notify)
+        t_start = time.perf_counter()
         model.to(device)
         if rank == 0 and overwrite and not resume:
             remove_run_files(out)
@@ -158,8 +160,8 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
         if rank != 0:
             return None, result
         refit_kept_decoders(out, model, split, cfg, notify)
-        timings = {"seconds": time.perf_counter() - t0, "load_seconds": t_train - t0,
-                   "train_seconds": time.perf_counter() - t_train}
+        timings = {"seconds": time.perf_counter() - t0, "load_seconds": t_train - t0,  # the start included
+                   "start_seconds": t_start - t_split, "train_seconds": time.perf_counter() - t_train}
         return finish_run(out, cfg, split, result, command, features, val_features, str(device), world,
                           timings), result
     finally:
@@ -265,9 +267,10 @@ def load_split(features: str | Path, val_features: str | Path | None, cfg: Train
     return Split(store, val_store, kind, train_rows, val_rows, data, val)
 
 
-def build_model(split: Split, cfg: TrainConfig, out: Path, resume: bool,
-                notify: Callable[[str], None]) -> tuple[nn.Module, ResumeState | None]:
-    """The model with the training split's feature statistics, and either its resumed state or its CCA start."""
+def build_model(split: Split, cfg: TrainConfig, out: Path, resume: bool, notify: Callable[[str], None],
+                decoders: bool = True) -> tuple[nn.Module, ResumeState | None]:
+    """The model with the training split's feature statistics, and either its resumed state or its CCA start
+    (without ``decoders``, the decoders' fit is left out: retrieval does not read them)."""
     from regtok.model import RegTok
 
     torch.manual_seed(cfg.seed)
@@ -281,6 +284,8 @@ def build_model(split: Split, cfg: TrainConfig, out: Path, resume: bool,
             if chosen.get("read_init") == "cca":
                 notify(f"reads start on the training split's canonical directions (ridge {chosen['ridge']:g}, "
                        f"weights ρ^{chosen['power']:g}, validation R@1 {chosen['val_r1']:.3f})")
+        if not decoders:
+            return model, state
         left = model.fit_decoders(sample_rows(split.data, DECODER_FIT_ROWS, cfg.seed))
         notify("the decoders start as a linear readout of the start's registers (unexplained share at the full "
                "prefix: " + ", ".join(f"{m} {v[-1]:.3f}" for m, v in left.items()) + ")")

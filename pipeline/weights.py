@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from regtok.errors import RegtokError
+from regtok.reduce import TOKEN_DIM
 from regtok.train import ResumeState
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -199,6 +200,10 @@ def load_weights(model: nn.Module, run_dir: str | os.PathLike, name: str = CHECK
     if any(k.endswith(("decoder.queries", "decoder.summary.1.weight")) for k in weights):
         raise RegtokError(f"{path} was written by an older regtok, whose preservation decoder this version replaced "
                           "(docs/learning.md); train the run again")
+    wide = sorted(k for k in model.state_dict() if k.endswith(".token_basis") and k not in weights)
+    if wide:
+        raise RegtokError(f"{path} was written by an older regtok, whose read flattened tokens wider than {TOKEN_DIM} "
+                          f"without reducing each token first ({wide[0]} is missing); train the run again")
     _check_weights(path, weights, model.state_dict())
     model.load_state_dict(weights)
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from regtok.reduce import Reducer  # noqa: F401 - the baselines' preprocessing, importable from here
+from regtok.reduce import Reducer  # the baselines' preprocessing, importable from here
 from regtok.retrieval import paired_ranks, retrieval_metrics
 
 CCA_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the mean per-dimension variance; extended at an edge
@@ -272,8 +272,8 @@ def fit_and_score(train: dict[str, Tensor], test: dict[str, Tensor], modalities:
     """
     log = log or (lambda _msg: None)
     a, b = modalities
-    red = {m: Reducer.fit(train[m], cfg.max_dim) for m in (a, b)}
-    tr = {m: red[m](train[m]) for m in (a, b)}  # (N_train, K)
+    fitted = {m: Reducer.fit_transform(train[m], cfg.max_dim) for m in (a, b)}  # one read of the training rows
+    red, tr = {m: f[0] for m, f in fitted.items()}, {m: f[1] for m, f in fitted.items()}  # tr: (N_train, K)
     te = {m: red[m](test[m]) for m in (a, b)}  # (N_test, K)
     reduced = {"input_dims": {m: int(tr[m].shape[1]) for m in (a, b)}, "train_rows": int(len(tr[a]))}
     score = lambda ea, eb: retrieval_metrics(ea, eb, chunk_size, device)  # noqa: E731

@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 
 READ_CHUNK_BYTES = 256 << 20  # one contiguous read from the store
-STREAM_CHUNK_BATCHES = 64  # global batches per sorted read when streaming
+STREAM_CHUNK_BATCHES = 64  # global batches per sorted read when streaming, at most STREAM_CHUNK_BYTES of them
+STREAM_CHUNK_BYTES = 256 << 20  # float16 bytes (every modality) of one sorted read when streaming
+ALL_BATCH_BYTES = 64 << 20  # float32 bytes (per modality) of one batch of Batches.all: 1,024 rows up to ViT-L's
 
 
 class StoreLike(Protocol):
@@ -110,6 +112,11 @@ class Batches:
     def steps_per_epoch(self) -> int:
         return len(self.rows) // self.batch_size
 
+    @property
+    def row_numbers(self) -> int:
+        """Numbers in one row of every modality (T·D each for tokens, D for pooled)."""
+        return sum(int(np.prod(row_shape(self.kind, *self.store.shape(self.kind, m)))) for m in self.modalities)
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Tensor]]:
         """The batches of ``epoch`` from its ``start_step``-th on: ``{modality: (B_rank, …) float32}``."""
         perm_device = self.device if self.arrays is not None else torch.device("cpu")
@@ -123,15 +130,20 @@ class Batches:
                 yield {m: a[idx].float() for m, a in self.arrays.items()}
             return
         rows = self.rows[perm.numpy()]
-        for first in range(start_step, self.steps_per_epoch, STREAM_CHUNK_BATCHES):
-            last = min(self.steps_per_epoch, first + STREAM_CHUNK_BATCHES)
+        per_read = max(1, min(STREAM_CHUNK_BATCHES, STREAM_CHUNK_BYTES // (2 * self.row_numbers * self.batch_size)))
+        for first in range(start_step, self.steps_per_epoch, per_read):
+            last = min(self.steps_per_epoch, first + per_read)
             chunk = np.stack([rows[s * self.batch_size + lo: s * self.batch_size + hi] for s in range(first, last)])
             arrays = self._read_sorted(chunk.reshape(-1))
             for i in range(last - first):
                 yield {m: a[i * local:(i + 1) * local].float() for m, a in arrays.items()}
 
-    def all(self, batch_size: int = 1024) -> Iterator[dict[str, Tensor]]:
-        """Every row once, in order (for validation), float32 on the device."""
+    def all(self, batch_size: int | None = None) -> Iterator[dict[str, Tensor]]:
+        """Every row once, in order (for validation), float32 on the device; by default 1,024 rows a batch, fewer
+        when a modality's batch would exceed ALL_BATCH_BYTES (63 rows of ViT-L-14 tokens)."""
+        if batch_size is None:
+            widest = max(int(np.prod(row_shape(self.kind, *self.store.shape(self.kind, m)))) for m in self.modalities)
+            batch_size = max(1, min(1024, ALL_BATCH_BYTES // (4 * widest)))
         for start in range(0, len(self.rows), batch_size):
             idx = self.rows[start:start + batch_size]
             if self.arrays is not None:

@@ -106,7 +106,7 @@ class RegTok(nn.Module):
             enc = self.encoders[m]
             x = features[m]
             device = enc.read_center.device if enc.read_width else enc.in_proj.weight.device
-            batches = [x[i:i + batch_size].to(device) for i in range(0, len(x), batch_size)]
+            batches = (x[i:i + batch_size].to(device) for i in range(0, len(x), batch_size))  # one at a time
             parts = [(enc.registers_of(b).float(), enc.read_code(b).float()) for b in batches]
             out[m] = enc.fit_decoder(torch.cat([r for r, _ in parts]), torch.cat([c for _, c in parts]))
         self.train(was_training)

@@ -140,5 +140,10 @@ def _ratio(cell: Mapping[tuple, Mapping[str, Any]], m: str, names: Sequence[str]
 
 
 def cosine(recon: Tensor, target: Tensor) -> Tensor:
-    """Per-sample cosine between (B, T, D) reconstructions and targets, averaged over positions. (B,)"""
-    return torch.nn.functional.cosine_similarity(recon.double(), target.double(), dim=-1).mean(1)
+    """Per-sample cosine between (B, T, D) reconstructions and targets, averaged over positions. (B,) float64.
+
+    The per-position sums are taken in the inputs' precision and divided in float64: at ViT-L-14's 257 × 1024
+    a float64 copy of both inputs cost 5x the time and 4 GB per batch, for a difference below 1e-7."""
+    dot = torch.linalg.vecdot(recon.float(), target.float()).double()  # (B, T)
+    norms = torch.linalg.vector_norm(recon.float(), dim=-1).double() * torch.linalg.vector_norm(target.float(), dim=-1)
+    return (dot / norms.clamp_min(1e-8)).mean(1)

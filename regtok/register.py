@@ -176,8 +176,8 @@ class RegisterModule(nn.Module):
         unit mean variance. The rows are the caller's choice (a seeded subset of the training split).
         """
         device = self.read_basis.device
-        tokens = Mapped(x, lambda c: self.as_tokens(c.to(device)).double().cpu())
-        red = Reducer.fit(tokens, self.read_width, token_dim=self.token_width)
+        tokens = Mapped(x, lambda c: self.as_tokens(c.to(device)).cpu())  # chunks are float32 (reduce.as_tensor)
+        red, reduced = Reducer.fit_transform(tokens, self.read_width, token_dim=self.token_width)
         if red.token_basis is not None:
             self.token_basis.copy_(red.token_basis.to(self.token_basis))
         f = len(red.mean)
@@ -185,7 +185,7 @@ class RegisterModule(nn.Module):
         basis = torch.zeros(f, self.read_width, dtype=torch.float64)
         basis[:, : comps.shape[1]] = comps / red.std[:, None]  # (F, K); k <= K columns when N is small
         codes = torch.zeros(len(x), self.read_width, dtype=torch.float64)
-        codes[:, : comps.shape[1]] = red(tokens).double() if red.components is not None else \
+        codes[:, : comps.shape[1]] = reduced.double() if red.components is not None else \
             torch.cat([(red.flatten(c) - red.mean) / red.std for c in chunks(tokens)])  # (N, K), centred
         center = red.mean @ basis  # (K,)
         scale = codes.pow(2).mean().sqrt().clamp_min(1e-12)
