@@ -83,9 +83,10 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
 
     keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
+        from regtok.pipeline.console import epoch_line, train_progress
         from regtok.pipeline.distributed import is_main_process
         from regtok.pipeline.runs import saved_train_config
-        from regtok.pipeline.train import epoch_line, train_progress, train_run
+        from regtok.pipeline.train import train_run
 
     saved = saved_train_config(out) if resume and out else None
     cfg = _train_config(preset, config_file, saved, overrides, val_fraction=val_fraction, epochs=epochs,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -103,3 +104,32 @@ def extract_progress(total: int | None, enabled: bool, console=None,
             bar.update(task, advance=samples + skipped, rate=f"{rate:.1f}", skipped=seen[1])
 
         yield on_batch
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One complete progress line for an epoch's metrics record: every loss term, then validation R@1 (%)."""
+    from regtok.train import full_r1
+
+    skip = ("type", "step", "epoch", "seconds", "samples_per_s")
+    terms = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in skip and not k.startswith("val"))
+    r1 = full_r1(record)
+    val = f" val R@1 {100 * r1:.1f}%" if r1 is not None else ""
+    if r1 is not None and "val_r1_flow_a_to_b" in record:
+        val += f" (select {100 * record['val_select']:.1f}%)"
+    return (f"epoch {record['epoch']}/{epochs} step {record['step']}: {terms}{val} "
+            f"({record.get('seconds', 0):.1f} s, {record.get('samples_per_s', 0):.0f} samples/s)")
+
+
+@contextmanager
+def train_progress(console, disable: bool) -> Iterator[Callable[[int, int, dict], None]]:
+    """A rich progress bar on stderr; yields the trainer's ``on_step(step, total, record)`` callback."""
+    with progress(console, TextColumn("{task.fields[info]}"), disable=disable) as bar:
+        task = bar.add_task("train", total=None, info="")
+
+        def on_step(step: int, total: int, record: dict) -> None:
+            skip = ("samples_per_s", "epoch", "lr", "grad_norm", "logit_scale", "loss")
+            terms = " ".join(f"{k[:5]} {v:.3f}" for k, v in record.items() if "/" not in k and k not in skip)
+            bar.update(task, completed=step, total=total, description=f"epoch {record['epoch']}",
+                       info=f"loss {record['loss']:.3f} ({terms}) {record['samples_per_s']:.0f}/s")
+
+        yield on_step

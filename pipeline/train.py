@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +87,6 @@ RESUME_FREE_KEYS = ("device", "compile", "log_every", "checkpoint_every")  # may
 MIN_TRAIN_ROWS = 2  # one row leaves the PCA/CCA start nothing to fit
 
 
-
 @dataclass
 class Split:
     """The stores, feature kind, rows and batches of one training run (validation batches on rank 0 only)."""
@@ -135,7 +133,7 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
         split = load_split(features, val_features, cfg, cache or StoreCache(), rank, world, device, notify)
         t_split = time.perf_counter()
         model, state = build_model(split, cfg, out, resume, notify)
-        t_start = time.perf_counter()
+        start_seconds = time.perf_counter() - t_split
         model.to(device)
         if rank == 0 and overwrite and not resume:
             remove_run_files(out)
@@ -161,7 +159,7 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
             return None, result
         refit_kept_decoders(out, model, split, cfg, notify)
         timings = {"seconds": time.perf_counter() - t0, "load_seconds": t_train - t0,  # the start included
-                   "start_seconds": t_start - t_split, "train_seconds": time.perf_counter() - t_train}
+                   "start_seconds": start_seconds, "train_seconds": time.perf_counter() - t_train}
         return finish_run(out, cfg, split, result, command, features, val_features, str(device), world,
                           timings), result
     finally:
@@ -369,34 +367,3 @@ def _resume_state(out: Path, cfg: TrainConfig, model: nn.Module) -> ResumeState:
         raise RegtokError(f"--resume with a config that differs from the run's in {', '.join(diff)}")
     load_weights(model, out)
     return load_resume(out)
-
-
-def epoch_line(record: dict[str, Any], epochs: int) -> str:
-    """One complete progress line for an epoch's metrics record: every loss term, then validation R@1 (%)."""
-    skip = ("type", "step", "epoch", "seconds", "samples_per_s")
-    terms = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in skip and not k.startswith("val"))
-    r1 = full_r1(record)
-    val = f" val R@1 {100 * r1:.1f}%" if r1 is not None else ""
-    if r1 is not None and "val_r1_flow_a_to_b" in record:
-        val += f" (select {100 * record['val_select']:.1f}%)"
-    return (f"epoch {record['epoch']}/{epochs} step {record['step']}: {terms}{val} "
-            f"({record.get('seconds', 0):.1f} s, {record.get('samples_per_s', 0):.0f} samples/s)")
-
-
-@contextmanager
-def train_progress(console, disable: bool) -> Iterator[Callable[[int, int, dict], None]]:
-    """A rich progress bar on stderr; yields the trainer's ``on_step(step, total, record)`` callback."""
-    from rich.progress import TextColumn
-
-    from regtok.pipeline.console import progress
-
-    with progress(console, TextColumn("{task.fields[info]}"), disable=disable) as bar:
-        task = bar.add_task("train", total=None, info="")
-
-        def on_step(step: int, total: int, record: dict) -> None:
-            skip = ("samples_per_s", "epoch", "lr", "grad_norm", "logit_scale", "loss")
-            terms = " ".join(f"{k[:5]} {v:.3f}" for k, v in record.items() if "/" not in k and k not in skip)
-            bar.update(task, completed=step, total=total, description=f"epoch {record['epoch']}",
-                       info=f"loss {record['loss']:.3f} ({terms}) {record['samples_per_s']:.0f}/s")
-
-        yield on_step
