@@ -101,8 +101,10 @@ def measure(report: dict, loss: str) -> dict:
 
 
 def run_cell(stores: dict, work: Path, enc: str, kind: str, loss: str, preset: str, seed: int, baselines: dict,
-             log) -> dict:
-    """Train one run and evaluate it on both test splits; the baselines are fitted once per (enc, kind, seed)."""
+             log, cached_only: bool = False) -> dict | None:
+    """Train one run and evaluate it on both test splits; the baselines are fitted once per (enc, kind, seed).
+    A run and a report that WORK already holds are read, not made again; with ``cached_only`` a cell that WORK
+    does not hold whole is skipped (None)."""
     from rich.console import Console
 
     from regtok.config import EvalConfig, TrainConfig, resolve
@@ -111,6 +113,9 @@ def run_cell(stores: dict, work: Path, enc: str, kind: str, loss: str, preset: s
 
     name = f"{enc}-{preset}-{kind}-{loss}-s{seed}"
     run_dir = work / "runs" / name
+    saved = {test: work / "reports" / name / test / "report.json" for test in TESTS}
+    if cached_only and not all(f.is_file() for f in saved.values()):
+        return None
     if not (run_dir / "manifest.json").is_file():
         cfg = resolve(TrainConfig, preset, {"feature_kind": kind, "seed": seed, "model": {"loss_type": loss}})
         train_run(stores[enc]["train"], run_dir, cfg, command=["benchmarks/quality.py", name])
@@ -120,9 +125,12 @@ def run_cell(stores: dict, work: Path, enc: str, kind: str, loss: str, preset: s
         prefixes = (1, 2, 4, 8) if preset == "tiny" else (1, 2, 4, 8, 16, 32)
         ecfg = EvalConfig(prefixes=prefixes, flow_steps=(16,), probe_max_samples=2000, seed=seed,
                           baselines=key not in baselines)
-        report = run_eval(run_dir, stores[enc][test], work / "reports" / name / test, ecfg,
-                          console=Console(file=io.StringIO()), command=["benchmarks/quality.py", name, test],
-                          overwrite=True)
+        if saved[test].is_file():
+            report = json.loads(saved[test].read_text())
+        else:
+            report = run_eval(run_dir, stores[enc][test], work / "reports" / name / test, ecfg,
+                              console=Console(file=io.StringIO()), command=["benchmarks/quality.py", name, test],
+                              overwrite=True)
         if key not in baselines:
             baselines[key] = report["baselines"]["linear"]
         report["baselines"]["linear"] = baselines[key]
@@ -208,6 +216,8 @@ def main() -> None:
     p.add_argument("--no-default", action="store_true", help="Skip the default preset's cells.")
     p.add_argument("--train-samples", type=int, default=2000)
     p.add_argument("--test-samples", type=int, default=1000)
+    p.add_argument("--from-cache", action="store_true",
+                   help="Only the tables of the cells WORK holds (the runs and reports of an earlier, stopped run)")
     args = p.parse_args()
     seeds = [0, 1] if args.quick else [int(s) for s in args.seeds.split(",")]
     losses = ["contrastive"] if args.quick else args.losses.split(",")
@@ -229,8 +239,11 @@ def main() -> None:
     results: dict = {}
     baselines: dict = {}
     for enc, preset, kind, loss in plan:
-        runs = [run_cell(stores, work, enc, kind, loss, preset, seed, baselines, log) for seed in seeds]
-        results["|".join((enc, preset, kind, loss))] = {t: summarise([r[t] for r in runs]) for t in TESTS}
+        runs = [run_cell(stores, work, enc, kind, loss, preset, seed, baselines, log, args.from_cache)
+                for seed in seeds]
+        runs = [r for r in runs if r is not None]
+        if runs:
+            results["|".join((enc, preset, kind, loss))] = {t: summarise([r[t] for r in runs]) for t in TESTS}
     md = tables(results) + "\n\n### Does the testbed discriminate?\n\n" + "\n".join(discrimination(results))
     summary = f"{len(plan)} cells × {len(seeds)} seeds × {len(TESTS)} test splits; {time.perf_counter() - t0:.0f} s"
     (work / "quality.md").write_text(md + "\n\n" + summary + "\n")
