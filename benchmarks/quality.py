@@ -214,6 +214,7 @@ def main() -> None:
     p.add_argument("--kinds", default="pooled,tokens")
     p.add_argument("--losses", default="contrastive,flow_matching,combined")
     p.add_argument("--no-default", action="store_true", help="Skip the default preset's cells.")
+    p.add_argument("--presets", default="tiny,default", help="tiny (every kind, loss), default (pooled, contrastive)")
     p.add_argument("--train-samples", type=int, default=2000)
     p.add_argument("--test-samples", type=int, default=1000)
     p.add_argument("--from-cache", action="store_true",
@@ -233,8 +234,10 @@ def main() -> None:
         encoders["trained"] = specs
     encoders = {e: s for e, s in encoders.items() if e in args.encoders.split(",")}
     stores = make_stores(work, args.train_samples, args.test_samples, encoders, log)
-    plan = [(enc, "tiny", kind, loss) for enc in encoders for kind in args.kinds.split(",") for loss in losses]
-    if not args.quick and not args.no_default and "pooled" in args.kinds:
+    presets = args.presets.split(",")
+    plan = [(enc, "tiny", kind, loss) for enc in encoders for kind in args.kinds.split(",") for loss in losses
+            if "tiny" in presets]
+    if not args.quick and not args.no_default and "pooled" in args.kinds and "default" in presets:
         plan += [(enc, "default", "pooled", "contrastive") for enc in encoders]
     results: dict = {}
     baselines: dict = {}
