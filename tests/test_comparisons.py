@@ -373,3 +373,13 @@ def test_eval_reports_of_runs_that_differ_only_in_seed_are_one_row(tmp_path):
     assert table.columns[:3] == ["eval reports", "n", "R@1 k=2 (%)"] and "model.n_layers" in table.columns
     assert [row[:3] for row in table.rows] == [["a, b", "2", "85.0 ± 7.1"], ["c", "1", "50.0"]]
     assert table.notes[0] == "N = 200 evaluated pairs: a recall moves in steps of 1/N = 0.5 %"
+
+
+def test_entries_within_one_validation_step_of_the_best_are_named_as_ties():
+    from regtok.pipeline.spread import tie_warning, within_one_step
+
+    tied = within_one_step({"a": 0.90, "b": 0.895, "c": 0.80}, 100)  # one step = 1/100
+    assert tied == ["a", "b"]
+    text = tie_warning(tied, 3, 100)
+    assert text.startswith("2 of 3 trials (a, b) are within one step (1/N = 1 %, N = 100)")
+    assert tie_warning(["a"], 3, 100) is None and within_one_step({"a": 0.9}, None) == []

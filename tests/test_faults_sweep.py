@@ -233,3 +233,29 @@ def test_13_21_a_read_only_trial_directory_stops_the_sweep_and_the_trial_runs_ag
 def test_21_an_in_memory_storage_is_refused(store, tmp_path):
     message = one_line_error(sweep(store, tmp_path / "s", *TWO, "--storage", "sqlite:///:memory:", "--jobs", "2"))
     assert ":memory:" in message
+
+
+def test_5_a_sweep_that_ends_with_trials_left_is_an_error_naming_them():
+    """A worker killed with -9 on this machine leaves its trial RUNNING: the sweep ends with an error, not exit 0;
+    a trial that runs on another machine is a warning to run the command again."""
+    import socket
+
+    import optuna
+
+    from regtok.errors import RegtokError
+    from regtok.pipeline.sweep_pool import check_finished
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    for value in (0.5, 0.6, 0.7):
+        study.tell(study.ask(), value)
+    left = study.ask()
+    left.set_user_attr("host", socket.gethostname())
+    said: list[str] = []
+    with pytest.raises(RegtokError, match="the sweep is incomplete: 3 of 4 trials finished"):
+        check_finished(study, 4, [], said.append)
+    left.set_user_attr("host", "another-machine")
+    check_finished(study, 4, [], said.append)
+    assert len(said) == 1 and f"trial(s) {left.number} still run on other machines" in said[0]
+    with pytest.raises(RegtokError, match=r"3 of 4 trials finished \(worker 1 died"):
+        check_finished(study, 4, ["worker 1 died"], said.append)
