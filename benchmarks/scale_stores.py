@@ -95,7 +95,7 @@ def write_part(path: Path, n: int, seed: int, key_prefix: str, tokens: tuple[int
     from regtok.pipeline.manifest import sha256_file
     from regtok.pipeline.store import PartWriter
 
-    encs = encoders(tokens or (1, 1), pooled_dim)
+    encs = encoders(tokens or (1, CHANNEL_RANK), pooled_dim)  # no token maps: any width the basis fits
     shapes = {m: {"pooled": (pooled_dim,), **({"tokens": tokens} if tokens else {})} for m in MODALITIES}
     z, views = factor_rows(n, seed)
     lab = labels(z, views)

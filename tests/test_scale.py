@@ -190,3 +190,22 @@ def test_a_run_of_the_older_wide_token_layout_is_refused_in_one_line(wide, tmp_p
         load_run(old)
     error = one_line_error(regtok_cli("eval", "--run", old, "--features", test, "--out", tmp_path / "e"))
     assert "token_basis is missing" in error
+
+
+# ── benchmarks/scale.py's planted stores ────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("tokens", [None, (2, 64)])  # --pooled writes pooled features only
+def test_the_scale_benchmarks_planted_stores_open_as_feature_stores(tmp_path, monkeypatch, tokens):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import scale_stores
+
+    from regtok.pipeline.store import open_store
+
+    parts = scale_stores.parts_for(tmp_path / "parts", "p", 30, 20, 5, tokens, 12, log=lambda _m: None)
+    store = open_store(scale_stores.write_store(tmp_path / "store", parts, tokens, 12))
+    assert store.n == 30 and [p["samples"] for p in parts] == [20, 10] and store.has("tokens") == bool(tokens)
+    pooled = store.read("pooled", "vision")
+    assert pooled.shape == (30, 12) and np.isfinite(pooled).all() and pooled.std(0).min() > 0.1
+    if tokens:
+        assert store.read("tokens", "tactile", np.arange(3)).shape == (3, *tokens)
