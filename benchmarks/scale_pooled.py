@@ -18,7 +18,7 @@ import time
 import scale_stores
 import torch
 
-POOLED_DIM, PART_ROWS = 768, 50_000
+POOLED_DIM, PART_ROWS = 768, 20_000  # every N a whole number of parts
 
 
 class _Stop(Exception):
@@ -78,7 +78,8 @@ def run_pooled(args: argparse.Namespace) -> None:
     from regtok.config import TrainConfig, resolve
 
     torch.set_num_threads(args.threads)
-    parts = scale_stores.parts_for(args.work / "parts", "pooled", max(args.sizes), PART_ROWS, 5, None, POOLED_DIM)
+    parts = scale_stores.parts_for(args.work / "parts", f"pooled{PART_ROWS}", max(args.sizes), PART_ROWS, 5, None,
+                                   POOLED_DIM)
     rows = []
     for n in args.sizes:
         chosen, total = [], 0
