@@ -7,7 +7,7 @@ store and the manifest). The bare loop runs `model.encode_image` over tensors th
 preprocessed, after one warm-up batch, in a fresh process of its own. Both use the same threads
 (OMP_NUM_THREADS, default 2).
 
-`regtok extract` sets glibc's malloc to keep freed memory (`pipeline.startup.keep_freed_memory`); a plain loop
+`regtok extract` sets glibc's malloc to keep freed memory (`pipeline.runtime.startup.keep_freed_memory`); a plain loop
 does not, and faults its activations in again on every forward. Each round therefore measures the bare loop
 twice: as a user would write it (the ratio the target is about), and with the same malloc settings (the ratio
 that isolates what the pipeline itself costs: start-up, decoding, writing).
@@ -68,8 +68,8 @@ def bare_images_per_s(spec: str, dataset: Path, batch_size: int, device: str, tu
 
 def bare_loop(spec: str, dataset: Path, batch_size: int, device: str, tuned_malloc: bool) -> float:
     from regtok.pipeline.encoders import load_encoder
+    from regtok.pipeline.runtime.startup import keep_freed_memory
     from regtok.pipeline.shards import expand_shards, iter_shard
-    from regtok.pipeline.startup import keep_freed_memory
 
     if tuned_malloc and not keep_freed_memory():
         sys.exit("could not set malloc options (not glibc?)")

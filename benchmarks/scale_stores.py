@@ -92,7 +92,7 @@ SCHEMA = {"material": {"type": "categorical", "classes": [f"c{i}" for i in range
 def write_part(path: Path, n: int, seed: int, key_prefix: str, tokens: tuple[int, int] | None,
                pooled_dim: int) -> dict:
     """One part of ``n`` rows (factors from ``seed``), written block by block; its manifest record."""
-    from regtok.pipeline.manifest import sha256_file
+    from regtok.pipeline.manifests.manifest import sha256_file
     from regtok.pipeline.store import PartWriter
 
     encs = encoders(tokens or (1, 1), pooled_dim)
@@ -118,7 +118,7 @@ def write_part(path: Path, n: int, seed: int, key_prefix: str, tokens: tuple[int
 def write_store(root: Path, parts: list[dict], tokens: tuple[int, int] | None, pooled_dim: int) -> Path:
     """A feature store at ``root`` over already written ``parts`` (records from :func:`write_part`, anywhere: the
     index and the manifest name them relative to ``root``), with its features manifest."""
-    from regtok.pipeline.manifest import new_manifest, write_manifest
+    from regtok.pipeline.manifests.manifest import new_manifest, write_manifest
     from regtok.pipeline.store import write_index
 
     root.mkdir(parents=True, exist_ok=True)

@@ -59,8 +59,8 @@ def eval_(run_dir: str, features: str, out: str, prefixes: tuple[int, ...], flow
     import sys
     from pathlib import Path
 
-    from regtok.pipeline.console import stderr_console
-    from regtok.pipeline.startup import gc_paused, keep_freed_memory
+    from regtok.pipeline.runtime.console import stderr_console
+    from regtok.pipeline.runtime.startup import gc_paused, keep_freed_memory
 
     keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
@@ -96,8 +96,8 @@ def embed(run_dir: str, shards: str, out: str, batch_size: int, workers: int | s
     """
     import os
 
-    from regtok.pipeline.console import stderr_console
     from regtok.pipeline.embeddings import embed_shards
+    from regtok.pipeline.runtime.console import stderr_console
 
     console = stderr_console()
     result = embed_shards(run_dir, shards, out, batch_size=batch_size, device=device, workers=workers,

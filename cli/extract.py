@@ -64,9 +64,9 @@ def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens
     import sys
     from pathlib import Path
 
-    from regtok.pipeline.console import stderr_console
-    from regtok.pipeline.labels import parse_groups
-    from regtok.pipeline.startup import gc_paused, keep_freed_memory
+    from regtok.pipeline.manifests.labels import parse_groups
+    from regtok.pipeline.runtime.console import stderr_console
+    from regtok.pipeline.runtime.startup import gc_paused, keep_freed_memory
 
     groups = tuple(parse_groups(label_groups).items())
     keep_freed_memory()  # CPU forward passes without faulting their activations in again

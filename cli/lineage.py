@@ -33,9 +33,9 @@ def demo(out: str, samples: int, epochs: int, overwrite: bool) -> None:
     import shutil
     from pathlib import Path
 
-    from regtok.pipeline.console import heading, stderr_console
     from regtok.pipeline.report import demo_summary
-    from regtok.pipeline.startup import keep_freed_memory
+    from regtok.pipeline.runtime.console import heading, stderr_console
+    from regtok.pipeline.runtime.startup import keep_freed_memory
 
     root = Path(out).absolute()
     stages = ("shards-train", "shards-test", "features-train", "features-test", "run", "eval")
@@ -58,10 +58,10 @@ def _demo_steps(root, samples: int, epochs: int, console) -> list:
     """The demo's stages as (title, call) pairs: each stage's function with its config object; every manifest
     records the equivalent stage command."""
     from regtok.config import EvalConfig, TrainConfig, resolve
-    from regtok.pipeline.console import train_progress
     from regtok.pipeline.eval import run_eval
     from regtok.pipeline.extract import run_extract
     from regtok.pipeline.extract_config import ExtractConfig
+    from regtok.pipeline.runtime.console import train_progress
     from regtok.pipeline.synth import synthesize
     from regtok.pipeline.train import train_run
 
@@ -102,8 +102,8 @@ def show(manifest: str) -> None:
     """Print the chain of manifests behind MANIFEST (a file or a stage directory) back to the shards."""
     from rich.tree import Tree
 
-    from regtok.pipeline.console import stdout_console
     from regtok.pipeline.lineage import lineage, summary_line
+    from regtok.pipeline.runtime.console import stdout_console
 
     def add(tree: Tree, node) -> None:
         mark = {"ok": "[green]✓[/]", "missing": "[red]missing[/]", "changed": "[red]changed since recorded[/]"}
@@ -152,9 +152,9 @@ def rerun(manifest: str, out: str | None, root: str | None, allow_outside: bool)
     """
     import tempfile
 
-    from regtok.pipeline.console import stderr_console
     from regtok.pipeline.rerun import rerun as rerun_stage
-    from regtok.pipeline.startup import keep_freed_memory
+    from regtok.pipeline.runtime.console import stderr_console
+    from regtok.pipeline.runtime.startup import keep_freed_memory
 
     keep_freed_memory()  # as in the stage it reruns
     console = stderr_console()

@@ -41,7 +41,7 @@ def _train_config(preset: str | None, config_file: str | None, saved: dict | Non
                   **flags):
     """defaults → preset → (a resumed run's saved config) → YAML → flags → key=value overrides."""
     from regtok.config import TrainConfig, resolve
-    from regtok.pipeline.config_io import load_yaml, parse_overrides
+    from regtok.pipeline.runtime.config_io import load_yaml, parse_overrides
 
     loss = flags.pop("loss", None)
     flags = {("compile" if k == "compile_" else k): v for k, v in flags.items() if v is not None}
@@ -78,14 +78,14 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
     import yaml
 
     from regtok.config import to_dict
-    from regtok.pipeline.console import stderr_console
-    from regtok.pipeline.startup import gc_paused, keep_freed_memory
+    from regtok.pipeline.runtime.console import stderr_console
+    from regtok.pipeline.runtime.startup import gc_paused, keep_freed_memory
 
     keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
-        from regtok.pipeline.console import epoch_line, train_progress
-        from regtok.pipeline.distributed import is_main_process
         from regtok.pipeline.runs import saved_train_config
+        from regtok.pipeline.runtime.console import epoch_line, train_progress
+        from regtok.pipeline.runtime.distributed import is_main_process
         from regtok.pipeline.train import train_run
 
     saved = saved_train_config(out) if resume and out else None
@@ -179,10 +179,10 @@ def sweep(features: str, val_features: str | None, out: str, space_file: str | N
     import sys
     from pathlib import Path
 
-    from regtok.pipeline.config_io import load_yaml
-    from regtok.pipeline.console import stderr_console
+    from regtok.pipeline.runtime.config_io import load_yaml
+    from regtok.pipeline.runtime.console import stderr_console
+    from regtok.pipeline.runtime.startup import gc_paused
     from regtok.pipeline.space import parse_grid, parse_space
-    from regtok.pipeline.startup import gc_paused
     from regtok.pipeline.sweep import SweepConfig
 
     with gc_paused(freeze=True):
@@ -261,10 +261,10 @@ def compare(paths: tuple[str, ...], out: str | None, all_keys: bool, overwrite: 
     from rich.table import Table
 
     from regtok.pipeline.compare import load_entries, plot_curves, render_markdown, tables
-    from regtok.pipeline.console import stdout_console
+    from regtok.pipeline.runtime.console import stdout_console
 
     if out is not None:
-        from regtok.pipeline.outdir import claim, compare_foreign
+        from regtok.pipeline.manifests.outdir import claim, compare_foreign
 
         claim(Path(out), compare_foreign(Path(out)), "compare", overwrite)
     entries = load_entries(list(paths), warn=lambda msg: click.echo(f"warning: {msg}", err=True))

@@ -124,7 +124,7 @@ def file_sha256_cached(path: str | os.PathLike) -> str:
     ``~/.cache/regtok``) so that repeated runs over a large checkpoint do not hash it again (make/rsync's rule)."""
     import json
 
-    from regtok.pipeline.manifest import sha256_file, write_json_atomic
+    from regtok.pipeline.manifests.manifest import sha256_file, write_json_atomic
 
     p = Path(path).resolve()
     st = p.stat()

@@ -58,7 +58,7 @@ class CompareTable:
 def load_entries(paths: list[str | os.PathLike], warn: Callable[[str], None] = lambda msg: None) -> list[Entry]:
     """One entry per run or report; a sweep directory gives one per trial that has a run manifest. ``warn`` is
     told of what is left out (a damaged line of a run's metrics.jsonl)."""
-    from regtok.pipeline.manifest import manifest_path, read_manifest
+    from regtok.pipeline.manifests.manifest import manifest_path, read_manifest
 
     entries = []
     for path in paths:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from regtok.errors import RegtokError
-from regtok.pipeline.labels import class_difference
+from regtok.pipeline.manifests.labels import class_difference
 
 
 def check_compatible(store: Any, kind: str, inputs: Mapping[str, Sequence[int]], *, what: str, expected_by: str,

@@ -53,7 +53,7 @@ def embed_shards(run_dir: str | os.PathLike, shards: str, out: str | os.PathLike
     from regtok.model import allowed_keeps
     from regtok.pipeline.api import check_weights, load_run, open_store, training_encoders
     from regtok.pipeline.extract import ExtractConfig, run_extract
-    from regtok.pipeline.outdir import claim_file
+    from regtok.pipeline.manifests.outdir import claim_file
 
     out = Path(out).absolute()
     claim_file(out, "embed", overwrite)

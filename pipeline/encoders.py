@@ -28,7 +28,7 @@ from torch import nn
 from regtok.errors import RegtokError
 from regtok.pipeline.checkpoints import state_dict_sha256
 from regtok.pipeline.images import ImagePrep, simple_prep
-from regtok.pipeline.startup import gc_paused
+from regtok.pipeline.runtime.startup import gc_paused
 
 KINDS = ("open_clip", "timm", "tvl", "tiny")
 SPEC_HELP = ("open_clip:MODEL@TAG | open_clip:hf-hub:ORG/NAME | open_clip:MODEL@/path/weights | timm:MODEL.TAG | "

@@ -29,9 +29,8 @@ from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
 from regtok.evaluate import EvalConfig, evaluate
 from regtok.pipeline.compat import check_compatible
-from regtok.pipeline.console import stderr_console
 from regtok.pipeline.embeddings import EmbeddingWriter
-from regtok.pipeline.manifest import (
+from regtok.pipeline.manifests.manifest import (
     environment,
     file_record,
     input_ref,
@@ -43,6 +42,7 @@ from regtok.pipeline.manifest import (
 )
 from regtok.pipeline.report import write_report_files
 from regtok.pipeline.report_md import headline, print_table
+from regtok.pipeline.runtime.console import stderr_console
 
 
 class StoreColumn:
@@ -248,10 +248,10 @@ def _inputs(run_dir: Path, features: str | os.PathLike, fit: Any, out: Path) -> 
 
 
 def _claim_report_dir(out: Path, overwrite: bool) -> bool:
-    """``out`` must be empty, or ``overwrite`` given (:func:`regtok.pipeline.outdir.report_foreign`); returns
+    """``out`` must be empty, or ``overwrite`` given (:func:`regtok.pipeline.manifests.outdir.report_foreign`); returns
     whether it holds an earlier eval report, whose files this one replaces."""
-    from regtok.pipeline.manifest import ManifestError
-    from regtok.pipeline.outdir import claim, report_foreign
+    from regtok.pipeline.manifests.manifest import ManifestError
+    from regtok.pipeline.manifests.outdir import claim, report_foreign
 
     claim(out, report_foreign(out, overwrite), "eval", overwrite)
     try:
@@ -262,7 +262,7 @@ def _claim_report_dir(out: Path, overwrite: bool) -> bool:
 
 def _remove_stale(out: Path, written: list[Path]) -> None:
     """An earlier report's files that this one did not write again (embeddings.h5 …): they would be stale."""
-    from regtok.pipeline.outdir import REPORT_FILES
+    from regtok.pipeline.manifests.outdir import REPORT_FILES
 
     for name in REPORT_FILES - {p.name for p in written} - {"manifest.json"}:
         (out / name).unlink(missing_ok=True)

@@ -23,15 +23,15 @@ import torch
 
 from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
-from regtok.pipeline.console import extract_progress
 from regtok.pipeline.encoders import Encoder, load_encoder
 from regtok.pipeline.extract_config import ExtractConfig
-from regtok.pipeline.labels import label_schema, with_groups
-from regtok.pipeline.manifest import environment, input_ref, new_manifest, read_manifest, write_manifest
+from regtok.pipeline.manifests.labels import label_schema, with_groups
+from regtok.pipeline.manifests.manifest import environment, input_ref, new_manifest, read_manifest, write_manifest
 from regtok.pipeline.part_records import finish_part, finished, record_path
+from regtok.pipeline.runtime.console import extract_progress
+from regtok.pipeline.runtime.startup import gc_paused
 from regtok.pipeline.samples import LabelRules, ShardBatch, ShardStream
 from regtok.pipeline.shards import expand_shards
-from regtok.pipeline.startup import gc_paused
 from regtok.pipeline.store import INDEX_NAME, PARTS_DIR, PartWriter, write_index
 
 PAUSE_ENV = "REGTOK_EXTRACT_PAUSE_AFTER_PART"  # seconds; lets crash tests kill a run between parts
@@ -61,7 +61,7 @@ def resolve_job(config: ExtractConfig) -> Job:
     job = Job(config, shards, names)
     spec = Path(config.shards)
     if spec.suffix == ".json" and spec.is_file():
-        from regtok.pipeline.manifest import resolve_path
+        from regtok.pipeline.manifests.manifest import resolve_path
 
         job.dataset, job.dataset_path = read_manifest(spec, kind="dataset"), spec.absolute()
         by_path = {resolve_path(spec, s["path"]).absolute(): s.get("samples") for s in job.dataset["shards"]}
@@ -212,7 +212,7 @@ def run_extract(config: ExtractConfig, *, command: list[str] | None = None, show
     """
     import torch.distributed as dist
 
-    from regtok.pipeline.distributed import join_process_group, launched, leave_process_group
+    from regtok.pipeline.runtime.distributed import join_process_group, launched, leave_process_group
 
     t0 = time.perf_counter()
     rank, world, local_rank = launched()
@@ -261,8 +261,8 @@ def run_extract(config: ExtractConfig, *, command: list[str] | None = None, show
 
 def _claim_out(config: ExtractConfig, overwrite: bool, rank: int, world: int, device: torch.device):
     """Rank 0 checks that ``--out`` holds nothing but an earlier extraction and locks it; every rank stops
-    when rank 0 could not. Returns rank 0's :class:`~pipeline.outdir.DirLock` (None on other ranks)."""
-    from regtok.pipeline.outdir import DirLock, claim, store_foreign
+    when rank 0 could not. Returns rank 0's :class:`~pipeline.manifests.outdir.DirLock` (None on other ranks)."""
+    from regtok.pipeline.manifests.outdir import DirLock, claim, store_foreign
 
     out, lock, error = Path(config.out), None, None
     if rank == 0:
@@ -323,7 +323,7 @@ def write_store(job: Job, encoders: dict[str, Encoder], fp: str, timings: dict, 
     n = write_index(root, [r["part"] for r in records], shapes, label_names)
     skipped = [s for r in records for s in r["skipped"]]
     skip_count = sum(r["skip_count"] for r in records)
-    from regtok.pipeline.manifest import file_record
+    from regtok.pipeline.manifests.manifest import file_record
 
     inputs = [input_ref("dataset", job.dataset_path, root)] if job.dataset_path else []
     inputs += [{"role": "shard", "path": r["shard"], "sha256": r["shard_sha256"], "samples": r["read"]}

@@ -20,7 +20,7 @@ class ExtractConfig:
     device: str = "auto"
     max_skip_fraction: float = 0.01
     # ((label, group), ...): which part of the representation should hold a label, "shared" or a modality's name
-    # (recorded in the manifest's label schema; see pipeline/labels.py)
+    # (recorded in the manifest's label schema; see pipeline/manifests/labels.py)
     label_groups: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:

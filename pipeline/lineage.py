@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from regtok.pipeline.manifest import ManifestError, manifest_path, read_manifest, resolve_path, sha256_file
+from regtok.pipeline.manifests.manifest import ManifestError, manifest_path, read_manifest, resolve_path, sha256_file
 
 # Fields of a manifest that hold records of files ({"path", "sha256", ...}), besides "inputs".
 FILE_FIELDS = ("shards", "parts")

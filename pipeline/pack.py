@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from regtok.errors import RegtokError
-from regtok.pipeline.labels import class_list, is_number, label_schema, with_groups
-from regtok.pipeline.manifest import environment, file_record, input_ref, new_manifest, write_manifest
+from regtok.pipeline.manifests.labels import class_list, is_number, label_schema, with_groups
+from regtok.pipeline.manifests.manifest import environment, file_record, input_ref, new_manifest, write_manifest
 from regtok.pipeline.shards import IMAGE_EXTS, prepare_out_dir, remove_stale_shards, shard_name, write_shard
 
 Sample = tuple[str, list[tuple[str, bytes]]]
@@ -65,7 +65,7 @@ def label_columns(label_cols: Sequence[str]) -> dict[str, str | None]:
 
 def schema_from(dataset_json: str | Path, label_cols: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The label schema of another split's ``dataset.json``, for ``label_cols`` (default: all its labels)."""
-    from regtok.pipeline.manifest import read_manifest
+    from regtok.pipeline.manifests.manifest import read_manifest
 
     path = Path(dataset_json)
     if not path.is_file():

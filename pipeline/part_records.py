@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from regtok.errors import RegtokError
-from regtok.pipeline.manifest import write_json_atomic
+from regtok.pipeline.manifests.manifest import write_json_atomic
 from regtok.pipeline.store import PARTS_DIR, PartWriter
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def shard_identity(shard: Path) -> dict:
 def _input_changed(rec: dict, shard: Path) -> str | None:
     """Why the shard a part was made from is not ``shard`` now, or None: the same path, size and mtime, or
     failing that the same sha256 (a shard copied or touched without changing)."""
-    from regtok.pipeline.manifest import sha256_file
+    from regtok.pipeline.manifests.manifest import sha256_file
 
     try:
         if rec.get("shard") == str(shard) and all(rec.get(k) == v for k, v in shard_identity(shard).items()):
@@ -67,7 +67,7 @@ def _input_changed(rec: dict, shard: Path) -> str | None:
 
 def _part_changed(rec: dict, part: Path) -> str | None:
     """Why a part file is not what its record says (size; sha256 for small parts), or None."""
-    from regtok.pipeline.manifest import sha256_file
+    from regtok.pipeline.manifests.manifest import sha256_file
     from regtok.pipeline.store import HASH_PARTS_UP_TO
 
     size = part.stat().st_size
@@ -80,7 +80,7 @@ def _part_changed(rec: dict, part: Path) -> str | None:
 
 def finish_part(job: Job, batch: ShardBatch, writer: PartWriter, bad: list[dict], fp: str) -> None:
     """Rename the part into place, then write its completion record."""
-    from regtok.pipeline.manifest import sha256_file
+    from regtok.pipeline.manifests.manifest import sha256_file
 
     n = writer.close()
     skipped = [{"shard": job.names[batch.shard], **s} for s in bad]

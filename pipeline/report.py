@@ -11,10 +11,10 @@ from typing import Any
 
 from rich.console import Console
 
-from regtok.pipeline.console import heading
-from regtok.pipeline.manifest import write_json_atomic
+from regtok.pipeline.manifests.manifest import write_json_atomic
 from regtok.pipeline.plots import plot_prefix
 from regtok.pipeline.report_md import headline_sentence, parts_line, reconstruction_line, render_markdown
+from regtok.pipeline.runtime.console import heading
 
 
 def write_report_files(report: dict[str, Any], out: Path, console: Console | None = None) -> list[Path]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from regtok.errors import RegtokError
-from regtok.pipeline.manifest import ManifestError, manifest_path, read_manifest, resolve_path
+from regtok.pipeline.manifests.manifest import ManifestError, manifest_path, read_manifest, resolve_path
 
 METRIC_TOLERANCE = 0.02  # absolute, for metrics of non-CPU training reruns
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")

@@ -17,7 +17,7 @@ from torch import nn
 
 from regtok.config import TrainConfig, from_dict, from_saved
 from regtok.errors import RegtokError
-from regtok.pipeline.manifest import read_manifest
+from regtok.pipeline.manifests.manifest import read_manifest
 from regtok.pipeline.runs import CONFIG, MANIFEST, epoch_records
 from regtok.pipeline.weights import BUFFERS, CHECKPOINT, checkpoint_step, load_weights, weights_file
 
@@ -98,7 +98,7 @@ def _records(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def check_recorded(run_dir: Path, manifest: dict[str, Any], names: tuple[str, ...]) -> None:
     """Each of ``names`` must be the file the run manifest records (size and sha256), as ``regtok verify`` checks."""
-    from regtok.pipeline.manifest import sha256_file
+    from regtok.pipeline.manifests.manifest import sha256_file
 
     records = _records(manifest)
     for name in names:

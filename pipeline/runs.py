@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from regtok.config import TrainConfig, from_saved, to_dict
-from regtok.pipeline.manifest import (
+from regtok.pipeline.manifests.manifest import (
     environment,
     file_record,
     input_ref,

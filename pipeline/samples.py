@@ -108,7 +108,7 @@ class ShardStream(IterableDataset):
             yield from self.read_shard(index, path)
 
     def read_shard(self, index: int, path: Path) -> Iterator[ShardBatch]:
-        from regtok.pipeline.manifest import sha256_file
+        from regtok.pipeline.manifests.manifest import sha256_file
 
         batch, read = ShardBatch(index), 0
         try:

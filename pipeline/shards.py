@@ -74,7 +74,7 @@ class ShardReadError(Exception):
 def prepare_out_dir(out: Path, command: str = "synth", overwrite: bool = False) -> None:
     """Create ``out``; refuse a folder holding anything but an earlier output of ``regtok COMMAND`` (its
     dataset.json and the shards it lists) unless ``overwrite``."""
-    from regtok.pipeline.outdir import claim, dataset_foreign
+    from regtok.pipeline.manifests.outdir import claim, dataset_foreign
 
     claim(out, dataset_foreign(out, command), command, overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +165,7 @@ def expand_shards(spec: str, *, allow_outside: bool = True) -> list[Path]:
 
 
 def _dataset_shards(path: Path) -> list[Path]:
-    from regtok.pipeline.manifest import read_manifest, resolve_path
+    from regtok.pipeline.manifests.manifest import read_manifest, resolve_path
 
     m = read_manifest(path, kind="dataset")
     shards = m.get("shards")

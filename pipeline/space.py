@@ -152,7 +152,7 @@ def _number(value: Any, tp: type) -> Any:
 
 def parse_grid(items: typing.Iterable[str]) -> dict[str, Any]:
     """``["model.n_shared=4,8,16"]`` → {"model.n_shared": [4, 8, 16]} (values parsed as YAML scalars)."""
-    from regtok.pipeline.config_io import yaml_value
+    from regtok.pipeline.runtime.config_io import yaml_value
 
     out: dict[str, Any] = {}
     for item in items:

@@ -327,7 +327,7 @@ def read_rows(ds, rows: np.ndarray, n: int) -> np.ndarray:
 
 def open_store(path: str | os.PathLike) -> FeatureStore:
     """Open a feature store by its directory or its manifest.json; RegtokError if it is not one."""
-    from regtok.pipeline.manifest import manifest_path, read_manifest
+    from regtok.pipeline.manifests.manifest import manifest_path, read_manifest
 
     mpath = manifest_path(path)
     if not mpath.is_file():
@@ -376,7 +376,7 @@ def check_parts(root: Path, m: dict) -> None:
 
     The index is a virtual dataset: a missing part would read as rows of zeros, so it is an error here.
     """
-    from regtok.pipeline.manifest import sha256_file
+    from regtok.pipeline.manifests.manifest import sha256_file
 
     parts = m.get("parts")
     if parts is None:

@@ -180,7 +180,7 @@ def _check_inputs(features: str | os.PathLike, val_features: str | os.PathLike |
                   space: dict[str, Param], base: TrainConfig, url: str) -> dict[str, str]:
     """Every check that needs no study: space, grid size, metric, storage kind, validation data, the stores (their
     manifests' hashes, returned)."""
-    from regtok.pipeline.manifest import manifest_path, sha256_file
+    from regtok.pipeline.manifests.manifest import manifest_path, sha256_file
     from regtok.pipeline.store import open_store
 
     check_space(space, base, scfg.sampler, "search space")
@@ -214,8 +214,8 @@ def _claim(out: Path, study: str, storage: str, overwrite: bool) -> None:
     ``OUT/sweep.json`` names the study and storage the directory belongs to: the trial directories of two
     studies would have the same names, so ``overwrite`` never lifts that.
     """
-    from regtok.pipeline.manifest import ManifestError, read_manifest
-    from regtok.pipeline.outdir import claim
+    from regtok.pipeline.manifests.manifest import ManifestError, read_manifest
+    from regtok.pipeline.manifests.outdir import claim
 
     if out.exists() and not out.is_dir():
         raise RegtokError(f"--out {out} is a file, not a directory")

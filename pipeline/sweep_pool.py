@@ -62,7 +62,7 @@ def _run_workers(spec: Any, jobs: int, study: Any, total: int, console: Any,
     import multiprocessing as mp
     from dataclasses import replace as with_
 
-    from regtok.pipeline.console import progress
+    from regtok.pipeline.runtime.console import progress
     from regtok.pipeline.sweep_worker import run_worker, spawn_worker
 
     bar = progress(console, _status_column(), disable=not show_progress)

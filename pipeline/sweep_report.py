@@ -79,7 +79,7 @@ def write_outputs(out: Path, study: Any, scfg: Any, space: dict[str, Param], bas
                   features: str | os.PathLike, val_features: str | os.PathLike | None, command: list[str] | None,
                   seconds: float) -> dict[str, Any]:
     """Write report.json, report.md, sweep.png (with matplotlib), best.yaml and manifest.json; the report."""
-    from regtok.pipeline.manifest import (
+    from regtok.pipeline.manifests.manifest import (
         environment,
         file_record,
         input_ref,

@@ -183,7 +183,7 @@ def run_trial(trial: Any, spec: WorkerSpec, scfg: Any, space: dict[str, Param], 
 def _record_result(trial: Any, manifest: Path, result: Any, metric: str) -> float:
     """The trial's value (``metric`` of the kept epoch) and what the report shows beside it: the kept epoch, the
     last epoch's value, the validation N."""
-    from regtok.pipeline.manifest import read_manifest
+    from regtok.pipeline.manifests.manifest import read_manifest
     from regtok.pipeline.runs import kept_record
     from regtok.pipeline.sweep import metric_value
 

@@ -23,7 +23,6 @@ from regtok.config import TrainConfig, closest_preset, to_dict
 from regtok.data import Batches, feature_stats, make_batches, rows_digest, sample_rows, split_rows, store_bytes
 from regtok.errors import RegtokError
 from regtok.pipeline.compat import check_compatible
-from regtok.pipeline.distributed import init_distributed, leave_process_group, memory_budget
 from regtok.pipeline.plots import plot_curves
 from regtok.pipeline.runs import (
     CHECKPOINT,
@@ -43,6 +42,7 @@ from regtok.pipeline.runs import (
     write_config,
     write_run_manifest,
 )
+from regtok.pipeline.runtime.distributed import init_distributed, leave_process_group, memory_budget
 from regtok.pipeline.tensorboard_log import TensorBoardLog
 from regtok.pipeline.weights import drop_stale_buffers, prune_weights
 from regtok.train import ResumeState, TrainResult, full_r1, train
@@ -205,9 +205,9 @@ def start_lines(split: Split, cfg: TrainConfig, device: torch.device, world: int
 
 
 def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """``out`` holds nothing but a run (see :func:`regtok.pipeline.outdir.run_foreign`), and a run there is only
-    continued with ``resume`` or started again with ``overwrite``."""
-    from regtok.pipeline.outdir import claim, run_foreign
+    """``out`` holds nothing but a run (see :func:`regtok.pipeline.manifests.outdir.run_foreign`), and a run there is
+    only continued with ``resume`` or started again with ``overwrite``."""
+    from regtok.pipeline.manifests.outdir import claim, run_foreign
 
     claim(out, run_foreign(out), "train", overwrite)
     if not resume and not overwrite and (out / CHECKPOINT).exists():
@@ -220,7 +220,7 @@ def remove_run_files(out: Path) -> None:
     when ``out`` holds no run (then --overwrite only lets the new run's files replace same-named ones)."""
     import shutil
 
-    from regtok.pipeline.outdir import RUN_FILES, is_run_config
+    from regtok.pipeline.manifests.outdir import RUN_FILES, is_run_config
 
     if not is_run_config(out / CONFIG):
         return

@@ -2,7 +2,7 @@
 
 The whole store (every modality of the chosen feature kind) is read once, in large contiguous reads, into
 device memory as float16; each epoch draws batches from a seeded random permutation made on the device. A store
-larger than the caller's memory budget (``pipeline.distributed.memory_budget``) is streamed instead: each chunk
+larger than the caller's memory budget (``pipeline.runtime.distributed.memory_budget``) is streamed instead: each chunk
 of the same permutation is read with one sorted read per modality. Under DDP each rank takes its slice of every
 global batch.
 

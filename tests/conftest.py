@@ -42,7 +42,7 @@ def write_feature_store(root: Path, features: dict[str, dict[str, np.ndarray]], 
                         keys: list[str], schema: dict, specs: dict[str, str] | None = None, n_parts: int = 2) -> Path:
     """A feature store of ``features[modality][kind]`` rows, written as extract writes one: ``n_parts`` parts by
     ``PartWriter``, the index by ``write_index``, and a features manifest."""
-    from regtok.pipeline.manifest import new_manifest, sha256_file, write_manifest
+    from regtok.pipeline.manifests.manifest import new_manifest, sha256_file, write_manifest
     from regtok.pipeline.store import PartWriter, write_index
 
     n = len(keys)

@@ -17,7 +17,7 @@ from conftest import write_store
 import regtok.train
 from regtok.cli import main
 from regtok.config import PRESETS, TrainConfig, resolve, to_dict
-from regtok.pipeline.manifest import file_record, read_manifest, write_manifest
+from regtok.pipeline.manifests.manifest import file_record, read_manifest, write_manifest
 from regtok.pipeline.run_load import load_run
 from regtok.pipeline.runs import kept_record, read_metrics
 

@@ -206,7 +206,7 @@ def test_unknown_open_clip_model_and_missing_file(tmp_path):
 
 def test_weights_hash_cache_follows_file_changes(tmp_path, monkeypatch):
     from regtok.pipeline.checkpoints import file_sha256_cached
-    from regtok.pipeline.manifest import sha256_file
+    from regtok.pipeline.manifests.manifest import sha256_file
 
     monkeypatch.setenv("REGTOK_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "big.bin"
@@ -277,7 +277,7 @@ def test_a_spec_without_a_tag_lists_the_tags(text, kind, tags):
 def test_timm_tag_loads_from_the_hub_cache(hub_cache):
     import timm
 
-    from regtok.pipeline.manifest import sha256_file
+    from regtok.pipeline.manifests.manifest import sha256_file
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
     path = _put(hub_cache, "timm/vit_tiny_patch16_224.augreg_in21k",
@@ -295,7 +295,7 @@ def test_timm_tag_loads_from_the_hub_cache(hub_cache):
 
 
 def test_open_clip_hf_hub_loads_config_and_weights_from_the_cache(hub_cache, open_clip_model):
-    from regtok.pipeline.manifest import sha256_file
+    from regtok.pipeline.manifests.manifest import sha256_file
 
     model, _, _ = open_clip_model
     config = {"model_cfg": OC_CFG, "preprocess_cfg": {"mean": [0.25, 0.5, 0.75], "std": [0.2, 0.3, 0.4]}}

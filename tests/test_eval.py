@@ -16,7 +16,7 @@ from regtok.cli import main
 from regtok.config import PRESETS, ModelConfig, TrainConfig, merge, resolve
 from regtok.evaluate import EvalConfig, evaluate
 from regtok.model import RegTok
-from regtok.pipeline.manifest import read_manifest, sha256_file
+from regtok.pipeline.manifests.manifest import read_manifest, sha256_file
 from regtok.pipeline.report_md import render_markdown, small_probe_warning
 
 MODS = ("vision", "tactile")

@@ -24,7 +24,7 @@ from regtok.data import store_bytes
 from regtok.errors import RegtokError
 from regtok.pipeline.encoders import tiny_encoder
 from regtok.pipeline.extract import PAUSE_ENV, ExtractConfig, decode_workers, run_extract
-from regtok.pipeline.manifest import read_manifest, sha256_file
+from regtok.pipeline.manifests.manifest import read_manifest, sha256_file
 from regtok.pipeline.shards import write_shard
 from regtok.pipeline.store import open_store
 

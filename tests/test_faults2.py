@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import regtok
 from regtok.errors import RegtokError
-from regtok.pipeline.manifest import sha256_file
+from regtok.pipeline.manifests.manifest import sha256_file
 
 ENCODERS = ["--encoder", "vision=tiny:0", "--encoder", "tactile=tiny:1"]
 TRAIN = ["--preset", "tiny", "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25", "--device", "cpu",

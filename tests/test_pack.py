@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from regtok.cli import main
-from regtok.pipeline.manifest import read_manifest, sha256_file
+from regtok.pipeline.manifests.manifest import read_manifest, sha256_file
 from regtok.pipeline.shards import iter_shard
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from regtok.cli import main
 from regtok.config import TrainConfig, from_dict, resolve, to_dict
 from regtok.errors import RegtokError
-from regtok.pipeline.manifest import read_manifest
+from regtok.pipeline.manifests.manifest import read_manifest
 from regtok.pipeline.runs import kept_record
 from regtok.pipeline.space import parse_space
 
@@ -357,7 +357,7 @@ def test_compare_reports_and_refuses_other_stages(swept, store, tmp_path):
 
 
 def test_shipped_train_configs_hold_only_what_differs():
-    from regtok.pipeline.config_io import load_yaml
+    from regtok.pipeline.runtime.config_io import load_yaml
     from regtok.pipeline.space import diff_from_defaults
 
     root = Path(__file__).resolve().parent.parent / "configs"

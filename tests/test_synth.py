@@ -13,7 +13,7 @@ from PIL import Image
 from regtok.cli import main
 from regtok.errors import RegtokError
 from regtok.pipeline import surfaces, synth
-from regtok.pipeline.manifest import read_manifest, sha256_file
+from regtok.pipeline.manifests.manifest import read_manifest, sha256_file
 from regtok.pipeline.shards import iter_shard
 
 N, SIZE = 20, 32

@@ -17,7 +17,7 @@ import regtok.pipeline.train
 from regtok.cli import main
 from regtok.config import TrainConfig, resolve
 from regtok.data import epoch_permutation, make_batches, split_rows
-from regtok.pipeline.manifest import read_manifest, sha256_file
+from regtok.pipeline.manifests.manifest import read_manifest, sha256_file
 from regtok.train import lr_at, make_optimizer
 
 

@@ -30,7 +30,7 @@ def _entries(out: Path) -> list[str]:
 
 
 def _manifest(path: Path, kind: str) -> dict | None:
-    from regtok.pipeline.manifest import ManifestError, read_manifest
+    from regtok.pipeline.manifests.manifest import ManifestError, read_manifest
 
     try:
         return read_manifest(path, kind=kind)
