@@ -69,7 +69,7 @@ def train_encoder(model_name: str, modality: str, images: list, factors: dict, e
     from timm.data import create_transform, resolve_data_config
 
     from regtok.pipeline import synth
-    from regtok.pipeline.images import prep_from_transform
+    from regtok.pipeline.encoders.images import prep_from_transform
 
     torch.manual_seed(seed)
     backbone = timm.create_model(model_name, pretrained=False, num_classes=0)

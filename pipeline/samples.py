@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from regtok.pipeline.images import ImageDecodeError, ImagePrep
+from regtok.pipeline.encoders.images import ImageDecodeError, ImagePrep
 from regtok.pipeline.shards import IMAGE_EXTS, ShardReadError, iter_shard
 
 

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from regtok.errors import RegtokError
-from regtok.pipeline.encoder_kinds import open_clip_tag
-from regtok.pipeline.encoders import EncoderSpec, load_encoder, parse_spec, tiny_encoder
+from regtok.pipeline.encoders.encoder import EncoderSpec, load_encoder, parse_spec, tiny_encoder
+from regtok.pipeline.encoders.kinds import open_clip_tag
 
 OC_MODEL = "regtok-test-vit"
 OC_CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8,
@@ -205,7 +205,7 @@ def test_unknown_open_clip_model_and_missing_file(tmp_path):
 
 
 def test_weights_hash_cache_follows_file_changes(tmp_path, monkeypatch):
-    from regtok.pipeline.checkpoints import file_sha256_cached
+    from regtok.pipeline.encoders.checkpoints import file_sha256_cached
     from regtok.pipeline.manifests.manifest import sha256_file
 
     monkeypatch.setenv("REGTOK_CACHE_DIR", str(tmp_path / "cache"))

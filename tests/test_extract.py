@@ -22,7 +22,7 @@ from PIL import Image
 from regtok.cli import main
 from regtok.data import store_bytes
 from regtok.errors import RegtokError
-from regtok.pipeline.encoders import tiny_encoder
+from regtok.pipeline.encoders.encoder import tiny_encoder
 from regtok.pipeline.extract import PAUSE_ENV, ExtractConfig, decode_workers, run_extract
 from regtok.pipeline.manifests.manifest import read_manifest, sha256_file
 from regtok.pipeline.shards import write_shard

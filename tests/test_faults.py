@@ -174,7 +174,7 @@ def test_4_duplicate_keys_across_shards_fail_with_a_clear_error(data, tmp_path):
 
 
 def test_5_sixteen_bit_png_is_scaled_to_eight_bits():
-    from regtok.pipeline.images import decode_image
+    from regtok.pipeline.encoders.images import decode_image
 
     values = np.linspace(7453, 37008, 64).reshape(8, 8)
     img = np.asarray(decode_image(png16(values)))

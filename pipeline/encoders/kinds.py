@@ -1,9 +1,9 @@
-"""The builders of the encoder kinds, one per way a spec names its weights (see :mod:`pipeline.encoders`).
+"""The builders of the encoder kinds, one per way a spec names its weights (see :mod:`pipeline.encoders.encoder`).
 
 Each builder is registered for a ``(kind, form)`` pair, as timm's ``register_model`` registers a model's
 entrypoint: :func:`builder_for` looks a parsed spec up. Builders that read a weights file hash it in a thread
 while the model is built (:func:`hashing`) and build on the meta device before assigning the weights
-(:func:`regtok.pipeline.checkpoints.build_and_load`).
+(:func:`regtok.pipeline.encoders.checkpoints.build_and_load`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from regtok.errors import RegtokError
-from regtok.pipeline.checkpoints import (
+from regtok.pipeline.encoders.checkpoints import (
     build_and_load,
     file_sha256_cached,
     read_checkpoint,
     state_dict_of,
     state_dict_sha256,
 )
-from regtok.pipeline.encoders import (
+from regtok.pipeline.encoders.encoder import (
     Encoder,
     EncoderSpec,
     OpenClipVisual,
@@ -33,7 +33,7 @@ from regtok.pipeline.encoders import (
     missing_tag,
     tiny_encoder,
 )
-from regtok.pipeline.images import ImagePrep, prep_from_transform
+from regtok.pipeline.encoders.images import ImagePrep, prep_from_transform
 
 Builder = Callable[[EncoderSpec], Encoder]
 BUILDERS: dict[tuple[str, str], Builder] = {}  # (kind, form) -> builder, filled by @register_kind below
@@ -100,7 +100,7 @@ def open_clip_file(spec: EncoderSpec) -> Encoder:
 @register_kind("open_clip", "hf-hub")
 def open_clip_hub(spec: EncoderSpec) -> Encoder:
     """``open_clip:hf-hub:ORG/NAME``: open_clip_config.json and weights from the Hugging Face cache."""
-    from regtok.pipeline.hub import advice, hub_file
+    from regtok.pipeline.encoders.hub import advice, hub_file
 
     repo = spec.model.removeprefix("hf-hub:")
     hub_file(repo, ["open_clip_config.json"], f"encoder {spec}", advice("open_clip:MODEL", repo))
@@ -130,7 +130,7 @@ def timm_tag(spec: EncoderSpec) -> Encoder:
     if not cfg.hf_hub_id:
         raise RegtokError(f"{where}: timm has no Hugging Face weights for {spec.model!r}; pass a local weights "
                           f"file (timm:{spec.model}@/path/weights)")
-    from regtok.pipeline.hub import safe_first
+    from regtok.pipeline.encoders.hub import safe_first
 
     repo, _, rev = cfg.hf_hub_id.partition("@")
     names = safe_first(cfg.hf_hub_filename) if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
@@ -149,7 +149,7 @@ def tvl_file(spec: EncoderSpec) -> Encoder:
 def _cached(spec: EncoderSpec, repo: str, names: list[str], local: str,
             revision: str | None = None) -> tuple[Path, dict]:
     """The first of ``names`` in the local Hugging Face cache of ``repo``, and what the manifest records of it."""
-    from regtok.pipeline.hub import advice, cache_record, hub_file
+    from regtok.pipeline.encoders.hub import advice, cache_record, hub_file
 
     path = hub_file(repo, names, f"encoder {spec}", advice(local, repo), revision)
     return path, {"source": "Hugging Face cache", **cache_record(path)}
@@ -159,7 +159,7 @@ def _check_open_clip_tag(spec: EncoderSpec, pretrained: dict) -> None:
     """Fail fast, in one line, on a tag open_clip does not know or whose weights are not to be had."""
     import os
 
-    from regtok.pipeline.hub import advice, hub_file, offline, safe_first
+    from regtok.pipeline.encoders.hub import advice, hub_file, offline, safe_first
 
     if not pretrained:
         if Path(spec.source).is_file():  # open_clip takes a file path as its pretrained argument too
@@ -206,7 +206,7 @@ def _open_clip_config(spec: EncoderSpec) -> tuple[dict, dict]:
     import open_clip
 
     if spec.model.startswith("hf-hub:"):
-        from regtok.pipeline.hub import hub_file
+        from regtok.pipeline.encoders.hub import hub_file
 
         repo = spec.model.removeprefix("hf-hub:")
         path = hub_file(repo, ["open_clip_config.json"], f"encoder {spec}", "")

@@ -11,9 +11,9 @@ Specs::
     tiny  or  tiny:SEED          a seeded random-init 1-block ViT for tests and the demo
 
 Every encoder maps uint8 images ``(B, 3, H, W)`` to pooled features ``(B, D)`` and, on request, token
-features ``(B, T, D_tok)``. Each kind registers one builder per form of spec (:mod:`pipeline.encoder_kinds`).
-Weights load without running pickled code (see :mod:`pipeline.checkpoints`); Hub weights come from the local
-Hugging Face cache (see :mod:`pipeline.hub`, which honours ``HF_HUB_OFFLINE``).
+features ``(B, T, D_tok)``. Each kind registers one builder per form of spec (:mod:`pipeline.encoders.kinds`).
+Weights load without running pickled code (see :mod:`pipeline.encoders.checkpoints`); Hub weights come from the local
+Hugging Face cache (see :mod:`pipeline.encoders.hub`, which honours ``HF_HUB_OFFLINE``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from regtok.errors import RegtokError
-from regtok.pipeline.checkpoints import state_dict_sha256
-from regtok.pipeline.images import ImagePrep, simple_prep
+from regtok.pipeline.encoders.checkpoints import state_dict_sha256
+from regtok.pipeline.encoders.images import ImagePrep, simple_prep
 from regtok.pipeline.runtime.startup import gc_paused
 
 KINDS = ("open_clip", "timm", "tvl", "tiny")
@@ -51,7 +51,7 @@ class EncoderSpec:
     @property
     def form(self) -> str:
         """How the spec names its weights: ``seed`` (tiny), ``file``, ``hf-hub`` (open_clip) or ``tag``; a kind
-        registers one builder per form (:mod:`pipeline.encoder_kinds`)."""
+        registers one builder per form (:mod:`pipeline.encoders.kinds`)."""
         if self.kind == "tiny":
             return "seed"
         if self.is_file:
@@ -261,7 +261,7 @@ def tiny_encoder(seed: int = 0, image_size: int = 64) -> Encoder:
 
 def load_encoder(spec: str | EncoderSpec, device: str | torch.device = "cpu") -> Encoder:
     """Build the encoder a spec names, frozen, in eval mode, on ``device`` (by the builder its kind registers)."""
-    from regtok.pipeline.encoder_kinds import builder_for
+    from regtok.pipeline.encoders.kinds import builder_for
 
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     with gc_paused():
