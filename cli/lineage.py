@@ -58,11 +58,11 @@ def _demo_steps(root, samples: int, epochs: int, console) -> list:
     """The demo's stages as (title, call) pairs: each stage's function with its config object; every manifest
     records the equivalent stage command."""
     from regtok.config import EvalConfig, TrainConfig, resolve
+    from regtok.pipeline.data import synthesize
     from regtok.pipeline.eval import run_eval
     from regtok.pipeline.extract import run_extract
     from regtok.pipeline.extract_config import ExtractConfig
     from regtok.pipeline.runtime.console import train_progress
-    from regtok.pipeline.synth import synthesize
     from regtok.pipeline.train import train_run
 
     def shards(split: str, n: int, count: int, seed: int):

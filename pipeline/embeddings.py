@@ -89,7 +89,7 @@ def embed_shards(run_dir: str | os.PathLike, shards: str, out: str | os.PathLike
 
 def _embed_modalities(run: Any, spec: str, asked: Sequence[str] | None) -> list[str]:
     """The run's modalities to embed: ``asked``, else those whose image the shards' first sample holds."""
-    from regtok.pipeline.shards import IMAGE_EXTS, expand_shards, iter_shard
+    from regtok.pipeline.data import IMAGE_EXTS, expand_shards, iter_shard
 
     if asked:
         unknown = [m for m in asked if m not in run.modalities]

@@ -23,6 +23,7 @@ import torch
 
 from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
+from regtok.pipeline.data import expand_shards
 from regtok.pipeline.encoders import Encoder, load_encoder
 from regtok.pipeline.extract_config import ExtractConfig
 from regtok.pipeline.manifests.labels import label_schema, with_groups
@@ -31,7 +32,6 @@ from regtok.pipeline.part_records import finish_part, finished, record_path
 from regtok.pipeline.runtime.console import extract_progress
 from regtok.pipeline.runtime.startup import gc_paused
 from regtok.pipeline.samples import LabelRules, ShardBatch, ShardStream
-from regtok.pipeline.shards import expand_shards
 from regtok.pipeline.store import INDEX_NAME, PARTS_DIR, PartWriter, write_index
 
 PAUSE_ENV = "REGTOK_EXTRACT_PAUSE_AFTER_PART"  # seconds; lets crash tests kill a run between parts

@@ -168,14 +168,14 @@ def _guard_run(guard: PathGuard, run_dir: Path) -> None:
 def _rerun_dataset(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
     old_shards = {s["path"]: s["sha256"] for s in m["shards"]}  # a malformed record fails before anything runs
     if m.get("generator"):
-        from regtok.pipeline.synth import synthesize
+        from regtok.pipeline.data import synthesize
 
         p = m["generator"]["params"]
         log(f"synth: {p['samples']} samples in {p['shards']} shards, seed {p['seed']}")
         new = synthesize(out, samples=int(p["samples"]), shards=int(p["shards"]), seed=int(p["seed"]),
                          image_size=int(p["image_size"]), families=p.get("families"))
     else:
-        from regtok.pipeline.pack import pack
+        from regtok.pipeline.data import pack_csv
 
         src, cfg = m["source"], _config(m)
         log(f"pack: {src['csv']}")
@@ -183,7 +183,7 @@ def _rerun_dataset(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Calla
         kwargs["allow_outside_root"] = bool(kwargs.get("allow_outside_root")) and guard.allow_outside
         if "labels_from" in kwargs:  # recorded beside the manifest (or absolute) in its inputs, not cwd-relative
             kwargs["labels_from"] = _input(mpath, m, "labels_from", guard)
-        new = pack(guard.check(src["csv"], "CSV"), guard.check(src["root"], "image root"), out, **kwargs)
+        new = pack_csv(guard.check(src["csv"], "CSV"), guard.check(src["root"], "image root"), out, **kwargs)
     new_shards = {s["path"]: s["sha256"] for s in new["shards"]}
     checks = [Check("shard list", list(old_shards) == list(new_shards), f"{len(new_shards)} shards")]
     for name, sha in old_shards.items():
@@ -192,9 +192,9 @@ def _rerun_dataset(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Calla
 
 
 def _rerun_features(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
+    from regtok.pipeline.data import expand_shards
     from regtok.pipeline.encoders import parse_spec
     from regtok.pipeline.extract import ExtractConfig, SkipLimitError, run_extract
-    from regtok.pipeline.shards import expand_shards
 
     cfg = dict(_config(m))
     for part in str(cfg["shards"]).split("::"):

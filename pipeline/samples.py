@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from regtok.pipeline.data import IMAGE_EXTS, ShardReadError, iter_shard
 from regtok.pipeline.encoders.images import ImageDecodeError, ImagePrep
-from regtok.pipeline.shards import IMAGE_EXTS, ShardReadError, iter_shard
 
 
 class SkipSample(Exception):

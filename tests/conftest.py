@@ -102,7 +102,7 @@ def sample(rng: np.random.Generator, key: str, index: int) -> tuple[str, list[tu
 
 
 def write_shards(root: Path, counts: list[int], seed: int = 0) -> list[Path]:
-    from regtok.pipeline.shards import write_shard
+    from regtok.pipeline.data.shards import write_shard
 
     rng, paths, index = np.random.default_rng(seed), [], 0
     for s, n in enumerate(counts):

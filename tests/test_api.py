@@ -29,7 +29,7 @@ def invoke(*args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     """synth → extract (tiny encoders, tokens) → train (tiny, 1 epoch) → eval --save-embeddings, on 64 pairs."""
-    from regtok.pipeline.synth import synthesize
+    from regtok.pipeline.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("api")
     synthesize(root / "shards", samples=64, shards=2, seed=0)

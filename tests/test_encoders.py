@@ -338,7 +338,7 @@ def test_offline_without_cached_weights_is_one_error_line(hub_cache, tmp_path, s
     from click.testing import CliRunner
 
     from regtok.cli import main
-    from regtok.pipeline.synth import synthesize
+    from regtok.pipeline.data.synth import synthesize
 
     synthesize(tmp_path / "data", samples=2, shards=1, seed=0)
     result = CliRunner().invoke(main, ["extract", "--shards", str(tmp_path / "data" / "dataset.json"), "--out",

@@ -28,11 +28,11 @@ from PIL import Image
 
 from regtok.cli import main
 from regtok.errors import RegtokError
+from regtok.pipeline.data.shards import write_shard
+from regtok.pipeline.data.synth import synthesize
 from regtok.pipeline.extract import ExtractConfig, run_extract
 from regtok.pipeline.manifests.manifest import sha256_file, write_json_atomic
-from regtok.pipeline.shards import write_shard
 from regtok.pipeline.store import open_store
-from regtok.pipeline.synth import synthesize
 
 ENCODERS = ["--encoder", "vision=tiny:0", "--encoder", "tactile=tiny:1"]
 TRAIN = ["--preset", "tiny", "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--device", "cpu",
@@ -160,7 +160,7 @@ def test_3_out_holding_something_else_is_refused_without_overwrite(data, tmp_pat
 
 
 def test_4_duplicate_keys_across_shards_fail_with_a_clear_error(data, tmp_path):
-    from regtok.pipeline.shards import iter_shard
+    from regtok.pipeline.data.shards import iter_shard
 
     samples = [(s.key, list(s.files.items())) for s in iter_shard(data / "shards" / "shard-000000.tar")]
     write_shard(tmp_path / "in" / "a.tar", samples)

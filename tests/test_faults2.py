@@ -29,7 +29,7 @@ EVAL = ["--no-baselines", "--prefixes", "1,2", "--device", "cpu"]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from regtok.pipeline.synth import synthesize
+    from regtok.pipeline.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("faults2")
     synthesize(root / "shards", samples=16, shards=2, seed=0, image_size=16)

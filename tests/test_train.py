@@ -29,7 +29,7 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory) -> Path:
     """The real thing, kept tiny: `regtok synth` shards through `regtok extract` with the tiny encoders."""
-    from regtok.pipeline.synth import synthesize
+    from regtok.pipeline.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("extracted")
     synthesize(root / "shards", samples=96, shards=2, seed=0)

@@ -2,7 +2,7 @@
 
 Each label is ``{"type": "continuous", "range": [lo, hi]}``, ``{"type": "categorical", "classes": [...]}`` (a
 value is a class index) or ``{"type": "text"}`` (kept in the sample json, never a number); a generator that
-knows its labels declares them instead (``pipeline.synth.declared_labels``). A label may also say which part of
+knows its labels declares them instead (``pipeline.data.synth.declared_labels``). A label may also say which part of
 the representation should hold it, ``"group"``: ``shared`` (both views depend on it) or a modality's name (one
 view only); ``regtok eval`` reads leakage and complementarity from them (:func:`with_groups` sets them).
 """

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from regtok.errors import RegtokError
+from regtok.pipeline.data.shards import IMAGE_EXTS, prepare_out_dir, remove_stale_shards, shard_name, write_shard
 from regtok.pipeline.manifests.labels import class_list, is_number, label_schema, with_groups
 from regtok.pipeline.manifests.manifest import environment, file_record, input_ref, new_manifest, write_manifest
-from regtok.pipeline.shards import IMAGE_EXTS, prepare_out_dir, remove_stale_shards, shard_name, write_shard
 
 Sample = tuple[str, list[tuple[str, bytes]]]
 Packable = tuple[int, str, dict[str, str], list[tuple[str, Path]]]  # row number, key, row, (member, image path)
@@ -197,7 +197,7 @@ def iter_samples(packable: list[Packable], labels: dict[str, dict[str, Any]]) ->
         yield key, members
 
 
-def pack(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, vision_col: str | None = "url",
+def pack_csv(csv_path: str | Path, root: str | Path | None, out_dir: str | Path, *, vision_col: str | None = "url",
          tactile_col: str | None = "tactile", label_cols: Sequence[str] = (), samples_per_shard: int = 1000,
          progress: Callable[[int], None] | None = None,
          on_rows: Callable[[int], None] | None = None, allow_outside_root: bool = False,

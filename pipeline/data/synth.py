@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from regtok.errors import RegtokError
-from regtok.pipeline import surfaces
+from regtok.pipeline.data import surfaces
+from regtok.pipeline.data.shards import prepare_out_dir, remove_stale_shards, shard_name, write_shard
 from regtok.pipeline.manifests.manifest import environment, file_record, new_manifest, write_manifest
-from regtok.pipeline.shards import prepare_out_dir, remove_stale_shards, shard_name, write_shard
 
 GENERATOR_NAME = "regtok.synth"
 GENERATOR_VERSION = "1"
