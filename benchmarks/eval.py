@@ -65,7 +65,7 @@ def _stage(samples: int, repeats: int, kind: str) -> None:
     from regtok.evaluate import EvalConfig
     from regtok.pipeline.data.synth import synthesize
     from regtok.pipeline.eval import run_eval
-    from regtok.pipeline.extract import ExtractConfig, run_extract
+    from regtok.pipeline.extract.stage import ExtractConfig, run_extract
     from regtok.pipeline.train import train_run
 
     work = Path(tempfile.mkdtemp(prefix="regtok-bench-eval-"))

@@ -44,7 +44,7 @@ BASELINES = ("cca", "weighted_cca", "start", "linear_infonce", "mlp_infonce")
 def make_stores(work: Path, train_n: int, test_n: int, encoders: dict[str, dict[str, str]], log) -> dict:
     """Synthesise the three splits once and extract each with every encoder pair (kept when WORK has them)."""
     from regtok.pipeline.data.synth import synthesize
-    from regtok.pipeline.extract import ExtractConfig, run_extract
+    from regtok.pipeline.extract.stage import ExtractConfig, run_extract
 
     splits = {"train": (train_n, 41, TRAIN_FAMILIES), "same": (test_n, 42, TRAIN_FAMILIES),
               "unseen": (test_n, 43, UNSEEN_FAMILIES)}

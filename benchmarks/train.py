@@ -32,7 +32,7 @@ import torch
 from regtok.config import TrainConfig, resolve
 from regtok.data import make_batches
 from regtok.model import RegTok
-from regtok.pipeline.store import open_store
+from regtok.pipeline.extract.store import open_store
 from regtok.train import Callbacks, lr_at, make_optimizer, train
 
 

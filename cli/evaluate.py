@@ -7,7 +7,7 @@ import click
 from regtok.cli import CONTEXT, config_default, config_option, device_option, main
 from regtok.cli.extract import _workers
 from regtok.config import EvalConfig
-from regtok.pipeline.extract_config import ExtractConfig
+from regtok.pipeline.extract import ExtractConfig
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:

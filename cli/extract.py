@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from regtok.cli import CONTEXT, config_default, config_option, device_option, main
-from regtok.pipeline.extract_config import ExtractConfig
+from regtok.pipeline.extract import ExtractConfig
 
 
 def _encoder_pair(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[tuple[str, str], ...]:

@@ -60,8 +60,7 @@ def _demo_steps(root, samples: int, epochs: int, console) -> list:
     from regtok.config import EvalConfig, TrainConfig, resolve
     from regtok.pipeline.data import synthesize
     from regtok.pipeline.eval import run_eval
-    from regtok.pipeline.extract import run_extract
-    from regtok.pipeline.extract_config import ExtractConfig
+    from regtok.pipeline.extract import ExtractConfig, run_extract
     from regtok.pipeline.runtime.console import train_progress
     from regtok.pipeline.train import train_run
 

@@ -185,7 +185,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", wei
 def open_store(store_dir: str | os.PathLike):
     """A feature store: ``.read(kind, modality[, rows])`` float16 arrays, ``.keys()``, ``.labels()``,
     ``.modalities``, ``.n``, ``.shape(kind, modality)``."""
-    from regtok.pipeline.store import open_store as open_
+    from regtok.pipeline.extract import open_store as open_
 
     return open_(store_dir)
 

@@ -28,8 +28,8 @@ from regtok.data import row_shape, rows_digest
 from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
 from regtok.evaluate import EvalConfig, evaluate
-from regtok.pipeline.compat import check_compatible
 from regtok.pipeline.embeddings import EmbeddingWriter
+from regtok.pipeline.extract import check_compatible
 from regtok.pipeline.manifests.manifest import (
     environment,
     file_record,
@@ -111,7 +111,7 @@ class FitStore:
 
 def fit_store(run: Any, eval_store: Any, train_store_dir: Path | None, run_manifest: Path) -> FitStore | str:
     """The run's training rows (or the whole of ``train_store_dir``); a sentence saying why not when unreadable."""
-    from regtok.pipeline.store import open_store
+    from regtok.pipeline.extract import open_store
 
     found = _run_input(run_manifest, "features")
     if train_store_dir is None:
@@ -279,8 +279,8 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
     ``out_dir`` must be empty, or ``overwrite`` given (an earlier report there is then replaced, its stale files
     removed).
     """
+    from regtok.pipeline.extract import open_store
     from regtok.pipeline.run_load import load_run
-    from regtok.pipeline.store import open_store
 
     t0 = time.perf_counter()
     console = console or stderr_console()

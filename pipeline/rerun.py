@@ -134,7 +134,7 @@ def _guard_store(guard: PathGuard, store: Path, what: str) -> None:
     read must lie in the tree."""
     import h5py
 
-    from regtok.pipeline.store import virtual_sources
+    from regtok.pipeline.extract import virtual_sources
 
     mpath = guard.check(manifest_path(store), f"{what} manifest")
     m = read_manifest(mpath, kind="features")

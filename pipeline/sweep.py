@@ -180,8 +180,8 @@ def _check_inputs(features: str | os.PathLike, val_features: str | os.PathLike |
                   space: dict[str, Param], base: TrainConfig, url: str) -> dict[str, str]:
     """Every check that needs no study: space, grid size, metric, storage kind, validation data, the stores (their
     manifests' hashes, returned)."""
+    from regtok.pipeline.extract import open_store
     from regtok.pipeline.manifests.manifest import manifest_path, sha256_file
-    from regtok.pipeline.store import open_store
 
     check_space(space, base, scfg.sampler, "search space")
     if scfg.sampler == "grid":

@@ -22,7 +22,7 @@ from torch import nn
 from regtok.config import TrainConfig, closest_preset, to_dict
 from regtok.data import Batches, feature_stats, make_batches, rows_digest, sample_rows, split_rows, store_bytes
 from regtok.errors import RegtokError
-from regtok.pipeline.compat import check_compatible
+from regtok.pipeline.extract import check_compatible
 from regtok.pipeline.plots import plot_curves
 from regtok.pipeline.runs import (
     CHECKPOINT,
@@ -56,7 +56,7 @@ class StoreCache:
         self._arrays: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
 
     def open(self, path: str | os.PathLike) -> Any:
-        from regtok.pipeline.store import open_store
+        from regtok.pipeline.extract import open_store
 
         key = str(Path(path).resolve())
         if key not in self._stores:

@@ -7,7 +7,7 @@ of the same permutation is read with one sorted read per modality. Under DDP eac
 global batch.
 
 The store is any object with ``modalities``, ``n``, ``shape(kind, modality)`` and ``read(kind, modality, rows)``
-(``pipeline.store.FeatureStore``); nothing here knows the file format.
+(``pipeline.extract.store.FeatureStore``); nothing here knows the file format.
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ def write_feature_store(root: Path, features: dict[str, dict[str, np.ndarray]], 
                         keys: list[str], schema: dict, specs: dict[str, str] | None = None, n_parts: int = 2) -> Path:
     """A feature store of ``features[modality][kind]`` rows, written as extract writes one: ``n_parts`` parts by
     ``PartWriter``, the index by ``write_index``, and a features manifest."""
+    from regtok.pipeline.extract.store import PartWriter, write_index
     from regtok.pipeline.manifests.manifest import new_manifest, sha256_file, write_manifest
-    from regtok.pipeline.store import PartWriter, write_index
 
     n = len(keys)
     shapes = {m: {k: arr.shape[1:] for k, arr in kinds.items()} for m, kinds in features.items()}
@@ -116,7 +116,7 @@ def write_shards(root: Path, counts: list[int], seed: int = 0) -> list[Path]:
 
 
 def extract(shards: str, out: Path, **kw) -> tuple[Path, dict]:
-    from regtok.pipeline.extract import ExtractConfig, run_extract
+    from regtok.pipeline.extract.stage import ExtractConfig, run_extract
 
     cfg = ExtractConfig(shards=shards, out=str(out), encoders=ENCODERS, batch_size=kw.pop("batch_size", 4),
                         workers=kw.pop("workers", 0), **kw)

@@ -157,7 +157,7 @@ def test_public_names_have_docstrings():
     import inspect
 
     from regtok.pipeline.api import Embedder, Run
-    from regtok.pipeline.store import FeatureStore
+    from regtok.pipeline.extract.store import FeatureStore
 
     for cls in (Run, Embedder, FeatureStore):
         source = inspect.getsource(cls)

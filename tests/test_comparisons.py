@@ -74,7 +74,7 @@ def test_seeds_share_the_validation_rows_and_old_runs_keep_theirs(store, tmp_pat
     old = load_run(runs[3])
     assert old.train_config.split_seed == 3
     from regtok.data import rows_digest
-    from regtok.pipeline.store import open_store
+    from regtok.pipeline.extract.store import open_store
 
     rows = baseline_training_rows(old, open_store(store), runs[3] / "manifest.json", True)
     assert rows_digest(rows) == split[3]["train_rows_sha256"]

@@ -24,9 +24,9 @@ from regtok.data import store_bytes
 from regtok.errors import RegtokError
 from regtok.pipeline.data.shards import write_shard
 from regtok.pipeline.encoders.encoder import tiny_encoder
-from regtok.pipeline.extract import PAUSE_ENV, ExtractConfig, decode_workers, run_extract
+from regtok.pipeline.extract.stage import PAUSE_ENV, ExtractConfig, decode_workers, run_extract
+from regtok.pipeline.extract.store import open_store
 from regtok.pipeline.manifests.manifest import read_manifest, sha256_file
-from regtok.pipeline.store import open_store
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_features_equal_the_encoder_on_the_images(store, shards):
 
 
 def test_read_rows_in_several_ranges_equals_a_full_read(tmp_path):
-    from regtok.pipeline.store import _GAP, read_rows
+    from regtok.pipeline.extract.store import _GAP, read_rows
 
     n = 4 * _GAP
     rng = np.random.default_rng(0)

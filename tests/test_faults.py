@@ -30,9 +30,9 @@ from regtok.cli import main
 from regtok.errors import RegtokError
 from regtok.pipeline.data.shards import write_shard
 from regtok.pipeline.data.synth import synthesize
-from regtok.pipeline.extract import ExtractConfig, run_extract
+from regtok.pipeline.extract.stage import ExtractConfig, run_extract
+from regtok.pipeline.extract.store import open_store
 from regtok.pipeline.manifests.manifest import sha256_file, write_json_atomic
-from regtok.pipeline.store import open_store
 
 ENCODERS = ["--encoder", "vision=tiny:0", "--encoder", "tactile=tiny:1"]
 TRAIN = ["--preset", "tiny", "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--device", "cpu",
@@ -458,8 +458,8 @@ def test_13_plain_progress_lines_without_a_terminal(data, tmp_path):
 
 def test_1_a_part_the_index_reads_but_the_manifest_lacks_is_checked_too(store):
     """The index's own virtual sources are checked, not only the parts the manifest lists."""
+    from regtok.pipeline.extract.store import open_store
     from regtok.pipeline.manifests.manifest import read_manifest, write_manifest
-    from regtok.pipeline.store import open_store
 
     m = read_manifest(store / "manifest.json")
     m["parts"] = m["parts"][:1]  # an edited manifest that no longer lists the second part

@@ -15,7 +15,7 @@ import torch
 from conftest import MODALITIES, cli_ok, one_line_error, regtok_cli, write_feature_store
 
 import regtok.data
-import regtok.pipeline.store
+import regtok.pipeline.extract.store
 import regtok.reduce
 from regtok.data import feature_stats, make_batches
 from regtok.errors import RegtokError
@@ -103,12 +103,12 @@ def test_store_rows_read_through_bounded_gaps_are_the_rows_asked_for(tmp_path, m
         rng = np.random.default_rng(2)
         asks = [rng.integers(-300, 300, size=k) for k in (0, 1, 5, 60, 400)] + [rng.random(300) < 0.2]
         for i, rows in enumerate(asks):
-            expected[i] = regtok.pipeline.store.read_rows(ds, rows, 300)
+            expected[i] = regtok.pipeline.extract.store.read_rows(ds, rows, 300)
             assert np.array_equal(expected[i], data[rows])
-        monkeypatch.setattr(regtok.pipeline.store, "_GAP_BYTES", 3 * 48)  # gaps of 3 rows, reads of 5
-        monkeypatch.setattr(regtok.pipeline.store, "_READ_BYTES", 5 * 48)
+        monkeypatch.setattr(regtok.pipeline.extract.store, "_GAP_BYTES", 3 * 48)  # gaps of 3 rows, reads of 5
+        monkeypatch.setattr(regtok.pipeline.extract.store, "_READ_BYTES", 5 * 48)
         for i, rows in enumerate(asks):
-            assert np.array_equal(regtok.pipeline.store.read_rows(ds, rows, 300), expected[i])
+            assert np.array_equal(regtok.pipeline.extract.store.read_rows(ds, rows, 300), expected[i])
 
 
 # ── a run whose tokens are wider than TOKEN_DIM ─────────────────────────────────────────────────────

@@ -18,7 +18,7 @@ from pathlib import Path
 from regtok.errors import RegtokError
 
 SHARD_PATTERN = "shard-{:06d}.tar"
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")  # the image members extract reads (pipeline/samples.py)
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")  # the image members extract reads (extract/samples.py)
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from regtok.errors import RegtokError
+from regtok.pipeline.extract.store import PARTS_DIR, PartWriter
 from regtok.pipeline.manifests.manifest import write_json_atomic
-from regtok.pipeline.store import PARTS_DIR, PartWriter
 
 if TYPE_CHECKING:
-    from regtok.pipeline.extract import Job
-    from regtok.pipeline.samples import ShardBatch
+    from regtok.pipeline.extract.samples import ShardBatch
+    from regtok.pipeline.extract.stage import Job
 
 
 def record_path(root: Path, name: str) -> Path:
@@ -67,8 +67,8 @@ def _input_changed(rec: dict, shard: Path) -> str | None:
 
 def _part_changed(rec: dict, part: Path) -> str | None:
     """Why a part file is not what its record says (size; sha256 for small parts), or None."""
+    from regtok.pipeline.extract.store import HASH_PARTS_UP_TO
     from regtok.pipeline.manifests.manifest import sha256_file
-    from regtok.pipeline.store import HASH_PARTS_UP_TO
 
     size = part.stat().st_size
     if rec.get("bytes") is not None and size != rec["bytes"]:

@@ -25,14 +25,14 @@ from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
 from regtok.pipeline.data import expand_shards
 from regtok.pipeline.encoders import Encoder, load_encoder
-from regtok.pipeline.extract_config import ExtractConfig
+from regtok.pipeline.extract.config import ExtractConfig
+from regtok.pipeline.extract.part_records import finish_part, finished, record_path
+from regtok.pipeline.extract.samples import LabelRules, ShardBatch, ShardStream
+from regtok.pipeline.extract.store import INDEX_NAME, PARTS_DIR, PartWriter, write_index
 from regtok.pipeline.manifests.labels import label_schema, with_groups
 from regtok.pipeline.manifests.manifest import environment, input_ref, new_manifest, read_manifest, write_manifest
-from regtok.pipeline.part_records import finish_part, finished, record_path
 from regtok.pipeline.runtime.console import extract_progress
 from regtok.pipeline.runtime.startup import gc_paused
-from regtok.pipeline.samples import LabelRules, ShardBatch, ShardStream
-from regtok.pipeline.store import INDEX_NAME, PARTS_DIR, PartWriter, write_index
 
 PAUSE_ENV = "REGTOK_EXTRACT_PAUSE_AFTER_PART"  # seconds; lets crash tests kill a run between parts
 
