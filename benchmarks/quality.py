@@ -107,7 +107,7 @@ def run_cell(stores: dict, work: Path, enc: str, kind: str, loss: str, preset: s
 
     from regtok.config import EvalConfig, TrainConfig, resolve
     from regtok.pipeline.eval import run_eval
-    from regtok.pipeline.train import train_run
+    from regtok.pipeline.train.stage import train_run
 
     name = f"{enc}-{preset}-{kind}-{loss}-s{seed}"
     run_dir = work / "runs" / name

@@ -83,10 +83,9 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
 
     keep_freed_memory()  # CPU forward passes without faulting their activations in again
     with gc_paused(freeze=True):  # torch's import: ~0.1 s less
-        from regtok.pipeline.runs import saved_train_config
         from regtok.pipeline.runtime.console import epoch_line, train_progress
         from regtok.pipeline.runtime.distributed import is_main_process
-        from regtok.pipeline.train import train_run
+        from regtok.pipeline.train import saved_train_config, train_run
 
     saved = saved_train_config(out) if resume and out else None
     cfg = _train_config(preset, config_file, saved, overrides, val_fraction=val_fraction, epochs=epochs,
@@ -98,7 +97,7 @@ def train(features: str, val_features: str | None, val_fraction: float | None, o
         raise click.UsageError("--features and --out are required (unless --print-config)")
     _check_device(cfg.device)  # before the resolved config is printed
     if tensorboard:
-        from regtok.pipeline.tensorboard_log import require_tensorboard
+        from regtok.pipeline.train import require_tensorboard
 
         require_tensorboard()
     console = stderr_console()
@@ -196,7 +195,7 @@ def sweep(features: str, val_features: str | None, out: str, space_file: str | N
                          batch_size=batch_size, lr=lr, seed=seed, device=device, loss=loss)
     _check_device(base.device)
     if tensorboard:
-        from regtok.pipeline.tensorboard_log import require_tensorboard
+        from regtok.pipeline.train import require_tensorboard
 
         require_tensorboard()
     scfg = SweepConfig(sampler=sampler, trials=trials, jobs=jobs, storage=storage, study=study_name, metric=metric,

@@ -173,7 +173,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", wei
     """A trained run on ``device`` ("auto" allowed). ``weights``: "best", the weights eval uses (the kept best
     epoch, ``best.safetensors``, when the run kept one), or "last" (``checkpoint.safetensors``)."""
     from regtok.distributed import resolve_device
-    from regtok.pipeline.run_load import load_run as load
+    from regtok.pipeline.train import load_run as load
 
     loaded = load(run_dir, weights)
     dev = resolve_device(str(device))
@@ -256,9 +256,9 @@ class Embedder:
 
 def training_encoders(run: Run) -> dict[str, dict]:
     """``{modality: encoder record}`` of the store the run trained on (its spec and weights hash), in pair order."""
-    from regtok.pipeline.eval import _train_features_manifest
+    from regtok.pipeline.train import training_store_manifest
 
-    features = _train_features_manifest(run.path / "manifest.json")
+    features = training_store_manifest(run.path / "manifest.json")
     if features is None:
         raise RegtokError(f"{run.path}: the run manifest does not lead to its training store's manifest, which "
                           "names the encoders")

@@ -87,7 +87,7 @@ def load_entries(paths: list[str | os.PathLike], warn: Callable[[str], None] = l
 
 def _run_entry(run_dir: Path, m: dict[str, Any], warn: Callable[[str], None] = lambda msg: None) -> Entry:
     from regtok.config import from_saved
-    from regtok.pipeline.runs import epoch_records, kept_record, stopped_after
+    from regtok.pipeline.train import epoch_records, kept_record, stopped_after
     from regtok.train import full_r1
 
     metrics = m.get("metrics") or {}
@@ -105,8 +105,8 @@ def _run_entry(run_dir: Path, m: dict[str, Any], warn: Callable[[str], None] = l
 
 def _curve(run_dir: Path, warn: Callable[[str], None]) -> list[tuple[int, float]]:
     """(epoch from 1, val/select) per validation in metrics.jsonl, 0 before training; a line that is not a metrics
-    record (:func:`regtok.pipeline.runs.is_record`) is skipped and named."""
-    from regtok.pipeline.runs import METRICS, counted_from_one, metrics_lines
+    record (:func:`regtok.pipeline.train.runs.is_record`) is skipped and named."""
+    from regtok.pipeline.train import METRICS, counted_from_one, metrics_lines
     from regtok.train import full_r1
 
     path = run_dir / METRICS
@@ -256,7 +256,7 @@ def plot_curves(entries: list[Entry], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    from regtok.pipeline.plots import recall_limits
+    from regtok.pipeline.train import recall_limits
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     values: list[float] = []

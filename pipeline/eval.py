@@ -37,12 +37,12 @@ from regtok.pipeline.manifests.manifest import (
     manifest_path,
     new_manifest,
     read_manifest,
-    resolve_path,
     write_manifest,
 )
 from regtok.pipeline.report import write_report_files
 from regtok.pipeline.report_md import headline, print_table
 from regtok.pipeline.runtime.console import stderr_console
+from regtok.pipeline.train import run_input, training_store_manifest
 
 
 class StoreColumn:
@@ -59,17 +59,6 @@ class StoreColumn:
         return self.store.read(self.kind, self.modality, rows)
 
 
-def _run_input(run_manifest: Path, role: str) -> Path | None:
-    """The path of the run manifest's input with ``role`` (a features manifest), when recorded and present."""
-    if not run_manifest.is_file():
-        return None
-    for ref in read_manifest(run_manifest, kind="run").get("inputs", []):
-        path = resolve_path(run_manifest, ref["path"])
-        if ref.get("role") == role and path.is_file():
-            return path
-    return None
-
-
 def baseline_training_rows(run: Any, store: Any, run_manifest: Path, same_store: bool) -> np.ndarray:
     """The rows of the baselines' training store that the run itself trained on.
 
@@ -78,7 +67,7 @@ def baseline_training_rows(run: Any, store: Any, run_manifest: Path, same_store:
     """
     from regtok.data import split_rows
 
-    if same_store and _run_input(run_manifest, "val_features") is None:
+    if same_store and run_input(run_manifest, "val_features") is None:
         return split_rows(store.n, run.train_config.val_fraction, run.train_config.split_seed)[0]
     return np.arange(store.n)
 
@@ -113,7 +102,7 @@ def fit_store(run: Any, eval_store: Any, train_store_dir: Path | None, run_manif
     """The run's training rows (or the whole of ``train_store_dir``); a sentence saying why not when unreadable."""
     from regtok.pipeline.extract import open_store
 
-    found = _run_input(run_manifest, "features")
+    found = run_input(run_manifest, "features")
     if train_store_dir is None:
         if found is None:
             return "the run manifest names no readable training store; pass --fit-features"
@@ -193,12 +182,6 @@ def _shared(enc: Any, x: Any, k: int) -> Any:
     return enc.embed_shared(enc.registers_of(x), torch.full((len(x),), k, dtype=torch.long))
 
 
-def _train_features_manifest(run_manifest: Path) -> dict | None:
-    """The features manifest the run was trained on, when the run manifest points at a readable one."""
-    path = _run_input(run_manifest, "features")
-    return read_manifest(path, kind="features") if path is not None else None
-
-
 KEY_CONFIG = ("model.n_registers", "model.n_shared", "model.n_layers", "model.hidden_dim", "model.embed_dim",
               "epochs", "batch_size", "lr")
 
@@ -206,7 +189,7 @@ KEY_CONFIG = ("model.n_registers", "model.n_shared", "model.n_layers", "model.hi
 def describe_evaluated(run: Any, run_dir: Path, run_manifest: Path, store: Any, features: Path) -> dict[str, Any]:
     """report["evaluated"]: the run, loss, closest preset and what differs, key config, encoders, stores with N."""
     from regtok.config import closest_preset, to_dict
-    from regtok.pipeline.runs import weights_file
+    from regtok.pipeline.train import weights_file
 
     cfg = to_dict(run.train_config)
     preset, diff = closest_preset(cfg)
@@ -221,7 +204,7 @@ def describe_evaluated(run: Any, run_dir: Path, run_manifest: Path, store: Any, 
         "differs_from_preset": diff, "key_config": {k: _dotted(cfg, k) for k in KEY_CONFIG}, "encoders": encoders,
         "eval_store": {"path": str((features.parent if features.is_file() else features).resolve()), "n": store.n}}
     for role, key in (("features", "train_store"), ("val_features", "val_store")):
-        path = _run_input(run_manifest, role)
+        path = run_input(run_manifest, role)
         if path is not None:
             out[key] = {"path": str(path.parent.resolve()), "n": read_manifest(path, kind="features").get("samples")}
     if "train_store" in out and "val_store" not in out:
@@ -280,7 +263,7 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
     removed).
     """
     from regtok.pipeline.extract import open_store
-    from regtok.pipeline.run_load import load_run
+    from regtok.pipeline.train import load_run
 
     t0 = time.perf_counter()
     console = console or stderr_console()
@@ -290,7 +273,7 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
     run_mpath = manifest_path(Path(run_dir))
     store = open_store(features)
     check_compatible(store, run.feature_kind, run.model.inputs, what="the features", expected_by="the run",
-                     trained_on=_train_features_manifest(run_mpath))
+                     trained_on=training_store_manifest(run_mpath))
     out.mkdir(parents=True, exist_ok=True)
     kind = run.feature_kind
     cols = {m: StoreColumn(store, kind, m) for m in run.model.modalities}

@@ -151,7 +151,7 @@ def _guard_store(guard: PathGuard, store: Path, what: str) -> None:
 
 def _guard_run(guard: PathGuard, run_dir: Path) -> None:
     """The files eval reads from a run directory, and the stores its manifest names, must lie in the tree."""
-    from regtok.pipeline.runs import BEST, BUFFERS, CHECKPOINT, CONFIG, MANIFEST
+    from regtok.pipeline.train import BEST, BUFFERS, CHECKPOINT, CONFIG, MANIFEST
 
     for name in (CONFIG, CHECKPOINT, BEST, BUFFERS, MANIFEST):
         if (run_dir / name).exists() or (run_dir / name).is_symlink():
@@ -223,8 +223,7 @@ def _rerun_features(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Call
 
 def _rerun_run(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
     from regtok.config import TrainConfig, from_dict, from_saved
-    from regtok.pipeline.runs import BEST, CHECKPOINT, stopped_after
-    from regtok.pipeline.train import train_run
+    from regtok.pipeline.train import BEST, CHECKPOINT, stopped_after, train_run
 
     cfg = from_dict(TrainConfig, from_saved(_config(m)))
     features = _input(mpath, m, "features", guard).parent
@@ -312,7 +311,7 @@ def compare_h5(old: Path, new: Path) -> list[Check]:
 
 def compare_weights(old: Path, new: Path) -> list[Check]:
     """Every tensor of two safetensors checkpoints compared for exact equality."""
-    from regtok.pipeline.weights import read_weights
+    from regtok.pipeline.train import read_weights
 
     a, b = read_weights(old), read_weights(new)  # each with its run's fixed buffers
     checks = [Check("parameter names", sorted(a) == sorted(b), f"{len(a)} tensors")]

@@ -45,7 +45,7 @@ from regtok.pipeline.sweep_study import (
 
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("median", "hyperband")
-KEEP = ("best", "last", "all")  # the weight files a finished trial keeps (regtok.pipeline.weights.prune_weights)
+KEEP = ("best", "last", "all")  # the weight files a finished trial keeps (regtok.pipeline.train.weights.prune_weights)
 # What a trial is scored by. val/select is what keep_best ranks epochs by: full-prefix R@1 (mean of both
 # directions), after transport for flow_matching runs, so runs of every loss type compare fairly.
 METRICS = ("val/select", "val/R@1", "val_r1_full_a_to_b", "val_r1_full_b_to_a", "val_r1_k1_a_to_b",
@@ -64,7 +64,7 @@ class SweepConfig:
     pruner: str = "median"
     seed: int = 0  # of the sampler
     tensorboard: bool = False
-    keep: str = "best"  # the weight files a finished trial keeps: best, last or all (pipeline/weights.py)
+    keep: str = "best"  # the weight files a finished trial keeps: best, last or all (pipeline/train/weights.py)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -155,7 +155,7 @@ def run_sweep(features: str | os.PathLike, out: str | os.PathLike, scfg: SweepCo
     study = open_study(SweepConfig(**{**asdict(scfg), "storage": url}), storage, space, base, data,
                        make_sampler(scfg, space), make_pruner(scfg, base.epochs), total, say)
     if scfg.tensorboard:
-        from regtok.pipeline.tensorboard_log import write_sweep_experiment
+        from regtok.pipeline.train import write_sweep_experiment
 
         write_sweep_experiment(out, {k: list(p.values) if isinstance(p, Choices) else None for k, p in space.items()},
                                scfg.metric)

@@ -184,8 +184,8 @@ def _record_result(trial: Any, manifest: Path, result: Any, metric: str) -> floa
     """The trial's value (``metric`` of the kept epoch) and what the report shows beside it: the kept epoch, the
     last epoch's value, the validation N."""
     from regtok.pipeline.manifests.manifest import read_manifest
-    from regtok.pipeline.runs import kept_record
     from regtok.pipeline.sweep import metric_value
+    from regtok.pipeline.train import kept_record
 
     kept = kept_record(manifest.parent)
     value = metric_value(kept if kept is not None else result.metrics, metric)
@@ -199,7 +199,7 @@ def _record_result(trial: Any, manifest: Path, result: Any, metric: str) -> floa
 def stopped_by_machine(e: BaseException) -> bool:
     """An error of the machine rather than of the trial's config: a full disk, a read-only or forbidden path."""
     from regtok.errors import ENVIRONMENT_ERRNOS
-    from regtok.pipeline.weights import WriteFailed
+    from regtok.pipeline.train import WriteFailed
 
     return isinstance(e, WriteFailed) or isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS
 

@@ -172,9 +172,10 @@ if os.environ.get("REGTOK_TEST_HOOK"):
     from pathlib import Path
 
     from regtok.pipeline import sweep_report as _report, train as _train
+    from regtok.pipeline.train import stage as _train_stage
 
     _real = _train.train_run
-    _train.plot_curves = lambda *a, **kw: None
+    _train_stage.plot_curves = lambda *a, **kw: None
     _report.plot_sweep = lambda *a, **kw: False
 
     def _hooked(features, out, cfg, **kw):
@@ -216,7 +217,8 @@ def hook(tmp_path, monkeypatch):
 @pytest.fixture
 def no_figures(monkeypatch):
     """Trials and sweeps without curves.png and sweep.png (tests of what happens to trials, not of figures)."""
-    from regtok.pipeline import sweep_report, train
+    from regtok.pipeline import sweep_report
+    from regtok.pipeline.train import stage as train_stage
 
-    monkeypatch.setattr(train, "plot_curves", lambda *a, **kw: None)
+    monkeypatch.setattr(train_stage, "plot_curves", lambda *a, **kw: None)
     monkeypatch.setattr(sweep_report, "plot_sweep", lambda *a, **kw: False)

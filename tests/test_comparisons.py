@@ -18,8 +18,8 @@ import regtok.train
 from regtok.cli import main
 from regtok.config import PRESETS, TrainConfig, resolve, to_dict
 from regtok.pipeline.manifests.manifest import file_record, read_manifest, write_manifest
-from regtok.pipeline.run_load import load_run
-from regtok.pipeline.runs import kept_record, read_metrics
+from regtok.pipeline.train.run_load import load_run
+from regtok.pipeline.train.runs import kept_record, read_metrics
 
 BASE = ["--preset", "tiny", "--val-fraction", "0.25", "--batch-size", "32"]
 
@@ -255,7 +255,7 @@ def test_a_default_run_on_a_cpu_says_to_use_tiny_and_warns_on_warmup(store, tmp_
 
 
 def test_start_lines_stay_quiet_for_a_tiny_run():
-    from regtok.pipeline.train import start_lines
+    from regtok.pipeline.train.stage import start_lines
 
     split = SimpleNamespace(data=SimpleNamespace(steps_per_epoch=4, batch_size=32), train_rows=range(128),
                             val_rows=range(32), kind="pooled")
@@ -268,7 +268,7 @@ def test_start_lines_stay_quiet_for_a_tiny_run():
 def test_plots_keep_recalls_in_range_and_mark_unweighted_terms():
     from unittest.mock import MagicMock
 
-    from regtok.pipeline.plots import _loss_line, loss_weights, recall_limits
+    from regtok.pipeline.train.curves import _loss_line, loss_weights, recall_limits
 
     assert recall_limits([97.5, 100.0]) == (95.5, 100.0) and recall_limits([0.0, 1.0])[0] == 0.0
     cfg = {**to_dict(resolve(TrainConfig, None, {"model": {"loss_type": "flow_matching"}}).model)}
@@ -305,7 +305,7 @@ def test_compare_curves_follow_the_score_sweeps_rank_by(tmp_path):
 def test_fixed_buffers_are_stored_once_and_runs_without_the_file_still_load(store, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from regtok.pipeline.weights import persistent_buffers
+    from regtok.pipeline.train.weights import persistent_buffers
 
     run = train(store, tmp_path / "run", "--epochs", "2")
     loaded = load_run(run)
@@ -314,7 +314,7 @@ def test_fixed_buffers_are_stored_once_and_runs_without_the_file_still_load(stor
     last, best = (load_file(str(run / name)) for name in ("checkpoint.safetensors", "best.safetensors"))
     assert not set(last) & set(fixed)  # each weights file leaves them out
     refit = set(best) & set(fixed)  # but the decoder maps and mask tokens refitted on the kept weights changed
-    assert all(not torch.equal(best[k], fixed[k]) for k in refit)  # (pipeline/train.py: refit_kept_decoders)
+    assert all(not torch.equal(best[k], fixed[k]) for k in refit)  # (pipeline/train/stage.py: refit_kept_decoders)
     listed = {f["path"] for f in read_manifest(run, kind="run")["outputs"]["files"]}
     assert "buffers.safetensors" in listed
     # a run written before the buffers file: every tensor in each weights file
@@ -327,7 +327,7 @@ def test_fixed_buffers_are_stored_once_and_runs_without_the_file_still_load(stor
 
 
 def test_a_buffer_that_changes_is_kept_in_each_weights_file(tmp_path):
-    from regtok.pipeline.weights import read_weights, save_checkpoint
+    from regtok.pipeline.train.weights import read_weights, save_checkpoint
     from regtok.train import ResumeState
 
     model = torch.nn.Linear(2, 2)

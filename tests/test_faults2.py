@@ -217,7 +217,7 @@ def test_17_a_run_whose_weights_or_config_do_not_fit_is_one_line(world, run, tmp
 @pytest.mark.parametrize("writer", ["torch.save", "save_file"])
 def test_13_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_no_temporaries(world, tmp_path, monkeypatch,
                                                                                     writer):
-    from regtok.pipeline import weights
+    from regtok.pipeline.train import weights
 
     def full(obj, path, *a, **kw):
         Path(path).write_bytes(b"partial")

@@ -210,7 +210,7 @@ def test_18_space_values_that_cannot_work_are_refused_before_any_trial(store, tm
 
 
 def test_13_21_a_read_only_trial_directory_stops_the_sweep_and_the_trial_runs_again(store, tmp_path, monkeypatch):
-    """The same path as a full disk (regtok.pipeline.weights.WriteFailed, or OSError ENOSPC)."""
+    """The same path as a full disk (regtok.pipeline.train.weights.WriteFailed, or OSError ENOSPC)."""
     import errno
 
     from regtok.pipeline import train as train_mod

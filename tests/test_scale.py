@@ -139,7 +139,7 @@ def wide(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_wide_tokens_train_evaluate_and_reconstruct(wide, tmp_path):
-    from regtok.pipeline.run_load import load_run
+    from regtok.pipeline.train.run_load import load_run
 
     run, test = wide
     enc = load_run(run).model.encoders["vision"]
@@ -176,7 +176,7 @@ def test_a_run_of_the_older_wide_token_layout_is_refused_in_one_line(wide, tmp_p
 
     from safetensors.torch import load_file, save_file
 
-    from regtok.pipeline.run_load import load_run
+    from regtok.pipeline.train.run_load import load_run
 
     run, test = wide
     old = tmp_path / "old"

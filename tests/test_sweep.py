@@ -20,8 +20,8 @@ from regtok.cli import main
 from regtok.config import TrainConfig, from_dict, resolve, to_dict
 from regtok.errors import RegtokError
 from regtok.pipeline.manifests.manifest import read_manifest
-from regtok.pipeline.runs import kept_record
 from regtok.pipeline.space import parse_space
+from regtok.pipeline.train.runs import kept_record
 
 BASE = ["--preset", "tiny", "--epochs", "2", "--val-fraction", "0.25", "--batch-size", "32"]
 GRID = ["--grid", "model.n_layers=1,2", "--grid", "lr=0.001,0.0003"]
@@ -278,7 +278,7 @@ def test_a_killed_sweep_resumes_and_retries_the_running_trial(store, tmp_path, n
 
 
 def test_a_stopped_run_keeps_its_checkpoint_and_says_so(store, tmp_path):
-    from regtok.pipeline.train import train_run
+    from regtok.pipeline.train.stage import train_run
 
     cfg = from_dict(TrainConfig, {**to_dict(resolve(TrainConfig, "tiny")), "epochs": 3, "val_fraction": 0.25})
     path, result = train_run(store, tmp_path / "run", cfg, stop=lambda r: "enough" if r["epoch"] >= 2 else None)

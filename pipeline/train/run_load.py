@@ -1,7 +1,7 @@
 """Reading a trained run back: ``config.json`` checked to rebuild the model, the files a finished run's manifest
-records checked against their sha256 (as ``regtok verify`` does), and weights loaded strictly (every key, shape and
-dtype as the config builds them, every value finite; :func:`regtok.pipeline.weights.load_weights`). Eval, embed and
-the Python API load runs through here.
+records checked against their sha256 (as ``regtok verify`` does), weights loaded strictly (every key, shape and
+dtype as the config builds them, every value finite; :func:`regtok.pipeline.train.weights.load_weights`), and the
+stores its manifest names as inputs. Eval, embed and the Python API load runs through here.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from torch import nn
 
 from regtok.config import TrainConfig, from_dict, from_saved
 from regtok.errors import RegtokError
-from regtok.pipeline.manifests.manifest import read_manifest
-from regtok.pipeline.runs import CONFIG, MANIFEST, epoch_records
-from regtok.pipeline.weights import BUFFERS, CHECKPOINT, checkpoint_step, load_weights, weights_file
+from regtok.pipeline.manifests.manifest import read_manifest, resolve_path
+from regtok.pipeline.train.runs import CONFIG, MANIFEST, epoch_records
+from regtok.pipeline.train.weights import BUFFERS, CHECKPOINT, checkpoint_step, load_weights, weights_file
 
 WEIGHTS = ("best", "last")  # load_run's choice: the kept best weights (what eval uses) or the last ones
 
@@ -112,3 +112,20 @@ def check_recorded(run_dir: Path, manifest: dict[str, Any], names: tuple[str, ..
         if path.stat().st_size != rec.get("bytes") or sha256_file(path) != rec.get("sha256"):
             raise RegtokError(f"{path} has changed since the run was trained (size or sha256 differ from its "
                               f"manifest); `regtok verify {run_dir}` lists what changed")
+
+
+def run_input(run_manifest: Path, role: str) -> Path | None:
+    """The path of the run manifest's input with ``role`` (a features manifest), when recorded and present."""
+    if not run_manifest.is_file():
+        return None
+    for ref in read_manifest(run_manifest, kind="run").get("inputs", []):
+        path = resolve_path(run_manifest, ref["path"])
+        if ref.get("role") == role and path.is_file():
+            return path
+    return None
+
+
+def training_store_manifest(run_manifest: Path) -> dict | None:
+    """The features manifest the run was trained on, when the run manifest points at a readable one."""
+    path = run_input(run_manifest, "features")
+    return read_manifest(path, kind="features") if path is not None else None

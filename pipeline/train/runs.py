@@ -2,17 +2,17 @@
 
     RUN_DIR/checkpoint.safetensors   the last weights (logit scale and flow head included); metadata: step
     RUN_DIR/best.safetensors         the weights of the best validation epoch (keep_best): what eval loads
-    RUN_DIR/buffers.safetensors      the model's fixed buffers, stored once per run (pipeline/weights.py)
-    RUN_DIR/state.pt                 resume state (pipeline/weights.py)
+    RUN_DIR/buffers.safetensors      the model's fixed buffers, stored once per run (pipeline/train/weights.py)
+    RUN_DIR/state.pt                 resume state (pipeline/train/weights.py)
     RUN_DIR/config.json              {"train": TrainConfig, "model_spec": model.spec(), "modalities", "feature_kind"}
     RUN_DIR/metrics.jsonl            the split (which rows validate), then one JSON object per logged step and
                                      per epoch; epochs counted from 1, 0 = before training
     RUN_DIR/curves.png               loss terms and validation R@1 against epoch (needs matplotlib)
-    RUN_DIR/tb/                      TensorBoard event files (--tensorboard; pipeline/tensorboard_log.py)
+    RUN_DIR/tb/                      TensorBoard event files (--tensorboard; pipeline/train/tensorboard_log.py)
     RUN_DIR/manifest.json            the run manifest (kind "run")
 
 Every file is written to a temporary name and renamed into place, so a crash leaves the previous version whole.
-Reading a finished run back (eval, embed, the API) is :mod:`regtok.pipeline.run_load`.
+Reading a finished run back (eval, embed, the API) is :mod:`regtok.pipeline.train.run_load`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from regtok.pipeline.manifests.manifest import (
     write_json_atomic,
     write_manifest,
 )
-from regtok.pipeline.weights import (  # noqa: F401 - the run directory's names, importable from here
+from regtok.pipeline.train.weights import (  # noqa: F401 - the run directory's names, importable from here
     BEST,
     BUFFERS,
     CHECKPOINT,

@@ -1,4 +1,4 @@
-"""The train stage: a feature store → a run directory (its files: :mod:`regtok.pipeline.runs`).
+"""The train stage: a feature store → a run directory (its files: :mod:`regtok.pipeline.train.runs`).
 
 :func:`train_run` loads the split (:func:`load_split`), builds the model and its start (:func:`build_model`),
 hands both to the trainer (:func:`regtok.train.train`) with rank 0's writer, and writes the run manifest
@@ -23,8 +23,9 @@ from regtok.config import TrainConfig, closest_preset, to_dict
 from regtok.data import Batches, feature_stats, make_batches, rows_digest, sample_rows, split_rows, store_bytes
 from regtok.errors import RegtokError
 from regtok.pipeline.extract import check_compatible
-from regtok.pipeline.plots import plot_curves
-from regtok.pipeline.runs import (
+from regtok.pipeline.runtime.distributed import init_distributed, leave_process_group, memory_budget
+from regtok.pipeline.train.curves import plot_curves
+from regtok.pipeline.train.runs import (
     CHECKPOINT,
     CONFIG,
     CURVES,
@@ -42,9 +43,8 @@ from regtok.pipeline.runs import (
     write_config,
     write_run_manifest,
 )
-from regtok.pipeline.runtime.distributed import init_distributed, leave_process_group, memory_budget
-from regtok.pipeline.tensorboard_log import TensorBoardLog
-from regtok.pipeline.weights import drop_stale_buffers, prune_weights
+from regtok.pipeline.train.tensorboard_log import TensorBoardLog
+from regtok.pipeline.train.weights import drop_stale_buffers, prune_weights
 from regtok.train import ResumeState, TrainResult, full_r1, train
 
 
@@ -123,7 +123,7 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
     after the last good state has been saved. ``stop(epoch_record)`` may end a single-process run after an epoch
     (``result.status`` "stopped"; the manifest records ``stopped``). ``cache`` keeps stores open and in memory
     between calls (a sweep worker). ``keep`` (best, last, all): the weight files a finished run keeps
-    (:func:`regtok.pipeline.weights.prune_weights`).
+    (:func:`regtok.pipeline.train.weights.prune_weights`).
     """
     t0 = time.perf_counter()
     out = Path(out)
