@@ -64,7 +64,7 @@ def _stage(samples: int, repeats: int, kind: str) -> None:
     from regtok.config import TrainConfig, resolve
     from regtok.evaluate import EvalConfig
     from regtok.pipeline.data.synth import synthesize
-    from regtok.pipeline.eval import run_eval
+    from regtok.pipeline.eval.stage import run_eval
     from regtok.pipeline.extract.stage import ExtractConfig, run_extract
     from regtok.pipeline.train.stage import train_run
 

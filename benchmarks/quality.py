@@ -106,7 +106,7 @@ def run_cell(stores: dict, work: Path, enc: str, kind: str, loss: str, preset: s
     from rich.console import Console
 
     from regtok.config import EvalConfig, TrainConfig, resolve
-    from regtok.pipeline.eval import run_eval
+    from regtok.pipeline.eval.stage import run_eval
     from regtok.pipeline.train.stage import train_run
 
     name = f"{enc}-{preset}-{kind}-{loss}-s{seed}"

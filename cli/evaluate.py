@@ -96,7 +96,7 @@ def embed(run_dir: str, shards: str, out: str, batch_size: int, workers: int | s
     """
     import os
 
-    from regtok.pipeline.embeddings import embed_shards
+    from regtok.pipeline.embed import embed_shards
     from regtok.pipeline.runtime.console import stderr_console
 
     console = stderr_console()

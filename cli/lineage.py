@@ -33,7 +33,7 @@ def demo(out: str, samples: int, epochs: int, overwrite: bool) -> None:
     import shutil
     from pathlib import Path
 
-    from regtok.pipeline.report import demo_summary
+    from regtok.pipeline.eval import demo_summary
     from regtok.pipeline.runtime.console import heading, stderr_console
     from regtok.pipeline.runtime.startup import keep_freed_memory
 

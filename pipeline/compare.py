@@ -120,7 +120,7 @@ def _curve(run_dir: Path, warn: Callable[[str], None]) -> list[tuple[int, float]
 
 
 def _report_entry(report_dir: Path) -> Entry:
-    from regtok.pipeline.report_md import retrieval_rows
+    from regtok.pipeline.eval import retrieval_rows
 
     try:
         report = json.loads((report_dir / "report.json").read_text())

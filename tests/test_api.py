@@ -156,7 +156,7 @@ def test_a_run_and_a_store_print_short_and_name_their_classes(world):
 def test_public_names_have_docstrings():
     import inspect
 
-    from regtok.pipeline.api import Embedder, Run
+    from regtok.pipeline.embed.api import Embedder, Run
     from regtok.pipeline.extract.store import FeatureStore
 
     for cls in (Run, Embedder, FeatureStore):

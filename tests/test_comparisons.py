@@ -55,7 +55,7 @@ def recorded_as_written(run: Path) -> None:
 
 
 def test_seeds_share_the_validation_rows_and_old_runs_keep_theirs(store, tmp_path):
-    from regtok.pipeline.eval import baseline_training_rows
+    from regtok.pipeline.eval.stage import baseline_training_rows
 
     runs = {s: train(store, tmp_path / f"seed{s}", "--seed", str(s)) for s in (1, 2)}
     runs[3] = train(store, tmp_path / "own-split", "--seed", "3", "split_seed=3")

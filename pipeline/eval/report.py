@@ -1,7 +1,7 @@
 """The report files of an evaluation (report.json, report.md, prefix.png) and the demo's summary.
 
-The eval stage itself is :mod:`regtok.pipeline.eval`; the text is rendered by :mod:`regtok.pipeline.report_md`
-and the figure drawn by :mod:`regtok.pipeline.plots`.
+The eval stage itself is :mod:`regtok.pipeline.eval.stage`; the text is rendered by
+:mod:`regtok.pipeline.eval.report_md` and the figure drawn by :mod:`regtok.pipeline.eval.plots`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 from rich.console import Console
 
+from regtok.pipeline.eval.plots import plot_prefix
+from regtok.pipeline.eval.report_md import headline_sentence, parts_line, reconstruction_line, render_markdown
 from regtok.pipeline.manifests.manifest import write_json_atomic
-from regtok.pipeline.plots import plot_prefix
-from regtok.pipeline.report_md import headline_sentence, parts_line, reconstruction_line, render_markdown
 from regtok.pipeline.runtime.console import heading
 
 

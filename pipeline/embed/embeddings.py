@@ -51,7 +51,7 @@ def embed_shards(run_dir: str | os.PathLike, shards: str, out: str | os.PathLike
     import shutil
 
     from regtok.model import allowed_keeps
-    from regtok.pipeline.api import check_weights, load_run, open_store, training_encoders
+    from regtok.pipeline.embed.api import check_weights, load_run, open_store, training_encoders
     from regtok.pipeline.extract import ExtractConfig, run_extract
     from regtok.pipeline.manifests.outdir import claim_file
 

@@ -1,6 +1,7 @@
 """What a person reads from an eval report: report.md's tables, the headline sentence and the terminal table.
 
-Pure functions of the report dict that :func:`regtok.pipeline.eval.run_eval` builds; no files are read or written here.
+Pure functions of the report dict that :func:`regtok.pipeline.eval.stage.run_eval` builds; no files are read or
+written here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from regtok.pipeline.plots import group_ks, n_shared_of
+from regtok.pipeline.eval.plots import group_ks, n_shared_of
 
 DIRECTIONS = (("a_to_b", "→"), ("b_to_a", "←"))
 METRIC_COLS = ("R@1", "R@5", "R@10", "median_rank", "mean_rank")

@@ -3,11 +3,11 @@
 :func:`run_eval` loads the run and the store and checks they fit (:func:`check_compatible`), evaluates
 (:func:`regtok.evaluate.evaluate`, whose probes and reconstruction references are fitted on the run's training rows,
 :func:`fit_store`), fits the baselines on the same rows (:func:`fit_baselines`),
-then writes the report files (:mod:`regtok.pipeline.report`) and the eval manifest.
+then writes the report files (:mod:`regtok.pipeline.eval.report`) and the eval manifest.
 
     REPORT_DIR/report.json     the dict regtok.evaluate.evaluate returns, with baselines, headline and "evaluated"
-    REPORT_DIR/report.md       what was evaluated, then markdown tables ready to paste (pipeline/report_md.py)
-    REPORT_DIR/prefix.png      retrieval R@1 against k and probe heatmaps (pipeline/plots.py; needs matplotlib)
+    REPORT_DIR/report.md       what was evaluated, then markdown tables ready to paste (pipeline/eval/report_md.py)
+    REPORT_DIR/prefix.png      retrieval R@1 against k and probe heatmaps (pipeline/eval/plots.py; needs matplotlib)
     REPORT_DIR/embeddings.h5   with save_embeddings: /<modality>/k<k> (N, E) float32 shared embeddings, /keys
     REPORT_DIR/manifest.json   the eval manifest: inputs = the run and features manifests with their sha256
 """
@@ -28,7 +28,9 @@ from regtok.data import row_shape, rows_digest
 from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
 from regtok.evaluate import EvalConfig, evaluate
-from regtok.pipeline.embeddings import EmbeddingWriter
+from regtok.pipeline.embed import EmbeddingWriter
+from regtok.pipeline.eval.report import write_report_files
+from regtok.pipeline.eval.report_md import headline, print_table
 from regtok.pipeline.extract import check_compatible
 from regtok.pipeline.manifests.manifest import (
     environment,
@@ -39,8 +41,6 @@ from regtok.pipeline.manifests.manifest import (
     read_manifest,
     write_manifest,
 )
-from regtok.pipeline.report import write_report_files
-from regtok.pipeline.report_md import headline, print_table
 from regtok.pipeline.runtime.console import stderr_console
 from regtok.pipeline.train import run_input, training_store_manifest
 
