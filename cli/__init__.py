@@ -90,4 +90,4 @@ def device_option(default: str | None = "auto", note: str = ""):
 
 
 # The commands register themselves on ``main`` when imported, in the pipeline's order.
-from regtok.cli import data, extract, train, evaluate, lineage  # noqa: E402, F401, I001
+from regtok.cli import data, extract, train, sweep, evaluate, lineage  # noqa: E402, F401, I001

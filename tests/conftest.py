@@ -171,7 +171,8 @@ if os.environ.get("REGTOK_TEST_HOOK"):
     import time
     from pathlib import Path
 
-    from regtok.pipeline import sweep_report as _report, train as _train
+    from regtok.pipeline import train as _train
+    from regtok.pipeline.sweep import report as _report
     from regtok.pipeline.train import stage as _train_stage
 
     _real = _train.train_run
@@ -217,7 +218,7 @@ def hook(tmp_path, monkeypatch):
 @pytest.fixture
 def no_figures(monkeypatch):
     """Trials and sweeps without curves.png and sweep.png (tests of what happens to trials, not of figures)."""
-    from regtok.pipeline import sweep_report
+    from regtok.pipeline.sweep import report as sweep_report
     from regtok.pipeline.train import stage as train_stage
 
     monkeypatch.setattr(train_stage, "plot_curves", lambda *a, **kw: None)

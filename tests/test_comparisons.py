@@ -143,8 +143,8 @@ def test_a_sweep_ranks_the_kept_weights_warns_on_ties_and_keeps_what_eval_needs(
 
 
 def test_best_yaml_reproduces_the_trial_under_every_preset():
-    from regtok.pipeline.space import diff_from_defaults
-    from regtok.pipeline.sweep_report import best_yaml
+    from regtok.pipeline.sweep.report import best_yaml
+    from regtok.pipeline.sweep.space import diff_from_defaults
 
     trial = resolve(TrainConfig, "tiny", {"model": {"n_layers": 4}, "lr": 1e-3})  # n_layers 4 is the default
     assert resolve(TrainConfig, "tiny", diff_from_defaults(trial)).model.n_layers == 1  # what a bare diff did
@@ -220,8 +220,8 @@ def test_the_sweep_writes_the_hparams_experiment(seeds):
 def test_sweep_png_draws_the_spread_of_each_choice(seeds, tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from regtok.pipeline.space import parse_space
-    from regtok.pipeline.sweep_plot import plot_sweep
+    from regtok.pipeline.sweep.plot import plot_sweep
+    from regtok.pipeline.sweep.space import parse_space
 
     out, _ = seeds
     report = json.loads((out / "report.json").read_text())
@@ -284,7 +284,7 @@ def test_plots_keep_recalls_in_range_and_mark_unweighted_terms():
 
 
 def test_compare_curves_follow_the_score_sweeps_rank_by(tmp_path):
-    from regtok.pipeline.compare import _run_entry
+    from regtok.pipeline.sweep.compare import _run_entry
 
     lines = [{"type": "start", "step": 0, "epoch": 0, "val_r1_full_a_to_b": 0.1, "val_r1_full_b_to_a": 0.1,
               "val_r1_flow_a_to_b": 0.3, "val_r1_flow_b_to_a": 0.3, "val_select": 0.3},
@@ -357,7 +357,7 @@ def test_default_yaml_names_the_method_and_the_readme_documents_sweep_json():
 
 
 def test_eval_reports_of_runs_that_differ_only_in_seed_are_one_row(tmp_path):
-    from regtok.pipeline.compare import _report_entry, tables
+    from regtok.pipeline.sweep.compare import _report_entry, tables
 
     def report(name: str, r1: float, **differs) -> Path:
         row = {"a_to_b": {"R@1": r1}, "b_to_a": {"R@1": r1}}

@@ -20,7 +20,7 @@ from regtok.cli import main
 from regtok.config import TrainConfig, from_dict, resolve, to_dict
 from regtok.errors import RegtokError
 from regtok.pipeline.manifests.manifest import read_manifest
-from regtok.pipeline.space import parse_space
+from regtok.pipeline.sweep.space import parse_space
 from regtok.pipeline.train.runs import kept_record
 
 BASE = ["--preset", "tiny", "--epochs", "2", "--val-fraction", "0.25", "--batch-size", "32"]
@@ -186,7 +186,7 @@ def test_nested_space_yaml_equals_dotted_keys():
 
 
 def test_shipped_spaces_parse_and_resolve():
-    from regtok.pipeline.space import check_space
+    from regtok.pipeline.sweep.space import check_space
 
     root = Path(__file__).resolve().parent.parent / "configs"
     spaces = sorted(root.glob("*space*.yaml")) + [root / "seed-table.yaml"]
@@ -209,7 +209,7 @@ def test_pruned_trials_are_recorded_with_their_last_metric_and_rerun_the_same(st
                                                                             no_figures):
     import optuna
 
-    import regtok.pipeline.sweep as sweep_mod
+    import regtok.pipeline.sweep.stage as sweep_mod
 
     class Pruner(PruneAfterFirstEpoch, optuna.pruners.BasePruner):
         pass
@@ -358,7 +358,7 @@ def test_compare_reports_and_refuses_other_stages(swept, store, tmp_path):
 
 def test_shipped_train_configs_hold_only_what_differs():
     from regtok.pipeline.runtime.config_io import load_yaml
-    from regtok.pipeline.space import diff_from_defaults
+    from regtok.pipeline.sweep.space import diff_from_defaults
 
     root = Path(__file__).resolve().parent.parent / "configs"
     assert resolve(TrainConfig, None, load_yaml(str(root / "default.yaml"))) == TrainConfig()

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from regtok.errors import RegtokError
-from regtok.pipeline.sweep_study import recover_interrupted
+from regtok.pipeline.sweep.study import recover_interrupted
 
 MAX_ROUNDS = 3  # worker starts per sweep: again after a worker died with its trial, not forever
 
@@ -36,8 +36,8 @@ def worker_count(jobs: int, trials_left: int, cores: int) -> tuple[int, list[str
 def run_rounds(spec: Any, jobs: int, study: Any, total: int, console: Any, show_progress: bool) -> list[str]:
     """Start workers until the study has its trials, again when a worker died with its trial (at most
     :data:`MAX_ROUNDS` times); returns why workers stopped early (a worker's error), if any."""
-    from regtok.pipeline.sweep import say_to
-    from regtok.pipeline.sweep_worker import settled
+    from regtok.pipeline.sweep.stage import say_to
+    from regtok.pipeline.sweep.worker import settled
 
     say = say_to(console)
     for round_ in range(MAX_ROUNDS):
@@ -63,7 +63,7 @@ def _run_workers(spec: Any, jobs: int, study: Any, total: int, console: Any,
     from dataclasses import replace as with_
 
     from regtok.pipeline.runtime.console import progress
-    from regtok.pipeline.sweep_worker import run_worker, spawn_worker
+    from regtok.pipeline.sweep.worker import run_worker, spawn_worker
 
     bar = progress(console, _status_column(), disable=not show_progress)
     task = bar.add_task("trials", total=total, status="")
@@ -110,7 +110,7 @@ def _run_workers(spec: Any, jobs: int, study: Any, total: int, console: Any,
 def _requeue_killed(procs: list, killed: set[int], study: Any, console: Any) -> None:
     """A worker killed by a signal (out of memory, kill -9) while others run: its trial is queued again at once,
     for a worker still running to take."""
-    from regtok.pipeline.sweep import say_to
+    from regtok.pipeline.sweep.stage import say_to
 
     dead = [p.pid for p in procs if p.exitcode is not None and p.exitcode < 0 and p.pid not in killed]
     if dead:
@@ -169,7 +169,7 @@ def check_finished(study: Any, total: int, errors: list[str], say: Any) -> None:
 
     from optuna.trial import TrialState
 
-    from regtok.pipeline.sweep_worker import settled
+    from regtok.pipeline.sweep.worker import settled
 
     done = settled(study)
     if done >= total and not errors:
@@ -194,8 +194,8 @@ def _status_column() -> Any:
 
 def _status(study: Any) -> tuple[int, str, list[tuple[int, str]]]:
     """(finished count, one status line, [(number, line) per finished trial]), from the report's trial rows."""
-    from regtok.pipeline.spread import pct
-    from regtok.pipeline.sweep_report import trial_rows
+    from regtok.pipeline.sweep.report import trial_rows
+    from regtok.pipeline.sweep.spread import pct
 
     rows = trial_rows(study)  # best complete trial first
     count = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail", "running")}

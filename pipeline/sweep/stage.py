@@ -18,7 +18,7 @@ worker at once and queues the trials they were running again; so does a full dis
 directory, which stops the sweep with one line. A sweep that ends with trials left says so and exits non-zero.
 Pruned trials record the epoch they stopped after. A finished trial keeps the weight files ``--keep`` names
 (best: what eval needs; last: what a resume needs; all). The study itself (storage, identity, grid queue,
-retries): :mod:`regtok.pipeline.sweep_study`; the workers and their display: :mod:`regtok.pipeline.sweep_pool`.
+retries): :mod:`regtok.pipeline.sweep.study`; the workers and their display: :mod:`regtok.pipeline.sweep.pool`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Any
 
 from regtok.config import TrainConfig, to_dict
 from regtok.errors import Interrupted, RegtokError
-from regtok.pipeline.space import Choices, Param, check_space, space_json
-from regtok.pipeline.sweep_study import (
+from regtok.pipeline.sweep.space import Choices, Param, check_space, space_json
+from regtok.pipeline.sweep.study import (
     check_grid,
     check_storage,
     check_study_present,
@@ -136,9 +136,9 @@ def run_sweep(features: str | os.PathLike, out: str | os.PathLike, scfg: SweepCo
 
     Everything that can be checked before a trial runs is checked first (space, grid size, storage, data, --out).
     """
-    from regtok.pipeline.sweep_pool import check_finished, requeue, run_rounds
-    from regtok.pipeline.sweep_report import write_outputs
-    from regtok.pipeline.sweep_worker import WorkerSpec
+    from regtok.pipeline.sweep.pool import check_finished, requeue, run_rounds
+    from regtok.pipeline.sweep.report import write_outputs
+    from regtok.pipeline.sweep.worker import WorkerSpec
 
     out = Path(out).absolute()
     t0 = time.perf_counter()

@@ -1,9 +1,9 @@
 """What a sweep reports: report.json, report.md, sweep.png, best.yaml and the sweep manifest.
 
 A trial's value is its metric for the weights ``regtok eval`` will use (the kept best epoch; see
-:func:`regtok.pipeline.sweep_worker.run_trial`). The report states the validation N and the metric's step (1/N),
+:func:`regtok.pipeline.sweep.worker.run_trial`). The report states the validation N and the metric's step (1/N),
 warns when trials are within one step of the best, and, when the space sweeps ``seed``, groups the trials that
-differ only in their seed into one row with mean ± std and n (:mod:`regtok.pipeline.spread`); the best trial
+differ only in their seed into one row with mean ± std and n (:mod:`regtok.pipeline.sweep.spread`); the best trial
 is then the best of the best group. Recalls are fractions in report.json and percentages in report.md.
 """
 
@@ -17,16 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from regtok.config import PRESETS, TrainConfig, flatten, nested, to_dict
-from regtok.pipeline.space import Param, diff_from_defaults, space_json, trial_config
-from regtok.pipeline.spread import mean_std, pct, resolution, resolution_text, seed_groups, tie_warning, within_one_step
-from regtok.pipeline.sweep_plot import plot_sweep
+from regtok.pipeline.sweep.plot import plot_sweep
+from regtok.pipeline.sweep.space import Param, diff_from_defaults, space_json, trial_config
+from regtok.pipeline.sweep.spread import (
+    mean_std,
+    pct,
+    resolution,
+    resolution_text,
+    seed_groups,
+    tie_warning,
+    within_one_step,
+)
 
 
 def trial_rows(study: Any) -> list[dict[str, Any]]:
     """Every trial (not the surplus ones a worker declined), best metric first; pruned ones by their kept value."""
     from optuna.trial import TrialState
 
-    from regtok.pipeline.sweep_study import retried_from
+    from regtok.pipeline.sweep.study import retried_from
 
     rows = []
     retried_as = {retried_from(t): t.number for t in study.get_trials(deepcopy=False)
@@ -87,7 +95,7 @@ def write_outputs(out: Path, study: Any, scfg: Any, space: dict[str, Param], bas
         new_manifest,
         write_manifest,
     )
-    from regtok.pipeline.sweep_study import safe_url
+    from regtok.pipeline.sweep.study import safe_url
 
     rows = trial_rows(study)
     summary = summarise(rows, space)

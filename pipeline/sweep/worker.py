@@ -25,7 +25,7 @@ from typing import Any
 from regtok.config import TrainConfig
 from regtok.data import derive_seed
 from regtok.errors import RegtokError
-from regtok.pipeline.space import Param, as_overrides, diff_from_defaults, parse_space, trial_config
+from regtok.pipeline.sweep.space import Param, as_overrides, diff_from_defaults, parse_space, trial_config
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ def run_worker(spec: WorkerSpec, on_trial: Any = None) -> None:
     """Run trials until the study has ``spec.total`` settled ones (or the grid's queue is empty)."""
     import optuna
 
-    from regtok.pipeline.sweep import SweepConfig, make_pruner, make_sampler
-    from regtok.pipeline.sweep_study import open_storage, quiet_optuna
+    from regtok.pipeline.sweep.stage import SweepConfig, make_pruner, make_sampler
+    from regtok.pipeline.sweep.study import open_storage, quiet_optuna
     from regtok.pipeline.train import StoreCache
 
     if spec.threads:
@@ -111,7 +111,7 @@ def _count(trials: list, live: tuple, below: int | None = None) -> int:
     """Trials in a ``live`` state or failed without a retry, not surplus (and numbered below ``below``)."""
     from optuna.trial import TrialState
 
-    from regtok.pipeline.sweep_study import retried_from
+    from regtok.pipeline.sweep.study import retried_from
 
     retried = {retried_from(t) for t in trials}
     return sum((below is None or t.number < below) and not t.user_attrs.get("surplus") and
@@ -136,7 +136,7 @@ def run_trial(trial: Any, spec: WorkerSpec, scfg: Any, space: dict[str, Param], 
     use (the kept best epoch, or the last one with ``--keep last`` or without keep_best)."""
     import optuna
 
-    from regtok.pipeline.sweep import metric_value
+    from regtok.pipeline.sweep.stage import metric_value
     from regtok.pipeline.train import train_run
 
     if _is_surplus(trial, scfg.sampler == "grid", spec.total):
@@ -184,7 +184,7 @@ def _record_result(trial: Any, manifest: Path, result: Any, metric: str) -> floa
     """The trial's value (``metric`` of the kept epoch) and what the report shows beside it: the kept epoch, the
     last epoch's value, the validation N."""
     from regtok.pipeline.manifests.manifest import read_manifest
-    from regtok.pipeline.sweep import metric_value
+    from regtok.pipeline.sweep.stage import metric_value
     from regtok.pipeline.train import kept_record
 
     kept = kept_record(manifest.parent)

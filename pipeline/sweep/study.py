@@ -21,7 +21,7 @@ from typing import Any
 
 from regtok.config import TrainConfig, to_dict
 from regtok.errors import RegtokError
-from regtok.pipeline.space import Param, space_json
+from regtok.pipeline.sweep.space import Param, space_json
 
 HEARTBEAT_S, GRACE_S = 30, 120  # a trial whose worker stopped beating for GRACE_S is failed and retried
 MAX_GRID_POINTS = 5_000  # queueing takes a few ms per point in SQLite; a larger grid wants --sampler tpe/random

@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from regtok.pipeline.space import Choices, Param, Range
-from regtok.pipeline.spread import mean_std, resolution_text
+from regtok.pipeline.sweep.space import Choices, Param, Range
+from regtok.pipeline.sweep.spread import mean_std, resolution_text
 
 
 def plot_sweep(report: dict[str, Any], space: dict[str, Param], path: Path) -> bool:

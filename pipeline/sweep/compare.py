@@ -2,7 +2,7 @@
 by side, one row per configuration; optionally a Markdown file and a plot of the validation score per epoch.
 
 Runs (or the runs behind eval reports) whose configs differ only in ``seed`` are one row with mean ± std and n
-(:mod:`regtok.pipeline.spread`). Each table states the validation N and the step 1/N of its recalls and warns
+(:mod:`regtok.pipeline.sweep.spread`). Each table states the validation N and the step 1/N of its recalls and warns
 when rows are within one step of the best. A sweep directory stands for all of its trials. Recalls are in %.
 """
 
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from regtok.config import flatten
 from regtok.errors import RegtokError
-from regtok.pipeline.spread import (
+from regtok.pipeline.sweep.spread import (
     EVALUATE_MORE,
     NOT_A_METHOD,
     VALIDATE_MORE,
@@ -213,7 +213,7 @@ def _names(members: list[Entry], everyone: list[Entry]) -> str:
 
 
 def _cell(value: Any) -> str:
-    from regtok.pipeline.sweep_report import fmt
+    from regtok.pipeline.sweep.report import fmt
 
     return fmt(value)
 
@@ -241,6 +241,27 @@ def render_markdown(entries: list[Entry], all_keys: bool = False) -> str:
     if any(e.curve for e in entries):
         lines += ["", "![validation score per epoch](curves.png)"]
     return "\n".join(lines) + "\n"
+
+
+def run_compare(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *, all_keys: bool = False,
+                overwrite: bool = False, warn: Callable[[str], None] = lambda msg: None,
+                ) -> tuple[list[CompareTable], Path | None]:
+    """`regtok compare`: the tables of ``paths`` side by side and, with ``out``, ``OUT/compare.md`` and
+    ``OUT/curves.png`` (an ``out`` that holds anything else needs ``overwrite``). Returns the tables and the path of
+    compare.md (None without ``out``)."""
+    from regtok.pipeline.manifests.outdir import claim, compare_foreign
+
+    if out is not None:
+        out = Path(out)
+        claim(out, compare_foreign(out), "compare", overwrite)
+    entries = load_entries(list(paths), warn=warn)
+    result = tables(entries, all_keys)
+    if out is None:
+        return result, None
+    out.mkdir(parents=True, exist_ok=True)
+    plot_curves(entries, out / "curves.png")
+    (out / "compare.md").write_text(render_markdown(entries, all_keys))
+    return result, out / "compare.md"
 
 
 def plot_curves(entries: list[Entry], path: Path) -> bool:
