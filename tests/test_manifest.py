@@ -8,7 +8,7 @@ import pytest
 
 from regtok.config import PRESETS, ModelConfig, TrainConfig, from_dict, merge, resolve, to_dict
 from regtok.errors import RegtokError
-from regtok.pipeline.lineage import lineage, verify
+from regtok.pipeline.lineage.chain import lineage, verify
 from regtok.pipeline.manifests.manifest import (
     ManifestError,
     file_record,

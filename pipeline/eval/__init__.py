@@ -14,6 +14,5 @@ from regtok.pipeline import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "stage": ("run_eval",),
-    "report": ("demo_summary",),
-    "report_md": ("retrieval_rows",),
+    "report_md": ("headline_sentence", "parts_line", "reconstruction_line", "retrieval_rows"),
 })

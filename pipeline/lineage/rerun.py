@@ -74,7 +74,7 @@ class PathGuard:
         return p
 
 
-def rerun(path: str | Path, out: str | Path, *, root: str | Path | None = None, allow_outside: bool = False,
+def rerun_stage(path: str | Path, out: str | Path, *, root: str | Path | None = None, allow_outside: bool = False,
           log: Callable[[str], None] = lambda msg: None) -> RerunResult:
     """Re-execute the stage recorded in the manifest at ``path`` into ``out`` and compare."""
     mpath = manifest_path(path)
