@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from regtok.cli import CONTEXT, config_default, config_option, device_option, main
+from regtok.cli import CONTEXT, config_default, config_option, device_option, main, workers_count
 from regtok.pipeline.extract import ExtractConfig
 
 
@@ -18,18 +18,6 @@ def _encoder_pair(ctx: click.Context, param: click.Parameter, value: tuple[str, 
     return tuple(pairs)
 
 
-def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise click.BadParameter(f"{value!r}: expected auto or a count >= 0")
-    return n
-
-
 @main.command(context_settings=CONTEXT)
 @click.option("--shards", required=True, help="Brace pattern (data/shard-{000000..000015}.tar), a directory of "
               ".tar files, or a dataset.json from `regtok synth`/`regtok pack`.")
@@ -41,7 +29,7 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | st
               "tvl:MODEL@/path/ckpt.pth (TVL Stage-1 tactile encoder), tiny[:SEED] (random-init test encoder).")
 @click.option("--tokens", is_flag=True, help="Also store token features (n, T, D_tok) per modality.")
 @config_option(ExtractConfig, "batch_size", type=click.IntRange(min=1), help="Images per forward pass.")
-@config_option(ExtractConfig, "workers", callback=_workers,
+@config_option(ExtractConfig, "workers", callback=workers_count,
                help="DataLoader workers decoding shards, or auto: none on the CPU (the forward uses every core), "
                "up to 8 per GPU.")
 @device_option(config_default(ExtractConfig, "device"), "Under torchrun, cuda is each rank's GPU.")
