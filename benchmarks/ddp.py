@@ -37,7 +37,7 @@ from torch import nn  # noqa: E402
 
 from regtok.config import TrainConfig, resolve  # noqa: E402
 from regtok.model import RegTok  # noqa: E402
-from regtok.pipeline.distributed import init_distributed, leave_process_group  # noqa: E402
+from regtok.pipeline.runtime.distributed import init_distributed, leave_process_group  # noqa: E402
 from regtok.train import LossModule, make_optimizer  # noqa: E402
 
 

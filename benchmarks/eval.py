@@ -63,10 +63,10 @@ def _stage(samples: int, repeats: int, kind: str) -> None:
 
     from regtok.config import TrainConfig, resolve
     from regtok.evaluate import EvalConfig
-    from regtok.pipeline.eval import run_eval
-    from regtok.pipeline.extract import ExtractConfig, run_extract
-    from regtok.pipeline.synth import synthesize
-    from regtok.pipeline.train import train_run
+    from regtok.pipeline.data.synth import synthesize
+    from regtok.pipeline.eval.stage import run_eval
+    from regtok.pipeline.extract.stage import ExtractConfig, run_extract
+    from regtok.pipeline.train.stage import train_run
 
     work = Path(tempfile.mkdtemp(prefix="regtok-bench-eval-"))
     for name, n, seed in (("train", samples, 0), ("test", max(100, samples // 4), 1)):

@@ -1,13 +1,13 @@
 """Benchmark: end-to-end `regtok extract` images/s divided by a bare `encode_image` loop, same encoder.
 
 The encoder is an open_clip ViT-B-32 with a random-init local checkpoint (the full CLIP state dict, as a user's
-file would be); the data is the embedded synthetic set (`pipeline.synth`). The end-to-end time is the wall time
+file would be); the data is the embedded synthetic set (`pipeline.data.synth`). The end-to-end time is the wall time
 of the `regtok extract` process, start-up included (imports, weight loading and hashing, decoding, writing the
 store and the manifest). The bare loop runs `model.encode_image` over tensors that are already decoded and
 preprocessed, after one warm-up batch, in a fresh process of its own. Both use the same threads
 (OMP_NUM_THREADS, default 2).
 
-`regtok extract` sets glibc's malloc to keep freed memory (`pipeline.startup.keep_freed_memory`); a plain loop
+`regtok extract` sets glibc's malloc to keep freed memory (`pipeline.runtime.startup.keep_freed_memory`); a plain loop
 does not, and faults its activations in again on every forward. Each round therefore measures the bare loop
 twice: as a user would write it (the ratio the target is about), and with the same malloc settings (the ratio
 that isolates what the pipeline itself costs: start-up, decoding, writing).
@@ -40,7 +40,7 @@ import torch
 
 
 def make_data(root: Path, samples: int, shards: int) -> Path:
-    from regtok.pipeline.synth import synthesize
+    from regtok.pipeline.data.synth import synthesize
 
     synthesize(root / "data", samples=samples, shards=shards, seed=0)
     return root / "data" / "dataset.json"
@@ -67,9 +67,9 @@ def bare_images_per_s(spec: str, dataset: Path, batch_size: int, device: str, tu
 
 
 def bare_loop(spec: str, dataset: Path, batch_size: int, device: str, tuned_malloc: bool) -> float:
+    from regtok.pipeline.data.shards import expand_shards, iter_shard
     from regtok.pipeline.encoders import load_encoder
-    from regtok.pipeline.shards import expand_shards, iter_shard
-    from regtok.pipeline.startup import keep_freed_memory
+    from regtok.pipeline.runtime.startup import keep_freed_memory
 
     if tuned_malloc and not keep_freed_memory():
         sys.exit("could not set malloc options (not glibc?)")

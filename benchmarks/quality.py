@@ -43,8 +43,8 @@ BASELINES = ("cca", "weighted_cca", "start", "linear_infonce", "mlp_infonce")
 
 def make_stores(work: Path, train_n: int, test_n: int, encoders: dict[str, dict[str, str]], log) -> dict:
     """Synthesise the three splits once and extract each with every encoder pair (kept when WORK has them)."""
-    from regtok.pipeline.extract import ExtractConfig, run_extract
-    from regtok.pipeline.synth import synthesize
+    from regtok.pipeline.data.synth import synthesize
+    from regtok.pipeline.extract.stage import ExtractConfig, run_extract
 
     splits = {"train": (train_n, 41, TRAIN_FAMILIES), "same": (test_n, 42, TRAIN_FAMILIES),
               "unseen": (test_n, 43, UNSEEN_FAMILIES)}
@@ -108,8 +108,8 @@ def run_cell(stores: dict, work: Path, enc: str, kind: str, loss: str, preset: s
     from rich.console import Console
 
     from regtok.config import EvalConfig, TrainConfig, resolve
-    from regtok.pipeline.eval import run_eval
-    from regtok.pipeline.train import train_run
+    from regtok.pipeline.eval.stage import run_eval
+    from regtok.pipeline.train.stage import train_run
 
     name = f"{enc}-{preset}-{kind}-{loss}-s{seed}"
     run_dir = work / "runs" / name

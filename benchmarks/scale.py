@@ -13,7 +13,7 @@ without the baselines, and the run directory's size (with its largest files). Pr
 grows with N (the exponent b of cost ∝ N^b between consecutive sizes; 1 is linear). ``--quick``: N = 1,000 only.
 
 Pooled (``--pooled``): stores of 768-d pooled features at N = 20,000 and 200,000 training rows; for each, the
-``default`` preset's start (``pipeline.train.load_split`` and ``build_model``, as ``regtok train`` runs them) and
+``default`` preset's start (``pipeline.train.stage.load_split`` and ``build_model``, as ``regtok train`` runs them) and
 ``--steps`` training steps through ``regtok.train.train``, with the store in memory and streamed
 (``max_memory_fraction=0``); prints samples/s per N and their ratio (target: 200,000 within 10 % of 20,000).
 

@@ -1,7 +1,7 @@
 """``benchmarks/scale.py --pooled``: pooled features at dataset scale with the ``default`` preset (issue 22, item 5).
 
 For each N (training rows of 768-d pooled features, two modalities, the planted structure of ``scale_stores.py``),
-it runs what ``regtok train`` runs before its first step (``pipeline.train.load_split`` and ``build_model``: the
+it runs what ``regtok train`` runs before its first step (``pipeline.train.stage.load_split`` and ``build_model``: the
 feature statistics, the CCA start and the decoders' fit) and then ``1 + steps`` steps of ``regtok.train.train``
 with the ``default`` preset, once with the store in memory and once streamed from disk (``max_memory_fraction=0``).
 samples/s is the batch over the median step time after the first (the trainer's own clock, as in its records).
@@ -29,7 +29,7 @@ def timed_steps(store_dir, cfg, steps: int) -> dict:
     """The start's wall time and the seconds of each training step of ``cfg`` on a store (pipeline code paths)."""
     import numpy as np
 
-    from regtok.pipeline.train import StoreCache, build_model, load_split
+    from regtok.pipeline.train.stage import StoreCache, build_model, load_split
     from regtok.train import Callbacks, train
 
     t0 = time.perf_counter()
@@ -61,7 +61,7 @@ def run_bytes(model, cfg) -> int:
     import tempfile
     from pathlib import Path
 
-    from regtok.pipeline.weights import save_best, save_checkpoint
+    from regtok.pipeline.train.weights import save_best, save_checkpoint
     from regtok.train import ResumeState, make_optimizer
 
     opt = make_optimizer(model, cfg)

@@ -1,7 +1,7 @@
 """Feature stores shaped like a Stage-1 encoder's output, with a planted cross-modal structure, for
 ``benchmarks/scale.py``: written part by part through the pipeline's own store writer
-(:class:`regtok.pipeline.store.PartWriter`, :func:`regtok.pipeline.store.write_index`), as ``regtok extract`` writes
-them, so that no store is ever held in memory whole.
+(:class:`regtok.pipeline.extract.store.PartWriter`, :func:`regtok.pipeline.extract.store.write_index`), as
+``regtok extract`` writes them, so that no store is ever held in memory whole.
 
 The plant: each row has ``SHARED`` latent factors that both modalities see (each through its own noise of std
 ``VIEW_NOISE``, so retrieval is possible but not perfect: about 0.4 R@1 among 1,000 rows for an oracle that knows the
@@ -92,8 +92,8 @@ SCHEMA = {"material": {"type": "categorical", "classes": [f"c{i}" for i in range
 def write_part(path: Path, n: int, seed: int, key_prefix: str, tokens: tuple[int, int] | None,
                pooled_dim: int) -> dict:
     """One part of ``n`` rows (factors from ``seed``), written block by block; its manifest record."""
-    from regtok.pipeline.manifest import sha256_file
-    from regtok.pipeline.store import PartWriter
+    from regtok.pipeline.extract.store import PartWriter
+    from regtok.pipeline.manifests.manifest import sha256_file
 
     encs = encoders(tokens or (1, CHANNEL_RANK), pooled_dim)  # no token maps: any width the basis fits
     shapes = {m: {"pooled": (pooled_dim,), **({"tokens": tokens} if tokens else {})} for m in MODALITIES}
@@ -118,8 +118,8 @@ def write_part(path: Path, n: int, seed: int, key_prefix: str, tokens: tuple[int
 def write_store(root: Path, parts: list[dict], tokens: tuple[int, int] | None, pooled_dim: int) -> Path:
     """A feature store at ``root`` over already written ``parts`` (records from :func:`write_part`, anywhere: the
     index and the manifest name them relative to ``root``), with its features manifest."""
-    from regtok.pipeline.manifest import new_manifest, write_manifest
-    from regtok.pipeline.store import write_index
+    from regtok.pipeline.extract.store import write_index
+    from regtok.pipeline.manifests.manifest import new_manifest, write_manifest
 
     root.mkdir(parents=True, exist_ok=True)
     rel = [{**p, "path": os.path.relpath(p["path"], root)} for p in parts]

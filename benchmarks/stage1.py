@@ -31,7 +31,7 @@ def render(samples: int, seed: int, size: int = 64) -> tuple[dict, dict]:
     """{modality: [PNG bytes]} and {factor: (N,) array} of ``samples`` synth pairs, as ``regtok synth`` writes them."""
     import numpy as np
 
-    from regtok.pipeline import synth
+    from regtok.pipeline.data import synth
 
     families = synth.check_families(None)  # every family
     images: dict[str, list] = {"vision": [], "tactile": []}
@@ -50,7 +50,7 @@ def render(samples: int, seed: int, size: int = 64) -> tuple[dict, dict]:
 
 def targets_for(modality: str, factors: dict) -> list[str]:
     """The continuous factors a modality sees: the shared group's and its own (cos/sin for the angles)."""
-    from regtok.pipeline import synth
+    from regtok.pipeline.data import synth
 
     names = []
     for name, spec in synth.declared_labels().items():
@@ -68,8 +68,8 @@ def train_encoder(model_name: str, modality: str, images: list, factors: dict, e
     import torch
     from timm.data import create_transform, resolve_data_config
 
-    from regtok.pipeline import synth
-    from regtok.pipeline.images import prep_from_transform
+    from regtok.pipeline.data import synth
+    from regtok.pipeline.encoders.images import prep_from_transform
 
     torch.manual_seed(seed)
     backbone = timm.create_model(model_name, pretrained=False, num_classes=0)

@@ -28,7 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from regtok.config import nested  # noqa: E402
-from regtok.pipeline.space import as_overrides, parse_space  # noqa: E402
+from regtok.pipeline.sweep.space import as_overrides, parse_space  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ import argparse
 import tempfile
 import time
 
-from regtok.pipeline import synth
+from regtok.pipeline.data import synth
 
 
 def _per_sample(fn, n: int) -> float:

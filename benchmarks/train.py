@@ -32,7 +32,7 @@ import torch
 from regtok.config import TrainConfig, resolve
 from regtok.data import make_batches
 from regtok.model import RegTok
-from regtok.pipeline.store import open_store
+from regtok.pipeline.extract.store import open_store
 from regtok.train import Callbacks, lr_at, make_optimizer, train
 
 
@@ -45,7 +45,7 @@ def build_embedded(work: Path, samples: int) -> tuple[Path, Path]:
     """(shards dir, store dir) of the embedded synthetic set, extracted with the tiny encoders."""
     shards, store = work / "shards", work / "store"
     if not (shards / "dataset.json").is_file():
-        from regtok.pipeline.synth import synthesize
+        from regtok.pipeline.data.synth import synthesize
 
         synthesize(shards, samples=samples, shards=4, seed=0)
     if not (store / "manifest.json").is_file():
@@ -155,8 +155,8 @@ def dataloader(store, cfg, workers: int) -> Iterator[dict]:
 
 def encoded_from_shards(shards: Path, store, cfg, device) -> Iterator[dict]:
     """Batches made by decoding shard images and running the frozen tiny encoders on every step."""
+    from regtok.pipeline.data.shards import iter_shard
     from regtok.pipeline.encoders import load_encoder
-    from regtok.pipeline.shards import iter_shard
 
     specs = {m: store.manifest["encoders"][m]["spec"] for m in store.modalities}
     encoders = {m: load_encoder(s, device) for m, s in specs.items()}

@@ -1,7 +1,7 @@
 """The `regtok` command line: glue only (parse flags, build the config, call the library, print a summary).
 
-One module per topic: ``data`` (synth, pack), ``extract`` (extract), ``train`` (train, sweep, compare),
-``evaluate`` (eval, embed), ``lineage`` (demo, show, rerun, verify). Installed as ``regtok.cli``.
+One module per stage, as ``pipeline/`` has one folder per stage: ``data`` (synth, pack), ``extract``, ``train``,
+``sweep`` (sweep, compare), ``eval``, ``embed``, ``lineage`` (demo, show, rerun, verify). Installed as ``regtok.cli``.
 
 Heavy imports (torch, h5py, open_clip …) happen inside each command so that `regtok --help` is instant.
 Progress and logs go to stderr; stdout carries only results. A user error is one line and exit status 2.
@@ -89,5 +89,18 @@ def device_option(default: str | None = "auto", note: str = ""):
                         help=f"Where the work runs.{' ' + note if note else ''}")
 
 
+def workers_count(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+    """``--workers``: auto, or a count of DataLoader workers >= 0 (extract and embed)."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise click.BadParameter(f"{value!r}: expected auto or a count >= 0")
+    return n
+
+
 # The commands register themselves on ``main`` when imported, in the pipeline's order.
-from regtok.cli import data, extract, train, evaluate, lineage  # noqa: E402, F401, I001
+from regtok.cli import data, extract, train, sweep, eval, embed, lineage  # noqa: E402, F401, I001

@@ -28,8 +28,8 @@ def synth(out_dir: str, samples: int, shards: int, seed: int, image_size: int, f
     """
     from pathlib import Path
 
-    from regtok.pipeline.console import progress, stderr_console
-    from regtok.pipeline.synth import check_args, check_families, synthesize
+    from regtok.pipeline.data import check_args, check_families, synthesize
+    from regtok.pipeline.runtime.console import progress, stderr_console
 
     check_args(samples, shards, image_size)  # before the progress bar shows, so an error is one line
     chosen = check_families(None if families is None else [f.strip() for f in families.split(",") if f.strip()])
@@ -81,9 +81,9 @@ def pack(csv_path: str, root: str | None, out_dir: str, vision_col: str | None, 
     """
     from pathlib import Path
 
-    from regtok.pipeline.console import progress, stderr_console
-    from regtok.pipeline.labels import parse_groups
-    from regtok.pipeline.pack import pack as pack_csv
+    from regtok.pipeline.data import pack_csv
+    from regtok.pipeline.manifests.labels import parse_groups
+    from regtok.pipeline.runtime.console import progress, stderr_console
 
     if vision_col is None and tactile_col is None:
         vision_col, tactile_col = "url", "tactile"  # TVL's columns

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from regtok.cli import CONTEXT, config_default, config_option, device_option, main
-from regtok.pipeline.extract_config import ExtractConfig
+from regtok.cli import CONTEXT, config_default, config_option, device_option, main, workers_count
+from regtok.pipeline.extract import ExtractConfig
 
 
 def _encoder_pair(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -16,18 +16,6 @@ def _encoder_pair(ctx: click.Context, param: click.Parameter, value: tuple[str, 
             raise click.BadParameter(f"{item!r}: expected MODALITY=SPEC, e.g. tactile=tiny")
         pairs.append((modality.strip(), spec.strip()))
     return tuple(pairs)
-
-
-def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise click.BadParameter(f"{value!r}: expected auto or a count >= 0")
-    return n
 
 
 @main.command(context_settings=CONTEXT)
@@ -41,7 +29,7 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str) -> int | st
               "tvl:MODEL@/path/ckpt.pth (TVL Stage-1 tactile encoder), tiny[:SEED] (random-init test encoder).")
 @click.option("--tokens", is_flag=True, help="Also store token features (n, T, D_tok) per modality.")
 @config_option(ExtractConfig, "batch_size", type=click.IntRange(min=1), help="Images per forward pass.")
-@config_option(ExtractConfig, "workers", callback=_workers,
+@config_option(ExtractConfig, "workers", callback=workers_count,
                help="DataLoader workers decoding shards, or auto: none on the CPU (the forward uses every core), "
                "up to 8 per GPU.")
 @device_option(config_default(ExtractConfig, "device"), "Under torchrun, cuda is each rank's GPU.")
@@ -64,9 +52,9 @@ def extract(shards: str, out: str, encoders: tuple[tuple[str, str], ...], tokens
     import sys
     from pathlib import Path
 
-    from regtok.pipeline.console import stderr_console
-    from regtok.pipeline.labels import parse_groups
-    from regtok.pipeline.startup import gc_paused, keep_freed_memory
+    from regtok.pipeline.manifests.labels import parse_groups
+    from regtok.pipeline.runtime.console import stderr_console
+    from regtok.pipeline.runtime.startup import gc_paused, keep_freed_memory
 
     groups = tuple(parse_groups(label_groups).items())
     keep_freed_memory()  # CPU forward passes without faulting their activations in again

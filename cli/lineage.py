@@ -7,12 +7,6 @@ import click
 from regtok.cli import CONTEXT, main
 from regtok.errors import RegtokError
 
-# The demo's choices: random-init encoders keep information in their tokens, not their pooled output
-# (DESIGN.md, "Measured"), so the demo trains on token features with the tiny preset. Everything else is each
-# stage's config default.
-DEMO_ENCODERS = (("vision", "tiny:0"), ("tactile", "tiny:1"))
-DEMO_PREFIXES = (1, 2, 4, 8)
-
 
 @main.command(context_settings=CONTEXT)
 @click.option("--out", default="regtok-demo", type=click.Path(file_okay=False), help="Directory for every stage.")
@@ -30,70 +24,13 @@ def demo(out: str, samples: int, epochs: int, overwrite: bool) -> None:
     OUT/eval                        report.json, report.md, prefix.png + manifest.json, with the linear
                                     baselines fitted on the same training rows
     """
-    import shutil
-    from pathlib import Path
+    from regtok.pipeline.lineage import run_demo
+    from regtok.pipeline.runtime.console import stderr_console
+    from regtok.pipeline.runtime.startup import keep_freed_memory
 
-    from regtok.pipeline.console import heading, stderr_console
-    from regtok.pipeline.report import demo_summary
-    from regtok.pipeline.startup import keep_freed_memory
-
-    root = Path(out).absolute()
-    stages = ("shards-train", "shards-test", "features-train", "features-test", "run", "eval")
-    present = [s for s in stages if (root / s).exists()]
-    if present and not overwrite:
-        raise RegtokError(f"{root} already holds a demo ({', '.join(present)}); pass --overwrite or another --out")
-    for s in present:
-        shutil.rmtree(root / s)
     keep_freed_memory()
-    console = stderr_console()
-    steps = _demo_steps(root, samples, epochs, console)
-    for i, (title, step) in enumerate(steps, 1):
-        heading(console, f"[bold]{i}/{len(steps)} {title}")
-        step()
-    demo_summary(console, root)
-    click.echo(str(root / "eval" / "report.md"))  # the result, on stdout
-
-
-def _demo_steps(root, samples: int, epochs: int, console) -> list:
-    """The demo's stages as (title, call) pairs: each stage's function with its config object; every manifest
-    records the equivalent stage command."""
-    from regtok.config import EvalConfig, TrainConfig, resolve
-    from regtok.pipeline.console import train_progress
-    from regtok.pipeline.eval import run_eval
-    from regtok.pipeline.extract import run_extract
-    from regtok.pipeline.extract_config import ExtractConfig
-    from regtok.pipeline.synth import synthesize
-    from regtok.pipeline.train import train_run
-
-    def shards(split: str, n: int, count: int, seed: int):
-        return lambda: console.print(f"{synthesize(root / f'shards-{split}', n, count, seed)['samples']} pairs in "
-                                     f"{root / f'shards-{split}'}")
-
-    def features(split: str):
-        cfg = ExtractConfig(shards=str(root / f"shards-{split}" / "dataset.json"), out=str(root / f"features-{split}"),
-                            encoders=DEMO_ENCODERS, tokens=True, max_skip_fraction=0.0)
-        command = ["regtok", "extract", "--shards", cfg.shards, "--out", cfg.out, "--tokens", "--max-skip-fraction",
-                   "0", *[a for m, spec in DEMO_ENCODERS for a in ("--encoder", f"{m}={spec}")]]
-        return lambda: run_extract(cfg, command=command, console=console)
-
-    def train():
-        cfg = resolve(TrainConfig, "tiny", {"epochs": epochs, "seed": 0, "feature_kind": "tokens"})
-        command = ["regtok", "train", "--features", str(root / "features-train"), "--out", str(root / "run"),
-                   "--preset", "tiny", "--epochs", str(epochs), "--seed", "0", "feature_kind=tokens"]
-        with train_progress(console, disable=not console.is_terminal) as on_step:
-            train_run(root / "features-train", root / "run", cfg, command=command, on_step=on_step,
-                      notify=console.print)
-
-    def evaluate():
-        command = ["regtok", "eval", "--run", str(root / "run"), "--features", str(root / "features-test"), "--out",
-                   str(root / "eval"), "--prefixes", ",".join(map(str, DEMO_PREFIXES))]
-        run_eval(root / "run", root / "features-test", root / "eval", EvalConfig(prefixes=DEMO_PREFIXES),
-                 command=command, console=console)
-
-    return [("synthesise training shards", shards("train", samples, 4, 0)),
-            ("synthesise held-out shards", shards("test", max(100, samples // 4), 1, 1)),
-            ("extract train features", features("train")), ("extract test features", features("test")),
-            ("train register modules", train), ("evaluate on the held-out split", evaluate)]
+    report = run_demo(out, samples, epochs, overwrite=overwrite, console=stderr_console())
+    click.echo(str(report))  # the result, on stdout
 
 
 @main.command()
@@ -102,8 +39,8 @@ def show(manifest: str) -> None:
     """Print the chain of manifests behind MANIFEST (a file or a stage directory) back to the shards."""
     from rich.tree import Tree
 
-    from regtok.pipeline.console import stdout_console
     from regtok.pipeline.lineage import lineage, summary_line
+    from regtok.pipeline.runtime.console import stdout_console
 
     def add(tree: Tree, node) -> None:
         mark = {"ok": "[green]✓[/]", "missing": "[red]missing[/]", "changed": "[red]changed since recorded[/]"}
@@ -152,9 +89,9 @@ def rerun(manifest: str, out: str | None, root: str | None, allow_outside: bool)
     """
     import tempfile
 
-    from regtok.pipeline.console import stderr_console
-    from regtok.pipeline.rerun import rerun as rerun_stage
-    from regtok.pipeline.startup import keep_freed_memory
+    from regtok.pipeline.lineage import rerun_stage
+    from regtok.pipeline.runtime.console import stderr_console
+    from regtok.pipeline.runtime.startup import keep_freed_memory
 
     keep_freed_memory()  # as in the stage it reruns
     console = stderr_console()

@@ -6,15 +6,15 @@ no torch import here, so that `regtok --help` is instant.
 
 __version__ = "0.1.0"
 
-# The Python API (pipeline/api.py), imported on first use so that `import regtok` stays cheap.
+# The Python API (pipeline/embed/api.py), imported on first use so that `import regtok` stays cheap.
 __all__ = ["Embedder", "Run", "load_run", "open_store"]
 
 
 def __getattr__(name: str):
     if name in __all__:
-        from regtok.pipeline import api
+        from regtok.pipeline import embed
 
-        return getattr(api, name)
+        return getattr(embed, name)
     raise AttributeError(f"module 'regtok' has no attribute {name!r}")
 
 

@@ -1,7 +1,7 @@
 """Configuration: frozen dataclasses with defaults in code, named presets, and their resolution from diffs.
 
 Resolution order (later wins): dataclass defaults → preset → YAML file (only what differs) → CLI flags →
-``key=value`` overrides; :mod:`pipeline.config_io` reads the file and the overrides. Unknown keys anywhere are
+``key=value`` overrides; :mod:`pipeline.runtime.config_io` reads the file and the overrides. Unknown keys anywhere are
 a :class:`RegtokError` naming the key and what is allowed.
 """
 

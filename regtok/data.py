@@ -2,12 +2,12 @@
 
 The whole store (every modality of the chosen feature kind) is read once, in large contiguous reads, into
 device memory as float16; each epoch draws batches from a seeded random permutation made on the device. A store
-larger than the caller's memory budget (``pipeline.distributed.memory_budget``) is streamed instead: each chunk
+larger than the caller's memory budget (``pipeline.runtime.distributed.memory_budget``) is streamed instead: each chunk
 of the same permutation is read with one sorted read per modality. Under DDP each rank takes its slice of every
 global batch.
 
 The store is any object with ``modalities``, ``n``, ``shape(kind, modality)`` and ``read(kind, modality, rows)``
-(``pipeline.store.FeatureStore``); nothing here knows the file format.
+(``pipeline.extract.store.FeatureStore``); nothing here knows the file format.
 """
 
 from __future__ import annotations

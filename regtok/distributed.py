@@ -1,7 +1,7 @@
 """Device names and the one collective the losses need: an all_gather that carries gradients.
 
 Nothing here detects distributed mode or reads the process group's state: the stage decides it once
-(``pipeline.distributed``) and passes ``rank`` and ``world_size`` down, as open_clip's ``ClipLoss(rank=…,
+(``pipeline.runtime.distributed``) and passes ``rank`` and ``world_size`` down, as open_clip's ``ClipLoss(rank=…,
 world_size=…)``.
 
 Why gather with autograd: a contrastive loss on rank r compares its local rows with every rank's columns.

@@ -60,7 +60,7 @@ def evaluate(model: Any, features: Mapping[str, Any], labels: Mapping[str, np.nd
     fit: the rows probes and reconstruction references are fitted on (None: a part of this split).
     pooled: the raw pooled features for the cosine baseline (default: ``features`` when they are pooled).
     labels: {name: (N,)}; label_schema: {name: {"type": "categorical" | "continuous", "group": …}} (store manifest).
-    Returns the report dict (see pipeline/report.py for the files written from it).
+    Returns the report dict (see pipeline/eval/report.py for the files written from it).
     """
     log = log or (lambda _msg: None)
     a, b = model.modalities

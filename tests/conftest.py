@@ -42,8 +42,8 @@ def write_feature_store(root: Path, features: dict[str, dict[str, np.ndarray]], 
                         keys: list[str], schema: dict, specs: dict[str, str] | None = None, n_parts: int = 2) -> Path:
     """A feature store of ``features[modality][kind]`` rows, written as extract writes one: ``n_parts`` parts by
     ``PartWriter``, the index by ``write_index``, and a features manifest."""
-    from regtok.pipeline.manifest import new_manifest, sha256_file, write_manifest
-    from regtok.pipeline.store import PartWriter, write_index
+    from regtok.pipeline.extract.store import PartWriter, write_index
+    from regtok.pipeline.manifests.manifest import new_manifest, sha256_file, write_manifest
 
     n = len(keys)
     shapes = {m: {k: arr.shape[1:] for k, arr in kinds.items()} for m, kinds in features.items()}
@@ -102,7 +102,7 @@ def sample(rng: np.random.Generator, key: str, index: int) -> tuple[str, list[tu
 
 
 def write_shards(root: Path, counts: list[int], seed: int = 0) -> list[Path]:
-    from regtok.pipeline.shards import write_shard
+    from regtok.pipeline.data.shards import write_shard
 
     rng, paths, index = np.random.default_rng(seed), [], 0
     for s, n in enumerate(counts):
@@ -116,7 +116,7 @@ def write_shards(root: Path, counts: list[int], seed: int = 0) -> list[Path]:
 
 
 def extract(shards: str, out: Path, **kw) -> tuple[Path, dict]:
-    from regtok.pipeline.extract import ExtractConfig, run_extract
+    from regtok.pipeline.extract.stage import ExtractConfig, run_extract
 
     cfg = ExtractConfig(shards=shards, out=str(out), encoders=ENCODERS, batch_size=kw.pop("batch_size", 4),
                         workers=kw.pop("workers", 0), **kw)
@@ -171,10 +171,12 @@ if os.environ.get("REGTOK_TEST_HOOK"):
     import time
     from pathlib import Path
 
-    from regtok.pipeline import sweep_report as _report, train as _train
+    from regtok.pipeline import train as _train
+    from regtok.pipeline.sweep import report as _report
+    from regtok.pipeline.train import stage as _train_stage
 
     _real = _train.train_run
-    _train.plot_curves = lambda *a, **kw: None
+    _train_stage.plot_curves = lambda *a, **kw: None
     _report.plot_sweep = lambda *a, **kw: False
 
     def _hooked(features, out, cfg, **kw):
@@ -216,7 +218,8 @@ def hook(tmp_path, monkeypatch):
 @pytest.fixture
 def no_figures(monkeypatch):
     """Trials and sweeps without curves.png and sweep.png (tests of what happens to trials, not of figures)."""
-    from regtok.pipeline import sweep_report, train
+    from regtok.pipeline.sweep import report as sweep_report
+    from regtok.pipeline.train import stage as train_stage
 
-    monkeypatch.setattr(train, "plot_curves", lambda *a, **kw: None)
+    monkeypatch.setattr(train_stage, "plot_curves", lambda *a, **kw: None)
     monkeypatch.setattr(sweep_report, "plot_sweep", lambda *a, **kw: False)

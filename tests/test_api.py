@@ -29,7 +29,7 @@ def invoke(*args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     """synth → extract (tiny encoders, tokens) → train (tiny, 1 epoch) → eval --save-embeddings, on 64 pairs."""
-    from regtok.pipeline.synth import synthesize
+    from regtok.pipeline.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("api")
     synthesize(root / "shards", samples=64, shards=2, seed=0)
@@ -156,8 +156,8 @@ def test_a_run_and_a_store_print_short_and_name_their_classes(world):
 def test_public_names_have_docstrings():
     import inspect
 
-    from regtok.pipeline.api import Embedder, Run
-    from regtok.pipeline.store import FeatureStore
+    from regtok.pipeline.embed.api import Embedder, Run
+    from regtok.pipeline.extract.store import FeatureStore
 
     for cls in (Run, Embedder, FeatureStore):
         source = inspect.getsource(cls)

@@ -50,6 +50,8 @@ def test_the_install_adds_only_regtok_to_site_packages(tmp_path):
     (wheel,) = tmp_path.glob("regtok-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"regtok", wheel.name.split("-py")[0] + ".dist-info"}
-    assert {"regtok/cli/__init__.py", "regtok/pipeline/store.py", "regtok/model.py"} <= set(names)
+    folders = [p.name for p in (repo / "pipeline").iterdir() if (p / "__init__.py").is_file()]
+    assert {"regtok/cli/__init__.py", "regtok/pipeline/extract/store.py", "regtok/model.py",
+            *(f"regtok/pipeline/{f}/__init__.py" for f in folders)} <= set(names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "regtok = regtok.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -17,9 +17,9 @@ from conftest import write_store
 import regtok.train
 from regtok.cli import main
 from regtok.config import PRESETS, TrainConfig, resolve, to_dict
-from regtok.pipeline.manifest import file_record, read_manifest, write_manifest
-from regtok.pipeline.run_load import load_run
-from regtok.pipeline.runs import kept_record, read_metrics
+from regtok.pipeline.manifests.manifest import file_record, read_manifest, write_manifest
+from regtok.pipeline.train.run_load import load_run
+from regtok.pipeline.train.runs import kept_record, read_metrics
 
 BASE = ["--preset", "tiny", "--val-fraction", "0.25", "--batch-size", "32"]
 
@@ -55,7 +55,7 @@ def recorded_as_written(run: Path) -> None:
 
 
 def test_seeds_share_the_validation_rows_and_old_runs_keep_theirs(store, tmp_path):
-    from regtok.pipeline.eval import baseline_training_rows
+    from regtok.pipeline.eval.stage import baseline_training_rows
 
     runs = {s: train(store, tmp_path / f"seed{s}", "--seed", str(s)) for s in (1, 2)}
     runs[3] = train(store, tmp_path / "own-split", "--seed", "3", "split_seed=3")
@@ -74,7 +74,7 @@ def test_seeds_share_the_validation_rows_and_old_runs_keep_theirs(store, tmp_pat
     old = load_run(runs[3])
     assert old.train_config.split_seed == 3
     from regtok.data import rows_digest
-    from regtok.pipeline.store import open_store
+    from regtok.pipeline.extract.store import open_store
 
     rows = baseline_training_rows(old, open_store(store), runs[3] / "manifest.json", True)
     assert rows_digest(rows) == split[3]["train_rows_sha256"]
@@ -143,8 +143,8 @@ def test_a_sweep_ranks_the_kept_weights_warns_on_ties_and_keeps_what_eval_needs(
 
 
 def test_best_yaml_reproduces_the_trial_under_every_preset():
-    from regtok.pipeline.space import diff_from_defaults
-    from regtok.pipeline.sweep_report import best_yaml
+    from regtok.pipeline.sweep.report import best_yaml
+    from regtok.pipeline.sweep.space import diff_from_defaults
 
     trial = resolve(TrainConfig, "tiny", {"model": {"n_layers": 4}, "lr": 1e-3})  # n_layers 4 is the default
     assert resolve(TrainConfig, "tiny", diff_from_defaults(trial)).model.n_layers == 1  # what a bare diff did
@@ -220,8 +220,8 @@ def test_the_sweep_writes_the_hparams_experiment(seeds):
 def test_sweep_png_draws_the_spread_of_each_choice(seeds, tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from regtok.pipeline.space import parse_space
-    from regtok.pipeline.sweep_plot import plot_sweep
+    from regtok.pipeline.sweep.plot import plot_sweep
+    from regtok.pipeline.sweep.space import parse_space
 
     out, _ = seeds
     report = json.loads((out / "report.json").read_text())
@@ -255,7 +255,7 @@ def test_a_default_run_on_a_cpu_says_to_use_tiny_and_warns_on_warmup(store, tmp_
 
 
 def test_start_lines_stay_quiet_for_a_tiny_run():
-    from regtok.pipeline.train import start_lines
+    from regtok.pipeline.train.stage import start_lines
 
     split = SimpleNamespace(data=SimpleNamespace(steps_per_epoch=4, batch_size=32), train_rows=range(128),
                             val_rows=range(32), kind="pooled")
@@ -268,7 +268,7 @@ def test_start_lines_stay_quiet_for_a_tiny_run():
 def test_plots_keep_recalls_in_range_and_mark_unweighted_terms():
     from unittest.mock import MagicMock
 
-    from regtok.pipeline.plots import _loss_line, loss_weights, recall_limits
+    from regtok.pipeline.train.curves import _loss_line, loss_weights, recall_limits
 
     assert recall_limits([97.5, 100.0]) == (95.5, 100.0) and recall_limits([0.0, 1.0])[0] == 0.0
     cfg = {**to_dict(resolve(TrainConfig, None, {"model": {"loss_type": "flow_matching"}}).model)}
@@ -284,7 +284,7 @@ def test_plots_keep_recalls_in_range_and_mark_unweighted_terms():
 
 
 def test_compare_curves_follow_the_score_sweeps_rank_by(tmp_path):
-    from regtok.pipeline.compare import _run_entry
+    from regtok.pipeline.sweep.compare import _run_entry
 
     lines = [{"type": "start", "step": 0, "epoch": 0, "val_r1_full_a_to_b": 0.1, "val_r1_full_b_to_a": 0.1,
               "val_r1_flow_a_to_b": 0.3, "val_r1_flow_b_to_a": 0.3, "val_select": 0.3},
@@ -305,7 +305,7 @@ def test_compare_curves_follow_the_score_sweeps_rank_by(tmp_path):
 def test_fixed_buffers_are_stored_once_and_runs_without_the_file_still_load(store, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from regtok.pipeline.weights import persistent_buffers
+    from regtok.pipeline.train.weights import persistent_buffers
 
     run = train(store, tmp_path / "run", "--epochs", "2")
     loaded = load_run(run)
@@ -314,7 +314,7 @@ def test_fixed_buffers_are_stored_once_and_runs_without_the_file_still_load(stor
     last, best = (load_file(str(run / name)) for name in ("checkpoint.safetensors", "best.safetensors"))
     assert not set(last) & set(fixed)  # each weights file leaves them out
     refit = set(best) & set(fixed)  # but the decoder maps and mask tokens refitted on the kept weights changed
-    assert all(not torch.equal(best[k], fixed[k]) for k in refit)  # (pipeline/train.py: refit_kept_decoders)
+    assert all(not torch.equal(best[k], fixed[k]) for k in refit)  # (pipeline/train/stage.py: refit_kept_decoders)
     listed = {f["path"] for f in read_manifest(run, kind="run")["outputs"]["files"]}
     assert "buffers.safetensors" in listed
     # a run written before the buffers file: every tensor in each weights file
@@ -327,7 +327,7 @@ def test_fixed_buffers_are_stored_once_and_runs_without_the_file_still_load(stor
 
 
 def test_a_buffer_that_changes_is_kept_in_each_weights_file(tmp_path):
-    from regtok.pipeline.weights import read_weights, save_checkpoint
+    from regtok.pipeline.train.weights import read_weights, save_checkpoint
     from regtok.train import ResumeState
 
     model = torch.nn.Linear(2, 2)
@@ -357,7 +357,7 @@ def test_default_yaml_names_the_method_and_the_readme_documents_sweep_json():
 
 
 def test_eval_reports_of_runs_that_differ_only_in_seed_are_one_row(tmp_path):
-    from regtok.pipeline.compare import _report_entry, tables
+    from regtok.pipeline.sweep.compare import _report_entry, tables
 
     def report(name: str, r1: float, **differs) -> Path:
         row = {"a_to_b": {"R@1": r1}, "b_to_a": {"R@1": r1}}
@@ -376,7 +376,7 @@ def test_eval_reports_of_runs_that_differ_only_in_seed_are_one_row(tmp_path):
 
 
 def test_entries_within_one_validation_step_of_the_best_are_named_as_ties():
-    from regtok.pipeline.spread import tie_warning, within_one_step
+    from regtok.pipeline.sweep.spread import tie_warning, within_one_step
 
     tied = within_one_step({"a": 0.90, "b": 0.895, "c": 0.80}, 100)  # one step = 1/100
     assert tied == ["a", "b"]

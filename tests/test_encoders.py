@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from regtok.errors import RegtokError
-from regtok.pipeline.encoder_kinds import open_clip_tag
-from regtok.pipeline.encoders import EncoderSpec, load_encoder, parse_spec, tiny_encoder
+from regtok.pipeline.encoders.encoder import EncoderSpec, load_encoder, parse_spec, tiny_encoder
+from regtok.pipeline.encoders.kinds import open_clip_tag
 
 OC_MODEL = "regtok-test-vit"
 OC_CFG = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8,
@@ -205,8 +205,8 @@ def test_unknown_open_clip_model_and_missing_file(tmp_path):
 
 
 def test_weights_hash_cache_follows_file_changes(tmp_path, monkeypatch):
-    from regtok.pipeline.checkpoints import file_sha256_cached
-    from regtok.pipeline.manifest import sha256_file
+    from regtok.pipeline.encoders.checkpoints import file_sha256_cached
+    from regtok.pipeline.manifests.manifest import sha256_file
 
     monkeypatch.setenv("REGTOK_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "big.bin"
@@ -277,7 +277,7 @@ def test_a_spec_without_a_tag_lists_the_tags(text, kind, tags):
 def test_timm_tag_loads_from_the_hub_cache(hub_cache):
     import timm
 
-    from regtok.pipeline.manifest import sha256_file
+    from regtok.pipeline.manifests.manifest import sha256_file
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
     path = _put(hub_cache, "timm/vit_tiny_patch16_224.augreg_in21k",
@@ -295,7 +295,7 @@ def test_timm_tag_loads_from_the_hub_cache(hub_cache):
 
 
 def test_open_clip_hf_hub_loads_config_and_weights_from_the_cache(hub_cache, open_clip_model):
-    from regtok.pipeline.manifest import sha256_file
+    from regtok.pipeline.manifests.manifest import sha256_file
 
     model, _, _ = open_clip_model
     config = {"model_cfg": OC_CFG, "preprocess_cfg": {"mean": [0.25, 0.5, 0.75], "std": [0.2, 0.3, 0.4]}}
@@ -338,7 +338,7 @@ def test_offline_without_cached_weights_is_one_error_line(hub_cache, tmp_path, s
     from click.testing import CliRunner
 
     from regtok.cli import main
-    from regtok.pipeline.synth import synthesize
+    from regtok.pipeline.data.synth import synthesize
 
     synthesize(tmp_path / "data", samples=2, shards=1, seed=0)
     result = CliRunner().invoke(main, ["extract", "--shards", str(tmp_path / "data" / "dataset.json"), "--out",

@@ -16,8 +16,8 @@ from regtok.cli import main
 from regtok.config import PRESETS, ModelConfig, TrainConfig, merge, resolve
 from regtok.evaluate import EvalConfig, evaluate
 from regtok.model import RegTok
-from regtok.pipeline.manifest import read_manifest, sha256_file
-from regtok.pipeline.report_md import render_markdown, small_probe_warning
+from regtok.pipeline.eval.report_md import render_markdown, small_probe_warning
+from regtok.pipeline.manifests.manifest import read_manifest, sha256_file
 
 MODS = ("vision", "tactile")
 TOP_KEYS = {"n", "retrieval", "baselines", "flow", "probes", "reconstruction", "modalities"}
@@ -148,7 +148,7 @@ def test_probes_fitted_on_fewer_than_100_rows_are_warned_about() -> None:
 def test_prefix_figure_fits_a_screen_with_every_panel(tmp_path: Path) -> None:
     from PIL import Image
 
-    from regtok.pipeline.plots import plot_prefix  # what eval writes prefix.png with
+    from regtok.pipeline.eval.plots import plot_prefix  # what eval writes prefix.png with
 
     feats, labels = _data(80)
     rng = np.random.default_rng(0)
@@ -158,7 +158,7 @@ def test_prefix_figure_fits_a_screen_with_every_panel(tmp_path: Path) -> None:
                                                                                   flow_steps=(1,), device="cpu"))
     with Image.open(plot_prefix(rep, tmp_path / "prefix.png")) as png:  # one panel per label made 6,480 × 432 px
         assert 600 <= png.width <= 1920 and 400 <= png.height <= 1200, png.size
-    from regtok.pipeline.plots import prefix_figure
+    from regtok.pipeline.eval.plots import prefix_figure
 
     rep["probes"] = [p for p in rep["probes"] if p["label"] in SCHEMA]
     fig = prefix_figure(rep)

@@ -22,11 +22,11 @@ from PIL import Image
 from regtok.cli import main
 from regtok.data import store_bytes
 from regtok.errors import RegtokError
-from regtok.pipeline.encoders import tiny_encoder
-from regtok.pipeline.extract import PAUSE_ENV, ExtractConfig, decode_workers, run_extract
-from regtok.pipeline.manifest import read_manifest, sha256_file
-from regtok.pipeline.shards import write_shard
-from regtok.pipeline.store import open_store
+from regtok.pipeline.data.shards import write_shard
+from regtok.pipeline.encoders.encoder import tiny_encoder
+from regtok.pipeline.extract.stage import PAUSE_ENV, ExtractConfig, decode_workers, run_extract
+from regtok.pipeline.extract.store import open_store
+from regtok.pipeline.manifests.manifest import read_manifest, sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_layout_shapes_dtypes_keys_labels(store, shards):
 
 
 def test_features_equal_the_encoder_on_the_images(store, shards):
-    from regtok.pipeline.shards import iter_shard
+    from regtok.pipeline.data.shards import iter_shard
 
     samples = [s for p in sorted(shards.glob("*.tar")) for s in iter_shard(p)]
     for modality, seed in (("vision", 0), ("tactile", 1)):
@@ -77,7 +77,7 @@ def test_features_equal_the_encoder_on_the_images(store, shards):
 
 
 def test_read_rows_in_several_ranges_equals_a_full_read(tmp_path):
-    from regtok.pipeline.store import _GAP, read_rows
+    from regtok.pipeline.extract.store import _GAP, read_rows
 
     n = 4 * _GAP
     rng = np.random.default_rng(0)
@@ -232,7 +232,7 @@ def test_resume_after_kill_equals_uninterrupted_run(shards, store, tmp_path):
 
 
 def test_dataset_manifest_labels_schema_is_copied(tmp_path):
-    from regtok.pipeline.synth import synthesize
+    from regtok.pipeline.data.synth import synthesize
 
     ds = synthesize(tmp_path / "data", samples=12, shards=2, seed=0)
     path, m = extract(str(tmp_path / "data" / "dataset.json"), tmp_path / "st")
@@ -244,7 +244,7 @@ def test_dataset_manifest_labels_schema_is_copied(tmp_path):
 
 
 def test_label_groups_are_set_in_the_store_schema(tmp_path):
-    from regtok.pipeline.synth import synthesize
+    from regtok.pipeline.data.synth import synthesize
 
     synthesize(tmp_path / "data", samples=8, shards=1, seed=0)
     result = CliRunner().invoke(main, ["extract", "--shards", str(tmp_path / "data" / "dataset.json"), "--out",

@@ -28,11 +28,11 @@ from PIL import Image
 
 from regtok.cli import main
 from regtok.errors import RegtokError
-from regtok.pipeline.extract import ExtractConfig, run_extract
-from regtok.pipeline.manifest import sha256_file, write_json_atomic
-from regtok.pipeline.shards import write_shard
-from regtok.pipeline.store import open_store
-from regtok.pipeline.synth import synthesize
+from regtok.pipeline.data.shards import write_shard
+from regtok.pipeline.data.synth import synthesize
+from regtok.pipeline.extract.stage import ExtractConfig, run_extract
+from regtok.pipeline.extract.store import open_store
+from regtok.pipeline.manifests.manifest import sha256_file, write_json_atomic
 
 ENCODERS = ["--encoder", "vision=tiny:0", "--encoder", "tactile=tiny:1"]
 TRAIN = ["--preset", "tiny", "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--device", "cpu",
@@ -160,7 +160,7 @@ def test_3_out_holding_something_else_is_refused_without_overwrite(data, tmp_pat
 
 
 def test_4_duplicate_keys_across_shards_fail_with_a_clear_error(data, tmp_path):
-    from regtok.pipeline.shards import iter_shard
+    from regtok.pipeline.data.shards import iter_shard
 
     samples = [(s.key, list(s.files.items())) for s in iter_shard(data / "shards" / "shard-000000.tar")]
     write_shard(tmp_path / "in" / "a.tar", samples)
@@ -174,7 +174,7 @@ def test_4_duplicate_keys_across_shards_fail_with_a_clear_error(data, tmp_path):
 
 
 def test_5_sixteen_bit_png_is_scaled_to_eight_bits():
-    from regtok.pipeline.images import decode_image
+    from regtok.pipeline.encoders.images import decode_image
 
     values = np.linspace(7453, 37008, 64).reshape(8, 8)
     img = np.asarray(decode_image(png16(values)))
@@ -245,7 +245,7 @@ def test_8_pack_skips_images_outside_root_unless_allowed(tmp_path):
 
 def test_9_scientific_notation_floats_are_accepted_everywhere(tmp_path):
     from regtok.config import TrainConfig, resolve
-    from regtok.pipeline.config_io import load_yaml, parse_overrides
+    from regtok.pipeline.runtime.config_io import load_yaml, parse_overrides
 
     (tmp_path / "c.yaml").write_text("lr: 5e-4\nweight_decay: 1E3\nmodel:\n  flow_weight: 2e-1\n")
     cfg = resolve(TrainConfig, None, load_yaml(str(tmp_path / "c.yaml")), parse_overrides(["min_lr_ratio=1e-3"]))
@@ -416,7 +416,7 @@ def test_11_click_usage_errors_are_one_error_line(args):
 
 
 def test_12_a_second_extract_into_the_same_out_stops(data, tmp_path):
-    from regtok.pipeline.outdir import LOCK_NAME
+    from regtok.pipeline.manifests.outdir import LOCK_NAME
 
     out = tmp_path / "st"
     out.mkdir()
@@ -458,8 +458,8 @@ def test_13_plain_progress_lines_without_a_terminal(data, tmp_path):
 
 def test_1_a_part_the_index_reads_but_the_manifest_lacks_is_checked_too(store):
     """The index's own virtual sources are checked, not only the parts the manifest lists."""
-    from regtok.pipeline.manifest import read_manifest, write_manifest
-    from regtok.pipeline.store import open_store
+    from regtok.pipeline.extract.store import open_store
+    from regtok.pipeline.manifests.manifest import read_manifest, write_manifest
 
     m = read_manifest(store / "manifest.json")
     m["parts"] = m["parts"][:1]  # an edited manifest that no longer lists the second part

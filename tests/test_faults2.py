@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import regtok
 from regtok.errors import RegtokError
-from regtok.pipeline.manifest import sha256_file
+from regtok.pipeline.manifests.manifest import sha256_file
 
 ENCODERS = ["--encoder", "vision=tiny:0", "--encoder", "tactile=tiny:1"]
 TRAIN = ["--preset", "tiny", "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25", "--device", "cpu",
@@ -29,7 +29,7 @@ EVAL = ["--no-baselines", "--prefixes", "1,2", "--device", "cpu"]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from regtok.pipeline.synth import synthesize
+    from regtok.pipeline.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("faults2")
     synthesize(root / "shards", samples=16, shards=2, seed=0, image_size=16)
@@ -217,7 +217,7 @@ def test_17_a_run_whose_weights_or_config_do_not_fit_is_one_line(world, run, tmp
 @pytest.mark.parametrize("writer", ["torch.save", "save_file"])
 def test_13_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_no_temporaries(world, tmp_path, monkeypatch,
                                                                                     writer):
-    from regtok.pipeline import weights
+    from regtok.pipeline.train import weights
 
     def full(obj, path, *a, **kw):
         Path(path).write_bytes(b"partial")

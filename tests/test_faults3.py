@@ -95,12 +95,12 @@ def test_15_resume_drops_a_truncated_last_metrics_line(finished_run, store, tmp_
 
 
 def test_19_a_forked_child_of_a_killed_extract_does_not_keep_its_lock(tmp_path):
-    from regtok.pipeline.outdir import DirLock
+    from regtok.pipeline.manifests.outdir import DirLock
 
     script = f"""
 import os, sys, time
 from pathlib import Path
-from regtok.pipeline.outdir import DirLock
+from regtok.pipeline.manifests.outdir import DirLock
 lock = DirLock(Path({str(tmp_path)!r}))
 child = os.fork()
 if child == 0:  # a DataLoader worker: it inherits every descriptor and outlives its parent for a while

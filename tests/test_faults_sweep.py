@@ -123,7 +123,7 @@ def test_5_two_workers_asking_at_once_never_take_the_same_queued_trial(tmp_path)
 
     import optuna
 
-    from regtok.pipeline.sweep_study import open_storage
+    from regtok.pipeline.sweep.study import open_storage
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(storage=open_storage(url), study_name="s")
@@ -152,7 +152,7 @@ def test_5_two_workers_asking_at_once_never_take_the_same_queued_trial(tmp_path)
 def test_6_jobs_are_capped_at_the_trials_left_and_warned_above_the_cores(store, tmp_path, monkeypatch):
     import multiprocessing.context
 
-    from regtok.pipeline.sweep_pool import worker_count
+    from regtok.pipeline.sweep.pool import worker_count
 
     def never(*a, **kw):
         raise AssertionError("a worker process was started for a 1-trial sweep")
@@ -171,7 +171,7 @@ def test_7_a_grid_above_the_limit_is_refused_at_once(store, tmp_path):
         str(j if key in ("seed", "warmup_steps") else round(0.01 * (j + 1), 3)) for j in range(10)))]
     t0 = time.perf_counter()
     message = one_line_error(sweep(store, tmp_path / "s", *grid))
-    from regtok.pipeline.sweep_study import MAX_GRID_POINTS
+    from regtok.pipeline.sweep.study import MAX_GRID_POINTS
 
     assert "1,000,000" in message and f"{MAX_GRID_POINTS:,}" in message and time.perf_counter() - t0 < 30
     assert f"{MAX_GRID_POINTS:,}" in " ".join(regtok_cli("sweep", "--help").output.split())
@@ -210,7 +210,7 @@ def test_18_space_values_that_cannot_work_are_refused_before_any_trial(store, tm
 
 
 def test_13_21_a_read_only_trial_directory_stops_the_sweep_and_the_trial_runs_again(store, tmp_path, monkeypatch):
-    """The same path as a full disk (regtok.pipeline.weights.WriteFailed, or OSError ENOSPC)."""
+    """The same path as a full disk (regtok.pipeline.train.weights.WriteFailed, or OSError ENOSPC)."""
     import errno
 
     from regtok.pipeline import train as train_mod
@@ -243,7 +243,7 @@ def test_5_a_sweep_that_ends_with_trials_left_is_an_error_naming_them():
     import optuna
 
     from regtok.errors import RegtokError
-    from regtok.pipeline.sweep_pool import check_finished
+    from regtok.pipeline.sweep.pool import check_finished
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study()

@@ -8,9 +8,8 @@ import pytest
 
 from regtok.config import PRESETS, ModelConfig, TrainConfig, from_dict, merge, resolve, to_dict
 from regtok.errors import RegtokError
-from regtok.pipeline.config_io import parse_overrides
-from regtok.pipeline.lineage import lineage, verify
-from regtok.pipeline.manifest import (
+from regtok.pipeline.lineage.chain import lineage, verify
+from regtok.pipeline.manifests.manifest import (
     ManifestError,
     file_record,
     input_ref,
@@ -18,6 +17,7 @@ from regtok.pipeline.manifest import (
     read_manifest,
     write_manifest,
 )
+from regtok.pipeline.runtime.config_io import parse_overrides
 
 
 def _chain(tmp_path):

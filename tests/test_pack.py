@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from regtok.cli import main
-from regtok.pipeline.manifest import read_manifest, sha256_file
-from regtok.pipeline.shards import iter_shard
+from regtok.pipeline.data.shards import iter_shard
+from regtok.pipeline.manifests.manifest import read_manifest, sha256_file
 
 
 def _image(path, seed, fmt):

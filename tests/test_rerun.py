@@ -120,7 +120,7 @@ def test_rerun_run_outside_the_tree_and_a_changed_weight(demo, tmp_path):
 
 def test_rerun_of_a_gpu_run_compares_metrics_within_the_tolerance(demo, tmp_path):
     """A run recorded on another device is compared by its final metrics (within METRIC_TOLERANCE)."""
-    from regtok.pipeline.rerun import METRIC_TOLERANCE
+    from regtok.pipeline.lineage.rerun import METRIC_TOLERANCE
 
     root, _ = demo
     run = root / f"gpu-run-{tmp_path.name}"

@@ -15,7 +15,7 @@ import torch
 from conftest import MODALITIES, cli_ok, one_line_error, regtok_cli, write_feature_store
 
 import regtok.data
-import regtok.pipeline.store
+import regtok.pipeline.extract.store
 import regtok.reduce
 from regtok.data import feature_stats, make_batches
 from regtok.errors import RegtokError
@@ -103,12 +103,12 @@ def test_store_rows_read_through_bounded_gaps_are_the_rows_asked_for(tmp_path, m
         rng = np.random.default_rng(2)
         asks = [rng.integers(-300, 300, size=k) for k in (0, 1, 5, 60, 400)] + [rng.random(300) < 0.2]
         for i, rows in enumerate(asks):
-            expected[i] = regtok.pipeline.store.read_rows(ds, rows, 300)
+            expected[i] = regtok.pipeline.extract.store.read_rows(ds, rows, 300)
             assert np.array_equal(expected[i], data[rows])
-        monkeypatch.setattr(regtok.pipeline.store, "_GAP_BYTES", 3 * 48)  # gaps of 3 rows, reads of 5
-        monkeypatch.setattr(regtok.pipeline.store, "_READ_BYTES", 5 * 48)
+        monkeypatch.setattr(regtok.pipeline.extract.store, "_GAP_BYTES", 3 * 48)  # gaps of 3 rows, reads of 5
+        monkeypatch.setattr(regtok.pipeline.extract.store, "_READ_BYTES", 5 * 48)
         for i, rows in enumerate(asks):
-            assert np.array_equal(regtok.pipeline.store.read_rows(ds, rows, 300), expected[i])
+            assert np.array_equal(regtok.pipeline.extract.store.read_rows(ds, rows, 300), expected[i])
 
 
 # ── a run whose tokens are wider than TOKEN_DIM ─────────────────────────────────────────────────────
@@ -139,7 +139,7 @@ def wide(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_wide_tokens_train_evaluate_and_reconstruct(wide, tmp_path):
-    from regtok.pipeline.run_load import load_run
+    from regtok.pipeline.train.run_load import load_run
 
     run, test = wide
     enc = load_run(run).model.encoders["vision"]
@@ -176,7 +176,7 @@ def test_a_run_of_the_older_wide_token_layout_is_refused_in_one_line(wide, tmp_p
 
     from safetensors.torch import load_file, save_file
 
-    from regtok.pipeline.run_load import load_run
+    from regtok.pipeline.train.run_load import load_run
 
     run, test = wide
     old = tmp_path / "old"
@@ -200,7 +200,7 @@ def test_the_scale_benchmarks_planted_stores_open_as_feature_stores(tmp_path, mo
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import scale_stores
 
-    from regtok.pipeline.store import open_store
+    from regtok.pipeline.extract import open_store
 
     parts = scale_stores.parts_for(tmp_path / "parts", "p", 30, 20, 5, tokens, 12, log=lambda _m: None)
     store = open_store(scale_stores.write_store(tmp_path / "store", parts, tokens, 12))

@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from regtok.pipeline.startup import gc_paused, keep_freed_memory
+from regtok.pipeline.runtime.startup import gc_paused, keep_freed_memory
 
 # Frees and re-allocates blocks of a transformer forward's sizes (a few MiB to 24 MiB, several alive at once) and
 # prints the minor page faults of the second pass: the first pass maps the memory in, the second should reuse it.
 CHURN = """
 import resource, sys
 import numpy as np
-from regtok.pipeline.startup import keep_freed_memory
+from regtok.pipeline.runtime.startup import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "1" else None
 def churn():
     for _ in range(10):

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from regtok.cli import main
 from regtok.config import TrainConfig, from_dict, resolve, to_dict
 from regtok.errors import RegtokError
-from regtok.pipeline.manifest import read_manifest
-from regtok.pipeline.runs import kept_record
-from regtok.pipeline.space import parse_space
+from regtok.pipeline.manifests.manifest import read_manifest
+from regtok.pipeline.sweep.space import parse_space
+from regtok.pipeline.train.runs import kept_record
 
 BASE = ["--preset", "tiny", "--epochs", "2", "--val-fraction", "0.25", "--batch-size", "32"]
 GRID = ["--grid", "model.n_layers=1,2", "--grid", "lr=0.001,0.0003"]
@@ -186,7 +186,7 @@ def test_nested_space_yaml_equals_dotted_keys():
 
 
 def test_shipped_spaces_parse_and_resolve():
-    from regtok.pipeline.space import check_space
+    from regtok.pipeline.sweep.space import check_space
 
     root = Path(__file__).resolve().parent.parent / "configs"
     spaces = sorted(root.glob("*space*.yaml")) + [root / "seed-table.yaml"]
@@ -209,7 +209,7 @@ def test_pruned_trials_are_recorded_with_their_last_metric_and_rerun_the_same(st
                                                                             no_figures):
     import optuna
 
-    import regtok.pipeline.sweep as sweep_mod
+    import regtok.pipeline.sweep.stage as sweep_mod
 
     class Pruner(PruneAfterFirstEpoch, optuna.pruners.BasePruner):
         pass
@@ -278,7 +278,7 @@ def test_a_killed_sweep_resumes_and_retries_the_running_trial(store, tmp_path, n
 
 
 def test_a_stopped_run_keeps_its_checkpoint_and_says_so(store, tmp_path):
-    from regtok.pipeline.train import train_run
+    from regtok.pipeline.train.stage import train_run
 
     cfg = from_dict(TrainConfig, {**to_dict(resolve(TrainConfig, "tiny")), "epochs": 3, "val_fraction": 0.25})
     path, result = train_run(store, tmp_path / "run", cfg, stop=lambda r: "enough" if r["epoch"] >= 2 else None)
@@ -357,8 +357,8 @@ def test_compare_reports_and_refuses_other_stages(swept, store, tmp_path):
 
 
 def test_shipped_train_configs_hold_only_what_differs():
-    from regtok.pipeline.config_io import load_yaml
-    from regtok.pipeline.space import diff_from_defaults
+    from regtok.pipeline.runtime.config_io import load_yaml
+    from regtok.pipeline.sweep.space import diff_from_defaults
 
     root = Path(__file__).resolve().parent.parent / "configs"
     assert resolve(TrainConfig, None, load_yaml(str(root / "default.yaml"))) == TrainConfig()

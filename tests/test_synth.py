@@ -12,9 +12,9 @@ from PIL import Image
 
 from regtok.cli import main
 from regtok.errors import RegtokError
-from regtok.pipeline import surfaces, synth
-from regtok.pipeline.manifest import read_manifest, sha256_file
-from regtok.pipeline.shards import iter_shard
+from regtok.pipeline.data import surfaces, synth
+from regtok.pipeline.data.shards import iter_shard
+from regtok.pipeline.manifests.manifest import read_manifest, sha256_file
 
 N, SIZE = 20, 32
 
@@ -162,7 +162,7 @@ def test_demo_manifest_matches_the_generator(tmp_path):
     """data_manifests/demo.json must be regenerated whenever the generator's output changes."""
     from pathlib import Path
 
-    from regtok.pipeline.shards import write_shard
+    from regtok.pipeline.data.shards import write_shard
 
     demo = read_manifest(Path(__file__).resolve().parent.parent / "data_manifests" / "demo.json", kind="dataset")
     assert demo["labels"] == synth.declared_labels()

@@ -11,13 +11,13 @@ import torch
 from click.testing import CliRunner
 from conftest import MODALITIES, TINY, write_store
 
-import regtok.pipeline.plots
-import regtok.pipeline.runs
 import regtok.pipeline.train
+import regtok.pipeline.train.curves
+import regtok.pipeline.train.runs
 from regtok.cli import main
 from regtok.config import TrainConfig, resolve
 from regtok.data import epoch_permutation, make_batches, split_rows
-from regtok.pipeline.manifest import read_manifest, sha256_file
+from regtok.pipeline.manifests.manifest import read_manifest, sha256_file
 from regtok.train import lr_at, make_optimizer
 
 
@@ -29,7 +29,7 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory) -> Path:
     """The real thing, kept tiny: `regtok synth` shards through `regtok extract` with the tiny encoders."""
-    from regtok.pipeline.synth import synthesize
+    from regtok.pipeline.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("extracted")
     synthesize(root / "shards", samples=96, shards=2, seed=0)
@@ -52,7 +52,7 @@ class Crash(Exception):
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    from regtok.pipeline.weights import read_weights
+    from regtok.pipeline.train.weights import read_weights
 
     return read_weights(run / "checkpoint.safetensors")  # with the run's fixed buffers
 
@@ -124,9 +124,9 @@ def test_no_weight_decay_on_vectors_and_the_logit_scale():
 
 @pytest.mark.parametrize("loss", ["contrastive", "flow_matching", "combined"])
 def test_tiny_run_per_loss_type(extracted, tmp_path, loss):
-    from regtok.pipeline.run_load import load_run
-    from regtok.pipeline.runs import read_metrics
-    from regtok.pipeline.weights import read_weights
+    from regtok.pipeline.train.run_load import load_run
+    from regtok.pipeline.train.runs import read_metrics
+    from regtok.pipeline.train.weights import read_weights
 
     store, run = extracted, tmp_path / "run"
     code, out, err = run_train("--features", str(store), "--out", str(run), "--loss", loss, *TINY,
@@ -172,13 +172,14 @@ def test_train_writes_curves_png_and_lists_it(store, tmp_path, monkeypatch):
     assert listed["curves.png"]["sha256"] == sha256_file(run / "curves.png")
     # the figure holds each loss term and each validation series, read from metrics.jsonl
     drawn = {}
-    monkeypatch.setattr(regtok.pipeline.plots, "_validation_panel", lambda ax, records, best, mods, label:
+    monkeypatch.setattr(regtok.pipeline.train.curves, "_validation_panel", lambda ax, records, best, mods, label:
                         drawn.update(records=records, best=best, mods=mods))
-    regtok.pipeline.plots.plot_curves(regtok.pipeline.runs.read_metrics(run), tmp_path / "again.png", 0, MODALITIES)
+    regtok.pipeline.train.curves.plot_curves(regtok.pipeline.train.runs.read_metrics(run), tmp_path / "again.png", 0,
+                                             MODALITIES)
     assert [r["type"] for r in drawn["records"]] == ["start", "epoch", "epoch"] and drawn["mods"] == MODALITIES
     # without matplotlib the run trains as before and says nothing about it
     monkeypatch.undo()
-    monkeypatch.setattr(regtok.pipeline.plots, "_pyplot", lambda: None)
+    monkeypatch.setattr(regtok.pipeline.train.curves, "pyplot", lambda: None)
     code, _, err = run_train("--features", str(store), "--out", str(tmp_path / "bare"), *TINY)
     assert code == 0 and not (tmp_path / "bare" / "curves.png").exists() and "matplotlib" not in err
     assert "curves.png" not in {f["path"] for f in read_manifest(tmp_path / "bare" / "manifest.json")["outputs"][
@@ -210,13 +211,13 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(store, tmp_path,
     with pytest.raises(Crash):
         run_train(*args, "--out", str(crash), "checkpoint_every=3")
     monkeypatch.setattr(regtok.pipeline.train, "train_run", real)
-    assert regtok.pipeline.runs.checkpoint_step(crash) == 3
+    assert regtok.pipeline.train.runs.checkpoint_step(crash) == 3
     code, _, err = run_train("--features", str(store), "--out", str(crash), "--resume")
     assert code == 0, err
     c = weights(crash)
     assert all(torch.equal(a[k], c[k]) for k in a)
-    steps = [(r["type"], r["step"]) for r in regtok.pipeline.runs.read_metrics(crash)]
-    assert steps == [(r["type"], r["step"]) for r in regtok.pipeline.runs.read_metrics(tmp_path / "a")]
+    steps = [(r["type"], r["step"]) for r in regtok.pipeline.train.runs.read_metrics(crash)]
+    assert steps == [(r["type"], r["step"]) for r in regtok.pipeline.train.runs.read_metrics(tmp_path / "a")]
 
 
 def test_streaming_fallback_says_so_and_trains_the_same(store, tmp_path):
@@ -232,7 +233,7 @@ def test_streaming_fallback_says_so_and_trains_the_same(store, tmp_path):
 
 def test_nan_stops_with_a_clear_error_and_the_last_good_checkpoint(store, tmp_path, monkeypatch):
     import regtok.train as trainer
-    from regtok.pipeline.runs import checkpoint_step, load_resume
+    from regtok.pipeline.train.runs import checkpoint_step, load_resume
 
     real, calls = trainer._gradients, []
 
@@ -267,7 +268,7 @@ def test_unknown_config_key_is_a_one_line_error(store, tmp_path):
 
 
 def test_tokens_are_used_when_the_store_has_them(extracted, tmp_path):
-    from regtok.pipeline.run_load import load_run
+    from regtok.pipeline.train.run_load import load_run
 
     run = tmp_path / "run"
     code, _, err = run_train("--features", str(extracted), "--out", str(run), *TINY, "--epochs", "1")
@@ -282,7 +283,7 @@ def test_tokens_are_used_when_the_store_has_them(extracted, tmp_path):
 
 
 def test_run_dir_guards(store, tmp_path):
-    from regtok.pipeline.runs import STATE, load_resume
+    from regtok.pipeline.train.runs import STATE, load_resume
 
     run = tmp_path / "run"
     args = ["--features", str(store), "--out", str(run), *TINY, "--epochs", "1"]

@@ -14,7 +14,7 @@ from conftest import TINY, write_store
 from safetensors.torch import load_file
 
 from regtok.cli import main
-from regtok.pipeline.manifest import read_manifest
+from regtok.pipeline.manifests.manifest import read_manifest
 
 pytestmark = pytest.mark.slow
 
