@@ -117,7 +117,8 @@ def test_a_sweep_ranks_the_kept_weights_warns_on_ties_and_keeps_what_eval_needs(
     for t in report["trials"]:
         assert (t["value"], t["last_value"], t["kept_epoch"], t["val_n"]) == (0.9, 0.8, 1, 40)
         run = out / t["path"]
-        assert sorted(p.name for p in run.glob("*.safetensors")) == ["best.safetensors", "buffers.safetensors"]
+        assert sorted(p.name for p in run.glob("*.safetensors")) == ["best.safetensors", "buffers.safetensors",
+                                                                      "start.safetensors"]  # start: eval's baseline
         assert not (run / "state.pt").exists()
     assert report["validation"] == {"n": 40, "resolution": 0.025, "within_one_step": [0, 1]}
     md = (out / "report.md").read_text()
@@ -136,6 +137,7 @@ def test_a_sweep_ranks_the_kept_weights_warns_on_ties_and_keeps_what_eval_needs(
     assert (t["value"], t["kept_epoch"]) == (0.8, 2)
     run = out / t["path"]
     assert (run / "state.pt").is_file() and not (run / "best.safetensors").exists()
+    assert not (run / "start.safetensors").exists()  # eval fits the start again
     assert load_run(run).weights == "checkpoint.safetensors" and kept_record(run)["epoch"] == 2
 
 

@@ -321,6 +321,29 @@ def test_eval_reports_linear_baselines_fitted_on_the_run_training_rows(run_dir: 
     assert "fit_features" in {ref["role"] for ref in eval_manifest["inputs"]}
 
 
+def test_the_start_baseline_loads_the_saved_start_and_equals_the_start_fitted_again(run_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    from regtok.pipeline.eval.stage import StoreColumn, fit_store, start_retrieval
+    from regtok.pipeline.extract import open_store
+    from regtok.pipeline.train import load_run
+
+    run = load_run(run_dir)
+    recorded = {r["path"] for r in read_manifest(run_dir / "manifest.json", kind="run")["outputs"]["files"]}
+    assert "start.safetensors" in recorded  # so load_run checks its sha256 like every weights file
+    start = load_run(run_dir, weights="start")
+    assert start.step == 0 and start.weights == "start.safetensors"
+    trained = dict(run.model.named_parameters())
+    assert any(not torch.equal(p, trained[k]) for k, p in start.model.named_parameters())  # it is not the trained
+    store = open_store(write_store(tmp_path / "heldout", n=64, seed=2))
+    fit = fit_store(run, store, None, run_dir / "manifest.json")
+    test = {m: StoreColumn(store, run.feature_kind, m) for m in MODS}
+    loaded = start_retrieval(run, fit, test, EvalConfig(device="cpu"), run_dir)
+    rebuilt = start_retrieval(run, fit, test, EvalConfig(device="cpu"))  # a run trained before start.safetensors
+    assert loaded["fit"]["weights"] == "start.safetensors" and rebuilt["fit"]["weights"] == "rebuilt from the fit rows"
+    for direction in ("a_to_b", "b_to_a"):
+        assert loaded[direction] == rebuilt[direction]
+
+
 def test_no_baselines_skips_them_and_baseline_features_names_another_store(run_dir: Path, tmp_path: Path) -> None:
     store = write_store(tmp_path / "heldout", n=64, seed=2)
     r = _invoke("eval", "--run", str(run_dir), "--features", str(store), "--out", str(tmp_path / "a"),

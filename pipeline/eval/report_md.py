@@ -145,7 +145,8 @@ def _fit_text(name: str, fit: dict[str, Any]) -> str:
         return (f"{fit.get('directions')} canonical directions weighted by ρ^{fit.get('power', 0):g}, ridge "
                 f"{fit.get('ridge', 0):g}, validation R@1 {fit.get('val_r1', 0):.3f}")
     if name == "start":
-        return f"the run's model before any step (its CCA start), full shared prefix k={fit.get('k')}"
+        source = f" ({fit['weights']})" if fit.get("weights") else ""
+        return f"the run's model before any step (its CCA start{source}), full shared prefix k={fit.get('k')}"
     kind = f"MLP (hidden {fit.get('hidden')}, dropout {fit.get('dropout'):g})" if fit.get("hidden") else "linear map"
     return (f"{kind} to {fit.get('embed_dim')}-d per modality, symmetric InfoNCE, lr {fit.get('lr'):g}, weight decay "
             f"{fit.get('weight_decay'):g}, batch {fit.get('batch_size')}, stopped early at epoch {fit.get('epoch')} "

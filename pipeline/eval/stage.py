@@ -131,9 +131,10 @@ def fit_rows(run: Any, fit: FitStore) -> Any:
     return FitRows(cols, labels, fit.source)
 
 
-def fit_baselines(run: Any, eval_store: Any, fit: FitStore, cfg: EvalConfig, log: Any) -> dict[str, Any]:
+def fit_baselines(run: Any, eval_store: Any, fit: FitStore, cfg: EvalConfig, log: Any,
+                  run_dir: Path | None = None) -> dict[str, Any]:
     """Fit the baselines on ``fit``'s rows (a seeded subset of at most baseline_max_rows) and score them here; the
-    model at its start (rebuilt from the same rows) is one of them."""
+    model at its start (``run_dir``'s start.safetensors, else rebuilt from the same rows) is one of them."""
     from regtok.baselines import BaselineConfig, fit_and_score
 
     kind, mods, rows = run.feature_kind, tuple(run.model.modalities), fit.rows
@@ -145,20 +146,42 @@ def fit_baselines(run: Any, eval_store: Any, fit: FitStore, cfg: EvalConfig, log
     bcfg = BaselineConfig(embed_dim=run.model.cfg.embed_dim, seed=cfg.seed)
     out = fit_and_score(train, test, mods, bcfg, cfg.chunk_size, log=log)
     log("baseline: the model at its start")
-    out["start"] = start_retrieval(run, fit, test, cfg)
+    out["start"] = start_retrieval(run, fit, test, cfg, run_dir)
     out["store"], out["train_rows"] = str(fit.path), fit.rows_record
     return out
 
 
-def start_retrieval(run: Any, fit: FitStore, test: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
-    """Retrieval of the run's model at its start, before any step: rebuilt as the trainer built it (same seed,
-    statistics, read basis and CCA start) from ``fit``'s rows, at the full shared prefix."""
+def start_retrieval(run: Any, fit: FitStore, test: dict[str, Any], cfg: EvalConfig,
+                    run_dir: Path | None = None) -> dict[str, Any]:
+    """Retrieval of the run's model at its start, before any step, at the full shared prefix: the weights
+    ``run_dir/start.safetensors`` holds, or (a run trained before regtok saved them, or pruned with --keep last)
+    the start rebuilt as the trainer built it (same seed, statistics, read basis and CCA start) from ``fit``'s
+    rows."""
+    import torch
+
+    from regtok.pipeline.train import START, load_run
+    from regtok.reduce import as_tensor
+    from regtok.retrieval import retrieval_metrics
+
+    if run_dir is not None and (Path(run_dir) / START).is_file():
+        model, source = load_run(run_dir, weights="start").model, START
+    else:
+        model, source = _rebuilt_start(run, fit), "rebuilt from the fit rows"
+    k = model.cfg.n_shared
+    with torch.no_grad():  # the shared embedding alone: the heads' decoding is not needed here
+        emb = {m: torch.cat([_shared(model.encoders[m], as_tensor(test[m][i:i + cfg.batch_size]), k)
+                             for i in range(0, len(test[m]), cfg.batch_size)]) for m in model.modalities}
+    a, b = model.modalities
+    return {**retrieval_metrics(emb[a], emb[b], cfg.chunk_size), "fit": {"k": k, "rows": len(fit.rows),
+                                                                         "weights": source}}
+
+
+def _rebuilt_start(run: Any, fit: FitStore) -> Any:
+    """The run's start fitted again on ``fit``'s rows, in eval mode (the decoders' fit left out)."""
     import torch
 
     from regtok.data import make_batches
     from regtok.pipeline.train import Split, build_model
-    from regtok.reduce import as_tensor
-    from regtok.retrieval import retrieval_metrics
 
     tc = run.train_config
     # Streamed: the start reads its statistics in one pass and a sample of rows; a copy of the store in memory would
@@ -166,13 +189,7 @@ def start_retrieval(run: Any, fit: FitStore, test: dict[str, Any], cfg: EvalConf
     data = make_batches(fit.store, run.feature_kind, fit.rows, tc.batch_size, tc.seed, torch.device("cpu"), 0)
     split = Split(fit.store, fit.store, run.feature_kind, fit.rows, np.arange(0), data, None)
     model, _ = build_model(split, tc, Path(), resume=False, notify=lambda _m: None, decoders=False)
-    model.eval()
-    k = model.cfg.n_shared
-    with torch.no_grad():  # the shared embedding alone: the heads' decoding is not needed here
-        emb = {m: torch.cat([_shared(model.encoders[m], as_tensor(test[m][i:i + cfg.batch_size]), k)
-                             for i in range(0, len(test[m]), cfg.batch_size)]) for m in model.modalities}
-    a, b = model.modalities
-    return {**retrieval_metrics(emb[a], emb[b], cfg.chunk_size), "fit": {"k": k, "rows": len(fit.rows)}}
+    return model.eval()
 
 
 def _shared(enc: Any, x: Any, k: int) -> Any:
@@ -286,7 +303,8 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
                           embeddings_sink=sink, log=log, fit=fit_rows(run, fit) if isinstance(fit, FitStore) else None)
         linear = {"skipped": "--no-baselines"}
         if cfg.baselines:
-            linear = fit_baselines(run, store, fit, cfg, log) if isinstance(fit, FitStore) else {"skipped": fit}
+            linear = (fit_baselines(run, store, fit, cfg, log, Path(run_dir)) if isinstance(fit, FitStore)
+                      else {"skipped": fit})
     report["baselines"]["linear"] = linear
     report["headline"] = headline(report, run.model.cfg.scored_by_transport)
     report["feature_kind"] = kind

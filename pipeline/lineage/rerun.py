@@ -151,9 +151,9 @@ def _guard_store(guard: PathGuard, store: Path, what: str) -> None:
 
 def _guard_run(guard: PathGuard, run_dir: Path) -> None:
     """The files eval reads from a run directory, and the stores its manifest names, must lie in the tree."""
-    from regtok.pipeline.train import BEST, BUFFERS, CHECKPOINT, CONFIG, MANIFEST
+    from regtok.pipeline.train import BEST, BUFFERS, CHECKPOINT, CONFIG, MANIFEST, START
 
-    for name in (CONFIG, CHECKPOINT, BEST, BUFFERS, MANIFEST):
+    for name in (CONFIG, CHECKPOINT, BEST, BUFFERS, START, MANIFEST):
         if (run_dir / name).exists() or (run_dir / name).is_symlink():
             guard.check(run_dir / name, f"run file {name}")
     if (run_dir / MANIFEST).is_file():

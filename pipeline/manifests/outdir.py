@@ -68,8 +68,8 @@ def store_foreign(out: Path) -> list[str]:
     return [e for e in entries if e not in own]
 
 
-RUN_FILES = {"checkpoint.safetensors", "best.safetensors", "buffers.safetensors", "state.pt", "config.json",
-             "metrics.jsonl", "curves.png", "manifest.json", "tb"}  # pipeline/train/runs.py's names
+RUN_FILES = {"checkpoint.safetensors", "best.safetensors", "buffers.safetensors", "start.safetensors", "state.pt",
+             "config.json", "metrics.jsonl", "curves.png", "manifest.json", "tb"}  # pipeline/train/runs.py's names
 REPORT_FILES = {"report.json", "report.md", "prefix.png", "embeddings.h5", "manifest.json"}  # pipeline/eval/stage.py's
 COMPARE_FILES = {"compare.md", "curves.png"}
 

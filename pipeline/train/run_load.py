@@ -19,9 +19,10 @@ from regtok.config import TrainConfig, from_dict, from_saved
 from regtok.errors import RegtokError
 from regtok.pipeline.manifests.manifest import read_manifest, resolve_path
 from regtok.pipeline.train.runs import CONFIG, MANIFEST, epoch_records
-from regtok.pipeline.train.weights import BUFFERS, CHECKPOINT, checkpoint_step, load_weights, weights_file
+from regtok.pipeline.train.weights import BUFFERS, CHECKPOINT, START, checkpoint_step, load_weights, weights_file
 
-WEIGHTS = ("best", "last")  # load_run's choice: the kept best weights (what eval uses) or the last ones
+WEIGHTS = ("best", "last", "start")  # load_run's choice: the kept best weights (what eval uses), the last ones, or
+# the model before its first step
 
 
 @dataclass
@@ -39,8 +40,9 @@ class LoadedRun:
 def load_run(run_dir: str | os.PathLike, weights: str = "best") -> LoadedRun:
     """Rebuild a trained model from a run directory (weights + config.json); eval mode, CPU.
 
-    ``weights``: "best", the weights eval uses (``best.safetensors`` when the run kept one, else the last), or
-    "last" (``checkpoint.safetensors``). A finished run's files must be those its manifest records.
+    ``weights``: "best", the weights eval uses (``best.safetensors`` when the run kept one, else the last),
+    "last" (``checkpoint.safetensors``) or "start" (``start.safetensors``, the model before its first step). A
+    finished run's files must be those its manifest records.
     """
     from regtok.model import RegTok
 
@@ -50,10 +52,11 @@ def load_run(run_dir: str | os.PathLike, weights: str = "best") -> LoadedRun:
     if run_dir.is_file():
         run_dir = run_dir.parent
     config = read_run_config(run_dir)
-    chosen = weights_file(run_dir) if weights == "best" else CHECKPOINT
+    chosen = {"best": weights_file(run_dir), "last": CHECKPOINT, "start": START}[weights]
     if not (run_dir / chosen).is_file():
-        why = ("it kept only its best weights (a sweep trial with --keep best); load weights='best'"
-               if weights == "last" else "the run has no weights yet")
+        why = {"last": "it kept only its best weights (a sweep trial with --keep best); load weights='best'",
+               "start": "it was trained by an older regtok, or kept only its last weights (--keep last)"}.get(
+                   weights, "the run has no weights yet")
         raise RegtokError(f"{run_dir} has no {chosen}: {why}")
     manifest = read_manifest(run_dir / MANIFEST, kind="run") if (run_dir / MANIFEST).is_file() else {}
     if manifest:  # a finished run: its files are what it recorded (a run still training has no manifest yet)

@@ -3,6 +3,7 @@
     RUN_DIR/checkpoint.safetensors   the last weights (logit scale and flow head included); metadata: step
     RUN_DIR/best.safetensors         the weights of the best validation epoch (keep_best): what eval loads
     RUN_DIR/buffers.safetensors      the model's fixed buffers, stored once per run (pipeline/train/weights.py)
+    RUN_DIR/start.safetensors        the model before its first step: eval's "start" baseline
     RUN_DIR/state.pt                 resume state (pipeline/train/weights.py)
     RUN_DIR/config.json              {"train": TrainConfig, "model_spec": model.spec(), "modalities", "feature_kind"}
     RUN_DIR/metrics.jsonl            the split (which rows validate), then one JSON object per logged step and
@@ -39,6 +40,7 @@ from regtok.pipeline.train.weights import (  # noqa: F401 - the run directory's 
     BEST,
     BUFFERS,
     CHECKPOINT,
+    START,
     STATE,
     WriteFailed,
     best_record,
@@ -49,6 +51,7 @@ from regtok.pipeline.train.weights import (  # noqa: F401 - the run directory's 
     rewrite_weights,
     save_best,
     save_checkpoint,
+    save_start,
     weights_file,
 )
 from regtok.train import Callbacks, ResumeState
@@ -172,8 +175,8 @@ def write_run_manifest(run_dir: str | os.PathLike, *, command: list[str], config
     inputs = [input_ref("features", manifest_path(features), run_dir)]
     if val_features is not None:
         inputs.append(input_ref("val_features", manifest_path(val_features), run_dir))
-    files = [file_record(run_dir / name, run_dir) for name in (CHECKPOINT, BEST, BUFFERS, CONFIG, METRICS, STATE,
-                                                               CURVES) if (run_dir / name).is_file()]
+    files = [file_record(run_dir / name, run_dir) for name in (CHECKPOINT, BEST, BUFFERS, START, CONFIG, METRICS,
+                                                               STATE, CURVES) if (run_dir / name).is_file()]
     manifest = new_manifest("run", command=command, config=config, inputs=inputs,
                             outputs={"files": files, "checkpoint": files[0] if files else None},
                             environment_=environment(device), timings=timings, metrics=metrics, **extra)

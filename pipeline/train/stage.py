@@ -38,6 +38,7 @@ from regtok.pipeline.train.runs import (
     load_weights,
     read_metrics,
     rewrite_weights,
+    save_start,
     saved_train_config,
     weights_file,
     write_config,
@@ -169,13 +170,16 @@ def train_run(features: str | Path, out: str | Path, cfg: TrainConfig, *, val_fe
 def open_writer(out: Path, cfg: TrainConfig, model: nn.Module, split: Split, state: ResumeState | None,
                 callbacks: tuple[Callable | None, Callable | None, Callable | None], tensorboard: bool,
                 notify: Callable[[str], None]) -> RunWriter:
-    """Rank 0's writer: config.json, metrics.jsonl (opened with the split's record on a new run; on a resume,
-    lines a crash cut short are dropped, and said so), TensorBoard. ``callbacks``: (on_step, on_epoch, stop)."""
+    """Rank 0's writer: config.json, start.safetensors (a new run's model before its first step), metrics.jsonl
+    (opened with the split's record on a new run; on a resume, lines a crash cut short are dropped, and said so),
+    TensorBoard. ``callbacks``: (on_step, on_epoch, stop)."""
     out.mkdir(parents=True, exist_ok=True)
     if state is None:
         drop_stale_buffers(out)
     tb = TensorBoardLog(out, to_dict(cfg), purge_step=state.step if state else None) if tensorboard else None
     write_config(out, cfg, model, tuple(split.store.modalities), split.kind)
+    if state is None:
+        save_start(out, model)
     log = MetricsLog(out, keep_until_step=state.step if state else None)
     if log.dropped:
         notify(f"{out / 'metrics.jsonl'}: dropped line(s) {', '.join(map(str, log.dropped))}, truncated or "

@@ -4,6 +4,8 @@
     RUN_DIR/best.safetensors         the weights of the best validation epoch (keep_best): what eval and the API
                                      load; metadata: step, epoch (counted from 1), val_select
     RUN_DIR/buffers.safetensors      the model's fixed buffers, once per run; metadata: a digest of each
+    RUN_DIR/start.safetensors        the model at its start, before any step (the CCA start, the fitted decoders):
+                                     eval's "start" baseline loads it instead of fitting the start again
     RUN_DIR/state.pt                 resume state: optimizer state, step, RNG states (tensors and dicts only,
                                      loadable with ``weights_only=True``)
 
@@ -44,6 +46,7 @@ from regtok.train import ResumeState
 CHECKPOINT = "checkpoint.safetensors"
 BEST = "best.safetensors"  # the weights of the best validation score (keep_best); what eval and the API load
 BUFFERS = "buffers.safetensors"  # the fixed buffers, once per run
+START = "start.safetensors"  # the model before its first step: eval's "start" baseline
 STATE = "state.pt"
 EPOCHS_FROM = "epochs_from"  # best.safetensors metadata: "1" where epochs are counted from 1 (absent: from 0)
 
@@ -76,6 +79,13 @@ def save_best(run_dir: str | os.PathLike, model: nn.Module, record: dict[str, An
     meta = {"step": str(record["step"]), "epoch": str(record["epoch"]), EPOCHS_FROM: "1",
             "val_select": repr(float(record["val_select"]))}
     os.replace(_write_weights(run_dir, BEST, model, meta), run_dir / BEST)
+
+
+def save_start(run_dir: str | os.PathLike, model: nn.Module) -> None:
+    """Atomically write ``start.safetensors``: the weights of a new run before its first step."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.replace(_write_weights(run_dir, START, model, {"step": "0"}), run_dir / START)
 
 
 def rewrite_weights(run_dir: str | os.PathLike, name: str, model: nn.Module) -> None:
@@ -245,12 +255,13 @@ def load_resume(run_dir: str | os.PathLike) -> ResumeState:
 def prune_weights(run_dir: str | os.PathLike, keep: str) -> list[str]:
     """Remove the weight files a finished run need not keep; returns the names removed.
 
-    ``best``: what eval needs, the kept best weights (or the last ones when the run kept no best);
-    ``last``: what a resume needs, the last weights and the resume state (eval then uses the last weights);
+    ``best``: what eval needs, the kept best weights (or the last ones when the run kept no best) and the start;
+    ``last``: what a resume needs, the last weights and the resume state (eval then uses the last weights, and
+    fits the start again for its "start" baseline);
     ``all``: everything.
     """
     run_dir = Path(run_dir)
-    drop = {"all": (), "last": (BEST,), "best": (CHECKPOINT, STATE) if (run_dir / BEST).is_file() else (STATE,)}
+    drop = {"all": (), "last": (BEST, START), "best": (CHECKPOINT, STATE) if (run_dir / BEST).is_file() else (STATE,)}
     if keep not in drop:
         raise RegtokError(f"--keep must be one of {', '.join(drop)}, got {keep!r}")
     removed = [name for name in drop[keep] if (run_dir / name).is_file()]
