@@ -196,7 +196,7 @@ def fit_infonce_head(xa: Tensor, xb: Tensor, cfg: HeadConfig, val_fraction: floa
     epoch with the best R@1 on a seeded validation part of the rows is kept. Returns the embedding function
     (xa, xb) → L2-normalised (M, E) each, and what was chosen. Dropout draws from the global generator, so the
     fit runs under a forked one seeded with ``seed``: the same call gives the same head, whatever ran before."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():  # a caller's no_grad must not stop the fit
         torch.manual_seed(seed)
         return _fit_head(xa, xb, cfg, val_fraction, seed)
 
@@ -265,16 +265,21 @@ BASELINES = ("cca", "weighted_cca", "linear_infonce", "mlp_infonce")
 
 def fit_and_score(train: dict[str, Tensor], test: dict[str, Tensor], modalities: tuple[str, str],
                   cfg: BaselineConfig, chunk_size: int = 4096, device: torch.device | None = None,
-                  log: Callable[[str], None] | None = None) -> dict[str, dict]:
+                  log: Callable[[str], None] | None = None, reduced: bool = False) -> dict[str, dict]:
     """Fit every baseline on ``train`` and score it on ``test``; {name: {"a_to_b", "b_to_a", "fit": {…}}}.
 
-    train, test: {modality: (N, D) or (N, T, D)} of one feature kind. Rows are paired across modalities.
+    train, test: {modality: (N, D) or (N, T, D)} of one feature kind, reduced here by :class:`Reducer` (fitted on
+    ``train``); with ``reduced``, (N, K) tensors already reduced (a PCA of training rows), used as they are. Rows
+    are paired across modalities.
     """
     log = log or (lambda _msg: None)
     a, b = modalities
-    fitted = {m: Reducer.fit_transform(train[m], cfg.max_dim) for m in (a, b)}  # one read of the training rows
-    red, tr = {m: f[0] for m, f in fitted.items()}, {m: f[1] for m, f in fitted.items()}  # tr: (N_train, K)
-    te = {m: red[m](test[m]) for m in (a, b)}  # (N_test, K)
+    if reduced:
+        tr, te = {m: train[m].float() for m in (a, b)}, {m: test[m].float() for m in (a, b)}
+    else:
+        fitted = {m: Reducer.fit_transform(train[m], cfg.max_dim) for m in (a, b)}  # one read of the training rows
+        red, tr = {m: f[0] for m, f in fitted.items()}, {m: f[1] for m, f in fitted.items()}  # tr: (N_train, K)
+        te = {m: red[m](test[m]) for m in (a, b)}  # (N_test, K)
     reduced = {"input_dims": {m: int(tr[m].shape[1]) for m in (a, b)}, "train_rows": int(len(tr[a]))}
     score = lambda ea, eb: retrieval_metrics(ea, eb, chunk_size, device)  # noqa: E731
     log("baseline: linear CCA")

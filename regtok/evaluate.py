@@ -68,8 +68,16 @@ def evaluate(model: Any, features: Mapping[str, Any], labels: Mapping[str, np.nd
     mcfg = model.cfg
     probe_ks, retr_ks = prefix_plan(cfg, mcfg.n_registers, mcfg.n_shared)
     device = resolve_device(cfg.device)
-    rows = _subset(n, cfg.probe_max_samples, cfg.seed)
-    enc = _encode(model, features, (a, b), probe_ks, retr_ks, rows, cfg, device, log)
+    rows = subset(n, cfg.probe_max_samples, cfg.seed)
+    linear = cfg.baselines and fit is not None and all(e.read_width for e in model.encoders.values())
+    enc = _encode(model, features, (a, b), probe_ks, retr_ks, rows, cfg, device, log,
+                  code_rows=torch.arange(n) if linear else None)
+    fitted = None
+    if fit is not None:  # one pass over the training rows: the probes' registers and the baselines' read codes
+        n_fit = len(fit.features[a])
+        fit_rows = subset(n_fit, cfg.probe_max_samples, cfg.seed)
+        fitted = fit_rows, _encode(model, fit.features, (a, b), [], [], fit_rows, cfg, device, log,
+                                   code_rows=subset(n_fit, cfg.baseline_max_rows, cfg.seed) if linear else None)
     report: dict[str, Any] = {"n": n, "modalities": [a, b], "retrieval": [], "tie_rule": TIE_RULE,
                               "prefixes": {"retrieval": retr_ks, "probes": probe_ks, "n_shared": mcfg.n_shared}}
     for k in retr_ks:
@@ -81,8 +89,24 @@ def evaluate(model: Any, features: Mapping[str, Any], labels: Mapping[str, np.nd
                 embeddings_sink(m, k, enc.shared[m][k].numpy())
     report["baselines"] = _baselines(n, pooled if pooled is not None else features, (a, b), cfg, device)
     report["flow"] = _flow(model, enc.shared, (a, b), retr_ks, cfg, device, log)
-    report.update(_parts(model, features, labels, label_schema, cfg, fit, rows, enc, probe_ks, device, log))
+    report.update(_parts(model, features, labels, label_schema, cfg, fit, fitted, rows, enc, probe_ks, device, log))
+    if linear:
+        report["baselines"]["linear"] = _linear_baselines(model, fitted[1].read, enc.read, cfg, device, log)
     return report
+
+
+def _linear_baselines(model: Any, train: dict[str, Tensor], test: dict[str, Tensor], cfg: EvalConfig,
+                      device: torch.device, log: Log) -> dict[str, Any]:
+    """The baselines of :mod:`regtok.baselines`, fitted on the training rows' read codes and scored on the
+    evaluated rows': the input the model reads, the run's own PCA of its training rows (no second reduction)."""
+    from regtok.baselines import BaselineConfig, fit_and_score
+
+    out = fit_and_score(train, test, tuple(model.modalities), BaselineConfig(embed_dim=model.cfg.embed_dim,
+                                                                               seed=cfg.seed),
+                        cfg.chunk_size, device, log, reduced=True)
+    for row in out.values():
+        row["fit"]["input"] = "the run's read: its PCA of the training rows"
+    return out
 
 
 @dataclass
@@ -91,38 +115,49 @@ class _Encoded:
     registers: dict[str, Tensor]  # modality → (P, R·d) float16, every register of the probe rows, concatenated
     codes: dict[str, Tensor]  # modality → (P, K) float32, the read code (the decoder's target space) of those rows
     recon: dict[str, dict[int, Tensor]]  # modality → k → (P,) the decoder's reconstruction cosine per probe row
+    read: dict[str, Tensor] | None = None  # modality → (C, K) float32, the read code of the ``code_rows`` (baselines)
 
 
 @torch.no_grad()
 def _encode(model: Any, features: Mapping[str, Any], mods: Sequence[str], ks: list[int], retr_ks: list[int],
-            rows: Tensor, cfg: EvalConfig, device: torch.device, log: Log) -> _Encoded:
-    """One pass over ``features``, one encoding per batch; the heads run per prefix length k on it."""
+            rows: Tensor, cfg: EvalConfig, device: torch.device, log: Log, code_rows: Tensor | None = None) -> _Encoded:
+    """One pass over ``features``, one encoding per batch; the heads run per prefix length k on it. The
+    transformer runs on every row for the retrieval prefixes ``retr_ks``, else on the probe ``rows`` only;
+    ``code_rows`` (sorted) also get their read code, in the same pass."""
     model = model.to(device).eval()
     n = len(features[mods[0]])
-    in_rows = torch.zeros(n, dtype=torch.bool)
+    in_rows, in_codes = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
     in_rows[rows] = True
+    if code_rows is not None:
+        in_codes[code_rows] = True
     shared: dict[str, dict[int, list[Tensor]]] = {m: {k: [] for k in retr_ks} for m in mods}
     regs: dict[str, list[Tensor]] = {m: [] for m in mods}
     codes: dict[str, list[Tensor]] = {m: [] for m in mods}
+    read: dict[str, list[Tensor]] = {m: [] for m in mods}
     recon: dict[str, dict[int, list[Tensor]]] = {m: {k: [] for k in ks} for m in mods}
     for start in range(0, n, cfg.batch_size):
         end = min(start + cfg.batch_size, n)
-        sel = in_rows[start:end]
-        if not retr_ks and not bool(sel.any()):
+        sel, csel = in_rows[start:end].to(device), in_codes[start:end].to(device)
+        if not retr_ks and not bool(sel.any()) and not bool(csel.any()):
             continue
         log(f"encode {end}/{n}")
         for m in mods:
             enc = model.encoders[m]
             x = torch.from_numpy(np.asarray(features[m][start:end])).to(device, torch.float32)
-            full = enc.registers_of(x)  # (B, R, d)
-            for k in retr_ks:
-                keep = torch.full((len(x),), k, dtype=torch.long, device=device)
-                shared[m][k].append(enc.embed_shared(full, keep).float().cpu())
+            if retr_ks:
+                full = enc.registers_of(x)  # (B, R, d)
+                for k in retr_ks:
+                    keep = torch.full((len(x),), k, dtype=torch.long, device=device)
+                    shared[m][k].append(enc.embed_shared(full, keep).float().cpu())
+            code = enc.read_code(x).float() if bool(csel.any()) else None  # (B, K)
+            if code is not None:
+                read[m].append(code[csel].cpu())
             if not bool(sel.any()):
                 continue
-            x, full = x[sel.to(device)], full[sel.to(device)]
+            full = full[sel] if retr_ks else enc.registers_of(x[sel])  # (b, R, d)
+            x = x[sel]
             regs[m].append(full.flatten(1).half().cpu())
-            codes[m].append(enc.read_code(x).float().cpu())
+            codes[m].append((code[sel] if code is not None else enc.read_code(x).float()).cpu())
             target = enc.as_tokens(x)  # (b, T, D_in)
             for k in ks:
                 keep = torch.full((len(x),), k, dtype=torch.long, device=device)
@@ -130,10 +165,11 @@ def _encode(model: Any, features: Mapping[str, Any], mods: Sequence[str], ks: li
     cat = torch.cat
     return _Encoded(shared={m: {k: cat(v) for k, v in per.items()} for m, per in shared.items()},
                     registers={m: cat(v) for m, v in regs.items()}, codes={m: cat(v) for m, v in codes.items()},
-                    recon={m: {k: cat(v) for k, v in per.items()} for m, per in recon.items()})
+                    recon={m: {k: cat(v) for k, v in per.items()} for m, per in recon.items()},
+                    read={m: cat(v) for m, v in read.items()} if code_rows is not None else None)
 
 
-def _subset(n: int, cap: int, seed: int) -> Tensor:
+def subset(n: int, cap: int, seed: int) -> Tensor:
     """A seeded subset of range(n) of at most ``cap`` rows (0: all), sorted."""
     if not cap or cap >= n:
         return torch.arange(n)
@@ -141,14 +177,15 @@ def _subset(n: int, cap: int, seed: int) -> Tensor:
 
 
 def _parts(model: Any, features: Mapping[str, Any], labels: Mapping[str, np.ndarray],
-           schema: Mapping[str, Mapping[str, Any]], cfg: EvalConfig, fit: FitRows | None, rows: Tensor,
-           enc: _Encoded, ks: list[int], device: torch.device, log: Log) -> dict[str, Any]:
-    """Probes, the part summary and reconstruction with its references, fitted on ``fit`` (or a part of here)."""
+           schema: Mapping[str, Mapping[str, Any]], cfg: EvalConfig, fit: FitRows | None,
+           fitted: tuple[Tensor, _Encoded] | None, rows: Tensor, enc: _Encoded, ks: list[int], device: torch.device,
+           log: Log) -> dict[str, Any]:
+    """Probes, the part summary and reconstruction with its references, fitted on ``fit`` (its probe rows and
+    their encoding: ``fitted``) or on a part of here."""
     mods, mcfg = model.modalities, model.cfg
     test_labels = {name: torch.as_tensor(np.asarray(col))[rows] for name, col in labels.items()}
-    if fit is not None:
-        fit_rows = _subset(len(fit.features[mods[0]]), cfg.probe_max_samples, cfg.seed)
-        fenc = _encode(model, fit.features, mods, [], [], fit_rows, cfg, device, log)
+    if fit is not None and fitted is not None:
+        fit_rows, fenc = fitted
         fit_labels = {name: torch.as_tensor(np.asarray(col))[fit_rows] for name, col in fit.labels.items()}
         test, test_rows = enc, rows
         split = {"source": fit.source, "train": len(fit_rows), "test": len(rows), "rows": len(rows),

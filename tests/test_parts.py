@@ -113,3 +113,28 @@ def test_probes_are_fitted_on_the_rows_they_are_given():
     assert raw(good)["albedo"] > 0.8 and raw(bad)["albedo"] < 0.1  # what the fit rows say, scored on this split
     assert good["probe_split"]["train"] == 600 and good["probe_split"]["test"] == 300
     assert good["probe_split"]["source"] == "the run's training rows"
+
+
+@torch.no_grad()
+def test_baselines_are_fitted_on_the_read_codes_the_probes_pass_reads():
+    """One pass over the training rows gives the probes' registers and the baselines' inputs: the run's read codes
+    of a seeded subset of baseline_max_rows rows, the same as reading them again."""
+    from regtok.baselines import BaselineConfig, fit_and_score
+    from regtok.evaluate import subset
+
+    train, test = planted(600, 1), planted(300, 2)
+    net = started(train[0])
+    cfg = EvalConfig(prefixes=(1, 2, 4, 8), device="cpu", probe_max_samples=200, baseline_max_rows=500)
+    rep = evaluate(net, test[0], test[1], SCHEMA, cfg, fit=FitRows(train[0], train[1]))
+    rows = subset(600, 500, cfg.seed).numpy()
+    code = lambda feats, m, idx: net.encoders[m].read_code(torch.from_numpy(feats[m][idx]))  # noqa: E731
+    want = fit_and_score({m: code(train[0], m, rows) for m in MODS}, {m: code(test[0], m, slice(None)) for m in MODS},
+                         MODS, BaselineConfig(embed_dim=net.cfg.embed_dim), reduced=True)
+    linear = rep["baselines"]["linear"]
+    assert linear["cca"]["fit"]["train_rows"] == 500 and rep["probe_split"]["train"] == 200
+    for name in ("cca", "weighted_cca", "linear_infonce", "mlp_infonce"):
+        assert linear[name]["a_to_b"] == want[name]["a_to_b"] and linear[name]["b_to_a"] == want[name]["b_to_a"]
+    assert linear["cca"]["a_to_b"]["R@1"] > 0.3  # the plant's shared latent is there to find (chance: 1/300)
+    # no read (read_dim 0): nothing to fit them on here; the eval stage reduces the features itself
+    bare = evaluate(started(train[0], read_dim=0), test[0], test[1], SCHEMA, cfg, fit=FitRows(train[0], train[1]))
+    assert "linear" not in bare["baselines"]

@@ -27,7 +27,7 @@ from rich.console import Console
 from regtok.data import row_shape, rows_digest
 from regtok.distributed import resolve_device
 from regtok.errors import RegtokError
-from regtok.evaluate import EvalConfig, evaluate
+from regtok.evaluate import EvalConfig, evaluate, subset
 from regtok.pipeline.embed import EmbeddingWriter
 from regtok.pipeline.eval.report import write_report_files
 from regtok.pipeline.eval.report_md import headline, print_table
@@ -132,19 +132,21 @@ def fit_rows(run: Any, fit: FitStore) -> Any:
 
 
 def fit_baselines(run: Any, eval_store: Any, fit: FitStore, cfg: EvalConfig, log: Any,
-                  run_dir: Path | None = None) -> dict[str, Any]:
-    """Fit the baselines on ``fit``'s rows (a seeded subset of at most baseline_max_rows) and score them here; the
-    model at its start (``run_dir``'s start.safetensors, else rebuilt from the same rows) is one of them."""
+                  run_dir: Path | None = None, fitted: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The baselines fitted on ``fit``'s rows (a seeded subset of at most baseline_max_rows) and scored here:
+    ``fitted`` when :func:`regtok.evaluate.evaluate` fitted them on the run's read codes, else fitted here on the
+    features reduced by :class:`regtok.reduce.Reducer` (a model without a read); and the model at its start
+    (``run_dir``'s start.safetensors, else rebuilt from the same rows)."""
     from regtok.baselines import BaselineConfig, fit_and_score
 
-    kind, mods, rows = run.feature_kind, tuple(run.model.modalities), fit.rows
-    if len(rows) > cfg.baseline_max_rows:
-        rng = np.random.default_rng(cfg.seed)
-        rows = np.sort(rng.choice(rows, cfg.baseline_max_rows, replace=False))
-    train = {m: RowsColumn(fit.store, kind, m, rows) for m in mods}  # read chunk by chunk (regtok/reduce.py)
+    kind, mods = run.feature_kind, tuple(run.model.modalities)
     test = {m: StoreColumn(eval_store, kind, m) for m in mods}
-    bcfg = BaselineConfig(embed_dim=run.model.cfg.embed_dim, seed=cfg.seed)
-    out = fit_and_score(train, test, mods, bcfg, cfg.chunk_size, log=log)
+    out = fitted
+    if out is None:
+        rows = fit.rows[subset(len(fit.rows), cfg.baseline_max_rows, cfg.seed).numpy()]  # as evaluate's
+        train = {m: RowsColumn(fit.store, kind, m, rows) for m in mods}  # read chunk by chunk (regtok/reduce.py)
+        bcfg = BaselineConfig(embed_dim=run.model.cfg.embed_dim, seed=cfg.seed)
+        out = fit_and_score(train, test, mods, bcfg, cfg.chunk_size, log=log)
     log("baseline: the model at its start")
     out["start"] = start_retrieval(run, fit, test, cfg, run_dir)
     out["store"], out["train_rows"] = str(fit.path), fit.rows_record
@@ -301,9 +303,10 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
         log = lambda msg: status.update(f"evaluating: {msg}")  # noqa: E731
         report = evaluate(run.model, cols, store.labels(), store.manifest.get("labels") or {}, cfg, pooled=pooled,
                           embeddings_sink=sink, log=log, fit=fit_rows(run, fit) if isinstance(fit, FitStore) else None)
+        fitted = report["baselines"].pop("linear", None)  # fitted on the run's read codes by evaluate
         linear = {"skipped": "--no-baselines"}
         if cfg.baselines:
-            linear = (fit_baselines(run, store, fit, cfg, log, Path(run_dir)) if isinstance(fit, FitStore)
+            linear = (fit_baselines(run, store, fit, cfg, log, Path(run_dir), fitted) if isinstance(fit, FitStore)
                       else {"skipped": fit})
     report["baselines"]["linear"] = linear
     report["headline"] = headline(report, run.model.cfg.scored_by_transport)
