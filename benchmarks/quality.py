@@ -220,6 +220,12 @@ def main() -> None:
     p.add_argument("--from-cache", action="store_true",
                    help="Only the tables of the cells WORK holds (the runs and reports of an earlier, stopped run)")
     args = p.parse_args()
+    known = {"--encoders": ("random", "trained"), "--kinds": ("pooled", "tokens"), "--presets": ("tiny", "default"),
+             "--losses": ("contrastive", "flow_matching", "combined")}
+    for flag, names in known.items():
+        unknown = sorted(set(getattr(args, flag[2:]).split(",")) - set(names))
+        if unknown:
+            p.error(f"{flag}: unknown {', '.join(unknown)} (known: {', '.join(names)})")
     seeds = [0, 1] if args.quick else [int(s) for s in args.seeds.split(",")]
     losses = ["contrastive"] if args.quick else args.losses.split(",")
     work = args.work or Path(tempfile.mkdtemp(prefix="regtok-quality-"))

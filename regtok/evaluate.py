@@ -6,7 +6,10 @@ once: the registers are causal, so the first k registers are the k-register enco
 embedding, decoder) run on them for every prefix length k. It keeps only what the metrics need: the shared
 embeddings of the retrieval prefixes, and for the probe rows (a seeded subset) the concatenated registers and the
 read code. Probes and the reconstruction's ridge reference are fitted on ``fit`` (the run's training rows) and
-scored here (:mod:`regtok.parts`); without ``fit``, on a held-out part of the evaluated split. No files, no printing.
+scored here (:mod:`regtok.parts`); without ``fit``, on a held-out part of the evaluated split. With ``fit`` and
+``cfg.baselines``, the same passes keep the read code of every evaluated row and of a seeded subset of the training
+rows (``baseline_max_rows``), on which the linear baselines (:mod:`regtok.baselines`) are fitted: the input the model
+reads, so the training rows are read and reduced once. No files, no printing.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def evaluate(model: Any, features: Mapping[str, Any], labels: Mapping[str, np.nd
              log: Log | None = None) -> dict[str, Any]:
     """Evaluate a RegTok on one split. features: {modality: (N, D) or (N, T, D) array-like}, the model's inputs.
 
-    fit: the rows probes and reconstruction references are fitted on (None: a part of this split).
+    fit: the rows probes, reconstruction references and (``cfg.baselines``, a model with a read) the linear
+    baselines are fitted on (None: a part of this split, and no linear baselines).
     pooled: the raw pooled features for the cosine baseline (default: ``features`` when they are pooled).
     labels: {name: (N,)}; label_schema: {name: {"type": "categorical" | "continuous", "group": …}} (store manifest).
     Returns the report dict (see pipeline/eval/report.py for the files written from it).
