@@ -220,8 +220,10 @@ def main() -> None:
     p.add_argument("--from-cache", action="store_true",
                    help="Only the tables of the cells WORK holds (the runs and reports of an earlier, stopped run)")
     args = p.parse_args()
-    known = {"--encoders": ("random", "trained"), "--kinds": ("pooled", "tokens"), "--presets": ("tiny", "default"),
-             "--losses": ("contrastive", "flow_matching", "combined")}
+    from regtok.config import LOSS_TYPES, PRESETS
+
+    known = {"--encoders": ("random", "trained"), "--kinds": ("pooled", "tokens"), "--presets": tuple(PRESETS),
+             "--losses": tuple(LOSS_TYPES)}
     for flag, names in known.items():
         unknown = sorted(set(getattr(args, flag[2:]).split(",")) - set(names))
         if unknown:

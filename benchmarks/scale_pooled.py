@@ -105,11 +105,11 @@ def run_pooled(args: argparse.Namespace) -> None:
             cfg = resolve(TrainConfig, "default", {"feature_kind": "pooled", "device": args.device,
                                                    "max_memory_fraction": fraction, "epochs": 1})
             cfg = dataclasses.replace(cfg, val_fraction=0.1)
-            print(f"N = {n}, max_memory_fraction {fraction}: {'' if started else 'start and '}{args.steps + 1} steps",
-                  flush=True)
+            what = "start and " if started is None else ""
+            print(f"N = {n}, max_memory_fraction {fraction}: {what}{args.steps + 1} steps", flush=True)
             row = {"n": n, "max_memory_fraction": fraction, **timed_steps(store, cfg, args.steps, started)}
-            started = started or row.pop("_start")
-            row.pop("_start", None)
+            start = row.pop("_start")
+            started = start if started is None else started
             row["peak_rss_so_far"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             print(json.dumps(row), flush=True)
             rows.append(row)

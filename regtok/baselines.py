@@ -15,8 +15,10 @@ fits these on the run's training rows, on the same feature kind:
   the same loss and early stopping; its learning rate and dropout are chosen on validation.
 
 Inputs are standardised per dimension; token features are flattened and reduced by a PCA fitted on the
-training split (at most ``max_dim`` dimensions), so every baseline sees one vector per sample. Everything is a
-pure function of the arrays and a seed: no files, no printing.
+training split (at most ``max_dim`` dimensions), so every baseline sees one vector per sample. Eval passes the
+model's read codes instead (``reduced``): the same standardisation and PCA, fitted by the trainer on the run's
+training rows at ``read_dim`` dimensions. Everything is a pure function of the arrays and a seed: no files, no
+printing.
 """
 
 from __future__ import annotations
@@ -275,27 +277,29 @@ def fit_and_score(train: dict[str, Tensor], test: dict[str, Tensor], modalities:
     log = log or (lambda _msg: None)
     a, b = modalities
     if reduced:
-        tr, te = {m: train[m].float() for m in (a, b)}, {m: test[m].float() for m in (a, b)}
+        tr, te = {m: train[m].float() for m in (a, b)}, {m: test[m].float() for m in (a, b)}  # (N, K) each
+        if any(x.dim() != 2 for x in (*tr.values(), *te.values())):
+            raise ValueError("reduced inputs must be (N, K) tensors")
     else:
         fitted = {m: Reducer.fit_transform(train[m], cfg.max_dim) for m in (a, b)}  # one read of the training rows
         red, tr = {m: f[0] for m, f in fitted.items()}, {m: f[1] for m, f in fitted.items()}  # tr: (N_train, K)
         te = {m: red[m](test[m]) for m in (a, b)}  # (N_test, K)
-    reduced = {"input_dims": {m: int(tr[m].shape[1]) for m in (a, b)}, "train_rows": int(len(tr[a]))}
+    inputs = {"input_dims": {m: int(tr[m].shape[1]) for m in (a, b)}, "train_rows": int(len(tr[a]))}
     score = lambda ea, eb: retrieval_metrics(ea, eb, chunk_size, device)  # noqa: E731
     log("baseline: linear CCA")
     cca, chosen = select_cca(tr[a], tr[b], cfg.val_fraction, cfg.seed)
-    out: dict[str, dict] = {"cca": {**score(*cca.embed(te[a], te[b])), "fit": {**reduced, **chosen}}}
+    out: dict[str, dict] = {"cca": {**score(*cca.embed(te[a], te[b])), "fit": {**inputs, **chosen}}}
     log("baseline: weighted CCA")
     n_dirs = min(tr[a].shape[1], tr[b].shape[1])
     pa, pb, info = weighted_cca(tr[a], tr[b], n_dirs, cfg.val_fraction, cfg.seed)
     ma, mb = tr[a].mean(0), tr[b].mean(0)
     out["weighted_cca"] = {**score(F.normalize((te[a] - ma) @ pa, dim=-1), F.normalize((te[b] - mb) @ pb, dim=-1)),
-                           "fit": {**reduced, **info}}
+                           "fit": {**inputs, **info}}
     log("baseline: linear InfoNCE head")
     linear = HeadConfig(embed_dim=cfg.embed_dim, batch_size=cfg.batch_size, max_epochs=cfg.max_epochs,
                         patience=cfg.patience)
     embed, info = fit_infonce_head(tr[a], tr[b], linear, cfg.val_fraction, cfg.seed)
-    out["linear_infonce"] = {**score(*embed(te[a], te[b])), "fit": {**reduced, **_head_fit(linear, info)}}
+    out["linear_infonce"] = {**score(*embed(te[a], te[b])), "fit": {**inputs, **_head_fit(linear, info)}}
     best = None
     for lr, dropout in cfg.mlp_grid:
         log(f"baseline: MLP InfoNCE head (lr {lr:g}, dropout {dropout:g})")
@@ -307,7 +311,7 @@ def fit_and_score(train: dict[str, Tensor], test: dict[str, Tensor], modalities:
             best = (mlp, embed, info)
     mlp, embed, info = best
     out["mlp_infonce"] = {**score(*embed(te[a], te[b])),
-                          "fit": {**reduced, **_head_fit(mlp, info), "grid": [list(g) for g in cfg.mlp_grid]}}
+                          "fit": {**inputs, **_head_fit(mlp, info), "grid": [list(g) for g in cfg.mlp_grid]}}
     return out
 
 

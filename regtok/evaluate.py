@@ -109,7 +109,7 @@ def _linear_baselines(model: Any, train: dict[str, Tensor], test: dict[str, Tens
                                                                                seed=cfg.seed),
                         cfg.chunk_size, device, log, reduced=True)
     for row in out.values():
-        row["fit"]["input"] = "the run's read: its PCA of the training rows"
+        row["fit"]["input"] = "the model's read, the PCA of its training rows it was trained with"
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -337,9 +338,11 @@ def test_the_start_baseline_loads_the_saved_start_and_equals_the_start_fitted_ag
     store = open_store(write_store(tmp_path / "heldout", n=64, seed=2))
     fit = fit_store(run, store, None, run_dir / "manifest.json")
     test = {m: StoreColumn(store, run.feature_kind, m) for m in MODS}
-    loaded = start_retrieval(run, fit, test, EvalConfig(device="cpu"), run_dir)
-    rebuilt = start_retrieval(run, fit, test, EvalConfig(device="cpu"))  # a run trained before start.safetensors
-    assert loaded["fit"]["weights"] == "start.safetensors" and rebuilt["fit"]["weights"] == "rebuilt from the fit rows"
+    loaded = start_retrieval(run, fit, test, EvalConfig(device="cpu"))
+    older = dataclasses.replace(run, run_dir=None)  # as a run trained before start.safetensors: rebuilt
+    rebuilt = start_retrieval(older, fit, test, EvalConfig(device="cpu"))
+    assert loaded["fit"] == {"k": 2, "weights": "start.safetensors"}
+    assert rebuilt["fit"] == {"k": 2, "weights": "rebuilt", "rows": 86}
     for direction in ("a_to_b", "b_to_a"):
         assert loaded[direction] == rebuilt[direction]
 

@@ -214,23 +214,30 @@ def test_17_a_run_whose_weights_or_config_do_not_fit_is_one_line(world, run, tmp
 # ── 13, 16. a full disk or an unwritable tb/ while training: one line, nothing half-written left ─────
 
 
-@pytest.mark.parametrize("writer", ["torch.save", "save_file"])
+@pytest.mark.parametrize("writer,file", [("torch.save", "state.pt"), ("save_file", "checkpoint"),
+                                         ("save_file", "start")])
 def test_13_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_no_temporaries(world, tmp_path, monkeypatch,
-                                                                                    writer):
+                                                                                    writer, file):
     from regtok.pipeline.train import weights
 
     def full(obj, path, *a, **kw):
+        if file not in Path(path).name:  # the other files are written
+            return real(obj, path, *a, **kw)
         Path(path).write_bytes(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
                            "data/0: file write failed")
 
     if writer == "torch.save":
+        real = torch.save
         monkeypatch.setattr(torch, "save", full)
     else:
-        monkeypatch.setattr(weights, "save_file", lambda obj, path, metadata=None: full(obj, path))
+        real = weights.save_file
+        monkeypatch.setattr(weights, "save_file", lambda obj, path, metadata=None: full(obj, path, metadata=metadata))
     out = tmp_path / "r"
     message = one_line_error(regtok_cli("train", "--features", world / "store", "--out", out, *TRAIN))
-    assert "could not write" in message and "disk" in message
+    assert "could not write" in message and "disk" in message and file in message
+    kept, none = "the last complete checkpoint is kept" in message, "no checkpoint had been written yet" in message
+    assert kept != none and (none or file != "start")  # the start is written before the first step: nothing to keep
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 

@@ -72,7 +72,7 @@ def ctrl_c_acted_on():
     sweep started so ignores Ctrl-C too; that is the caller's choice, not what this test is about."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
-    signal.signal(signal.SIGINT, previous)
+    signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 def test_3_ctrl_c_to_the_sweep_alone_stops_its_workers_at_once(store, tmp_path, hook, ctrl_c_acted_on):

@@ -95,6 +95,22 @@ def test_rerun_names_a_tampered_shard_hash(demo, tmp_path):
     assert "NOT reproduced" in result.stderr
 
 
+def test_rerun_of_a_report_from_an_older_eval_method_says_so_first(demo, tmp_path):
+    root, _ = demo
+    older = root / "eval-method-1"  # beside the demo's report, so its manifest's relative inputs still resolve
+    shutil.copytree(root / "eval", older)
+    try:
+        report = json.loads((older / "report.json").read_text())
+        assert report.pop("eval_method") == 2
+        (older / "report.json").write_text(json.dumps(report))
+        result = regtok("rerun", older, "--out", tmp_path / "re")
+    finally:
+        shutil.rmtree(older)
+    assert result.exit_code == 1, result.output
+    assert "eval method" in result.stderr and "made by eval method 1" in result.stderr and "by design" in result.stderr
+    assert "report.eval_method only in rerun" in result.stderr
+
+
 def test_rerun_run_outside_the_tree_and_a_changed_weight(demo, tmp_path):
     """A copied run reads the demo's features: outside its tree, so refused unless --allow-outside; then a
     changed weight in the recorded checkpoint is a named difference."""

@@ -41,7 +41,7 @@ def test_two_rank_ddp_matches_single_process(tmp_path):
     assert m["world_size"] == 2 and m["metrics"]["step"] == read_manifest(single / "manifest.json")["metrics"]["step"]
     assert sorted(p.name for p in Path(ddp).iterdir() if not p.name.startswith(".")) == sorted(
         ["best.safetensors", "buffers.safetensors", "checkpoint.safetensors", "config.json", "curves.png",
-         "manifest.json", "metrics.jsonl", "state.pt"])
+         "manifest.json", "metrics.jsonl", "start.safetensors", "state.pt"])
     a, b = load_file(str(single / "checkpoint.safetensors")), load_file(str(ddp / "checkpoint.safetensors"))
     assert a.keys() == b.keys()
     for k in a:

@@ -47,7 +47,8 @@ class Run:
     device: torch.device
     """Where the model runs."""
     weights: str = "best.safetensors"
-    """The file the weights came from: ``best.safetensors`` (the kept epoch) or ``checkpoint.safetensors``."""
+    """The file the weights came from: ``best.safetensors`` (the kept epoch), ``checkpoint.safetensors`` or
+    ``start.safetensors`` (the model before its first step)."""
     epoch: int | None = None
     """The epoch (counted from 1) the weights were saved after, when the run's metrics say."""
 
@@ -171,7 +172,8 @@ def _rows_text(rows: np.ndarray, show: int = 10) -> str:
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "best") -> Run:
     """A trained run on ``device`` ("auto" allowed). ``weights``: "best", the weights eval uses (the kept best
-    epoch, ``best.safetensors``, when the run kept one), or "last" (``checkpoint.safetensors``)."""
+    epoch, ``best.safetensors``, when the run kept one), "last" (``checkpoint.safetensors``) or "start"
+    (``start.safetensors``, the model before its first step: the "start" baseline of eval)."""
     from regtok.distributed import resolve_device
     from regtok.pipeline.train import load_run as load
 

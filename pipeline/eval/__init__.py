@@ -13,6 +13,6 @@ reconstruction references and the baselines. Writes: ``REPORT/report.json``, ``r
 from regtok.pipeline import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "stage": ("run_eval",),
+    "stage": ("EVAL_METHOD", "EVAL_METHODS", "run_eval"),
     "report_md": ("headline_sentence", "parts_line", "reconstruction_line", "retrieval_rows"),
 })

@@ -114,7 +114,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 def _md_baselines(report: dict[str, Any]) -> list[str]:
     """The headline comparison and how each baseline was fitted."""
     linear = report.get("baselines", {}).get("linear")
-    if linear is None:  # evaluate() alone fits no baseline; run_eval does
+    if linear is None:  # evaluate() without training rows fits no baseline
         return []
     lines = ["## Against the baselines", ""]
     if "headline" in report:
@@ -124,9 +124,9 @@ def _md_baselines(report: dict[str, Any]) -> list[str]:
     rows = linear.get("train_rows") or {}
     same = {True: ", exactly the rows the run trained on", False: ", NOT the rows the run trained on"}.get(
         rows.get("same_as_run"), "")
+    inputs = (linear.get("cca") or {}).get("fit", {}).get("input", "standardised and PCA-reduced on the training rows")
     lines.append(f"Fitted on `{linear.get('store', '?')}` ({rows.get('n', '?')} training rows{same}), scored on this "
-                 "split; inputs standardised and PCA-reduced on the training rows; every choice made on a validation "
-                 "part of them:")
+                 f"split; inputs: {inputs}; every choice made on a validation part of them:")
     for name, label in BASELINE_LABELS.items():
         fit = linear.get(name, {}).get("fit", {})
         if fit:
@@ -145,7 +145,8 @@ def _fit_text(name: str, fit: dict[str, Any]) -> str:
         return (f"{fit.get('directions')} canonical directions weighted by ρ^{fit.get('power', 0):g}, ridge "
                 f"{fit.get('ridge', 0):g}, validation R@1 {fit.get('val_r1', 0):.3f}")
     if name == "start":
-        source = f" ({fit['weights']})" if fit.get("weights") else ""
+        source = {"start.safetensors": ", as the run saved it", "rebuilt": ", rebuilt as the trainer built it"}.get(
+            fit.get("weights"), "")
         return f"the run's model before any step (its CCA start{source}), full shared prefix k={fit.get('k')}"
     kind = f"MLP (hidden {fit.get('hidden')}, dropout {fit.get('dropout'):g})" if fit.get("hidden") else "linear map"
     return (f"{kind} to {fit.get('embed_dim')}-d per modality, symmetric InfoNCE, lr {fit.get('lr'):g}, weight decay "

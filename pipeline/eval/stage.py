@@ -1,9 +1,10 @@
 """The eval stage: a run and a held-out feature store → a report directory.
 
 :func:`run_eval` loads the run and the store and checks they fit (:func:`check_compatible`), evaluates
-(:func:`regtok.evaluate.evaluate`, whose probes and reconstruction references are fitted on the run's training rows,
-:func:`fit_store`), fits the baselines on the same rows (:func:`fit_baselines`),
-then writes the report files (:mod:`regtok.pipeline.eval.report`) and the eval manifest.
+(:func:`regtok.evaluate.evaluate`, whose probes, reconstruction references and, for a model with a read, linear
+baselines are fitted on the run's training rows, :func:`fit_store`), completes the baselines (:func:`fit_baselines`:
+the model at its start, and the linear ones for a model without a read), then writes the report files
+(:mod:`regtok.pipeline.eval.report`) and the eval manifest.
 
     REPORT_DIR/report.json     the dict regtok.evaluate.evaluate returns, with baselines, headline and "evaluated"
     REPORT_DIR/report.md       what was evaluated, then markdown tables ready to paste (pipeline/eval/report_md.py)
@@ -43,6 +44,12 @@ from regtok.pipeline.manifests.manifest import (
 )
 from regtok.pipeline.runtime.console import stderr_console
 from regtok.pipeline.train import run_input, training_store_manifest
+
+# How eval computes what it reports, recorded in report.json as "eval_method" (reports without it are 1), so a rerun
+# of an older report says why its numbers differ before listing them.
+EVAL_METHODS = {1: "the linear baselines on a PCA fitted in eval, the start rebuilt",
+                2: "the linear baselines on the run's read codes, the start from start.safetensors"}
+EVAL_METHOD = 2
 
 
 class StoreColumn:
@@ -132,11 +139,10 @@ def fit_rows(run: Any, fit: FitStore) -> Any:
 
 
 def fit_baselines(run: Any, eval_store: Any, fit: FitStore, cfg: EvalConfig, log: Any,
-                  run_dir: Path | None = None, fitted: dict[str, Any] | None = None) -> dict[str, Any]:
+                  fitted: dict[str, Any] | None = None) -> dict[str, Any]:
     """The baselines fitted on ``fit``'s rows (a seeded subset of at most baseline_max_rows) and scored here:
     ``fitted`` when :func:`regtok.evaluate.evaluate` fitted them on the run's read codes, else fitted here on the
-    features reduced by :class:`regtok.reduce.Reducer` (a model without a read); and the model at its start
-    (``run_dir``'s start.safetensors, else rebuilt from the same rows)."""
+    features reduced by :class:`regtok.reduce.Reducer` (a model without a read); and the model at its start."""
     from regtok.baselines import BaselineConfig, fit_and_score
 
     kind, mods = run.feature_kind, tuple(run.model.modalities)
@@ -147,35 +153,36 @@ def fit_baselines(run: Any, eval_store: Any, fit: FitStore, cfg: EvalConfig, log
         train = {m: RowsColumn(fit.store, kind, m, rows) for m in mods}  # read chunk by chunk (regtok/reduce.py)
         bcfg = BaselineConfig(embed_dim=run.model.cfg.embed_dim, seed=cfg.seed)
         out = fit_and_score(train, test, mods, bcfg, cfg.chunk_size, log=log)
+        for row in out.values():
+            row["fit"]["input"] = "the features, standardised and reduced by a PCA fitted here on the fit rows"
     log("baseline: the model at its start")
-    out["start"] = start_retrieval(run, fit, test, cfg, run_dir)
+    out["start"] = start_retrieval(run, fit, test, cfg)
     out["store"], out["train_rows"] = str(fit.path), fit.rows_record
     return out
 
 
-def start_retrieval(run: Any, fit: FitStore, test: dict[str, Any], cfg: EvalConfig,
-                    run_dir: Path | None = None) -> dict[str, Any]:
-    """Retrieval of the run's model at its start, before any step, at the full shared prefix: the weights
-    ``run_dir/start.safetensors`` holds, or (a run trained before regtok saved them, or pruned with --keep last)
-    the start rebuilt as the trainer built it (same seed, statistics, read basis and CCA start) from ``fit``'s
-    rows."""
+def start_retrieval(run: Any, fit: FitStore, test: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
+    """Retrieval of the run's model at its start, before any step, at the full shared prefix: the weights the run
+    saved (start.safetensors; a recorded one that is gone or changed is an error), or, for a run trained before
+    regtok saved them or pruned with --keep last, the start rebuilt as the trainer built it (same seed, statistics,
+    read basis and CCA start) from ``fit``'s rows."""
     import torch
 
-    from regtok.pipeline.train import START, load_run
+    from regtok.pipeline.train import START, load_run, recorded_files
     from regtok.reduce import as_tensor
     from regtok.retrieval import retrieval_metrics
 
-    if run_dir is not None and (Path(run_dir) / START).is_file():
-        model, source = load_run(run_dir, weights="start").model, START
+    saved = run.run_dir is not None and ((run.run_dir / START).is_file() or START in recorded_files(run.manifest))
+    if saved:
+        model, how = load_run(run.run_dir, weights="start").model, {"weights": START}
     else:
-        model, source = _rebuilt_start(run, fit), "rebuilt from the fit rows"
+        model, how = _rebuilt_start(run, fit), {"weights": "rebuilt", "rows": len(fit.rows)}
     k = model.cfg.n_shared
     with torch.no_grad():  # the shared embedding alone: the heads' decoding is not needed here
         emb = {m: torch.cat([_shared(model.encoders[m], as_tensor(test[m][i:i + cfg.batch_size]), k)
                              for i in range(0, len(test[m]), cfg.batch_size)]) for m in model.modalities}
     a, b = model.modalities
-    return {**retrieval_metrics(emb[a], emb[b], cfg.chunk_size), "fit": {"k": k, "rows": len(fit.rows),
-                                                                         "weights": source}}
+    return {**retrieval_metrics(emb[a], emb[b], cfg.chunk_size), "fit": {"k": k, **how}}
 
 
 def _rebuilt_start(run: Any, fit: FitStore) -> Any:
@@ -289,7 +296,8 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
     out = Path(out_dir)
     earlier = _claim_report_dir(out, overwrite)
     run = load_run(run_dir)
-    run_mpath = manifest_path(Path(run_dir))
+    run_dir = run.run_dir  # --run may name a file of the run (its manifest.json)
+    run_mpath = manifest_path(run_dir)
     store = open_store(features)
     check_compatible(store, run.feature_kind, run.model.inputs, what="the features", expected_by="the run",
                      trained_on=training_store_manifest(run_mpath))
@@ -303,15 +311,15 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
         log = lambda msg: status.update(f"evaluating: {msg}")  # noqa: E731
         report = evaluate(run.model, cols, store.labels(), store.manifest.get("labels") or {}, cfg, pooled=pooled,
                           embeddings_sink=sink, log=log, fit=fit_rows(run, fit) if isinstance(fit, FitStore) else None)
-        fitted = report["baselines"].pop("linear", None)  # fitted on the run's read codes by evaluate
+        fitted = report["baselines"].pop("linear", None)  # evaluate's, on the run's read codes; completed here
         linear = {"skipped": "--no-baselines"}
         if cfg.baselines:
-            linear = (fit_baselines(run, store, fit, cfg, log, Path(run_dir), fitted) if isinstance(fit, FitStore)
-                      else {"skipped": fit})
+            linear = fit_baselines(run, store, fit, cfg, log, fitted) if isinstance(fit, FitStore) else \
+                {"skipped": fit}
     report["baselines"]["linear"] = linear
     report["headline"] = headline(report, run.model.cfg.scored_by_transport)
-    report["feature_kind"] = kind
-    report["evaluated"] = describe_evaluated(run, Path(run_dir), run_mpath, store, Path(features))
+    report["feature_kind"], report["eval_method"] = kind, EVAL_METHOD
+    report["evaluated"] = describe_evaluated(run, run_dir, run_mpath, store, Path(features))
     if isinstance(fit, FitStore):
         report["fit_store"] = str(fit.path.resolve())
     written = write_report_files(report, out, console)
@@ -320,7 +328,7 @@ def run_eval(run_dir: str | os.PathLike, features: str | os.PathLike, out_dir: s
     print_table(report, console)
     device = str(resolve_device(cfg.device))
     manifest = new_manifest(
-        "eval", command=command, config=dataclasses.asdict(cfg), inputs=_inputs(Path(run_dir), features, fit, out),
+        "eval", command=command, config=dataclasses.asdict(cfg), inputs=_inputs(run_dir, features, fit, out),
         outputs={"files": [file_record(p, out) for p in written]}, environment_=environment(device),
         timings={"seconds": round(time.perf_counter() - t0, 3)}, samples=report["n"],
         modalities=report["modalities"], feature_kind=kind, run_step=getattr(run, "step", None))

@@ -254,7 +254,7 @@ def _rerun_run(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[
 def _rerun_eval(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable[[str], None]) -> list[Check]:
     from regtok.config import from_dict
     from regtok.evaluate import EvalConfig
-    from regtok.pipeline.eval import run_eval
+    from regtok.pipeline.eval import EVAL_METHOD, EVAL_METHODS, run_eval
 
     cfg = from_dict(EvalConfig, _config(m))
     run_ref = next((r for r in m["inputs"] if r.get("role") in ("run", "run_config")), None)
@@ -273,7 +273,11 @@ def _rerun_eval(mpath: Path, m: dict, out: Path, guard: PathGuard, log: Callable
     new = run_eval(run_dir, features, out, cfg, save_embeddings=save_embeddings, command=list(m["command"]),
                    fit_features=base_features)
     old = json.loads((mpath.parent / "report.json").read_text())
-    return compare_numbers(old, json.loads(json.dumps(new)), "report", tol=0.0)
+    method = old.get("eval_method", 1)
+    checks = [] if method == EVAL_METHOD else [Check(
+        "eval method", False, f"the report was made by eval method {method} ({EVAL_METHODS.get(method, 'unknown')}); "
+        f"this regtok's is {EVAL_METHOD} ({EVAL_METHODS[EVAL_METHOD]}), so those numbers differ by design")]
+    return checks + compare_numbers(old, json.loads(json.dumps(new)), "report", tol=0.0)
 
 
 def _skips(m: dict) -> list[tuple]:

@@ -14,7 +14,7 @@ from regtok.pipeline import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "stage": ("Split", "StoreCache", "build_model", "train_run"),
-    "run_load": ("load_run", "run_input", "training_store_manifest"),
+    "run_load": ("load_run", "recorded_files", "run_input", "training_store_manifest"),
     "runs": ("CONFIG", "MANIFEST", "METRICS", "counted_from_one", "epoch_records", "kept_record", "metrics_lines",
              "saved_train_config", "stopped_after"),
     "weights": ("BEST", "BUFFERS", "CHECKPOINT", "START", "WriteFailed", "read_weights", "weights_file"),

@@ -21,8 +21,8 @@ from regtok.pipeline.manifests.manifest import read_manifest, resolve_path
 from regtok.pipeline.train.runs import CONFIG, MANIFEST, epoch_records
 from regtok.pipeline.train.weights import BUFFERS, CHECKPOINT, START, checkpoint_step, load_weights, weights_file
 
-WEIGHTS = ("best", "last", "start")  # load_run's choice: the kept best weights (what eval uses), the last ones, or
-# the model before its first step
+# load_run's choice: the kept best weights (what eval uses), the last ones, or the model before its first step
+WEIGHTS = ("best", "last", "start")
 
 
 @dataclass
@@ -35,6 +35,7 @@ class LoadedRun:
     step: int = 0
     weights: str = CHECKPOINT  # the file the weights came from
     epoch: int | None = None  # the epoch (from 1) whose weights these are, when the metrics say
+    run_dir: Path | None = None  # the run directory they were read from
 
 
 def load_run(run_dir: str | os.PathLike, weights: str = "best") -> LoadedRun:
@@ -53,12 +54,12 @@ def load_run(run_dir: str | os.PathLike, weights: str = "best") -> LoadedRun:
         run_dir = run_dir.parent
     config = read_run_config(run_dir)
     chosen = {"best": weights_file(run_dir), "last": CHECKPOINT, "start": START}[weights]
-    if not (run_dir / chosen).is_file():
+    manifest = read_manifest(run_dir / MANIFEST, kind="run") if (run_dir / MANIFEST).is_file() else {}
+    if not (run_dir / chosen).is_file() and chosen not in recorded_files(manifest):
         why = {"last": "it kept only its best weights (a sweep trial with --keep best); load weights='best'",
                "start": "it was trained by an older regtok, or kept only its last weights (--keep last)"}.get(
                    weights, "the run has no weights yet")
         raise RegtokError(f"{run_dir} has no {chosen}: {why}")
-    manifest = read_manifest(run_dir / MANIFEST, kind="run") if (run_dir / MANIFEST).is_file() else {}
     if manifest:  # a finished run: its files are what it recorded (a run still training has no manifest yet)
         check_recorded(run_dir, manifest, (CONFIG, chosen, *_buffers(run_dir, manifest)))
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
@@ -69,7 +70,7 @@ def load_run(run_dir: str | os.PathLike, weights: str = "best") -> LoadedRun:
     epoch = next((r["epoch"] for r in epoch_records(run_dir) if r["step"] == step), None)
     return LoadedRun(model=model, train_config=from_dict(TrainConfig, from_saved(config["train"])), manifest=manifest,
                      feature_kind=config["feature_kind"], modalities=tuple(config["modalities"]), step=step,
-                     weights=chosen, epoch=epoch)
+                     weights=chosen, epoch=epoch, run_dir=run_dir)
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
@@ -91,10 +92,13 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 def _buffers(run_dir: Path, manifest: dict[str, Any]) -> tuple[str, ...]:
     """``buffers.safetensors`` when the weights are read over it (it is there) or the manifest records it."""
-    return (BUFFERS,) if (run_dir / BUFFERS).is_file() or BUFFERS in _records(manifest) else ()
+    return (BUFFERS,) if (run_dir / BUFFERS).is_file() or BUFFERS in recorded_files(manifest) else ()
 
 
-def _records(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def recorded_files(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The run manifest's file records by name (none for a run still training, which has no manifest)."""
+    if not manifest:
+        return {}
     files = manifest["outputs"].get("files")
     return {r.get("path"): r for r in files if isinstance(r, dict)} if isinstance(files, list) else {}
 
@@ -103,7 +107,7 @@ def check_recorded(run_dir: Path, manifest: dict[str, Any], names: tuple[str, ..
     """Each of ``names`` must be the file the run manifest records (size and sha256), as ``regtok verify`` checks."""
     from regtok.pipeline.manifests.manifest import sha256_file
 
-    records = _records(manifest)
+    records = recorded_files(manifest)
     for name in names:
         rec, path = records.get(name), run_dir / name
         if rec is None:

@@ -124,8 +124,9 @@ def _write_tmp(run_dir: Path, name: str, write: Callable[[Path], None]) -> Path:
             free = f"{shutil.disk_usage(run_dir).free / 2**20:,.0f} MiB free on its disk"
         except OSError:
             free = "its disk cannot be read"
-        raise WriteFailed(f"could not write {run_dir / name}: {reason} ({free}); the last complete checkpoint is "
-                          "kept") from None
+        kept = ("the last complete checkpoint is kept" if (run_dir / CHECKPOINT).is_file() else
+                "no checkpoint had been written yet")
+        raise WriteFailed(f"could not write {run_dir / name}: {reason} ({free}); {kept}") from None
     return tmp
 
 
