@@ -34,7 +34,8 @@ from regtok.pipeline.sweep import KEEP, MAX_GRID_POINTS, METRICS, PRUNERS, SAMPL
 @click.option("--tensorboard", is_flag=True, help="TensorBoard events in every trial and the HParams experiment "
               "(tensorboard --logdir OUT).")
 @click.option("--keep", type=click.Choice(KEEP), default="best", help="Weight files a finished trial keeps: best (what "
-              "eval needs), last (what --resume needs; eval then uses the last weights), all.")
+              "eval needs: the best weights and the start), last (what --resume needs; eval then uses the last "
+              "weights and fits the start again), all.")
 @click.option("--overwrite", is_flag=True, help="Write into --out even if it holds files that are not a sweep's.")
 @train_config_options
 def sweep(features: str, val_features: str | None, out: str, space_file: str | None, grid: tuple[str, ...],

@@ -3,8 +3,8 @@
 The whole store (every modality of the chosen feature kind) is read once, in large contiguous reads, into
 device memory as float16; each epoch draws batches from a seeded random permutation made on the device. A store
 larger than the caller's memory budget (``pipeline.runtime.distributed.memory_budget``) is streamed instead: each chunk
-of the same permutation is read with one sorted read per modality. Under DDP each rank takes its slice of every
-global batch.
+of the same permutation is read with one sorted read per modality, the next chunk in a thread while the steps of
+this one run (two chunks in memory at most). Under DDP each rank takes its slice of every global batch.
 
 The store is any object with ``modalities``, ``n``, ``shape(kind, modality)`` and ``read(kind, modality, rows)``
 (``pipeline.extract.store.FeatureStore``); nothing here knows the file format.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -131,12 +132,22 @@ class Batches:
             return
         rows = self.rows[perm.numpy()]
         per_read = max(1, min(STREAM_CHUNK_BATCHES, STREAM_CHUNK_BYTES // (2 * self.row_numbers * self.batch_size)))
-        for first in range(start_step, self.steps_per_epoch, per_read):
-            last = min(self.steps_per_epoch, first + per_read)
-            chunk = np.stack([rows[s * self.batch_size + lo: s * self.batch_size + hi] for s in range(first, last)])
-            arrays = self._read_sorted(chunk.reshape(-1))
-            for i in range(last - first):
-                yield {m: a[i * local:(i + 1) * local].float() for m, a in arrays.items()}
+        firsts = list(range(start_step, self.steps_per_epoch, per_read))
+
+        def read(first: int) -> dict[str, Tensor]:  # the rows of steps first … first + per_read - 1, in step order
+            steps = range(first, min(self.steps_per_epoch, first + per_read))
+            chunk = np.stack([rows[s * self.batch_size + lo: s * self.batch_size + hi] for s in steps])
+            return self._read_sorted(chunk.reshape(-1))
+
+        # The next chunk is read in a thread while the steps of this one run (the read is I/O and copies, which
+        # leave the interpreter free): a streamed step then costs about what an in-memory one does.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="regtok-read") as pool:
+            pending = pool.submit(read, firsts[0]) if firsts else None
+            for i, first in enumerate(firsts):
+                arrays = pending.result()
+                pending = pool.submit(read, firsts[i + 1]) if i + 1 < len(firsts) else None
+                for j in range(min(per_read, self.steps_per_epoch - first)):
+                    yield {m: a[j * local:(j + 1) * local].float() for m, a in arrays.items()}
 
     def all(self, batch_size: int | None = None) -> Iterator[dict[str, Tensor]]:
         """Every row once, in order (for validation), float32 on the device; by default 1,024 rows a batch, fewer
