@@ -26,24 +26,13 @@ class _Stop(Exception):
     pass
 
 
-def timed_steps(store_dir, cfg, steps: int, started=None) -> dict:
-    """The start's wall time and the seconds of each training step of ``cfg`` on a store (pipeline code paths).
-    ``started``: a model already built on this store (the start does not depend on how batches are read), trained
-    from a copy of it; the row then has no start time."""
-    import copy
-
+def step_seconds(model, data, cfg, steps: int) -> list[float]:
+    """The seconds of each of ``steps`` training steps of ``model`` on ``data`` (regtok.train.train's loop), after a
+    first step that is not counted (it reads the first chunk of a streamed store)."""
     import numpy as np
 
-    from regtok.pipeline.train.stage import StoreCache, build_model, load_split
     from regtok.train import Callbacks, train
 
-    t0 = time.perf_counter()
-    split = load_split(store_dir, None, cfg, StoreCache(), 0, 1, torch.device(cfg.device), lambda _m: None)
-    t1 = time.perf_counter()
-    model = copy.deepcopy(started) if started is not None else \
-        build_model(split, cfg, store_dir, resume=False, notify=lambda _m: None)[0]
-    t2 = time.perf_counter()
-    start = copy.deepcopy(model) if started is None else None
     marks: list[float] = []
 
     class Clock(Callbacks):
@@ -53,10 +42,30 @@ def timed_steps(store_dir, cfg, steps: int, started=None) -> dict:
                 raise _Stop
 
     try:
-        train(model, split.data, cfg, Clock(), val=None)
+        train(model, data, cfg, Clock(), val=None)
     except _Stop:
         pass
-    step_s = float(np.median(np.diff(marks)))
+    return np.diff(marks).tolist()
+
+
+def timed_steps(store_dir, cfg, steps: int, started=None) -> dict:
+    """The start's wall time and the seconds of each training step of ``cfg`` on a store (pipeline code paths).
+    ``started``: a model already built on this store (the start does not depend on how batches are read), trained
+    from a copy of it; the row then has no start time."""
+    import copy
+
+    import numpy as np
+
+    from regtok.pipeline.train.stage import StoreCache, build_model, load_split
+
+    t0 = time.perf_counter()
+    split = load_split(store_dir, None, cfg, StoreCache(), 0, 1, torch.device(cfg.device), lambda _m: None)
+    t1 = time.perf_counter()
+    model = copy.deepcopy(started) if started is not None else \
+        build_model(split, cfg, store_dir, resume=False, notify=lambda _m: None)[0]
+    t2 = time.perf_counter()
+    start = copy.deepcopy(model) if started is None else None
+    step_s = float(np.median(step_seconds(model, split.data, cfg, steps)))
     return {"run_bytes": run_bytes(model, cfg), "load_seconds": t1 - t0,
             "start_seconds": t2 - t1 if started is None else None, "step_seconds": step_s,
             "samples_per_s": cfg.batch_size / step_s, "streaming": split.data.streaming,

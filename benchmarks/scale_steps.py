@@ -14,28 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-class _Stop(Exception):
-    pass
-
-
-def _clock(marks: list[float], steps: int):
-    """Callbacks that note each step's end and stop the run after ``steps`` + 1 steps."""
-    from regtok.train import Callbacks
-
-    class Clock(Callbacks):
-        def on_step(self, step, total, record):
-            marks.append(time.perf_counter())
-            if len(marks) > steps:
-                raise _Stop
-
-    return Clock()
+from scale_pooled import step_seconds
 
 
 def main() -> None:
@@ -44,7 +27,6 @@ def main() -> None:
     from regtok.model import RegTok
     from regtok.pipeline.extract import open_store
     from regtok.pipeline.runtime.distributed import memory_budget
-    from regtok.train import train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/scale"))
@@ -58,23 +40,20 @@ def main() -> None:
     for n in args.sizes:
         path = args.work / f"train-{n}"
         if not (path / "manifest.json").is_file():
-            raise SystemExit(f"{path}: no store; run python benchmarks/scale.py --work {args.work} first")
+            ap.error(f"{path}: no store; run python benchmarks/scale.py --work {args.work} first")
         store = open_store(path)
         rows = split_rows(store.n, cfg.val_fraction, cfg.split_seed)[0]
-        data = make_batches(store, "tokens", rows, cfg.batch_size, cfg.seed, cpu, memory_budget(cpu, 0.5))
+        budget = memory_budget(cpu, cfg.max_memory_fraction)  # as regtok train decides: in memory, or streamed
+        data = make_batches(store, "tokens", rows, cfg.batch_size, cfg.seed, cpu, budget)
         torch.manual_seed(cfg.seed)
         setups[n] = data, RegTok(cfg.model, {m: tuple(store.shape("tokens", m)) for m in store.modalities})
         print(f"N = {n}: {'streamed' if data.streaming else 'in memory'}", flush=True)
     steps: dict[int, list[float]] = {n: [] for n in setups}
     for round_ in range(args.rounds):
         for n, (data, model) in setups.items():
-            marks: list[float] = []
-            try:
-                train(model, data, cfg, _clock(marks, 6), val=None)
-            except _Stop:
-                pass
-            steps[n] += np.diff(marks).tolist()
-            print(f"round {round_ + 1}, N = {n}: steps {', '.join(f'{s:.2f}' for s in np.diff(marks))} s", flush=True)
+            times = step_seconds(model, data, cfg, 6)
+            steps[n] += times
+            print(f"round {round_ + 1}, N = {n}: steps {', '.join(f'{s:.2f}' for s in times)} s", flush=True)
     rows = {n: {"streamed": setups[n][0].streaming, "median_step_s": float(np.median(s)),
                 "samples_per_s": cfg.batch_size / float(np.median(s)), "steps": len(s)} for n, s in steps.items()}
     first = rows[min(rows)]["samples_per_s"]
